@@ -1,0 +1,421 @@
+"""ActivationCache: every neuron of the requested layers, and the head's features, read once.
+
+One build runs the corpus through the base model in large right-padded batches and keeps,
+at each text's target position (its last real token):
+  - `acts[L]`: n_texts × d_mlp, component n = neuron n of `blocks.L.mlp.hook_post` (or `hook_pre`);
+  - `features`: n_texts × d_model at the configured feature hook (default `ln_final.hook_normalized`);
+  - optionally `resid[L]`: the residual after block L at every position (the `after_target` start).
+
+For GPT-2-style models the tensors are read with native forward hooks on the plain HF model
+(the bridge's per-op hooks cost ~1.5× a raw forward); other architectures, and hooks the fast
+table does not know, go through `bridge.run_with_cache`. Every build checks, on a sample, the
+neuron identity of DESIGN.md §1 with the bridge and records the errors in the metadata.
+
+On disk: `<root>/<key>/` with `meta.json`, `texts.parquet` (text, tokens, position) and
+`arrays.arrow` (Arrow IPC, memory-mapped on load); `key` is a hash of everything the numbers
+depend on, so a second build is a load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from .corpus import Corpus
+from .errors import NsrError
+from .models import BaseModel
+
+FORMAT_VERSION = 1
+HOOKS = ("post", "pre")
+DEFAULT_FEATURES = "ln_final.hook_normalized"
+HOOK_NAME = re.compile(r"^(blocks\.\d+\.)?([a-z_0-9]+\.)*hook_[a-z_0-9]+$")
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("NSR_CACHE_DIR", Path.home() / ".cache" / "nsr-sweep" / "activations"))
+
+
+def neuron_hook(layer: int, hook: str) -> str:
+    """The TransformerLens name of the hook whose component n is neuron n (never hook_mlp_out)."""
+    return f"blocks.{layer}.mlp.hook_{hook}"
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    layers: tuple[int, ...]
+    hook: Literal["post", "pre"] = "post"
+    position: Literal["last"] = "last"
+    features: str = DEFAULT_FEATURES
+    max_tokens: int = 64
+    store_resid: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(sorted(set(int(L) for L in self.layers))))
+        if not self.layers:
+            raise NsrError("cache layers is empty: give at least one layer")
+        if self.hook not in HOOKS:
+            raise NsrError(f"target.hook {self.hook!r} is not allowed; allowed: {', '.join(HOOKS)}")
+        if self.position != "last":
+            raise NsrError(f"target.position {self.position!r} is not allowed; allowed: last")
+        if not HOOK_NAME.match(self.features) or "hook_mlp_out" in self.features:
+            raise NsrError(
+                f"features.hook {self.features!r} is not a TransformerLens hook name "
+                f"(e.g. {DEFAULT_FEATURES}, ln_final.hook_out, blocks.3.hook_resid_post)"
+            )
+        if not 2 <= self.max_tokens <= 8192:
+            raise NsrError(f"corpus.max_tokens {self.max_tokens} is out of range: allowed 2..8192")
+
+    def check(self, model: BaseModel) -> None:
+        for L in self.layers:
+            model.check_layer(L)
+        m = re.match(r"^blocks\.(\d+)\.", self.features)
+        if m:
+            model.check_layer(int(m.group(1)), field="features.hook layer")
+
+
+def tokenize(model: BaseModel, texts: list[str], max_tokens: int) -> tuple[list[list[int]], int]:
+    """BOS + text tokens, at most `max_tokens` in all (as TransformerLens prepends BOS); count truncated."""
+    tok = model.tokenizer
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    out, n_trunc = [], 0
+    for ids in tok(texts, add_special_tokens=False)["input_ids"]:
+        ids = bos + ids
+        if len(ids) > max_tokens:
+            ids, n_trunc = ids[:max_tokens], n_trunc + 1
+        out.append(ids)
+    return out, n_trunc
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask (causal attention: real positions never see the padding)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+# -- the two readers -----------------------------------------------------------------------
+
+
+def _gpt2_module(model: BaseModel, name: str):
+    """(module, side, transform) reading the TransformerLens hook `name` on a GPT-2-style HF model."""
+    tr = getattr(model.hf, "transformer", None)
+    if tr is None or not hasattr(tr, "h") or not hasattr(tr, "ln_f"):
+        return None
+    ln_no_affine = lambda ln: (lambda x: F.layer_norm(x, x.shape[-1:], eps=ln.eps))  # noqa: E731
+    if name == "ln_final.hook_normalized":
+        return tr.ln_f, "in", ln_no_affine(tr.ln_f)
+    if name == "ln_final.hook_out":
+        return tr.ln_f, "out", None
+    m = re.match(r"^blocks\.(\d+)\.(.+)$", name)
+    if not m:
+        return None
+    blk = tr.h[int(m.group(1))]
+    return {
+        "hook_resid_pre": (blk, "in", None),
+        "hook_resid_post": (blk, "out", None),
+        "hook_resid_mid": (blk.ln_2, "in", None),
+        "ln2.hook_normalized": (blk.ln_2, "in", ln_no_affine(blk.ln_2)),
+        "mlp.hook_pre": (blk.mlp.act, "in", None),
+        "mlp.hook_post": (blk.mlp.act, "out", None),
+    }.get(m.group(2))
+
+
+class _HFReader:
+    """Reads hook values at given positions with native forward hooks on the plain HF model."""
+
+    def __init__(self, model: BaseModel, names: list[str]):
+        self.model = model
+        self.table = {n: _gpt2_module(model, n) for n in names}
+
+    @property
+    def ok(self) -> bool:
+        return all(v is not None for v in self.table.values())
+
+    @torch.no_grad()
+    def __call__(self, ids, mask, positions, full: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+        out, handles = {}, []
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        for name, (module, side, transform) in self.table.items():
+            def hook(mod, args, kwargs, output, name=name, side=side, transform=transform):
+                x = (args[0] if args else next(iter(kwargs.values()))) if side == "in" else output
+                x = x[0] if isinstance(x, tuple) else x
+                x = transform(x) if transform else x
+                out[name] = x if name in full else x[rows, positions]
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        try:
+            self.model.hf(input_ids=ids, attention_mask=mask)
+        finally:
+            for h in handles:
+                h.remove()
+        return out
+
+
+class _BridgeReader:
+    """Reads any hook the bridge knows through `run_with_cache` (general, slower)."""
+
+    def __init__(self, model: BaseModel, names: list[str]):
+        self.model, self.names = model, names
+        unknown = [n for n in names if n not in model.bridge.hook_dict]
+        if unknown:
+            raise NsrError(f"hook {unknown[0]!r} is unknown to {model.spec.name}; e.g. {DEFAULT_FEATURES}")
+
+    @torch.no_grad()
+    def __call__(self, ids, mask, positions, full: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+        _, cache = self.model.bridge.run_with_cache(ids, attention_mask=mask, names_filter=self.names)
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        return {n: cache[n] if n in full else cache[n][rows, positions] for n in self.names}
+
+
+def make_reader(model: BaseModel, names: list[str]):
+    reader = _HFReader(model, names)
+    return reader if reader.ok else _BridgeReader(model, names)
+
+
+# -- the identity check --------------------------------------------------------------------
+
+
+@torch.no_grad()
+def check_identity(model: BaseModel, seqs: list[list[int]], layer: int) -> dict:
+    """hook_pre == LN2(resid_mid)·W_in + b_in and hook_post == act(hook_pre), read from the bridge."""
+    from transformers.activations import ACT2FN
+
+    bridge = model.bridge
+    names = [f"blocks.{layer}.hook_resid_mid", neuron_hook(layer, "pre"), neuron_hook(layer, "post")]
+    ids, mask = pad_batch(seqs, model.tokenizer.pad_token_id, model.device)
+    _, cache = bridge.run_with_cache(ids, attention_mask=mask, names_filter=names)
+    real = mask.bool()
+    resid, pre, post = (cache[n][real].double() for n in names)
+    ln2 = bridge.blocks[layer].ln2._original_component
+    normed = F.layer_norm(resid, resid.shape[-1:], eps=ln2.eps)
+    if model.spec.processing == "none":  # compatibility mode folds this affine into W_in
+        normed = normed * ln2.weight.double() + ln2.bias.double()
+    recomputed = normed @ bridge.W_in[layer].double() + bridge.b_in[layer].double()
+    act = ACT2FN[bridge.cfg.act_fn]
+    r = np.corrcoef(recomputed.flatten().numpy(), pre.flatten().numpy())[0, 1]
+    return {
+        "layer": layer,
+        "n_values": int(pre.numel()),
+        "pre_max_abs_err": float((recomputed - pre).abs().max()),
+        "pre_r": float(r),
+        "post_max_abs_err": float((act(pre.float()).double() - post).abs().max()),
+    }
+
+
+# -- the cache -----------------------------------------------------------------------------
+
+
+@dataclass
+class ActivationCache:
+    texts: list[str]
+    tokens: list[list[int]]
+    positions: np.ndarray  # int64, the target position of each text
+    acts: dict[int, np.ndarray]  # layer → n_texts × d_mlp (float32)
+    features: np.ndarray  # n_texts × d_model
+    resid: dict[int, np.ndarray] = field(default_factory=dict)  # layer → n_texts × max_len × d_model
+    meta: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def n_texts(self) -> int:
+        return len(self.texts)
+
+    @property
+    def key(self) -> str:
+        return self.meta["key"]
+
+    def top_neurons(self, layer: int, by: str = "variance", k: int = 10) -> list[tuple[int, float]]:
+        """Neurons of `layer` ranked by variance, kurtosis or max over the corpus: [(neuron, score)]."""
+        a = self.acts[layer].astype(np.float64)
+        if by == "variance":
+            score = a.var(0)
+        elif by == "kurtosis":
+            z = (a - a.mean(0)) / np.maximum(a.std(0), 1e-12)
+            score = (z**4).mean(0) - 3.0
+        elif by == "max":
+            score = a.max(0)
+        else:
+            raise NsrError(f"--by {by!r} is not allowed; allowed: variance, kurtosis, max")
+        order = np.argsort(-score, kind="stable")[:k]
+        return [(int(i), float(score[i])) for i in order]
+
+    def activations(self, layer: int, neuron: int) -> np.ndarray:
+        if layer not in self.acts:
+            raise NsrError(f"layer {layer} is not in this cache (layers {sorted(self.acts)})")
+        return self.acts[layer][:, neuron]
+
+    # -- building ----------------------------------------------------------------------
+    @staticmethod
+    def key_for(model: BaseModel, corpus: Corpus, spec: CacheSpec) -> str:
+        ident = {k: model.identity[k] for k in ("name", "init", "seed", "weights_hash", "processing", "tokenizer")}
+        blob = json.dumps({"v": FORMAT_VERSION, "model": ident, "corpus": corpus.hash, "spec": asdict(spec)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+    @classmethod
+    def build(
+        cls,
+        model: BaseModel,
+        corpus: Corpus,
+        spec: CacheSpec,
+        *,
+        root: Path | str | None = None,
+        batch_size: int = 64,
+        progress: bool = True,
+        identity_sample: int = 16,
+    ) -> "ActivationCache":
+        """Load the cache for (model, corpus, spec) if it exists under `root`, else build and save it."""
+        spec.check(model)
+        root = Path(root) if root is not None else default_root()
+        key = cls.key_for(model, corpus, spec)
+        if (root / key / "meta.json").is_file():
+            return cls.load(root / key)
+        cache = cls.compute(model, corpus, spec, batch_size=batch_size, progress=progress, identity_sample=identity_sample)
+        cache.meta["key"] = key
+        cache.save(root / key)
+        return cache
+
+    @classmethod
+    def compute(
+        cls, model: BaseModel, corpus: Corpus, spec: CacheSpec, *,
+        batch_size: int = 64, progress: bool = True, identity_sample: int = 16,
+    ) -> "ActivationCache":
+        """Run the corpus through the model once (no disk): the numbers every stage reads."""
+        from tqdm.auto import tqdm
+
+        t0 = time.perf_counter()
+        seqs, n_trunc = tokenize(model, corpus.texts, spec.max_tokens)
+        positions = np.array([len(s) - 1 for s in seqs], dtype=np.int64)
+        names = [neuron_hook(L, spec.hook) for L in spec.layers] + [spec.features]
+        resid_names = [f"blocks.{L}.hook_resid_post" for L in spec.layers] if spec.store_resid else []
+        names = list(dict.fromkeys(names + resid_names))
+        reader = make_reader(model, names)
+        n, max_len = len(seqs), max(len(s) for s in seqs)
+        acts = {L: np.empty((n, model.d_mlp), np.float32) for L in spec.layers}
+        features = np.empty((n, model.d_model), np.float32)
+        resid = {L: np.zeros((n, max_len, model.d_model), np.float32) for L in spec.layers} if spec.store_resid else {}
+        order = np.argsort([-len(s) for s in seqs], kind="stable")  # similar lengths share a batch: less padding
+        bar = tqdm(total=int(positions.sum() + n), unit="tok", desc="cache", disable=not progress)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            ids, mask = pad_batch([seqs[i] for i in idx], model.tokenizer.pad_token_id, model.device)
+            pos = torch.as_tensor(positions[idx], device=model.device)
+            got = reader(ids, mask, pos, full=set(resid_names))
+            for L in spec.layers:
+                acts[L][idx] = got[neuron_hook(L, spec.hook)].float().cpu().numpy()
+                if spec.store_resid:
+                    r = got[f"blocks.{L}.hook_resid_post"].float().cpu().numpy()
+                    resid[L][idx, : r.shape[1]] = r * mask.cpu().numpy()[..., None]
+            features[idx] = got[spec.features].float().cpu().numpy()
+            bar.update(int(mask.sum()))
+        bar.close()
+        seconds = time.perf_counter() - t0
+        n_tokens = int(positions.sum() + n)
+        sample = [seqs[i] for i in np.linspace(0, n - 1, min(identity_sample, n)).astype(int)]
+        identity = [check_identity(model, sample, L) for L in spec.layers]
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "model": model.identity,
+            "corpus": {"source": corpus.source, "hash": corpus.hash, **corpus.report, "n_truncated": n_trunc},
+            "spec": asdict(spec),
+            "reader": type(reader).__name__.strip("_"),
+            "n_texts": n, "n_tokens": n_tokens, "max_len": max_len,
+            "build_seconds": round(seconds, 3), "tokens_per_second": round(n_tokens / seconds, 1),
+            "identity": identity,
+            "versions": _versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        tokens = [list(s) for s in seqs]
+        return cls(list(corpus.texts), tokens, positions, acts, features, resid, meta)
+
+    # -- persistence -------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        """Write to a temp directory beside `path`, then rename: a reader never sees half a cache."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            pq.write_table(
+                pa.table({
+                    "text": pa.array(self.texts, pa.string()),
+                    "tokens": pa.array(self.tokens, pa.list_(pa.int64())),
+                    "position": pa.array(self.positions, pa.int64()),
+                }),
+                tmp / "texts.parquet",
+            )
+            cols = {f"acts_L{L}": a for L, a in self.acts.items()}
+            cols["features"] = self.features
+            cols.update({f"resid_L{L}": r.reshape(len(r), -1) for L, r in self.resid.items()})
+            table = pa.table({k: _fixed_list(v) for k, v in cols.items()})
+            with pa.OSFile(str(tmp / "arrays.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+                w.write_table(table)
+            (tmp / "meta.json").write_text(json.dumps(self.meta, indent=2) + "\n")
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.path = path
+
+    @classmethod
+    def load(cls, path: Path | str) -> "ActivationCache":
+        path = Path(path)
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise NsrError(f"cache {path} has format {meta.get('format_version')}, expected {FORMAT_VERSION}: rebuild it")
+        texts = pq.read_table(path / "texts.parquet")
+        arrays = pa.ipc.open_file(pa.memory_map(str(path / "arrays.arrow"))).read_all()
+        cols = {name: _to_numpy(arrays.column(name)) for name in arrays.column_names}
+        layers = sorted(int(k[6:]) for k in cols if k.startswith("acts_L"))
+        d_model = cols["features"].shape[1]
+        resid = {L: cols[f"resid_L{L}"].reshape(len(texts), -1, d_model) for L in layers if f"resid_L{L}" in cols}
+        return cls(
+            texts=texts.column("text").to_pylist(),
+            tokens=texts.column("tokens").to_pylist(),
+            positions=texts.column("position").to_numpy(),
+            acts={L: cols[f"acts_L{L}"] for L in layers},
+            features=cols["features"],
+            resid=resid,
+            meta=meta,
+            path=path,
+        )
+
+
+def _fixed_list(a: np.ndarray) -> pa.Array:
+    a = np.ascontiguousarray(a)
+    return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])
+
+
+def _to_numpy(col: pa.ChunkedArray) -> np.ndarray:
+    """Zero-copy view of a FixedSizeList column as a read-only 2-D array."""
+    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    return arr.values.to_numpy(zero_copy_only=True).reshape(len(arr), arr.type.list_size)
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("nsr-sweep", "torch", "transformers", "transformer-lens", "numpy", "pyarrow"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out

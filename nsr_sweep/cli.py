@@ -1,0 +1,166 @@
+"""`nsr-sweep` command line. Every bad input ends in one line naming the field and what is allowed."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import NsrError
+
+
+def friendly(fn):
+    """Turn NsrError into `error: …` on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except NsrError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="nsr-sweep")
+def main():
+    """Neuron self-report sweeps: train a model (or a head) to predict its own MLP neurons."""
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable list.")
+@friendly
+def models(as_json):
+    """List the bundled models (they work offline)."""
+    from .models import bundled_models, model_shape
+
+    rows = [{"name": n, "path": str(p), **model_shape(n)} for n, p in bundled_models().items()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['name']:<12} layers={r['n_layers']} d_model={r['d_model']} d_mlp={r['d_mlp']} "
+                   f"d_vocab={r['d_vocab']}  {r['path']}")
+
+
+def _checked_shape(model: str, layer: int, neuron: int | None = None) -> None:
+    """Layer/neuron against config.json: fail before any weights are loaded."""
+    from .models import model_shape
+
+    shape = model_shape(model)
+    if shape and not 0 <= layer < shape["n_layers"]:
+        raise NsrError(f"--layer {layer} is out of range for {model}: allowed 0..{shape['n_layers'] - 1}")
+    if shape and neuron is not None and not 0 <= neuron < shape["d_mlp"]:
+        raise NsrError(f"--neuron {neuron} is out of range for {model}: allowed 0..{shape['d_mlp'] - 1} (d_mlp)")
+
+
+def _read_texts(path: str) -> list[str]:
+    from .corpus import _read_lines
+
+    p = Path(path)
+    if not p.is_file():
+        raise NsrError(f"--texts {path}: no such file")
+    texts = [t for t in _read_lines(p) if t.strip()]
+    if not texts:
+        raise NsrError(f"--texts {path} is empty: give one text per line")
+    return texts
+
+
+@main.command()
+@click.option("--model", default="nsr-tiny", show_default=True, help="Bundled name, HF directory or hub name.")
+@click.option("--layer", type=int, required=True)
+@click.option("--neuron", type=int, required=True)
+@click.option("--texts", "texts_file", required=True, help="Text file, one text per line.")
+@click.option("--hook", type=click.Choice(["post", "pre"]), default="post", show_default=True)
+@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--processing", type=click.Choice(["none", "compat"]), default="none", show_default=True)
+@click.option("--out", required=True, help="Output .parquet: text, tokens, position, activation.")
+@friendly
+def activations(model, layer, neuron, texts_file, hook, max_tokens, processing, out):
+    """One neuron's activation at the last token of each text (the cache's public contract)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .cache import ActivationCache, CacheSpec
+    from .corpus import Corpus
+    from .models import ModelSpec, load_model
+    from .results import atomic_write
+
+    _checked_shape(model, layer, neuron)
+    texts = _read_texts(texts_file)
+    spec = CacheSpec(layers=(layer,), hook=hook, max_tokens=max_tokens)
+    base = load_model(ModelSpec(name=model, processing=processing))
+    cache = ActivationCache.compute(base, Corpus(texts, source=texts_file), spec, progress=False)
+    table = pa.table({
+        "text": pa.array(cache.texts, pa.string()),
+        "tokens": pa.array(cache.tokens, pa.list_(pa.int64())),
+        "position": pa.array(cache.positions, pa.int64()),
+        "activation": pa.array(cache.activations(layer, neuron).astype("float64")),
+    })
+    atomic_write(Path(out), lambda tmp: pq.write_table(table, tmp))
+    n_trunc = cache.meta["corpus"]["n_truncated"]
+    click.echo(f"wrote {len(texts)} rows to {out} ({n_trunc} texts truncated to {max_tokens} tokens)", err=True)
+
+
+@main.command()
+@click.option("--model", default="nsr-tiny", show_default=True)
+@click.option("--layer", type=int, required=True)
+@click.option("--top", "k", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--by", type=click.Choice(["variance", "kurtosis", "max"]), default="variance", show_default=True)
+@click.option("--corpus", "source", default="builtin:python-docs", show_default=True)
+@click.option("--n-texts", type=click.IntRange(min=1), default=2000, show_default=True)
+@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--hook", type=click.Choice(["post", "pre"]), default="post", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def neurons(model, layer, k, by, source, n_texts, max_tokens, hook, seed, as_json):
+    """Rank the neurons of a layer on the corpus (the cache is built or loaded)."""
+    from .cache import ActivationCache, CacheSpec
+    from .corpus import load_corpus
+    from .models import ModelSpec, load_model
+
+    _checked_shape(model, layer)
+    corpus = load_corpus(source, n_texts=n_texts, seed=seed)
+    spec = CacheSpec(layers=(layer,), hook=hook, max_tokens=max_tokens)
+    cache = ActivationCache.build(load_model(ModelSpec(name=model)), corpus, spec)
+    ranked = cache.top_neurons(layer, by=by, k=k)
+    if as_json:
+        click.echo(json.dumps([{"neuron": n, by: s} for n, s in ranked]))
+        return
+    click.echo(f"layer {layer}, top {k} by {by} over {cache.n_texts} texts:")
+    for n, s in ranked:
+        click.echo(f"  neuron {n:>6}  {by} {s:.5g}")
+
+
+@main.group()
+def cache():
+    """Activation caches."""
+
+
+@cache.command("build")
+@click.argument("sweep_file")
+@click.option("--root", default=None, help="Cache root (default $NSR_CACHE_DIR or ~/.cache/nsr-sweep/activations).")
+@friendly
+def cache_build(sweep_file, root):
+    """Build (or load) the activation cache a sweep needs."""
+    from .config import load_sweep
+    from .sweep import build_cache
+
+    spec = load_sweep(sweep_file)
+    cache = build_cache(spec, root=root)
+    m = cache.meta
+    click.echo(f"cache {m['key']}: {m['n_texts']} texts, {m['n_tokens']} tokens, layers {sorted(cache.acts)} "
+               f"→ {cache.path}")
+    for ident in m["identity"]:
+        click.echo(f"  identity layer {ident['layer']}: max |hook_pre − LN2·W_in − b_in| = "
+                   f"{ident['pre_max_abs_err']:.2e}, r = {ident['pre_r']:.7f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""Sweep files: a typed, validated description of a sweep (pydantic), checked before Ray starts.
+
+Every error names the field, the bad value and what is allowed. `load_sweep` reads YAML with
+`yaml.safe_load`; `SweepSpec.check_model` checks layers/neurons against the model's
+config.json without loading weights.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import NsrError
+
+HEADS = ("regression", "classification", "token")
+FREEZES = ("none", "after_target", "all")
+SELECTORS = ("top_variance", "top_kurtosis", "top_max")
+METRICS = ("val_mse", "val_pearson_r", "val_loss", "val_skill")
+HYPERPARAMETERS = ("lr", "epochs", "batch_size", "weight_decay", "n_bins", "patience")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelCfg(Strict):
+    name: str = "nsr-tiny"
+    init: Literal["pretrained", "random"] = "pretrained"
+    processing: Literal["none", "compat"] = "none"
+    seed: int = 0
+
+
+class CorpusCfg(Strict):
+    source: str = "builtin:python-docs"
+    n_texts: int = Field(2000, ge=30)
+    max_tokens: int = Field(64, ge=2, le=8192)
+    seed: int = 0
+
+
+class TargetCfg(Strict):
+    hook: Literal["post", "pre"] = "post"
+    position: Literal["last"] = "last"
+
+
+class FeaturesCfg(Strict):
+    hook: str = "ln_final.hook_normalized"
+
+
+class NeuronSelect(Strict):
+    select: Literal["top_variance", "top_kurtosis", "top_max"]
+    k: int = Field(ge=1, le=100000)
+
+
+class SplitsCfg(Strict):
+    train: float = Field(0.7, gt=0, lt=1)
+    val: float = Field(0.15, gt=0, lt=1)
+    test: float = Field(0.15, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self):
+        if abs(self.train + self.val + self.test - 1) > 1e-6:
+            raise ValueError(f"train + val + test must be 1, got {self.train + self.val + self.test:g}")
+        return self
+
+
+class TrainingCfg(Strict):
+    """Hyperparameter defaults; `search.space` overrides the ones it names."""
+
+    lr: float = Field(1e-3, gt=0, le=10)
+    epochs: int = Field(20, ge=1, le=10000)
+    batch_size: int = Field(64, ge=1, le=65536)
+    weight_decay: float = Field(0.0, ge=0, le=10)
+    patience: int = Field(3, ge=1, le=10000)
+    n_bins: int = Field(10, ge=2, le=1000)
+    suffix: str = " Question: how strongly does neuron {neuron} of layer {layer} fire on this text, from 0 to 9? Answer:"
+    save_weights: bool = False
+
+
+class Dist(Strict):
+    """One search dimension: exactly one of the keys."""
+
+    loguniform: tuple[float, float] | None = None
+    uniform: tuple[float, float] | None = None
+    int: tuple[int, int] | None = None
+    choice: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k in ("loguniform", "uniform", "int", "choice") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of loguniform, uniform, int, choice (got {given or 'none'})")
+        kind = given[0]
+        if kind == "choice":
+            if not self.choice:
+                raise ValueError("choice needs at least one value")
+            return self
+        lo, hi = getattr(self, kind)
+        if not lo < hi:
+            raise ValueError(f"{kind} needs low < high, got [{lo}, {hi}]")
+        if kind == "loguniform" and lo <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {lo}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("loguniform", "uniform", "int", "choice") if getattr(self, k) is not None)
+
+
+class SearchCfg(Strict):
+    algorithm: Literal["optuna", "grid"] = "optuna"
+    num_samples: int = Field(4, ge=1, le=100000)
+    metric: Literal["val_mse", "val_pearson_r", "val_loss", "val_skill"] = "val_mse"
+    mode: Literal["min", "max"] = "min"
+    scheduler: Literal["none", "asha"] = "none"
+    space: dict[str, Dist] = Field(default_factory=dict)
+
+    @field_validator("space")
+    @classmethod
+    def _known(cls, v):
+        for k in v:
+            if k not in HYPERPARAMETERS:
+                raise ValueError(f"unknown hyperparameter {k!r}; allowed: {', '.join(HYPERPARAMETERS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _mode_fits_metric(self):
+        want = "max" if self.metric in ("val_pearson_r", "val_skill") else "min"
+        if self.mode != want:
+            raise ValueError(f"mode {self.mode!r} does not fit metric {self.metric!r}; use mode: {want}")
+        return self
+
+
+class ResourcesCfg(Strict):
+    workers: Union[int, Literal["auto"]] = "auto"
+    gpus_per_worker: float = Field(0, ge=0, le=8)
+    cpus_per_trial: float = Field(1, gt=0, le=256)
+    max_concurrent: int = Field(0, ge=0)  # 0: as many as the cluster fits
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("workers")
+    @classmethod
+    def _positive(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError(f"workers must be >= 1 or 'auto', got {v}")
+        return v
+
+
+class SweepSpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+    model: ModelCfg = ModelCfg()
+    corpus: CorpusCfg = CorpusCfg()
+    target: TargetCfg = TargetCfg()
+    layers: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+    neurons: list[Union[Annotated[int, Field(ge=0)], NeuronSelect]] = Field(min_length=1)
+    heads: list[Literal["regression", "classification", "token"]] = Field(min_length=1)
+    freeze: list[Literal["none", "after_target", "all"]] = Field(min_length=1)
+    features: FeaturesCfg = FeaturesCfg()
+    splits: SplitsCfg = SplitsCfg()
+    training: TrainingCfg = TrainingCfg()
+    search: SearchCfg = SearchCfg()
+    resources: ResourcesCfg = ResourcesCfg()
+    controls: list[Literal["shuffled", "random_model", "early_features"]] = Field(default_factory=list)
+    max_failures: int = Field(1, ge=0, le=100)
+    batch_size_cache: int = Field(64, ge=1, le=65536)
+    seed: int = 0
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_str(cls, v):
+        return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _valid_combinations(self):
+        for field_name in ("layers", "heads", "freeze"):
+            values = getattr(self, field_name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{field_name} has duplicates: {values}")
+        if not self.combos():
+            raise ValueError(
+                f"no valid (head, freeze) combination in heads {self.heads} × freeze {self.freeze}: "
+                "token needs freeze after_target or all"
+            )
+        return self
+
+    def combos(self) -> list[tuple[str, str]]:
+        return [(h, f) for h in self.heads for f in self.freeze if valid_combo(h, f)]
+
+    def skipped_combos(self) -> list[tuple[str, str]]:
+        return [(h, f) for h in self.heads for f in self.freeze if not valid_combo(h, f)]
+
+    def check_model(self) -> dict:
+        """Layers, neurons and feature-hook layer against the model's config.json (no weights loaded)."""
+        from .models import model_shape
+
+        shape = model_shape(self.model.name)  # raises NsrError for an unknown model
+        if not shape:
+            return shape
+        n_layers, d_mlp = shape["n_layers"], shape["d_mlp"]
+        for L in self.layers:
+            if L >= n_layers:
+                raise NsrError(f"layers: {L} is out of range for {self.model.name}: allowed 0..{n_layers - 1}")
+        for n in self.neurons:
+            if isinstance(n, int) and n >= d_mlp:
+                raise NsrError(f"neurons: {n} is out of range for {self.model.name}: allowed 0..{d_mlp - 1} (d_mlp)")
+            if isinstance(n, NeuronSelect) and n.k > d_mlp:
+                raise NsrError(f"neurons: select k={n.k} exceeds d_mlp={d_mlp} of {self.model.name}")
+        spec = self.cache_spec()
+        m = re.match(r"^blocks\.(\d+)\.", spec.features)
+        if m and int(m.group(1)) >= n_layers:
+            raise NsrError(f"features.hook {spec.features!r}: layer out of range, allowed 0..{n_layers - 1}")
+        return shape
+
+    def cache_spec(self):
+        from .cache import CacheSpec
+
+        return CacheSpec(
+            layers=tuple(self.layers), hook=self.target.hook, position=self.target.position,
+            features=self.features.hook, max_tokens=self.corpus.max_tokens,
+            store_resid="after_target" in self.freeze,
+        )
+
+
+def valid_combo(head: str, freeze: str) -> bool:
+    return not (head == "token" and freeze == "none")  # a frozen model has nothing to train for a token head
+
+
+def _format_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "sweep"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"{where}: unknown key (check the spelling; see sweeps/quickstart.yaml for the allowed keys)"
+    bad = err.get("input")
+    shown = "" if isinstance(bad, (dict, list)) else f" (got {bad!r})"
+    return f"{where}: {msg}{shown}"
+
+
+def parse_sweep(data: Any, *, source: str = "sweep") -> SweepSpec:
+    if not isinstance(data, dict):
+        raise NsrError(f"{source}: a sweep file must be a mapping of keys, got {type(data).__name__}")
+    try:
+        spec = SweepSpec.model_validate(data)
+    except ValidationError as e:
+        raise NsrError(f"{source}: {_format_error(e)}") from None
+    try:
+        spec.cache_spec()
+    except NsrError as e:
+        raise NsrError(f"{source}: {e}") from None
+    return spec
+
+
+def load_sweep(path: str | Path, *, check_model: bool = True) -> SweepSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise NsrError(f"sweep file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise NsrError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    spec = parse_sweep(data, source=str(path))
+    if check_model:
+        try:
+            spec.check_model()
+        except NsrError as e:
+            raise NsrError(f"{path}: {e}") from None
+    return spec
+
+
+def dump_sweep(spec: SweepSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
