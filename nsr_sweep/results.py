@@ -34,3 +34,29 @@ def _jsonable(x):
     if hasattr(x, "tolist"):
         return x.tolist()
     return str(x)
+
+
+def save_trial(result, trial_dir: Path) -> Path:
+    """metrics.json, head.safetensors, preds.parquet, diagnostics.png (+ weights.safetensors), each atomically."""
+    from safetensors.torch import save_file
+
+    from .plots import diagnostics_png
+    from .trial import spec_dict
+
+    trial_dir = Path(trial_dir)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    s = result.spec
+    if result.status == "ok":
+        atomic_write(trial_dir / "preds.parquet", lambda tmp: result.preds.to_parquet(tmp, index=False))
+        head = {k: v.detach().cpu().contiguous() for k, v in result.head.items()}
+        atomic_write(trial_dir / "head.safetensors", lambda tmp: save_file(head, str(tmp)))
+        if result.weights:
+            atomic_write(trial_dir / "weights.safetensors", lambda tmp: save_file(result.weights, str(tmp)))
+        title = f"layer {s.layer} neuron {s.neuron} — {s.head} / freeze {s.freeze}"
+        atomic_write(trial_dir / "diagnostics.png",
+                     lambda tmp: diagnostics_png(result.preds, result.metrics, title, tmp))
+    write_json(trial_dir / "metrics.json", {
+        "spec": spec_dict(s), "status": result.status, "reason": result.reason,
+        "metrics": result.metrics, "history": result.history,
+    })
+    return trial_dir

@@ -1,0 +1,93 @@
+"""Heads: how a head's raw outputs map to a prediction in activation units (DESIGN.md §1).
+
+- regression: one number; trained on the train-standardised target, pred = μ + σ·out.
+- classification: K logits; bins are train-split quantiles, a bin's value is the mean train
+  activation inside it, pred = Σ pₖ·valueₖ; cross-entropy on the bin index.
+- token: the ten digit logits of the model's own vocabulary, binned as classification with K=10.
+
+Predictions of the binned heads are convex combinations of train-bin means, so they always
+lie inside [min, max] of the train activations.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import NsrError
+
+HEADS = ("regression", "classification", "token")
+DIGITS = "0123456789"
+
+
+class HeadMap:
+    """Target encoding, loss and prediction for one head on one neuron (fit on the train split)."""
+
+    def __init__(self, head: str, y_train: np.ndarray, n_bins: int = 10):
+        if head not in HEADS:
+            raise NsrError(f"head {head!r} is not allowed; allowed: {', '.join(HEADS)}")
+        self.head = head
+        y_train = np.asarray(y_train, np.float64)
+        self.train_mean = float(y_train.mean())
+        if head == "regression":
+            self.n_out = 1
+            self.mu, self.sigma = self.train_mean, float(y_train.std()) or 1.0
+            return
+        k = 10 if head == "token" else n_bins
+        self.n_out = k
+        self.edges = np.quantile(y_train, np.linspace(0, 1, k + 1))
+        labels = self.labels(y_train)
+        mids = (self.edges[:-1] + self.edges[1:]) / 2  # an empty bin (tied quantiles) takes its midpoint
+        self.values = np.array([y_train[labels == j].mean() if (labels == j).any() else mids[j] for j in range(k)])
+
+    def labels(self, y: np.ndarray) -> np.ndarray:
+        return np.clip(np.searchsorted(self.edges[1:-1], y, side="right"), 0, self.n_out - 1).astype(np.int64)
+
+    def encode(self, y: np.ndarray) -> torch.Tensor:
+        """The training target: standardised value (regression) or bin index."""
+        if self.head == "regression":
+            return torch.tensor((y - self.mu) / self.sigma, dtype=torch.float32)
+        return torch.from_numpy(self.labels(y))
+
+    def loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean loss over the last-but-one axis: out [..., B, n_out], target [..., B] → [...]."""
+        if self.head == "regression":
+            return ((out[..., 0] - target) ** 2).mean(-1)
+        ce = F.cross_entropy(out.reshape(-1, self.n_out), target.reshape(-1), reduction="none")
+        return ce.view(target.shape).mean(-1)
+
+    def predict(self, out: torch.Tensor) -> torch.Tensor:
+        """Prediction in activation units (float64)."""
+        out = out.double()
+        if self.head == "regression":
+            return self.mu + self.sigma * out[..., 0]
+        return torch.softmax(out, -1) @ torch.as_tensor(self.values)
+
+    def readout(self, out: torch.Tensor) -> torch.Tensor:
+        """The prediction before mapping: the raw output (regression) or Σₖ (valueₖ − v̄)·logitₖ."""
+        out = out.double()
+        if self.head == "regression":
+            return out[..., 0]
+        return out @ torch.as_tensor(self.values - self.values.mean())
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """What saves beside the head weights to turn outputs into activations."""
+        if self.head == "regression":
+            return {"mu": torch.tensor([self.mu]), "sigma": torch.tensor([self.sigma])}
+        return {"bin_edges": torch.as_tensor(self.edges), "bin_values": torch.as_tensor(self.values)}
+
+
+def digit_token_ids(tokenizer, suffix: str) -> list[int]:
+    """Token id of each answer ' 0'…' 9' as it encodes after `suffix`; exactly one token each, or an error."""
+    base = tokenizer.encode(suffix, add_special_tokens=False)
+    ids = []
+    for d in DIGITS:
+        full = tokenizer.encode(suffix + " " + d, add_special_tokens=False)
+        if full[: len(base)] != base or len(full) != len(base) + 1:
+            raise NsrError(
+                f"token head: the answer ' {d}' does not encode to exactly one token after the suffix "
+                f"{suffix!r} (got {len(full) - len(base)} tokens); change training.suffix or the model"
+            )
+        ids.append(full[-1])
+    return ids

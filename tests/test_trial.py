@@ -1,0 +1,189 @@
+"""Trials: known answers, batched = one-at-a-time, every valid head × freeze on nsr-tiny, artefacts."""
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nsr_sweep.cache import ActivationCache, CacheSpec
+from nsr_sweep.corpus import load_corpus
+from nsr_sweep.errors import NsrError
+from nsr_sweep.heads import HeadMap, digit_token_ids
+from nsr_sweep.metrics import prediction_metrics
+from nsr_sweep.models import load_model
+from nsr_sweep.results import save_trial
+from nsr_sweep.trial import Suffix, TrialSpec, fit_probes, run_trial, split_indices
+
+
+def synthetic_cache(acts: np.ndarray, features: np.ndarray) -> ActivationCache:
+    n = len(features)
+    return ActivationCache(texts=[f"t{i}" for i in range(n)], tokens=[[0, 1]] * n, positions=np.ones(n, np.int64),
+                           acts={0: acts.astype(np.float32)}, features=features.astype(np.float32),
+                           meta={"spec": {"features": "ln_final.hook_normalized", "hook": "post"}})
+
+
+@pytest.fixture(scope="module")
+def linear_data():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(4000, 16))
+    w = rng.normal(size=(16, 3))
+    return X, X @ w + np.array([0.5, -1.0, 2.0])
+
+
+def test_exact_linear_target_is_recovered(linear_data):
+    X, Y = linear_data
+    cache = synthetic_cache(Y, X)
+    r = run_trial(cache, None, TrialSpec(layer=0, neuron=0, lr=3e-2, epochs=60, patience=60, batch_size=256))
+    m = r.metrics
+    assert r.status == "ok" and m["pearson_r"] > 0.999
+    assert abs(m["offset"]) < 1e-3 * Y[:, 0].std()
+    assert m["n_test"] == 600
+
+
+def test_permuted_targets_give_no_correlation(linear_data):
+    X, Y = linear_data
+    y = np.random.default_rng(1).permutation(Y[:, 0])
+    r = run_trial(synthetic_cache(y[:, None], X), None, TrialSpec(layer=0, neuron=0, lr=1e-2, epochs=20))
+    assert r.metrics["n_test"] >= 500 and abs(r.metrics["pearson_r"]) < 0.15
+
+
+def test_classification_predictions_stay_inside_the_train_range(linear_data):
+    X, Y = linear_data
+    y = np.maximum(Y[:, 1], 0) ** 2  # skewed with ties at zero: empty quantile bins happen
+    r = run_trial(synthetic_cache(y[:, None], X), None,
+                  TrialSpec(layer=0, neuron=0, head="classification", n_bins=12, lr=1e-2, epochs=10))
+    train = r.preds[r.preds.split == "train"].actual_orig
+    assert r.preds.pred.between(train.min(), train.max()).all()
+    assert r.metrics["skill"] > 0.5
+
+
+def test_headmap_bins_are_train_quantiles_with_train_means():
+    y = np.arange(100.0)
+    h = HeadMap("classification", y, n_bins=4)
+    np.testing.assert_allclose(h.edges, [0, 24.75, 49.5, 74.25, 99])
+    np.testing.assert_allclose(h.values, [12, 37, 62, 87])
+    p = h.predict(torch.tensor([[0.0, 0, 0, 0], [100.0, 0, 0, 0]]))
+    np.testing.assert_allclose(p.numpy(), [49.5, 12], atol=1e-9)
+
+
+def test_batched_probe_fit_equals_one_at_a_time(linear_data):
+    X, Y = linear_data
+    Y = Y + np.random.default_rng(2).normal(size=Y.shape)
+    splits = split_indices(len(X), seed=0)
+    for head in ("regression", "classification"):
+        spec = TrialSpec(layer=0, neuron=0, head=head, lr=1e-2, epochs=8, patience=2)
+        together = fit_probes(X, Y, head, spec, splits)
+        for j in range(Y.shape[1]):
+            alone = fit_probes(X, Y[:, j : j + 1], head, spec, splits)
+            torch.testing.assert_close(together.weight[j], alone.weight[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(together.bias[j], alone.bias[0], atol=1e-5, rtol=0)
+            assert len(together.history[j]) == len(alone.history[0])
+
+
+def test_non_finite_loss_fails_the_trial_with_its_reason(linear_data):
+    X, Y = linear_data
+    r = run_trial(synthetic_cache(Y * 1e30, X * 1e30), None, TrialSpec(layer=0, neuron=0, lr=1e30, epochs=3))
+    assert r.status == "failed" and "non-finite" in r.reason
+
+
+def test_token_with_freeze_none_is_an_error():
+    with pytest.raises(NsrError, match="token with freeze none"):
+        TrialSpec(layer=0, neuron=0, head="token", freeze="none").check()
+
+
+def test_digit_tokens_come_from_the_tokenizer():
+    tok = load_model("nsr-tiny").tokenizer
+    ids = digit_token_ids(tok, " Answer:")
+    assert [tok.decode([i]) for i in ids] == [f" {d}" for d in "0123456789"]
+
+
+    class SplitsSeven:  # a vocabulary in which ' 7' is two tokens
+        def encode(self, text, add_special_tokens=False):
+            return [hash(t) % 1000 for t in re.findall(r" [0-68-9]|.", text)]
+
+    with pytest.raises(NsrError, match="' 7' does not encode to exactly one token"):
+        digit_token_ids(SplitsSeven(), " Answer:")
+
+
+# -- on nsr-tiny ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_cache():
+    model = load_model("nsr-tiny")
+    cache = ActivationCache.build(model, load_corpus(n_texts=400, seed=0), CacheSpec(layers=(2,), store_resid=True),
+                                  progress=False)
+    neuron = cache.top_neurons(2, "variance", 1)[0][0]
+    return model, cache, neuron
+
+
+COMBOS = [("regression", "none"), ("classification", "none"), ("regression", "after_target"),
+          ("classification", "after_target"), ("token", "after_target"), ("regression", "all"),
+          ("classification", "all"), ("token", "all")]
+
+
+@pytest.mark.parametrize("head, freeze", COMBOS)
+def test_every_valid_combination_beats_the_train_mean_on_nsr_tiny(tiny_cache, head, freeze, tmp_path):
+    model, cache, neuron = tiny_cache
+    before = {k: v.clone() for k, v in model.hf.state_dict().items()}
+    lr, epochs, batch = {"none": (1e-2, 4, 32), "after_target": (2e-3, 4, 32)}.get(freeze, (2e-3, 4, 32))
+    if head == "token":  # the frozen digit unembedding needs more steering
+        lr, epochs, batch = 5e-3, 6, 16
+    spec = TrialSpec(layer=2, neuron=neuron, head=head, freeze=freeze, epochs=epochs, batch_size=batch, lr=lr,
+                     save_weights=freeze != "none")
+    r = run_trial(cache, model, spec)
+    assert r.status == "ok", r.reason
+    assert r.metrics["skill"] > 0, r.metrics
+    if head != "regression":
+        train = r.preds[r.preds.split == "train"].actual_orig
+        assert r.preds.pred.between(train.min(), train.max()).all()
+    if freeze != "all":  # the neuron cannot change: equal by construction
+        assert np.array_equal(r.preds.actual_ft.to_numpy(), r.preds.actual_orig.to_numpy())
+        assert r.metrics["drift"] == 0.0
+    else:
+        assert r.metrics["drift"] != 0.0
+    assert all(torch.equal(v, before[k]) for k, v in model.hf.state_dict().items())  # base untouched
+
+    d = save_trial(r, tmp_path / "trial")
+    saved = json.loads((d / "metrics.json").read_text())
+    preds = pd.read_parquet(d / "preds.parquet")
+    assert list(preds.columns) == ["text_id", "split", "actual_orig", "actual_ft", "pred", "readout"]
+    test = preds[preds.split == "test"]
+    train_mean = preds[preds.split == "train"].actual_orig.mean()
+    for suffix, actual in (("", "actual_orig"), ("_ft", "actual_ft")):
+        again = prediction_metrics(test.pred.to_numpy(), test[actual].to_numpy(), train_mean)
+        for k, v in again.items():
+            assert saved["metrics"][k + suffix] == pytest.approx(v, abs=1e-9, nan_ok=True)
+    assert saved["metrics"]["drift"] == pytest.approx((test.actual_ft - test.actual_orig).mean(), abs=1e-9)
+    assert (d / "diagnostics.png").stat().st_size > 10_000
+    head_file = load_file(d / "head.safetensors")
+    assert "weight" in head_file and ("bin_values" in head_file or "mu" in head_file)
+    assert (d / "weights.safetensors").exists() == (freeze != "none")
+
+
+def test_trials_are_seeded(tiny_cache):
+    model, cache, neuron = tiny_cache
+    spec = TrialSpec(layer=2, neuron=neuron, head="classification", freeze="after_target", epochs=2)
+    a, b = run_trial(cache, model, spec), run_trial(cache, model, spec)
+    assert a.metrics["mse"] == b.metrics["mse"] and np.array_equal(a.preds.pred, b.preds.pred)
+
+
+def test_after_target_starts_from_the_cached_residual(tiny_cache):
+    """Blocks L+1… applied to the cached residual after block L reproduce the cached features exactly."""
+    model, cache, _ = tiny_cache
+    net = Suffix(model, start=3, with_embeddings=False)
+    tr = model.hf.transformer
+    n_trainable = sum(p.numel() for p in net.trainable().values())
+    assert len(net.blocks) == 1  # a copy of block 3 only: blocks ≤ L never see a gradient
+    assert n_trainable == sum(p.numel() for p in [*tr.h[3].parameters(), *tr.ln_f.parameters()])
+    assert all(p is not q for p in net.parameters() for q in tr.parameters())  # a private copy
+    idx = np.arange(40)
+    T = max(len(cache.tokens[i]) for i in idx)
+    with torch.no_grad():
+        feats = net.features(torch.from_numpy(np.asarray(cache.resid[2][idx, :T])), normalized=True)
+    got = feats[torch.arange(40), torch.as_tensor(cache.positions[idx])].numpy()
+    np.testing.assert_allclose(got, cache.features[idx], atol=2e-5)
