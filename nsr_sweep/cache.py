@@ -344,6 +344,17 @@ class ActivationCache:
         tokens = [list(s) for s in seqs]
         return cls(list(corpus.texts), tokens, positions, acts, features, resid, meta)
 
+    # -- the object store ---------------------------------------------------------------
+    def to_arrays(self) -> dict:
+        """Plain dict for `ray.put`: numpy arrays travel zero-copy, the rest is small."""
+        return {"texts": self.texts, "tokens": self.tokens, "positions": np.asarray(self.positions),
+                "acts": {L: np.asarray(a) for L, a in self.acts.items()}, "features": np.asarray(self.features),
+                "resid": {L: np.asarray(r) for L, r in self.resid.items()}, "meta": self.meta}
+
+    @classmethod
+    def from_arrays(cls, d: dict) -> "ActivationCache":
+        return cls(d["texts"], d["tokens"], d["positions"], d["acts"], d["features"], d["resid"], d["meta"])
+
     # -- persistence -------------------------------------------------------------------
     def save(self, path: Path) -> None:
         """Write to a temp directory beside `path`, then rename: a reader never sees half a cache."""

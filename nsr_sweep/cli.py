@@ -162,5 +162,40 @@ def cache_build(sweep_file, root):
                    f"{ident['pre_max_abs_err']:.2e}, r = {ident['pre_r']:.7f}")
 
 
+@main.command()
+@click.argument("sweep_file")
+@click.option("--out", "out_root", default="results", show_default=True, help="Results root: writes OUT/<name>/.")
+@click.option("--address", default=None, help="Join a running Ray cluster (e.g. auto); default $RAY_ADDRESS or local.")
+@click.option("--resume", is_flag=True, help="Finish an interrupted sweep; finished trials are never rerun.")
+@click.option("--dry-run", is_flag=True, help="Print the expanded trial grid and exit.")
+@click.option("--dashboard/--no-dashboard", default=True, show_default=True, help="Start the Ray dashboard (local Ray).")
+@click.option("--dashboard-host", default="127.0.0.1", show_default=True)
+@click.option("--cache-root", default=None, help="Activation cache root (default $NSR_CACHE_DIR).")
+@friendly
+def launch(sweep_file, out_root, address, resume, dry_run, dashboard, dashboard_host, cache_root):
+    """Run a sweep: Ray model workers, Tune + Optuna trials, results/<name>/."""
+    from .config import load_sweep
+    from .orchestrate import dry_run_text, launch as run_launch
+
+    if dry_run:
+        click.echo(dry_run_text(load_sweep(sweep_file)))
+        return
+    sweep_dir = run_launch(sweep_file, out_root=out_root, address=address, resume=resume, dashboard=dashboard,
+                           dashboard_host=dashboard_host, cache_root=cache_root, echo=click.echo)
+    click.echo(f"results: {sweep_dir}")
+
+
+@main.command()
+@click.argument("sweep_dir")
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def status(sweep_dir, as_json):
+    """Counts by status, best trials and elapsed time of a sweep directory."""
+    from .status import sweep_status, format_status
+
+    st = sweep_status(Path(sweep_dir))
+    click.echo(json.dumps(st, indent=2, default=str) if as_json else format_status(st))
+
+
 if __name__ == "__main__":
     main()

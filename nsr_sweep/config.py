@@ -80,12 +80,15 @@ class TrainingCfg(Strict):
     save_weights: bool = False
 
 
+Integer = int  # the field `int` below shadows the builtin inside the class body
+
+
 class Dist(Strict):
     """One search dimension: exactly one of the keys."""
 
     loguniform: tuple[float, float] | None = None
     uniform: tuple[float, float] | None = None
-    int: tuple[int, int] | None = None
+    int: tuple[Integer, Integer] | None = None
     choice: list[Any] | None = None
 
     @model_validator(mode="after")
@@ -111,11 +114,10 @@ class Dist(Strict):
 
 
 class SearchCfg(Strict):
-    algorithm: Literal["optuna", "grid"] = "optuna"
+    algorithm: Literal["optuna", "random"] = "optuna"
     num_samples: int = Field(4, ge=1, le=100000)
     metric: Literal["val_mse", "val_pearson_r", "val_loss", "val_skill"] = "val_mse"
     mode: Literal["min", "max"] = "min"
-    scheduler: Literal["none", "asha"] = "none"
     space: dict[str, Dist] = Field(default_factory=dict)
 
     @field_validator("space")
@@ -163,7 +165,6 @@ class SweepSpec(Strict):
     training: TrainingCfg = TrainingCfg()
     search: SearchCfg = SearchCfg()
     resources: ResourcesCfg = ResourcesCfg()
-    controls: list[Literal["shuffled", "random_model", "early_features"]] = Field(default_factory=list)
     max_failures: int = Field(1, ge=0, le=100)
     batch_size_cache: int = Field(64, ge=1, le=65536)
     seed: int = 0

@@ -36,7 +36,7 @@ def _jsonable(x):
     return str(x)
 
 
-def save_trial(result, trial_dir: Path) -> Path:
+def save_trial(result, trial_dir: Path, extra: dict | None = None) -> Path:
     """metrics.json, head.safetensors, preds.parquet, diagnostics.png (+ weights.safetensors), each atomically."""
     from safetensors.torch import save_file
 
@@ -55,8 +55,8 @@ def save_trial(result, trial_dir: Path) -> Path:
         title = f"layer {s.layer} neuron {s.neuron} — {s.head} / freeze {s.freeze}"
         atomic_write(trial_dir / "diagnostics.png",
                      lambda tmp: diagnostics_png(result.preds, result.metrics, title, tmp))
-    write_json(trial_dir / "metrics.json", {
-        "spec": spec_dict(s), "status": result.status, "reason": result.reason,
+    write_json(trial_dir / "metrics.json", {  # written last: its presence means the trial finished
+        **(extra or {}), "spec": spec_dict(s), "status": result.status, "reason": result.reason,
         "metrics": result.metrics, "history": result.history,
     })
     return trial_dir

@@ -1,0 +1,347 @@
+"""`nsr-sweep launch`: a sweep file becomes hundreds of trials on local Ray or a cluster.
+
+    validate ─▶ lock results/<name>/ ─▶ ray.init ─▶ model workers (one model load each)
+      ─▶ worker 0 builds/loads the cache ─▶ object store (once) ─▶ every worker, zero-copy
+      ─▶ Tune (one Optuna study per group) ─▶ trial dirs + tables/trials.parquet as trials finish
+
+Our own record of finished trials is the trial directories (`metrics.json` is written last), so
+`--resume` after a SIGKILL reruns nothing that finished, whatever Tune's state says.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+from collections import Counter
+from pathlib import Path
+
+import yaml
+
+from .config import NeuronSelect, SweepSpec, dump_sweep, load_sweep
+from .errors import NsrError
+from .results import atomic_write, write_json
+from .search import GroupedSearch
+from .tables import finished_rows, trial_row, write_trials_table
+
+STATE = "sweep_state.json"
+LOCK = "sweep.lock"
+
+
+# -- the grid --------------------------------------------------------------------------------
+
+
+def expand(spec: SweepSpec, neurons: dict[int, list[int]]) -> list[dict]:
+    """One group per (layer, neuron, head, freeze); invalid combinations are left out."""
+    return [{"layer": L, "neuron": n, "head": h, "freeze": f, "feature_hook": spec.features.hook}
+            for L in spec.layers for n in neurons[L] for h, f in spec.combos()]
+
+
+def dry_run_text(spec: SweepSpec) -> str:
+    per_layer = sum(n.k if isinstance(n, NeuronSelect) else 1 for n in spec.neurons)
+    combos, skipped = spec.combos(), spec.skipped_combos()
+    groups = len(spec.layers) * per_layer * len(combos)
+    lines = [f"sweep {spec.name}: model {spec.model.name} ({spec.model.init}, processing {spec.model.processing})",
+             f"  layers {spec.layers} × ≤{per_layer} neurons each × {len(combos)} (head, freeze) = ≤{groups} groups "
+             f"× {spec.search.num_samples} samples = ≤{groups * spec.search.num_samples} trials",
+             "  trials per (head, freeze), all layers:"]
+    for h, f in combos:
+        lines.append(f"    {h:<15} {f:<13} {len(spec.layers) * per_layer * spec.search.num_samples}")
+    for L in spec.layers:
+        lines.append(f"  layer {L}: {per_layer * len(combos) * spec.search.num_samples} trials")
+    lines.append(f"  skipped invalid combinations: {len(skipped)}"
+                 + (f" ({', '.join(f'{h}+{f}' for h, f in skipped)}: token needs a trainable model)" if skipped else ""))
+    cs = spec.cache_spec()
+    lines.append(f"  cache to build or load: 1 ({spec.corpus.source}, {spec.corpus.n_texts} texts ≤ "
+                 f"{cs.max_tokens} tokens, layers {list(cs.layers)}, hook_{cs.hook}, features {cs.features}"
+                 f"{', residual after each layer' if cs.store_resid else ''})")
+    lines.append(f"  search: {spec.search.algorithm}, metric {spec.search.metric} ({spec.search.mode}), "
+                 f"space {sorted(spec.search.space) or 'none (training defaults)'}")
+    return "\n".join(lines)
+
+
+# -- the results directory ---------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim(sweep_dir: Path, spec: SweepSpec, resume: bool) -> None:
+    """Refuse a directory whose sweep is running, or that holds another sweep; then lock it."""
+    lock = sweep_dir / LOCK
+    if lock.is_file():
+        owner = json.loads(lock.read_text() or "{}")
+        if owner.get("host") == socket.gethostname() and _alive(int(owner.get("pid", -1))):
+            raise NsrError(f"{sweep_dir}: sweep {spec.name!r} is still running (pid {owner['pid']}); "
+                           "wait for it or stop it first")
+    resolved = sweep_dir / "sweep.yaml"
+    if resolved.is_file():
+        if not resume:
+            raise NsrError(f"{sweep_dir} already holds sweep {spec.name!r}: pass --resume to finish it, "
+                           "or choose another name")
+        before = yaml.safe_load(resolved.read_text())
+        if before != yaml.safe_load(dump_sweep(spec)):
+            raise NsrError(f"{sweep_dir}: the sweep file changed since the first launch; --resume needs the "
+                           "same file (or use a new name)")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    write_json(lock, {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
+    atomic_write(resolved, lambda tmp: tmp.write_text(dump_sweep(spec)))
+
+
+def release(sweep_dir: Path) -> None:
+    lock = sweep_dir / LOCK
+    if lock.is_file() and json.loads(lock.read_text() or "{}").get("pid") == os.getpid():
+        lock.unlink()
+
+
+def read_state(sweep_dir: Path) -> dict:
+    f = Path(sweep_dir) / STATE
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def update_state(sweep_dir: Path, **kw) -> dict:
+    state = {**read_state(sweep_dir), **kw}
+    write_json(Path(sweep_dir) / STATE, state)
+    return state
+
+
+# -- Ray -------------------------------------------------------------------------------------
+
+
+def init_ray(address: str | None, dashboard: bool, dashboard_host: str):
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our own progress lines replace Tune's tables
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    kw = dict(log_to_driver=False, configure_logging=True, logging_level="ERROR")
+    if address:
+        return ray.init(address=address, **kw)
+    from .workers import cpu_count
+
+    return ray.init(num_cpus=cpu_count(), include_dashboard=dashboard, dashboard_host=dashboard_host, **kw)
+
+
+def plan_workers(spec: SweepSpec) -> tuple[int, str, int]:
+    """(number of workers, device, torch threads per worker) from the cluster's resources."""
+    import ray
+
+    res = ray.cluster_resources()
+    r = spec.resources
+    gpus = res.get("GPU", 0)
+    use_gpu = r.device == "cuda" or (r.device == "auto" and gpus > 0 and r.gpus_per_worker > 0)
+    if r.device == "cuda" and gpus == 0:
+        raise NsrError("resources.device is cuda but the Ray cluster has no GPU")
+    threads = max(1, int(r.cpus_per_trial))
+    if r.workers != "auto":
+        n = r.workers
+    elif use_gpu:
+        n = max(1, int(gpus // max(r.gpus_per_worker, 1e-9)))
+    else:
+        n = max(1, int(res.get("CPU", 1) // threads))
+    return n, ("cuda" if use_gpu else "cpu"), threads
+
+
+class SweepProgress:
+    """A progress bar over trials plus one concise line per finished trial; rows written as they come."""
+
+    def __init__(self, sweep_dir: Path, spec: SweepSpec, rows: list[dict], total: int):
+        from ray.tune import Callback
+        from tqdm.auto import tqdm
+
+        self.sweep_dir, self.spec, self.rows = sweep_dir, spec, rows
+        self.bar = tqdm(total=total, initial=len(rows), unit="trial", desc=spec.name, dynamic_ncols=True)
+        self.running = 0
+        self.counters = _metrics(spec.name)
+        outer = self
+
+        class _Callback(Callback):
+            def on_trial_start(self, iteration, trials, trial, **info):
+                outer.running += 1
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                outer.finished(result)
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                outer.errored(trial)
+
+        self.callback = _Callback()
+
+    def _record(self, row: dict) -> None:
+        self.rows.append(row)
+        write_trials_table(self.sweep_dir, self.rows, self.spec.search.metric, self.spec.search.mode)
+        self.bar.update(1)
+
+    def finished(self, result: dict) -> None:
+        self.running -= 1
+        row = {k: v for k, v in result.items() if k not in _TUNE_KEYS}
+        row["trial_id"] = row.pop("nsr_trial_id")  # Tune fills `trial_id` with its own id
+        self._record(row)
+        status = row.get("status", "ok")
+        self.counters["finished" if status == "ok" else "failed"].inc()
+        self._line(row)
+
+    def errored(self, trial) -> None:
+        """A trial that raised on every retry: recorded as failed with its error, the sweep goes on."""
+        self.running -= 1
+        config = trial.config
+        error = _error_text(trial)
+        d = self.sweep_dir / "trials" / config["trial_id"]
+        write_json(d / "metrics.json", {"trial_id": config["trial_id"], "sample": config["sample"],
+                                        "spec": {k: config.get(k) for k in config}, "status": "failed",
+                                        "reason": error, "metrics": {}, "history": []})
+        row = trial_row(config, "failed", {}, error)
+        self._record(row)
+        self.counters["failed"].inc()
+        self._line(row)
+
+    def _line(self, row: dict) -> None:
+        counts = Counter(r.get("status") for r in self.rows)
+        metric = self.spec.search.metric
+        ok = [r for r in self.rows if r.get("status") == "ok" and _finite(r.get("pearson_r"))]
+        best = max(ok, key=lambda r: r["pearson_r"], default=None)
+        what = (f"{metric} {row.get(metric, float('nan')):.4g}  test r {row.get('pearson_r', float('nan')):+.3f}"
+                if row.get("status") == "ok" else f"FAILED: {str(row.get('error'))[:80]}")
+        best_s = f"  best r {best['pearson_r']:+.3f} ({best['trial_id']})" if best else ""
+        self.bar.write(f"{row['trial_id']:<42} {what}  | done {counts['ok']} failed {counts['failed']} "
+                       f"running {max(self.running, 0)}{best_s}")
+
+    def close(self):
+        self.bar.close()
+
+
+_TUNE_KEYS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
+              "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "config", "time_since_restore",
+              "iterations_since_restore", "experiment_tag"}
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _error_text(trial) -> str:
+    for attr in ("error_file", "pickled_error_file"):
+        path = getattr(trial, attr, None)
+        if path and Path(path).is_file() and attr == "error_file":
+            lines = [ln for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
+            return lines[-1][:500] if lines else "trial raised"
+    return str(getattr(trial, "error_msg", None) or "trial raised an error")
+
+
+def _metrics(sweep: str) -> dict:
+    """Sweep counters for the Ray dashboard's metrics view."""
+    from ray.util.metrics import Counter as RayCounter
+
+    tags = {"sweep": sweep}
+    out = {k: RayCounter(f"nsr_sweep_trials_{k}", description=f"trials {k}", tag_keys=("sweep",))
+           for k in ("finished", "failed")}
+    for c in out.values():
+        c.set_default_tags(tags)
+    return out
+
+
+# -- launch ----------------------------------------------------------------------------------
+
+
+def launch(sweep_file: str, *, out_root: str = "results", address: str | None = None, resume: bool = False,
+           dashboard: bool = True, dashboard_host: str = "127.0.0.1", cache_root: str | None = None,
+           echo=print) -> Path:
+    t_start = time.time()
+    spec = load_sweep(sweep_file)  # every input error surfaces here, before Ray starts
+    sweep_dir = Path(out_root).resolve() / spec.name
+    claim(sweep_dir, spec, resume)
+    try:
+        return _run(spec, sweep_dir, address, dashboard, dashboard_host, cache_root, echo, t_start)
+    finally:
+        release(sweep_dir)
+
+
+def _run(spec, sweep_dir, address, dashboard, dashboard_host, cache_root, echo, t_start) -> Path:
+    import ray
+    from ray import tune
+
+    from .cache import ActivationCache
+    from .sweep import resolve_neurons
+    from .workers import WorkerPool, start_workers, trial_function
+
+    state = update_state(sweep_dir, name=spec.name, status="running", started=read_state(sweep_dir).get("started", t_start),
+                         resumed=(sweep_dir / "trials").is_dir())
+    ctx = init_ray(address, dashboard, dashboard_host)
+    t_ray = time.time()
+    url = getattr(ctx, "dashboard_url", None)
+    if url:
+        echo(f"Ray dashboard: http://{url}  (token: `ray get-auth-token`; bound to {dashboard_host})")
+    n_workers, device, threads = plan_workers(spec)
+    m = spec.model
+    model_kw = dict(name=m.name, init=m.init, processing=m.processing, seed=m.seed, device=device)
+    workers = start_workers(n_workers, model_kw, spec.resources.gpus_per_worker if device == "cuda" else 0, threads)
+    echo(f"{n_workers} model worker(s) on {device}, {threads} thread(s) each; building or loading the cache …")
+    arrays_ref = workers[0].build_cache.remote(spec.model_dump(mode="json"), cache_root)
+    ray.get([w.set_cache.remote(arrays_ref) for w in workers])  # each worker: zero-copy views of one copy
+    cache = ActivationCache.from_arrays(ray.get(arrays_ref))
+    t_cache = time.time()
+    meta = cache.meta
+    write_json(sweep_dir / "cache_keys.json", [{"key": meta["key"], "layers": sorted(cache.acts),
+                                                "n_texts": meta["n_texts"], "n_tokens": meta["n_tokens"],
+                                                "tokens_per_second": meta["tokens_per_second"],
+                                                "identity": meta["identity"], "model": meta["model"],
+                                                "corpus": meta["corpus"]}])
+    _gauge("nsr_sweep_cache_tokens_per_second", spec.name, meta["tokens_per_second"])
+    neurons = resolve_neurons(spec, cache)
+    groups = expand(spec, neurons)
+    rows = finished_rows(sweep_dir)
+    searcher = GroupedSearch(spec, groups, rows, n_workers)
+    total = len(rows) + searcher.n_remaining
+    skipped = len(spec.skipped_combos()) * sum(len(v) for v in neurons.values())
+    echo(f"{len(groups)} groups × {spec.search.num_samples} samples = {len(groups) * spec.search.num_samples} trials "
+         f"({len(rows)} already finished, {skipped} invalid head+freeze trials skipped)")
+    update_state(sweep_dir, n_expected=len(groups) * spec.search.num_samples, n_groups=len(groups), workers=n_workers,
+                 device=device, neurons={str(k): v for k, v in neurons.items()}, cache_key=meta["key"],
+                 dashboard_url=url)
+    progress = SweepProgress(sweep_dir, spec, rows, total)
+    trial_seconds_before = sum(r.get("seconds") or 0 for r in rows)
+    if searcher.n_remaining:
+        pool = WorkerPool.remote(n_workers)
+        trainable = tune.with_resources(
+            tune.with_parameters(trial_function, sweep_dir=str(sweep_dir), workers=workers, pool=pool), {"cpu": 0.01})
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=searcher.n_remaining, reuse_actors=True,
+                                        max_concurrent_trials=n_workers + 1,
+                                        metric=spec.search.metric, mode=spec.search.mode),
+            run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                                      callbacks=[progress.callback]),
+        )
+        tuner.fit()
+    progress.close()
+    t_trials = time.time()
+    loads = sum(ray.get([w.load_count.remote() for w in workers]))
+    df = write_trials_table(sweep_dir, finished_rows(sweep_dir), spec.search.metric, spec.search.mode)
+    trial_seconds = float(df["seconds"].fillna(0).sum()) - trial_seconds_before if len(df) else 0.0
+    counts = df["status"].value_counts().to_dict() if len(df) else {}
+    update_state(sweep_dir, status="finished", finished=time.time(), model_loads=loads,
+                 counts={k: int(v) for k, v in counts.items()},
+                 timings={"ray_init_s": round(t_ray - t_start, 2), "cache_s": round(t_cache - t_ray, 2),
+                          "trials_wall_s": round(t_trials - t_cache, 2), "trial_compute_s": round(trial_seconds, 2),
+                          "total_s": round(time.time() - state["started"], 2)})
+    echo(f"done: {counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed; base model loaded {loads}× "
+         f"({n_workers} worker(s)); table {sweep_dir / 'tables' / 'trials.parquet'}")
+    ray.shutdown()
+    return sweep_dir
+
+
+def _gauge(name: str, sweep: str, value: float) -> None:
+    from ray.util.metrics import Gauge
+
+    g = Gauge(name, description=name.replace("_", " "), tag_keys=("sweep",))
+    g.set(value, tags={"sweep": sweep})

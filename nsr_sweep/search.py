@@ -1,0 +1,103 @@
+"""One Optuna study per (layer, neuron, head, freeze) group, inside a single Tune run.
+
+Tune takes one search algorithm per run; a sweep needs an independent hyperparameter search
+per group. `GroupedSearch` keeps one study per group and hands out samples round-robin by
+sample index, so every group's first sample runs before any group's second (the later ones then
+profit from the earlier results). On resume, finished trials are told to their studies first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import optuna
+from ray.tune.search import Searcher
+
+from .config import Dist, SweepSpec
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def distribution(d: Dist) -> optuna.distributions.BaseDistribution:
+    if d.kind == "loguniform":
+        return optuna.distributions.FloatDistribution(*d.loguniform, log=True)
+    if d.kind == "uniform":
+        return optuna.distributions.FloatDistribution(*d.uniform)
+    if d.kind == "int":
+        return optuna.distributions.IntDistribution(*d.int)
+    return optuna.distributions.CategoricalDistribution(d.choice)
+
+
+def stable_seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
+
+
+def trial_id(group: dict, sample: int) -> str:
+    ctl = f"-{group['control']}" if group.get("control") else ""
+    return f"L{group['layer']}-N{group['neuron']}-{group['head']}-{group['freeze']}{ctl}-s{sample}"
+
+
+def group_key(g: dict) -> tuple:
+    return (g["layer"], g["neuron"], g["head"], g["freeze"], g.get("control") or "")
+
+
+class GroupedSearch(Searcher):
+    def __init__(self, spec: SweepSpec, groups: list[dict], finished: list[dict], n_workers: int):
+        super().__init__(metric=spec.search.metric, mode=spec.search.mode)
+        self.spec, self.groups, self.n_workers = spec, groups, n_workers
+        self.dists = {k: distribution(v) for k, v in spec.search.space.items()}
+        direction = "minimize" if spec.search.mode == "min" else "maximize"
+        self.studies, self.taken = {}, {}
+        for g in groups:
+            k = group_key(g)
+            seed = stable_seed(spec.seed, k)
+            sampler = (optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, spec.search.num_samples // 3))
+                       if spec.search.algorithm == "optuna" else optuna.samplers.RandomSampler(seed=seed))
+            self.studies[k] = optuna.create_study(direction=direction, sampler=sampler)
+            self.taken[k] = set()
+        for row in finished:  # resume: what already ran informs the search and is never rerun
+            k = group_key(row)
+            if k not in self.studies:
+                continue
+            self.taken[k].add(int(row["sample"]))
+            value = row.get(self.metric)
+            ok = row.get("status") == "ok" and isinstance(value, (int, float)) and math.isfinite(value)
+            params = {p: row[p] for p in self.dists}
+            self.studies[k].add_trial(optuna.trial.create_trial(
+                params=params, distributions=self.dists, value=value if ok else None,
+                state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL))
+        self.queue = [(s, g) for s in range(spec.search.num_samples) for g in groups
+                      if s not in self.taken[group_key(g)]]
+        self.live: dict[str, tuple] = {}
+        self.n_suggested = 0
+
+    @property
+    def n_remaining(self) -> int:
+        return len(self.queue)
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # metric and mode come from the sweep file
+
+    def suggest(self, tune_trial_id: str):
+        if not self.queue:
+            return Searcher.FINISHED
+        sample, group = self.queue.pop(0)
+        study = self.studies[group_key(group)]
+        ot = study.ask(self.dists)
+        config = {**self.spec.training.model_dump(), **group, **ot.params, "sample": sample,
+                  "trial_id": trial_id(group, sample),
+                  "seed": stable_seed(self.spec.seed, group_key(group), sample)}
+        self.live[tune_trial_id] = (study, ot)
+        self.n_suggested += 1
+        return config
+
+    def on_trial_complete(self, tune_trial_id: str, result=None, error: bool = False):
+        study, ot = self.live.pop(tune_trial_id, (None, None))
+        if study is None:
+            return
+        value = (result or {}).get(self.metric)
+        if error or not isinstance(value, (int, float)) or not math.isfinite(value):
+            study.tell(ot, state=optuna.trial.TrialState.FAIL)
+        else:
+            study.tell(ot, value)

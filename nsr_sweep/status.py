@@ -1,0 +1,47 @@
+"""`nsr-sweep status`: what a sweep directory holds, running or finished."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .errors import NsrError
+from .orchestrate import LOCK, read_state
+from .tables import finished_rows, trials_frame
+
+
+def sweep_status(sweep_dir: Path) -> dict:
+    if not (sweep_dir / "sweep.yaml").is_file():
+        raise NsrError(f"{sweep_dir} is not a sweep directory (no sweep.yaml): give results/<name>")
+    from .config import load_sweep
+
+    spec = load_sweep(sweep_dir / "sweep.yaml", check_model=False)
+    state = read_state(sweep_dir)
+    df = trials_frame(finished_rows(sweep_dir), spec.search.metric, spec.search.mode)
+    counts = df["status"].value_counts().to_dict() if len(df) else {}
+    expected = state.get("n_expected")
+    running = (sweep_dir / LOCK).is_file() and state.get("status") == "running"
+    end = state.get("finished") if not running else time.time()
+    best = []
+    if len(df):
+        cols = ["trial_id", spec.search.metric, "pearson_r", "skill"]
+        b = df[df["best"]].sort_values("pearson_r", ascending=False)
+        best = b[[c for c in cols if c in b]].head(10).to_dict("records")
+    return {
+        "name": spec.name, "dir": str(sweep_dir), "state": "running" if running else state.get("status", "unknown"),
+        "counts": {k: int(v) for k, v in counts.items()}, "finished": int(len(df)), "expected": expected,
+        "elapsed_s": round(end - state["started"], 1) if state.get("started") and end else None,
+        "model_loads": state.get("model_loads"), "workers": state.get("workers"), "best": best,
+        "timings": state.get("timings"),
+    }
+
+
+def format_status(st: dict) -> str:
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(st["counts"].items())) or "none yet"
+    lines = [f"sweep {st['name']} ({st['state']}): {st['finished']}/{st['expected'] or '?'} trials finished "
+             f"({counts}); elapsed {st['elapsed_s']} s", f"  {st['dir']}"]
+    if st["model_loads"] is not None:
+        lines.append(f"  base model loaded {st['model_loads']}× for {st['workers']} worker(s)")
+    for b in st["best"]:
+        lines.append("  best  " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{v}" for k, v in b.items()))
+    return "\n".join(lines)

@@ -1,0 +1,226 @@
+"""Sweep files, the trial grid, and whole sweeps on local Ray (2 CPUs): end to end, SIGKILL + resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from nsr_sweep.cli import main
+from nsr_sweep.config import load_sweep, parse_sweep
+from nsr_sweep.errors import NsrError
+from nsr_sweep.orchestrate import dry_run_text, expand
+from nsr_sweep.search import GroupedSearch
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = {"name": "t", "model": "nsr-tiny", "layers": [1], "neurons": [3], "heads": ["regression"], "freeze": ["none"]}
+
+
+def with_(**kw):
+    d = json.loads(json.dumps(BASE))
+    for k, v in kw.items():
+        if v is None:
+            d.pop(k, None)
+        else:
+            d[k] = v
+    return d
+
+
+MALFORMED = [
+    (with_(colour="blue"), "colour: unknown key"),
+    (with_(search={"num_samples": 2, "algoritm": "optuna"}), "search.algoritm: unknown key"),
+    (with_(layers="1"), "layers"),
+    (with_(layers=[]), "layers"),
+    (with_(layers=[9]), "layers: 9 is out of range for nsr-tiny: allowed 0..3"),
+    (with_(layers=[-1]), "layers.0"),
+    (with_(layers=[1, 1]), "layers has duplicates"),
+    (with_(neurons=[512]), "neurons: 512 is out of range for nsr-tiny: allowed 0..511"),
+    (with_(neurons=[]), "neurons"),
+    (with_(neurons=[{"select": "top_entropy", "k": 3}]), "neurons"),
+    (with_(neurons=[{"select": "top_variance", "k": 600}]), "k=600 exceeds d_mlp=512"),
+    (with_(heads=["linear"]), "heads.0"),
+    (with_(heads=[]), "heads"),
+    (with_(freeze=["some"]), "freeze.0"),
+    (with_(heads=["token"], freeze=["none"]), "no valid (head, freeze) combination"),
+    (with_(model="nobody/missing-model"), "'nobody/missing-model' was not found locally"),
+    (with_(model={"name": "nsr-tiny", "processing": "folded"}), "model.processing"),
+    (with_(search={"space": {"lr": {"loguniform": [0, 1]}}}), "loguniform needs low > 0"),
+    (with_(search={"space": {"lr": {"loguniform": [1e-2, 1e-3]}}}), "low < high"),
+    (with_(search={"space": {"lr": {"uniform": [0.1, 0.2], "int": [1, 2]}}}), "exactly one of"),
+    (with_(search={"space": {"momentum": {"uniform": [0.1, 0.2]}}}), "unknown hyperparameter 'momentum'"),
+    (with_(search={"metric": "val_mse", "mode": "max"}), "does not fit metric"),
+    (with_(search={"metric": "test_mse"}), "search.metric"),
+    (with_(target={"hook": "mlp_out"}), "target.hook"),
+    (with_(features={"hook": "resid final"}), "features.hook"),
+    (with_(corpus={"n_texts": 5}), "corpus.n_texts"),
+    (with_(splits={"train": 0.8, "val": 0.15, "test": 0.15}), "train + val + test must be 1"),
+    (with_(name="bad name/with slash"), "name"),
+    (with_(name=None), "name: Field required"),
+    (with_(resources={"workers": 0}), "workers must be >= 1"),
+    ("just a string", "must be a mapping"),
+]
+
+
+@pytest.mark.parametrize("data, needle", MALFORMED, ids=[f"bad{i}" for i in range(len(MALFORMED))])
+def test_malformed_sweep_files_are_rejected_before_ray(tmp_path, data, needle):
+    import ray
+
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump(data))
+    t0 = time.perf_counter()
+    r = CliRunner().invoke(main, ["launch", str(f), "--out", str(tmp_path / "res")])
+    elapsed = time.perf_counter() - t0
+    assert r.exit_code == 2, r.output
+    assert needle in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert elapsed < 2.0 and not ray.is_initialized() and not (tmp_path / "res").exists()
+
+
+def test_a_valid_sweep_file_has_defaults_and_expands():
+    spec = parse_sweep(with_(heads=["regression", "token"], freeze=["none", "all"], layers=[0, 2], neurons=[1, 5]))
+    assert spec.combos() == [("regression", "none"), ("regression", "all"), ("token", "all")]
+    assert spec.skipped_combos() == [("token", "none")]
+    groups = expand(spec, {0: [1, 5], 2: [1, 5]})
+    assert len(groups) == 2 * 2 * 3 and {g["feature_hook"] for g in groups} == {"ln_final.hook_normalized"}
+    text = dry_run_text(spec)
+    assert "skipped invalid combinations: 1 (token+none" in text and "≤12 groups × 4 samples = ≤48 trials" in text
+
+
+def test_bundled_sweep_files_are_valid():
+    for f in ("quickstart.yaml", "layer8.yaml"):
+        load_sweep(REPO / "sweeps" / f, check_model=False)
+    q = load_sweep(REPO / "sweeps" / "quickstart.yaml")
+    assert q.model.name == "nsr-tiny" and len(q.layers) == 2 and len(q.combos()) == 8
+    assert sum(n.k for n in q.neurons) >= 4
+
+
+def test_grouped_search_skips_finished_samples_and_tells_optuna():
+    spec = parse_sweep(with_(search={"num_samples": 3, "space": {"lr": {"loguniform": [1e-4, 1e-2]}}},
+                             heads=["regression", "classification"]))
+    groups = expand(spec, {1: [3]})
+    done = [{**groups[0], "sample": 1, "status": "ok", "val_mse": 0.5, "lr": 1e-3}]
+    s = GroupedSearch(spec, groups, done, n_workers=2)
+    assert s.n_remaining == 5
+    configs = [s.suggest(f"t{i}") for i in range(5)]
+    assert s.suggest("t5") == "FINISHED"
+    ids = [c["trial_id"] for c in configs]
+    assert "L1-N3-regression-none-s1" not in ids and len(set(ids)) == 5
+    assert [c["sample"] for c in configs] == [0, 0, 1, 2, 2]  # first samples of every group go first
+    assert all(1e-4 <= c["lr"] <= 1e-2 for c in configs)
+    assert len(s.studies[(1, 3, "regression", "none", "")].trials) == 1 + 2
+
+
+def test_cluster_yaml_passes_rays_validation():
+    import copy
+
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    validate_config(prepare_config(copy.deepcopy(config)))
+    assert any("pip install -e ~/nsr-sweep" in c for c in config["setup_commands"])
+    broken = copy.deepcopy(config)
+    broken["available_node_types"]["gpu_worker"]["max_wrkers"] = 2
+    with pytest.raises(Exception, match="max_wrkers"):
+        validate_config(prepare_config(broken))
+
+
+# -- whole sweeps on local Ray -----------------------------------------------------------------
+
+SMALL = """
+name: {name}
+model: nsr-tiny
+corpus: {{n_texts: 160, max_tokens: 24}}
+layers: [1]
+neurons: [{{select: top_variance, k: 2}}, 7]
+heads: [regression, token]
+freeze: [none, after_target]
+training: {{epochs: 2, batch_size: 16}}
+search: {{num_samples: 2, space: {{lr: {{loguniform: [1.0e-3, 1.0e-2]}}}}}}
+resources: {{workers: 2}}
+"""
+
+
+def _launch_cmd(sweep: Path, out: Path, *extra) -> list[str]:
+    return [sys.executable, "-m", "nsr_sweep.cli", "launch", str(sweep), "--out", str(out), "--no-dashboard", *extra]
+
+
+def _env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+
+
+def _check_complete(sweep_dir: Path, expected: int) -> pd.DataFrame:
+    df = pd.read_parquet(sweep_dir / "tables" / "trials.parquet")
+    assert len(df) == expected and df["trial_id"].is_unique
+    assert (df["status"] == "ok").all(), df[["trial_id", "error"]]
+    for c in ("pearson_r", "mse", "offset", "skill", "drift", "val_mse"):
+        assert np.isfinite(df[c].to_numpy()).all(), c
+    runs = Counter(json.loads(line)["trial_id"] for line in (sweep_dir / "runs.jsonl").read_text().splitlines())
+    assert sorted(runs) == sorted(df["trial_id"]) and set(runs.values()) == {1}  # every trial ran exactly once
+    state = json.loads((sweep_dir / "sweep_state.json").read_text())
+    assert state["status"] == "finished" and state["model_loads"] == state["workers"] == 2
+    assert df.groupby(["layer", "neuron", "head", "freeze"])["best"].sum().eq(1).all()
+    for t in df["trial_id"]:
+        d = sweep_dir / "trials" / t
+        assert all((d / f).is_file() for f in ("metrics.json", "head.safetensors", "preds.parquet", "diagnostics.png"))
+    return df
+
+
+def test_end_to_end_sweep_on_local_ray(tmp_path):
+    sweep = tmp_path / "e2e.yaml"
+    sweep.write_text(SMALL.format(name="e2e"))
+    r = subprocess.run(_launch_cmd(sweep, tmp_path / "res"), env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    sweep_dir = tmp_path / "res" / "e2e"
+    df = _check_complete(sweep_dir, expected=3 * 3 * 2)  # 3 neurons × 3 valid combos × 2 samples
+    assert set(df["freeze"]) == {"none", "after_target"} and "token" in set(df["head"])
+    assert "2 skipped" not in r.stdout and "3 invalid head+freeze trials skipped" in r.stdout
+    assert yaml.safe_load((sweep_dir / "sweep.yaml").read_text())["name"] == "e2e"
+    keys = json.loads((sweep_dir / "cache_keys.json").read_text())
+    assert keys[0]["identity"][0]["pre_max_abs_err"] < 1e-4
+
+    st = CliRunner().invoke(main, ["status", str(sweep_dir), "--json"])
+    assert st.exit_code == 0
+    status = json.loads(st.output)
+    assert status["counts"] == {"ok": 18} and status["expected"] == 18 and status["best"]
+
+    again = subprocess.run(_launch_cmd(sweep, tmp_path / "res"), env=_env(), capture_output=True, text=True)
+    assert again.returncode == 2 and "pass --resume" in again.stderr
+    resumed = subprocess.run(_launch_cmd(sweep, tmp_path / "res", "--resume"), env=_env(), capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0 and "18 already finished" in resumed.stdout
+    _check_complete(sweep_dir, expected=18)
+
+
+def test_sigkill_mid_sweep_then_resume_runs_every_trial_exactly_once(tmp_path):
+    sweep = tmp_path / "k.yaml"
+    sweep.write_text(SMALL.format(name="killed"))
+    sweep_dir = tmp_path / "res" / "killed"
+    driver = subprocess.Popen(_launch_cmd(sweep, tmp_path / "res"), env=_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and driver.poll() is None:
+        log = sweep_dir / "runs.jsonl"
+        if log.is_file() and len(log.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.3)
+    assert driver.poll() is None, "the sweep ended before it could be killed"
+    busy = subprocess.run(_launch_cmd(sweep, tmp_path / "res", "--resume"), env=_env(), capture_output=True, text=True)
+    assert busy.returncode == 2 and "still running" in busy.stderr  # a second launch into a running sweep
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    n_before = len((sweep_dir / "runs.jsonl").read_text().splitlines())
+    assert n_before < 18
+    time.sleep(2)  # the killed driver's workers go down with its raylet
+    r = subprocess.run(_launch_cmd(sweep, tmp_path / "res", "--resume"), env=_env(), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    _check_complete(sweep_dir, expected=18)
