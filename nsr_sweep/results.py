@@ -43,6 +43,9 @@ def save_trial(result, trial_dir: Path, extra: dict | None = None) -> Path:
     from .plots import diagnostics_png
     from .trial import spec_dict
 
+    import time
+
+    t0 = time.perf_counter()
     trial_dir = Path(trial_dir)
     trial_dir.mkdir(parents=True, exist_ok=True)
     s = result.spec
@@ -55,6 +58,7 @@ def save_trial(result, trial_dir: Path, extra: dict | None = None) -> Path:
         title = f"layer {s.layer} neuron {s.neuron} — {s.head} / freeze {s.freeze}"
         atomic_write(trial_dir / "diagnostics.png",
                      lambda tmp: diagnostics_png(result.preds, result.metrics, title, tmp))
+    result.metrics["artefact_seconds"] = time.perf_counter() - t0
     write_json(trial_dir / "metrics.json", {  # written last: its presence means the trial finished
         **(extra or {}), "spec": spec_dict(s), "status": result.status, "reason": result.reason,
         "metrics": result.metrics, "history": result.history,

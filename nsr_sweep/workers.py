@@ -56,14 +56,13 @@ class ModelWorker:
         from .trial import TrialSpec, run_trial
 
         spec = TrialSpec(**{k: config[k] for k in TrialSpec.__dataclass_fields__ if k in config})
-        t0 = time.perf_counter()
         result = run_trial(self.cache, self.model, spec, feature_hook=config.get("feature_hook"))
         trial_dir = Path(sweep_dir) / "trials" / config["trial_id"]
         save_trial(result, trial_dir, extra={k: config[k] for k in ("trial_id", "sample") if k in config})
         with open(Path(sweep_dir) / "runs.jsonl", "a") as log:  # one line per completed run: audits "exactly once"
             log.write(json.dumps({"trial_id": config["trial_id"], "pid": os.getpid(), "time": time.time()}) + "\n")
         return trial_row(config, result.status, result.metrics, result.reason,
-                         seconds=time.perf_counter() - t0, worker=os.getpid())
+                         seconds=result.metrics.get("seconds"), worker=os.getpid())
 
 
 @ray.remote(num_cpus=0)
