@@ -4,6 +4,8 @@ One build runs the corpus through the base model in large right-padded batches a
 at each text's target position (its last real token):
   - `acts[L]`: n_texts × d_mlp, component n = neuron n of `blocks.L.mlp.hook_post` (or `hook_pre`);
   - `features`: n_texts × d_model at the configured feature hook (default `ln_final.hook_normalized`);
+  - `mlp_in[L]`: LN2(resid_mid) with its affine (what W_in multiplies), `resid_pre[L]`: the
+    residual before block L, and `resid_final`: the residual entering ln_final — for the analyses;
   - optionally `resid[L]`: the residual after block L at every position (the `after_target` start).
 
 For GPT-2-style models the tensors are read with native forward hooks on the plain HF model
@@ -39,7 +41,7 @@ from .corpus import Corpus
 from .errors import NsrError
 from .models import BaseModel
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 HOOKS = ("post", "pre")
 DEFAULT_FEATURES = "ln_final.hook_normalized"
 HOOK_NAME = re.compile(r"^(blocks\.\d+\.)?([a-z_0-9]+\.)*hook_[a-z_0-9]+$")
@@ -124,6 +126,8 @@ def _gpt2_module(model: BaseModel, name: str):
         return tr.ln_f, "in", ln_no_affine(tr.ln_f)
     if name == "ln_final.hook_out":
         return tr.ln_f, "out", None
+    if name == "ln_final.hook_in":
+        return tr.ln_f, "in", None
     m = re.match(r"^blocks\.(\d+)\.(.+)$", name)
     if not m:
         return None
@@ -133,6 +137,7 @@ def _gpt2_module(model: BaseModel, name: str):
         "hook_resid_post": (blk, "out", None),
         "hook_resid_mid": (blk.ln_2, "in", None),
         "ln2.hook_normalized": (blk.ln_2, "in", ln_no_affine(blk.ln_2)),
+        "ln2.hook_out": (blk.ln_2, "out", None),
         "mlp.hook_pre": (blk.mlp.act, "in", None),
         "mlp.hook_post": (blk.mlp.act, "out", None),
     }.get(m.group(2))
@@ -232,6 +237,7 @@ class ActivationCache:
     resid: dict[int, np.ndarray] = field(default_factory=dict)  # layer → n_texts × max_len × d_model
     meta: dict = field(default_factory=dict)
     path: Path | None = None
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # "mlp_in_L{L}", "resid_pre_L{L}", "resid_final"
 
     @property
     def n_texts(self) -> int:
@@ -303,12 +309,17 @@ class ActivationCache:
         seqs, n_trunc = tokenize(model, corpus.texts, spec.max_tokens)
         positions = np.array([len(s) - 1 for s in seqs], dtype=np.int64)
         names = [neuron_hook(L, spec.hook) for L in spec.layers] + [spec.features]
+        extra_names = {f"mlp_in_L{L}": f"blocks.{L}.ln2.hook_out" for L in spec.layers}
+        extra_names.update({f"resid_pre_L{L}": f"blocks.{L}.hook_resid_pre" for L in spec.layers})
+        extra_names["resid_final"] = "ln_final.hook_in"
+        names += list(extra_names.values())
         resid_names = [f"blocks.{L}.hook_resid_post" for L in spec.layers] if spec.store_resid else []
         names = list(dict.fromkeys(names + resid_names))
         reader = make_reader(model, names)
         n, max_len = len(seqs), max(len(s) for s in seqs)
         acts = {L: np.empty((n, model.d_mlp), np.float32) for L in spec.layers}
-        features = np.empty((n, model.d_model), np.float32)
+        features = None  # its width is the feature hook's (d_model for the residual, d_mlp for an MLP hook)
+        extra = {k: np.empty((n, model.d_model), np.float32) for k in extra_names}
         resid = {L: np.zeros((n, max_len, model.d_model), np.float32) for L in spec.layers} if spec.store_resid else {}
         order = np.argsort([-len(s) for s in seqs], kind="stable")  # similar lengths share a batch: less padding
         bar = tqdm(total=int(positions.sum() + n), unit="tok", desc="cache", disable=not progress)
@@ -322,7 +333,12 @@ class ActivationCache:
                 if spec.store_resid:
                     r = got[f"blocks.{L}.hook_resid_post"].float().cpu().numpy()
                     resid[L][idx, : r.shape[1]] = r * mask.cpu().numpy()[..., None]
-            features[idx] = got[spec.features].float().cpu().numpy()
+            f = got[spec.features].float().cpu().numpy()
+            if features is None:
+                features = np.empty((n, f.shape[1]), np.float32)
+            features[idx] = f
+            for k, name in extra_names.items():
+                extra[k][idx] = got[name].float().cpu().numpy()
             bar.update(int(mask.sum()))
         bar.close()
         seconds = time.perf_counter() - t0
@@ -342,18 +358,20 @@ class ActivationCache:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         tokens = [list(s) for s in seqs]
-        return cls(list(corpus.texts), tokens, positions, acts, features, resid, meta)
+        return cls(list(corpus.texts), tokens, positions, acts, features, resid, meta, extra=extra)
 
     # -- the object store ---------------------------------------------------------------
     def to_arrays(self) -> dict:
         """Plain dict for `ray.put`: numpy arrays travel zero-copy, the rest is small."""
         return {"texts": self.texts, "tokens": self.tokens, "positions": np.asarray(self.positions),
                 "acts": {L: np.asarray(a) for L, a in self.acts.items()}, "features": np.asarray(self.features),
-                "resid": {L: np.asarray(r) for L, r in self.resid.items()}, "meta": self.meta}
+                "resid": {L: np.asarray(r) for L, r in self.resid.items()}, "meta": self.meta,
+                "extra": {k: np.asarray(v) for k, v in self.extra.items()}}
 
     @classmethod
     def from_arrays(cls, d: dict) -> "ActivationCache":
-        return cls(d["texts"], d["tokens"], d["positions"], d["acts"], d["features"], d["resid"], d["meta"])
+        return cls(d["texts"], d["tokens"], d["positions"], d["acts"], d["features"], d["resid"], d["meta"],
+                   extra=d.get("extra", {}))
 
     # -- persistence -------------------------------------------------------------------
     def save(self, path: Path) -> None:
@@ -373,6 +391,7 @@ class ActivationCache:
             cols = {f"acts_L{L}": a for L, a in self.acts.items()}
             cols["features"] = self.features
             cols.update({f"resid_L{L}": r.reshape(len(r), -1) for L, r in self.resid.items()})
+            cols.update({f"extra_{k}": v for k, v in self.extra.items()})
             table = pa.table({k: _fixed_list(v) for k, v in cols.items()})
             with pa.OSFile(str(tmp / "arrays.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
                 w.write_table(table)
@@ -406,6 +425,7 @@ class ActivationCache:
             resid=resid,
             meta=meta,
             path=path,
+            extra={k[6:]: v for k, v in cols.items() if k.startswith("extra_")},
         )
 
 

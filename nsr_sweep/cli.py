@@ -187,6 +187,16 @@ def launch(sweep_file, out_root, address, resume, dry_run, dashboard, dashboard_
 
 @main.command()
 @click.argument("sweep_dir")
+@friendly
+def report(sweep_dir):
+    """Tables, figures and report.html of a sweep directory (running, partial or finished)."""
+    from .report import build_report
+
+    build_report(Path(sweep_dir), echo=click.echo)
+
+
+@main.command()
+@click.argument("sweep_dir")
 @click.option("--json", "as_json", is_flag=True)
 @friendly
 def status(sweep_dir, as_json):

@@ -76,11 +76,22 @@ class TrainingCfg(Strict):
     weight_decay: float = Field(0.0, ge=0, le=10)
     patience: int = Field(3, ge=1, le=10000)
     n_bins: int = Field(10, ge=2, le=1000)
+    solver: Literal["adamw", "lstsq"] = "adamw"  # lstsq: exact ridge for regression probes (freeze none)
     suffix: str = " Question: how strongly does neuron {neuron} of layer {layer} fire on this text, from 0 to 9? Answer:"
     save_weights: bool = False
 
 
 Integer = int  # the field `int` below shadows the builtin inside the class body
+
+
+class AnalysisCfg(Strict):
+    """Activation patching on the trial's final model (DESIGN.md §1)."""
+
+    patch_grid: Literal["quantiles", "scale"] = "quantiles"
+    n_grid: int = Field(7, ge=2, le=101)
+    scales: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0], min_length=2)
+    patch_texts: int = Field(64, ge=2, le=4096)
+    enabled: bool = True
 
 
 class Dist(Strict):
@@ -165,6 +176,8 @@ class SweepSpec(Strict):
     training: TrainingCfg = TrainingCfg()
     search: SearchCfg = SearchCfg()
     resources: ResourcesCfg = ResourcesCfg()
+    analysis: AnalysisCfg = AnalysisCfg()
+    controls: list[Literal["shuffled", "random_model", "early_features"]] = Field(default_factory=list)
     max_failures: int = Field(1, ge=0, le=100)
     batch_size_cache: int = Field(64, ge=1, le=65536)
     seed: int = 0

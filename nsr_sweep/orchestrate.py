@@ -34,9 +34,24 @@ LOCK = "sweep.lock"
 
 
 def expand(spec: SweepSpec, neurons: dict[int, list[int]]) -> list[dict]:
-    """One group per (layer, neuron, head, freeze); invalid combinations are left out."""
-    return [{"layer": L, "neuron": n, "head": h, "freeze": f, "feature_hook": spec.features.hook}
-            for L in spec.layers for n in neurons[L] for h, f in spec.combos()]
+    """One group per (layer, neuron, head, freeze), plus its controls; invalid combinations are left out.
+
+    `shuffled` accompanies every group; `random_model` and `early_features` swap the features a
+    frozen-base head reads, so they accompany the freeze-none groups.
+    """
+    a = spec.analysis
+    common = {"feature_hook": spec.features.hook, "patch_grid": a.patch_grid, "n_grid": a.n_grid,
+              "scales": list(a.scales), "patch_texts": a.patch_texts, "analyses": a.enabled,
+              "splits": [spec.splits.train, spec.splits.val, spec.splits.test], "split_seed": spec.seed}
+    groups = []
+    for L in spec.layers:
+        for n in neurons[L]:
+            for h, f in spec.combos():
+                base = {"layer": L, "neuron": n, "head": h, "freeze": f, "control": None, **common}
+                groups.append(base)
+                groups += [{**base, "control": c} for c in spec.controls
+                           if c == "shuffled" or f == "none"]
+    return groups
 
 
 def dry_run_text(spec: SweepSpec) -> str:
@@ -51,6 +66,10 @@ def dry_run_text(spec: SweepSpec) -> str:
         lines.append(f"    {h:<15} {f:<13} {len(spec.layers) * per_layer * spec.search.num_samples}")
     for L in spec.layers:
         lines.append(f"  layer {L}: {per_layer * len(combos) * spec.search.num_samples} trials")
+    if spec.controls:
+        n_none = sum(1 for _, f in combos if f == "none")
+        per = sum(len(combos) if c == "shuffled" else n_none for c in spec.controls)
+        lines.append(f"  controls {spec.controls}: ≤{len(spec.layers) * per_layer * per} more groups")
     lines.append(f"  skipped invalid combinations: {len(skipped)}"
                  + (f" ({', '.join(f'{h}+{f}' for h, f in skipped)}: token needs a trainable model)" if skipped else ""))
     cs = spec.cache_spec()
@@ -338,6 +357,11 @@ def _run(spec, sweep_dir, address, dashboard, dashboard_host, cache_root, echo, 
     echo(f"done: {counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed; base model loaded {loads}× "
          f"({n_workers} worker(s)); table {sweep_dir / 'tables' / 'trials.parquet'}")
     ray.shutdown()
+    from .report import build_report
+
+    t_report = time.time()
+    build_report(sweep_dir, echo=echo)
+    update_state(sweep_dir, report_s=round(time.time() - t_report, 2), total_with_report_s=round(time.time() - t_start, 2))
     return sweep_dir
 
 

@@ -42,3 +42,162 @@ def diagnostics_png(preds: pd.DataFrame, metrics: dict, title: str, path: Path) 
     fig.suptitle(f"{title} — test split, {len(test)} texts")
     fig.savefig(path, dpi=72, format="png")
     plt.close(fig)
+
+
+# -- report figures --------------------------------------------------------------------------
+
+HEATMAP_METRICS = ["pearson_r", "skill", "patch_slope", "offset", "drift", "mse"]
+
+
+def _combos(df: pd.DataFrame) -> list[str]:
+    order = {"regression": 0, "classification": 1, "token": 2, "none": 0, "after_target": 1, "all": 2}
+    pairs = sorted({(h, f) for h, f in zip(df["head"], df["freeze"])}, key=lambda p: (order[p[0]], order[p[1]]))
+    return [f"{h}/{f}" for h, f in pairs]
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80, format="png")
+    plt.close(fig)
+    return path
+
+
+def heatmap(best: pd.DataFrame, metric: str, path: Path) -> Path | None:
+    if metric not in best or best[metric].notna().sum() == 0:
+        return None
+    b = best.assign(combo=best["head"] + "/" + best["freeze"], row="L" + best["layer"].astype(str) + " N" + best["neuron"].astype(str))
+    cols = _combos(best)
+    rows = list(dict.fromkeys(b.sort_values(["layer", "neuron"])["row"]))
+    grid = b.pivot_table(index="row", columns="combo", values=metric, aggfunc="first").reindex(index=rows, columns=cols)
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(cols), 1.2 + 0.32 * len(rows)))
+    v = grid.to_numpy(dtype=float)
+    signed = metric in ("pearson_r", "skill", "patch_slope", "offset", "drift")
+    lim = np.nanmax(np.abs(v)) if np.isfinite(v).any() else 1
+    im = ax.imshow(v, aspect="auto", cmap="RdBu_r" if signed else "viridis",
+                   vmin=-lim if signed else None, vmax=lim if signed else None)
+    ax.set_xticks(range(len(cols)), cols, rotation=35, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    if v.size <= 400:
+        for (i, j), x in np.ndenumerate(v):
+            if np.isfinite(x):
+                ax.text(j, i, f"{x:.2f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax, label=metric)
+    ax.set_title(f"{metric}: best trial per neuron × head/freeze")
+    fig.subplots_adjust(left=0.18, bottom=0.25, top=0.92)
+    return _save(fig, path)
+
+
+def depth_curves(best: pd.DataFrame, path: Path) -> Path | None:
+    metrics = [m for m in ("pearson_r", "skill", "patch_slope") if m in best]
+    if best.empty or not metrics:
+        return None
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    combos = _combos(best)
+    b = best.assign(combo=best["head"] + "/" + best["freeze"])
+    for ax, m in zip(axes[0], metrics):
+        for c in combos:
+            g = b[b["combo"] == c].groupby("layer")[m].mean()
+            ax.plot(g.index, g.values, marker="o", label=c)
+        ax.set(xlabel="layer", ylabel=f"mean {m} over neurons", title=f"{m} vs depth")
+        ax.set_xticks(sorted(best["layer"].unique()))
+    axes[0][0].legend(fontsize=7)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.14, top=0.9, wspace=0.3)
+    return _save(fig, path)
+
+
+def r_vs_patch(best: pd.DataFrame, path: Path) -> Path | None:
+    if "patch_slope" not in best or best["patch_slope"].notna().sum() == 0:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    b = best.assign(combo=best["head"] + "/" + best["freeze"])
+    for c in _combos(best):
+        g = b[b["combo"] == c]
+        ax.scatter(g["pearson_r"], g["patch_slope"], s=22, alpha=0.8, label=c)
+    ax.axvline(0.5, color="grey", lw=0.8, ls="--")
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    kw = dict(transform=ax.transAxes, fontsize=9, color="dimgray")
+    ax.text(0.98, 0.97, "reads the neuron", ha="right", va="top", **kw)
+    ax.text(0.98, 0.03, "recomputes it from context", ha="right", va="bottom", **kw)
+    ax.text(0.02, 0.5, "fails", ha="left", va="center", **kw)
+    ax.set(xlabel="test Pearson r (prediction vs neuron)", ylabel="patch slope (Δprediction / Δactivation)",
+           title="Correlation vs causal use of the neuron")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.subplots_adjust(left=0.11, right=0.74, bottom=0.11, top=0.92)
+    return _save(fig, path)
+
+
+def offset_vs_drift(best: pd.DataFrame, path: Path) -> Path | None:
+    if best.empty or "drift" not in best:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    b = best.assign(combo=best["head"] + "/" + best["freeze"])
+    for c in _combos(best):
+        g = b[b["combo"] == c]
+        ax.scatter(g["drift"], g["offset"], s=22, alpha=0.8, label=c)
+    lim = float(np.nanmax(np.abs(np.r_[best["drift"], best["offset"]]))) or 1.0
+    ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.8, label="offset = drift")
+    ax.set(xlabel="drift = mean(actual_ft − actual_orig)", ylabel="offset = mean(pred − actual_orig)",
+           title="A constant offset that equals the drift: the predictor tracks the drifted neuron")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7)
+    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.11, top=0.92)
+    return _save(fig, path)
+
+
+def cosine_nulls(best: pd.DataFrame, path: Path) -> Path | None:
+    cols = [c for c in ("cos_win", "cos_wout") if c in best and best[c].notna().any()]
+    if not cols:
+        return None
+    fig, axes = plt.subplots(1, len(cols), figsize=(5.5 * len(cols), 4), squeeze=False)
+    sd = float(best["cos_null_random_std"].mean())
+    xs = np.linspace(-1, 1, 400)
+    for ax, c in zip(axes[0], cols):
+        ax.hist(best[c].dropna(), bins=30, range=(-1, 1), density=True, alpha=0.6, histtype="stepfilled",
+                label=f"{c} (best trials)")
+        ax.plot(xs, np.exp(-0.5 * (xs / sd) ** 2) / (sd * np.sqrt(2 * np.pi)), "k-", lw=1,
+                label=f"random directions (sd {sd:.3f})")
+        ax.set(xlabel=f"cosine of readout direction with {'W_in[:, n]' if c == 'cos_win' else 'W_out[n, :]'}",
+               ylabel="density", title=f"{c} against its random null")
+        ax.legend(fontsize=7)
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.9, wspace=0.25)
+    return _save(fig, path)
+
+
+def controls_beside_trials(df: pd.DataFrame, path: Path) -> Path | None:
+    if "control" not in df or df["control"].notna().sum() == 0:
+        return None
+    ok = df[(df["status"] == "ok") & df["best"]].assign(kind=lambda d: d["control"].fillna("real"),
+                                                         combo=lambda d: d["head"] + "/" + d["freeze"])
+    metrics = [m for m in ("pearson_r", "patch_slope") if m in ok]
+    kinds = ["real"] + sorted(k for k in ok["kind"].unique() if k != "real")
+    combos = _combos(ok)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.2), squeeze=False)
+    w = 0.8 / len(kinds)
+    for ax, m in zip(axes[0], metrics):
+        for i, k in enumerate(kinds):
+            means = [ok[(ok["kind"] == k) & (ok["combo"] == c)][m].mean() for c in combos]
+            ax.bar(np.arange(len(combos)) + i * w, means, width=w, label=k)
+        ax.set_xticks(np.arange(len(combos)) + w * (len(kinds) - 1) / 2, combos, rotation=30, ha="right")
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set(ylabel=f"mean {m}", title=f"{m}: trials beside their controls")
+    axes[0][0].legend(fontsize=7)
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.27, top=0.9, wspace=0.25)
+    return _save(fig, path)
+
+
+def report_figures(df: pd.DataFrame, best: pd.DataFrame, fig_dir: Path, spec) -> list[tuple[Path, str]]:
+    if best.empty:
+        return []
+    out = []
+    for m in HEATMAP_METRICS:
+        p = heatmap(best, m, fig_dir / f"heatmap_{m}.png")
+        if p:
+            out.append((p, f"Heatmap of {m} over neurons × head/freeze (best trial per group)."))
+    candidates = [
+        (depth_curves(best, fig_dir / "depth_curves.png"), "Metrics against layer, per head/freeze: how deep self-report works."),
+        (r_vs_patch(best, fig_dir / "r_vs_patch_slope.png"), "Correlation against patching slope: reads the neuron / recomputes it / fails."),
+        (offset_vs_drift(best, fig_dir / "offset_vs_drift.png"), "Offset against drift: a constant gap explained by the fine-tuned neuron moving."),
+        (cosine_nulls(best, fig_dir / "cosine_nulls.png"), "Weight cosines of readout directions against random-direction nulls."),
+        (controls_beside_trials(df, fig_dir / "controls.png"), "Trials beside their controls (best per group)."),
+    ]
+    return out + [(p, c) for p, c in candidates if p]

@@ -53,6 +53,8 @@ def save_trial(result, trial_dir: Path, extra: dict | None = None) -> Path:
         atomic_write(trial_dir / "preds.parquet", lambda tmp: result.preds.to_parquet(tmp, index=False))
         head = {k: v.detach().cpu().contiguous() for k, v in result.head.items()}
         atomic_write(trial_dir / "head.safetensors", lambda tmp: save_file(head, str(tmp)))
+        if result.patch is not None:
+            atomic_write(trial_dir / "patch.parquet", lambda tmp: result.patch.to_parquet(tmp, index=False))
         if result.weights:
             atomic_write(trial_dir / "weights.safetensors", lambda tmp: save_file(result.weights, str(tmp)))
         title = f"layer {s.layer} neuron {s.neuron} — {s.head} / freeze {s.freeze}"

@@ -10,7 +10,7 @@ import pandas as pd
 
 from .results import atomic_write
 
-ID_COLUMNS = ["trial_id", "layer", "neuron", "head", "freeze", "sample", "seed"]
+ID_COLUMNS = ["trial_id", "layer", "neuron", "head", "freeze", "control", "sample", "seed"]
 HP_COLUMNS = ["lr", "epochs", "batch_size", "weight_decay", "patience", "n_bins"]
 STATUS_COLUMNS = ["status", "error", "seconds", "best"]
 
@@ -41,14 +41,19 @@ def finished_rows(sweep_dir: Path) -> list[dict]:
     return [r for r in rows if r is not None]
 
 
+GROUP = ["layer", "neuron", "head", "freeze", "control"]
+
+
 def mark_best(df: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
-    """`best` is True for the best ok trial of each (layer, neuron, head, freeze) group."""
+    """`best` is True for the best ok trial of each (layer, neuron, head, freeze, control) group."""
     df = df.copy()
     df["best"] = False
+    if metric not in df:
+        return df
     ok = df[(df["status"] == "ok") & df[metric].map(lambda v: isinstance(v, float) and math.isfinite(v))]
     if len(ok):
-        idx = (ok.groupby(["layer", "neuron", "head", "freeze"])[metric].idxmin() if mode == "min"
-               else ok.groupby(["layer", "neuron", "head", "freeze"])[metric].idxmax())
+        groups = ok.groupby(GROUP, dropna=False)[metric]
+        idx = groups.idxmin() if mode == "min" else groups.idxmax()
         df.loc[idx.values, "best"] = True
     return df
 
@@ -58,13 +63,14 @@ def trials_frame(rows: list[dict], metric: str, mode: str) -> pd.DataFrame:
     if df.empty:
         return df
     df = df.drop_duplicates("trial_id", keep="last").sort_values("trial_id").reset_index(drop=True)
-    for c in ("layer", "neuron", "sample", "seed", "epochs", "batch_size", "patience", "n_bins"):
+    for c in ("layer", "neuron", "sample"):
+        df[c] = df[c].astype("int64")
+    for c in ("seed", "epochs", "batch_size", "patience", "n_bins", "epochs_run", "best_epoch", "n_train", "n_val",
+              "n_test"):
         if c in df:
-            df[c] = df[c].astype("int64")
-    for c in ("epochs_run", "best_epoch", "n_train", "n_val", "n_test"):
-        if c in df:
-            df[c] = df[c].astype("Int64")  # nullable: a failed trial has none
+            df[c] = df[c].astype("Int64")  # nullable (Parquet int64): a trial that failed early has none
     df["error"] = df["error"].astype("string")
+    df["control"] = df["control"].astype("string")  # <NA> for the real trials
     df = mark_best(df, metric, mode)
     first = [c for c in ID_COLUMNS + HP_COLUMNS + STATUS_COLUMNS if c in df]
     return df[first + [c for c in df.columns if c not in first]]

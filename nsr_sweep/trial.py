@@ -31,6 +31,7 @@ from .metrics import prediction_metrics
 from .models import BaseModel
 
 FREEZES = ("none", "after_target", "all")
+CONTROLS = (None, "shuffled", "random_model", "early_features")
 SPLITS = ("train", "val", "test")
 DEFAULT_SUFFIX = " Question: how strongly does neuron {neuron} of layer {layer} fire on this text, from 0 to 9? Answer:"
 
@@ -47,11 +48,18 @@ class TrialSpec:
     weight_decay: float = 0.0
     patience: int = 3
     n_bins: int = 10
+    solver: str = "adamw"  # regression probes (freeze none) may also be solved exactly: "lstsq" (ridge = weight_decay)
     seed: int = 0  # the trial's own randomness: init of a frozen head, minibatch order
     split_seed: int = 0  # the train/val/test split: shared by every trial of a sweep
     splits: tuple[float, float, float] = (0.7, 0.15, 0.15)
     suffix: str = DEFAULT_SUFFIX
     save_weights: bool = False
+    control: str | None = None  # shuffled | random_model | early_features
+    patch_grid: str = "quantiles"  # quantiles of the train activations, or `scale` factors
+    n_grid: int = 7
+    scales: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0)
+    patch_texts: int = 64
+    analyses: bool = True
 
     def check(self, model: BaseModel | None = None) -> None:
         if self.head == "token" and self.freeze == "none":
@@ -60,6 +68,16 @@ class TrialSpec:
         if self.freeze not in FREEZES:
             raise NsrError(f"freeze {self.freeze!r} is not allowed; allowed: {', '.join(FREEZES)}")
         HeadMap(self.head, np.zeros(2), max(self.n_bins, 2))  # validates the head name
+        if self.control not in CONTROLS:
+            raise NsrError(f"control {self.control!r} is not allowed; allowed: {', '.join(map(str, CONTROLS))}")
+        if self.control in ("random_model", "early_features") and self.freeze != "none":
+            raise NsrError(f"control {self.control} swaps the head's features: it needs freeze none")
+        if self.solver not in ("adamw", "lstsq"):
+            raise NsrError(f"solver {self.solver!r} is not allowed; allowed: adamw, lstsq")
+        if self.solver == "lstsq" and (self.head != "regression" or self.freeze != "none"):
+            raise NsrError("solver lstsq is exact least squares: only for head regression with freeze none")
+        if self.patch_grid not in ("quantiles", "scale"):
+            raise NsrError(f"patch_grid {self.patch_grid!r} is not allowed; allowed: quantiles, scale")
         if model is not None:
             model.check_layer(self.layer)
             model.check_neuron(self.neuron)
@@ -75,8 +93,7 @@ class TrialResult:
     head: dict[str, torch.Tensor] = field(default_factory=dict)
     weights: dict[str, torch.Tensor] | None = None
     history: list[dict] = field(default_factory=list)
-    # kept in memory for the analyses (not saved): the trial's final model pieces
-    final: dict = field(default_factory=dict, repr=False)
+    patch: pd.DataFrame | None = None  # raw activation-patching points
 
 
 def split_indices(n: int, fractions=(0.7, 0.15, 0.15), seed: int = 0) -> dict[str, np.ndarray]:
@@ -109,6 +126,8 @@ def fit_probes(features: np.ndarray, targets: np.ndarray, head: str, spec: Trial
     each neuron early-stops on its own val MSE and keeps its own best epoch — so the result
     equals N one-at-a-time fits.
     """
+    if spec.solver == "lstsq":
+        return solve_probes(features, targets, spec, splits)
     X = torch.as_tensor(np.asarray(features, np.float32))
     N = targets.shape[1]
     tr, va = splits["train"], splits["val"]
@@ -155,6 +174,25 @@ def fit_probes(features: np.ndarray, targets: np.ndarray, head: str, spec: Trial
         if not active.any():
             break
     return ProbeFit(best_W, best_b, maps, history, failed)
+
+
+def solve_probes(features: np.ndarray, targets: np.ndarray, spec: TrialSpec, splits: dict[str, np.ndarray]) -> ProbeFit:
+    """Exact ridge regression (λ = weight_decay, bias unpenalised) for every column of `targets` in one solve."""
+    tr, va = splits["train"], splits["val"]
+    X = np.asarray(features, np.float64)
+    maps = [HeadMap("regression", targets[tr, j]) for j in range(targets.shape[1])]
+    Z = np.stack([(targets[:, j] - m.mu) / m.sigma for j, m in enumerate(maps)], 1)  # standardised, as AdamW sees it
+    mx, mz = X[tr].mean(0), Z[tr].mean(0)
+    Xc = X[tr] - mx
+    W = np.linalg.solve(Xc.T @ Xc + spec.weight_decay * np.eye(X.shape[1]), Xc.T @ (Z[tr] - mz))  # d × N
+    b = mz - mx @ W
+    history = []
+    for j, m in enumerate(maps):
+        pred = m.mu + m.sigma * (X[va] @ W[:, j] + b[j])
+        mse = float(np.mean((pred - targets[va, j]) ** 2))
+        history.append([{"epoch": 0, "val_mse": mse, "val_loss": float(np.mean((X[va] @ W[:, j] + b[j] - Z[va, j]) ** 2))}])
+    weight = torch.as_tensor(W.T[:, :, None], dtype=torch.float32)
+    return ProbeFit(weight, torch.as_tensor(b[:, None], dtype=torch.float32), maps, history, [None] * len(maps))
 
 
 # -- unfrozen: the model learns, the head is frozen ----------------------------------------
@@ -344,53 +382,157 @@ def _reread_neuron(net: Suffix, cache: ActivationCache, spec: TrialSpec, model: 
     return torch.cat(vals).double().cpu().numpy()
 
 
+# -- the trial's final model, for the analyses ------------------------------------------------
+
+
+class FinalModel:
+    """The trial's final model and head as one function of texts: outputs and final residual at the
+    head's read position, with an optional neuron patch at the target position (DESIGN.md §1)."""
+
+    def __init__(self, model: BaseModel, spec: TrialSpec, seqs, answer_pos, target_pos, feature_hook: str,
+                 head, net: Suffix | None, hook: str):
+        self.model, self.spec, self.seqs, self.head, self.net, self.hook = model, spec, seqs, head, net, hook
+        self.answer_pos, self.target_pos, self.feature_hook = answer_pos, target_pos, feature_hook
+        tr = _gpt2(model)
+        self.act = (net.blocks[spec.layer] if spec.freeze == "all" else tr.h[spec.layer]).mlp.act
+        if net is None:
+            from .cache import make_reader
+
+            self.reader = make_reader(model, list(dict.fromkeys([feature_hook, "ln_final.hook_in"])))
+
+    @torch.no_grad()
+    def run(self, idx: np.ndarray, patch_value=None) -> tuple[torch.Tensor, torch.Tensor]:
+        from .analyses import patched
+
+        ids, mask = pad_batch([self.seqs[i] for i in idx], self.model.tokenizer.pad_token_id, self.model.device)
+        rows, at = torch.arange(len(idx)), torch.as_tensor(self.answer_pos[idx], device=ids.device)
+        with patched(self.act, self.hook, torch.as_tensor(self.target_pos[idx]), self.spec.neuron, patch_value):
+            if self.net is None:
+                got = self.reader(ids, mask, at)
+                feats, final = got[self.feature_hook], got["ln_final.hook_in"]
+            else:
+                tr = _gpt2(self.model)
+                x = tr.wte(ids) + tr.wpe(torch.arange(ids.shape[1], device=ids.device))[None]
+                if self.spec.freeze == "after_target":
+                    x = run_blocks(tr.h[: self.spec.layer + 1], x)
+                final = run_blocks(self.net.blocks, x)[rows, at]
+                normalized = _feature_normalized(self.feature_hook)
+                feats = F.layer_norm(final, final.shape[-1:], eps=self.net.ln_f.eps) if normalized else self.net.ln_f(final)
+        return self.head(feats).cpu(), final.double().cpu()
+
+
+@torch.no_grad()
+def base_final_resid(model: BaseModel, seqs, idx: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """The original model's residual entering ln_final, at `pos`, for `seqs[idx]`."""
+    from .cache import make_reader
+
+    reader = make_reader(model, ["ln_final.hook_in"])
+    out = []
+    for s in range(0, len(idx), 64):
+        part = idx[s : s + 64]
+        ids, mask = pad_batch([seqs[i] for i in part], model.tokenizer.pad_token_id, model.device)
+        out.append(reader(ids, mask, torch.as_tensor(pos[part]))["ln_final.hook_in"].double().cpu())
+    return torch.cat(out).numpy()
+
+
+def analyse(cache: ActivationCache, model: BaseModel, spec: TrialSpec, final: FinalModel, hmap: HeadMap,
+            head_weight: torch.Tensor, preds: pd.DataFrame, splits: dict) -> tuple[dict, pd.DataFrame]:
+    """The analysis columns of DESIGN.md §1 for one trial, and the raw patching points."""
+    from . import analyses as A
+
+    L, n = spec.layer, spec.neuron
+    W_in, b_in, W_out = A.neuron_weights(model, L)
+    test = splits["test"]
+    out: dict = {}
+    direction = A.readout_direction(head_weight, hmap)
+    if direction.shape[0] == model.d_model:  # a direction in residual space (not e.g. an MLP-basis probe)
+        out.update(A.weight_cosines(direction, W_in, W_out, n, seed=spec.seed))
+    needs_model = final.net is not None or spec.head == "token"
+    if needs_model:
+        _, final_ft = zip(*(final.run(test[s : s + 64]) for s in range(0, len(test), 64)))
+        final_ft = torch.cat(final_ft).numpy()
+    else:
+        final_ft = np.asarray(cache.extra["resid_final"])[test]
+    actual = preds["actual_orig"].to_numpy()
+    out.update(A.projections(actual[test], preds["readout"].to_numpy()[test],
+                             np.asarray(cache.extra[f"mlp_in_L{L}"])[test], W_in[:, n], b_in[n], final_ft, W_out[n]))
+    sample = test[: spec.patch_texts]
+    grid = A.patch_grid(actual[splits["train"]], spec.patch_grid, spec.n_grid, spec.scales)
+    act_base = preds["actual_ft"].to_numpy()[sample]
+    points = A.run_patching(lambda v: hmap.predict(final.run(sample, v)[0]).numpy(), sample, act_base, grid,
+                            scale=spec.patch_grid == "scale")
+    out.update(A.fit_patch(points))
+    if final.net is not None:
+        orig = base_final_resid(model, final.seqs, test, final.answer_pos)
+        out.update(A.residual_change(final_ft - orig, direction, actual[test], W_in[:, n], W_out[n]))
+    return out, points
+
+
 # -- the trial -----------------------------------------------------------------------------
 
 
-def run_trial(cache: ActivationCache, model: BaseModel, spec: TrialSpec,
+def run_trial(cache: ActivationCache, model: BaseModel | None, spec: TrialSpec,
               feature_hook: str | None = None) -> TrialResult:
-    """Train and evaluate one trial. A non-finite loss gives status `failed` with the reason."""
+    """Train, evaluate and analyse one trial. A non-finite loss gives status `failed` with the reason."""
     spec.check(model)
     feature_hook = feature_hook or cache.meta["spec"]["features"]
     t0 = time.perf_counter()
     y = np.asarray(cache.activations(spec.layer, spec.neuron), np.float64)
+    if spec.control == "shuffled":  # the same trial against permuted targets: what chance looks like
+        y = np.random.default_rng(spec.seed).permutation(y)
     splits = split_indices(cache.n_texts, spec.splits, spec.split_seed)
-    weights, final = None, {}
+    weights, net = None, None
     try:
         if spec.freeze == "none":
-            fit = fit_probes(cache.features, y[:, None], spec.head, spec, splits)
+            features = control_features(cache, spec)
+            fit = fit_probes(features, y[:, None], spec.head, spec, splits)
             if fit.failed[0]:
                 raise FloatingPointError(fit.failed[0])
             hmap, history = fit.maps[0], fit.history[0]
-            out = torch.as_tensor(np.asarray(cache.features, np.float32)) @ fit.weight[0] + fit.bias[0]
+            out = torch.as_tensor(np.asarray(features, np.float32)) @ fit.weight[0] + fit.bias[0]
             head = {"weight": fit.weight[0].T.contiguous(), "bias": fit.bias[0].contiguous()}
+            head_fn = lambda f, w=fit.weight[0], b=fit.bias[0]: f.float() @ w + b  # noqa: E731
             actual_ft = y
         else:
             hmap, frozen, out, actual_ft, history, weights, net = train_unfrozen(cache, model, spec, y, splits, feature_hook)
             head = {"weight": frozen.weight.T.contiguous(), "bias": frozen.bias.contiguous()}
-            final = {"net": net, "frozen_head": frozen}
+            head_fn = frozen
     except FloatingPointError as e:
         return TrialResult(spec, "failed", reason=str(e), metrics={"seconds": time.perf_counter() - t0})
-    pred = hmap.predict(out).numpy()
     preds = pd.DataFrame({
         "text_id": np.arange(cache.n_texts, dtype=np.int64),
         "split": pd.Categorical(np.full(cache.n_texts, "train", dtype=object), categories=list(SPLITS)),
         "actual_orig": y, "actual_ft": np.asarray(actual_ft, np.float64),
-        "pred": pred, "readout": hmap.readout(out).numpy(),
+        "pred": hmap.predict(out).numpy(), "readout": hmap.readout(out).numpy(),
     })
     for name, idx in splits.items():
         preds.loc[idx, "split"] = name
     metrics = trial_metrics(preds, hmap.train_mean)
-    metrics.update({
-        "epochs_run": len(history),
-        "best_epoch": int(np.argmin([h["val_mse"] for h in history])),
-        "val_mse": min(h["val_mse"] for h in history),
-        "val_loss": history[int(np.argmin([h["val_mse"] for h in history]))]["val_loss"],
-        "seconds": time.perf_counter() - t0,
-    })
+    best = int(np.argmin([h["val_mse"] for h in history]))
+    metrics.update({"epochs_run": len(history), "best_epoch": best, "val_mse": history[best]["val_mse"],
+                    "val_loss": history[best]["val_loss"], "train_seconds": time.perf_counter() - t0})
+    points = None
+    if spec.analyses and model is not None and spec.control in (None, "shuffled"):
+        seqs, answer_pos, _ = _sequences(cache, spec, model)
+        final = FinalModel(model, spec, seqs, answer_pos, cache.positions, feature_hook, head_fn, net,
+                           cache.meta["spec"]["hook"])
+        columns, points = analyse(cache, model, spec, final, hmap, head["weight"], preds, splits)
+        metrics.update(columns)
+    metrics["seconds"] = time.perf_counter() - t0
     head.update(hmap.state())
-    return TrialResult(spec, "ok", metrics, preds=preds, head=head, weights=weights, history=history,
-                       final={**final, "hmap": hmap})
+    return TrialResult(spec, "ok", metrics, preds=preds, head=head, weights=weights, history=history, patch=points)
+
+
+def control_features(cache: ActivationCache, spec: TrialSpec) -> np.ndarray:
+    """The features a frozen-base head reads: the cache's, or a control's stand-in."""
+    if spec.control == "early_features":  # the residual before block L cannot contain the neuron's output
+        return cache.extra[f"resid_pre_L{spec.layer}"]
+    if spec.control == "random_model":  # the same architecture with random weights
+        if "random_model_features" not in cache.extra:
+            raise NsrError("control random_model needs the random model's features in the cache "
+                           "(add random_model to the sweep's controls)")
+        return cache.extra["random_model_features"]
+    return cache.features
 
 
 def trial_metrics(preds: pd.DataFrame, train_mean: float) -> dict[str, float]:
@@ -410,4 +552,5 @@ def trial_metrics(preds: pd.DataFrame, train_mean: float) -> dict[str, float]:
 def spec_dict(spec: TrialSpec) -> dict:
     d = asdict(spec)
     d["splits"] = list(spec.splits)
+    d["scales"] = list(spec.scales)
     return d

@@ -14,6 +14,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import ray
 
 from .cache import ActivationCache
@@ -40,6 +41,14 @@ class ModelWorker:
         corpus = load_corpus(c.source, n_texts=c.n_texts, seed=c.seed)
         cache = ActivationCache.build(self.model, corpus, spec.cache_spec(), root=cache_root,
                                       batch_size=spec.batch_size_cache, progress=False)
+        if "random_model" in spec.controls:  # the control's features: same architecture, random weights
+            from .models import BaseModel, ModelSpec
+
+            m = self.model.spec
+            random = BaseModel(ModelSpec(name=m.name, init="random", seed=spec.seed + 1, device=m.device))
+            rc = ActivationCache.build(random, corpus, spec.cache_spec(), root=cache_root,
+                                       batch_size=spec.batch_size_cache, progress=False)
+            cache.extra["random_model_features"] = np.asarray(rc.features)
         return cache.to_arrays()
 
     def set_cache(self, arrays: dict) -> int:
@@ -55,7 +64,9 @@ class ModelWorker:
         from .tables import trial_row
         from .trial import TrialSpec, run_trial
 
-        spec = TrialSpec(**{k: config[k] for k in TrialSpec.__dataclass_fields__ if k in config})
+        kw = {k: config[k] for k in TrialSpec.__dataclass_fields__ if k in config}
+        kw.update({k: tuple(kw[k]) for k in ("splits", "scales") if k in kw})
+        spec = TrialSpec(**kw)
         result = run_trial(self.cache, self.model, spec, feature_hook=config.get("feature_hook"))
         trial_dir = Path(sweep_dir) / "trials" / config["trial_id"]
         save_trial(result, trial_dir, extra={k: config[k] for k in ("trial_id", "sample") if k in config})

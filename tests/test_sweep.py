@@ -146,6 +146,7 @@ freeze: [none, after_target]
 training: {{epochs: 2, batch_size: 16}}
 search: {{num_samples: 2, space: {{lr: {{loguniform: [1.0e-3, 1.0e-2]}}}}}}
 resources: {{workers: 2}}
+{extra}
 """
 
 
@@ -167,7 +168,7 @@ def _check_complete(sweep_dir: Path, expected: int) -> pd.DataFrame:
     assert sorted(runs) == sorted(df["trial_id"]) and set(runs.values()) == {1}  # every trial ran exactly once
     state = json.loads((sweep_dir / "sweep_state.json").read_text())
     assert state["status"] == "finished" and state["model_loads"] == state["workers"] == 2
-    assert df.groupby(["layer", "neuron", "head", "freeze"])["best"].sum().eq(1).all()
+    assert df.groupby(["layer", "neuron", "head", "freeze", "control"], dropna=False)["best"].sum().eq(1).all()
     for t in df["trial_id"]:
         d = sweep_dir / "trials" / t
         assert all((d / f).is_file() for f in ("metrics.json", "head.safetensors", "preds.parquet", "diagnostics.png"))
@@ -176,13 +177,16 @@ def _check_complete(sweep_dir: Path, expected: int) -> pd.DataFrame:
 
 def test_end_to_end_sweep_on_local_ray(tmp_path):
     sweep = tmp_path / "e2e.yaml"
-    sweep.write_text(SMALL.format(name="e2e"))
+    sweep.write_text(SMALL.format(name="e2e", extra="controls: [shuffled, early_features, random_model]"))
     r = subprocess.run(_launch_cmd(sweep, tmp_path / "res"), env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     sweep_dir = tmp_path / "res" / "e2e"
-    df = _check_complete(sweep_dir, expected=3 * 3 * 2)  # 3 neurons × 3 valid combos × 2 samples
+    # 3 neurons × (3 valid combos + 3 shuffled + 1 early_features + 1 random_model) × 2 samples
+    df = _check_complete(sweep_dir, expected=3 * 8 * 2)
     assert set(df["freeze"]) == {"none", "after_target"} and "token" in set(df["head"])
-    assert "2 skipped" not in r.stdout and "3 invalid head+freeze trials skipped" in r.stdout
+    assert df["control"].value_counts().to_dict() == {"shuffled": 18, "early_features": 6, "random_model": 6}
+    assert "3 invalid head+freeze trials skipped" in r.stdout
+    assert (sweep_dir / "report.html").is_file() and (sweep_dir / "tables" / "best.parquet").is_file()
     assert yaml.safe_load((sweep_dir / "sweep.yaml").read_text())["name"] == "e2e"
     keys = json.loads((sweep_dir / "cache_keys.json").read_text())
     assert keys[0]["identity"][0]["pre_max_abs_err"] < 1e-4
@@ -190,19 +194,19 @@ def test_end_to_end_sweep_on_local_ray(tmp_path):
     st = CliRunner().invoke(main, ["status", str(sweep_dir), "--json"])
     assert st.exit_code == 0
     status = json.loads(st.output)
-    assert status["counts"] == {"ok": 18} and status["expected"] == 18 and status["best"]
+    assert status["counts"] == {"ok": 48} and status["expected"] == 48 and status["best"]
 
     again = subprocess.run(_launch_cmd(sweep, tmp_path / "res"), env=_env(), capture_output=True, text=True)
     assert again.returncode == 2 and "pass --resume" in again.stderr
     resumed = subprocess.run(_launch_cmd(sweep, tmp_path / "res", "--resume"), env=_env(), capture_output=True,
                              text=True, timeout=600)
-    assert resumed.returncode == 0 and "18 already finished" in resumed.stdout
-    _check_complete(sweep_dir, expected=18)
+    assert resumed.returncode == 0 and "48 already finished" in resumed.stdout
+    _check_complete(sweep_dir, expected=48)
 
 
 def test_sigkill_mid_sweep_then_resume_runs_every_trial_exactly_once(tmp_path):
     sweep = tmp_path / "k.yaml"
-    sweep.write_text(SMALL.format(name="killed"))
+    sweep.write_text(SMALL.format(name="killed", extra=""))
     sweep_dir = tmp_path / "res" / "killed"
     driver = subprocess.Popen(_launch_cmd(sweep, tmp_path / "res"), env=_env(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)

@@ -147,6 +147,14 @@ def test_every_valid_combination_beats_the_train_mean_on_nsr_tiny(tiny_cache, he
     else:
         assert r.metrics["drift"] != 0.0
     assert all(torch.equal(v, before[k]) for k, v in model.hf.state_dict().items())  # base untouched
+    m = r.metrics  # the analyses run for every head × freeze
+    for k in ("patch_slope", "patch_r2", "identity_r", "proj_readout_r", "proj_wout_r", "cos_win", "cos_wout",
+              "cos_win_z_neurons", "cos_wout_z_random", "cos_win_wout"):
+        assert np.isfinite(m[k]), k
+    assert m["proj_readout_r"] == pytest.approx(np.corrcoef(
+        r.preds[r.preds.split == "test"].readout, r.preds[r.preds.split == "test"].actual_orig)[0, 1], abs=1e-9)
+    assert np.isfinite(m.get("resid_change_along_head_r", np.nan)) == (freeze != "none")
+    assert len(r.patch) == 7 * 60 and r.patch["pred_base"].notna().all()
 
     d = save_trial(r, tmp_path / "trial")
     saved = json.loads((d / "metrics.json").read_text())
@@ -163,6 +171,18 @@ def test_every_valid_combination_beats_the_train_mean_on_nsr_tiny(tiny_cache, he
     head_file = load_file(d / "head.safetensors")
     assert "weight" in head_file and ("bin_values" in head_file or "mu" in head_file)
     assert (d / "weights.safetensors").exists() == (freeze != "none")
+    assert pd.read_parquet(d / "patch.parquet").shape[0] == 7 * 60
+
+
+def test_early_features_control_reads_the_residual_before_the_layer(tiny_cache):
+    model, cache, neuron = tiny_cache
+    spec = TrialSpec(layer=2, neuron=neuron, epochs=4, lr=1e-2, control="early_features")
+    r = run_trial(cache, model, spec)
+    assert r.status == "ok" and "patch_slope" not in r.metrics  # a control of the features, not of the model
+    with pytest.raises(NsrError, match="needs freeze none"):
+        TrialSpec(layer=2, neuron=1, freeze="all", control="early_features").check()
+    with pytest.raises(NsrError, match="random model's features"):
+        run_trial(cache, model, TrialSpec(layer=2, neuron=neuron, epochs=1, control="random_model"))
 
 
 def test_trials_are_seeded(tiny_cache):
@@ -187,3 +207,19 @@ def test_after_target_starts_from_the_cached_residual(tiny_cache):
         feats = net.features(torch.from_numpy(np.asarray(cache.resid[2][idx, :T])), normalized=True)
     got = feats[torch.arange(40), torch.as_tensor(cache.positions[idx])].numpy()
     np.testing.assert_allclose(got, cache.features[idx], atol=2e-5)
+
+
+def test_lstsq_probes_equal_numpy_least_squares(linear_data):
+    X, Y = linear_data
+    Y = Y + np.random.default_rng(3).normal(size=Y.shape)
+    splits = split_indices(len(X), seed=0)
+    fit = fit_probes(X, Y, "regression", TrialSpec(layer=0, neuron=0, solver="lstsq"), splits)
+    tr = splits["train"]
+    A = np.c_[X[tr], np.ones(len(tr))]
+    for j in range(Y.shape[1]):
+        coef = np.linalg.lstsq(A, Y[tr, j], rcond=None)[0]
+        m = fit.maps[j]
+        pred = m.predict(torch.as_tensor(X @ fit.weight[j].double().numpy() + fit.bias[j].double().numpy())).numpy()
+        np.testing.assert_allclose(pred, np.c_[X, np.ones(len(X))] @ coef, atol=1e-4)
+    with pytest.raises(NsrError, match="only for head regression"):
+        TrialSpec(layer=0, neuron=0, head="classification", solver="lstsq").check()

@@ -1,0 +1,124 @@
+"""Analyses: known answers for patching, controls, the identity projection, cosine nulls, the patch hook."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import save_tiny_gpt2
+from nsr_sweep import analyses as A
+from nsr_sweep.cache import ActivationCache, CacheSpec, pad_batch
+from nsr_sweep.corpus import load_corpus
+from nsr_sweep.models import ModelSpec, load_model
+from nsr_sweep.trial import TrialSpec, run_trial
+
+
+@pytest.fixture(scope="module")
+def big():
+    """≥ 3,400 texts so the test split holds ≥ 500; features = the layer's own hook_post."""
+    model = load_model("nsr-tiny")
+    corpus = load_corpus(n_texts=3400)
+    cache = ActivationCache.build(model, corpus, CacheSpec(layers=(2,), features="blocks.2.mlp.hook_post",
+                                                           max_tokens=32), progress=False)
+    neuron = cache.top_neurons(2, "variance", 1)[0][0]
+    return model, cache, neuron
+
+
+def test_a_head_reading_the_neuron_itself_has_patch_slope_one(big):
+    """Exact least squares has the unique answer w = e_n, so the patch slope must be 1.
+
+    (AdamW from zero reaches r = 0.9998 on the same data with weight 0.08 on the neuron: it spreads
+    weight over near-collinear neurons. High r without the neuron is the very case patching exposes.)"""
+    model, cache, neuron = big
+    r = run_trial(cache, model, TrialSpec(layer=2, neuron=neuron, solver="lstsq"))
+    m = r.metrics
+    assert r.status == "ok" and m["n_test"] >= 500
+    assert m["pearson_r"] > 0.999
+    assert abs(m["patch_slope"] - 1) < 0.02 and m["patch_r2"] > 0.99
+    assert "cos_win" not in m  # an MLP-basis probe has no residual-space direction
+    pts = r.patch
+    assert len(pts) == 7 * 64 and pts["grid_value"].nunique() == 7
+
+
+def test_shuffled_control_reads_nothing(big):
+    model, cache, neuron = big
+    r = run_trial(cache, model, TrialSpec(layer=2, neuron=neuron, lr=1e-2, epochs=10, control="shuffled"))
+    m = r.metrics
+    assert m["n_test"] >= 500 and abs(m["pearson_r"]) < 0.15 and abs(m["patch_slope"]) < 0.1
+
+
+@pytest.mark.parametrize("which", ["nsr-tiny", "random-ln"])
+def test_identity_r_is_one_for_hook_pre(which, tmp_path_factory):
+    name = "nsr-tiny" if which == "nsr-tiny" else str(save_tiny_gpt2(tmp_path_factory.mktemp("rln"), seed=3))
+    model = load_model(name)
+    cache = ActivationCache.build(model, load_corpus(n_texts=300), CacheSpec(layers=(1,), hook="pre"), progress=False)
+    r = run_trial(cache, model, TrialSpec(layer=1, neuron=11, epochs=2, lr=1e-2))
+    assert r.metrics["identity_r"] >= 0.99999
+    post = ActivationCache.build(model, load_corpus(n_texts=300), CacheSpec(layers=(1,)), progress=False)
+    assert run_trial(post, model, TrialSpec(layer=1, neuron=11, epochs=2, lr=1e-2)).metrics["identity_r"] < 0.99999
+
+
+def test_random_direction_null_has_the_expected_spread():
+    model = load_model("nsr-tiny")
+    W_in, _, W_out = A.neuron_weights(model, 1)
+    direction = torch.randn(model.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    c = A.weight_cosines(direction, W_in, W_out, neuron=3, n_random=4000)
+    assert abs(c["cos_null_random_std"] * np.sqrt(model.d_model) - 1) < 0.10
+    assert c["cos_null_n_neurons"] == model.d_mlp - 1 >= 200
+    w = W_in[:, 3]  # the neuron's own input vector: cos 1, far out in both nulls
+    own = A.weight_cosines(w, W_in, W_out, neuron=3)
+    assert own["cos_win"] == pytest.approx(1.0) and own["cos_win_z_random"] > 5 and own["cos_win_z_neurons"] > 3
+
+
+def test_readout_direction_of_binned_heads():
+    from nsr_sweep.heads import HeadMap
+
+    h = HeadMap("classification", np.arange(100.0), n_bins=4)
+    W = torch.eye(4, 6, dtype=torch.float64)
+    np.testing.assert_allclose(A.readout_direction(W, h).numpy(), [-37.5, -12.5, 12.5, 37.5, 0, 0])
+
+
+def test_patch_hook_changes_only_the_target_neuron_at_the_target_position():
+    model = load_model("nsr-tiny")
+    act = model.hf.transformer.h[2].mlp.act
+    seqs = [model.tokenizer.encode(t) for t in ("def f(x): return x", "A longer text about many things here.")]
+    seqs = [[model.tokenizer.bos_token_id] + s for s in seqs]
+    ids, mask = pad_batch(seqs, model.tokenizer.pad_token_id, "cpu")
+    pos = mask.sum(1) - 1
+    seen = {}
+    h = act.register_forward_hook(lambda m, i, o: seen.__setitem__("post", o.clone()))
+    with torch.no_grad():
+        model.hf(input_ids=ids, attention_mask=mask)
+        before = seen["post"]
+        with A.patched(act, "post", pos, 17, 5.0):
+            act._forward_hooks.move_to_end(h.id)  # read after the patch
+            model.hf(input_ids=ids, attention_mask=mask)
+    h.remove()
+    after = seen["post"]
+    changed = (after != before).nonzero().tolist()
+    assert changed == [[0, int(pos[0]), 17], [1, int(pos[1]), 17]]
+    assert torch.all(after[torch.arange(2), pos, 17] == 5.0)
+
+
+def test_patching_costs_one_batched_forward_per_grid_value():
+    model = load_model("nsr-tiny")
+    cache = ActivationCache.build(model, load_corpus(n_texts=300), CacheSpec(layers=(1,)), progress=False)
+    calls = []
+    h = model.hf.transformer.h[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0] if i else 0))
+    try:
+        r = run_trial(cache, model, TrialSpec(layer=1, neuron=4, epochs=2, n_grid=5, patch_texts=40))
+    finally:
+        h.remove()
+    assert len(calls) == 1 + 5 and set(calls) == {40}  # the unpatched baseline, then one per grid value
+    assert len(r.patch) == 5 * 40
+
+
+def test_fit_patch_recovers_a_known_slope():
+    rng = np.random.default_rng(0)
+    rows = []
+    for t in range(20):
+        for g in np.linspace(-1, 2, 7):
+            rows.append({"text_id": t, "delta_act": g, "delta_pred": 0.4 * g + 0.01 * rng.normal()})
+    fit = A.fit_patch(pd.DataFrame(rows))
+    assert fit["patch_slope"] == pytest.approx(0.4, abs=0.01) and fit["patch_r2"] > 0.99
+    assert fit["patch_slope_text_std"] < 0.02
