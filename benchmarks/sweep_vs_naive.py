@@ -3,7 +3,8 @@
     python benchmarks/sweep_vs_naive.py [--naive-trials 3] [--quickstart]
 
 Sweep: nsr-tiny, 2,000 built-in texts, layers 1 and 2 × the 32 highest-variance neurons ×
-{regression, classification} × freeze none × 2 Optuna samples = 256 trials.
+{regression, classification} × freeze none × 2 Optuna samples = 256 trials, analyses off (the
+naive pipeline has none; the quickstart line below shows a sweep with them on).
 
 Naive pipeline, per trial (what the earlier hand-written scripts did): boot the model with
 TransformerLens, run every text alone through `run_with_cache`, read the neuron and the feature
@@ -42,6 +43,7 @@ heads: [regression, classification]
 freeze: [none]
 training: {epochs: 20, batch_size: 64, patience: 3}
 search: {num_samples: 2, space: {lr: {loguniform: [1.0e-3, 3.0e-2]}}}
+analysis: {enabled: false}   # the naive pipeline does no analyses: the same work on both sides
 """
 
 

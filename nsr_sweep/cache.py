@@ -165,8 +165,8 @@ class _HFReader:
                 x = transform(x) if transform else x
                 out[name] = x if name in full else x[rows, positions]
             handles.append(module.register_forward_hook(hook, with_kwargs=True))
-        try:
-            self.model.hf(input_ids=ids, attention_mask=mask)
+        try:  # the backbone only: no hook needs the unembedding, the costliest matmul of a small model
+            self.model.hf.base_model(input_ids=ids, attention_mask=mask)
         finally:
             for h in handles:
                 h.remove()

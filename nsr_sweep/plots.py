@@ -55,6 +55,17 @@ def _combos(df: pd.DataFrame) -> list[str]:
     return [f"{h}/{f}" for h, f in pairs]
 
 
+def _with_combo(df: pd.DataFrame) -> pd.DataFrame:
+    return df.assign(combo=df["head"] + "/" + df["freeze"])
+
+
+def _scatter_by_combo(ax, best: pd.DataFrame, x: str, y: str) -> None:
+    b = _with_combo(best)
+    for c in _combos(best):
+        g = b[b["combo"] == c]
+        ax.scatter(g[x], g[y], s=22, alpha=0.8, label=c)
+
+
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80, format="png")
@@ -65,7 +76,7 @@ def _save(fig, path: Path) -> Path:
 def heatmap(best: pd.DataFrame, metric: str, path: Path) -> Path | None:
     if metric not in best or best[metric].notna().sum() == 0:
         return None
-    b = best.assign(combo=best["head"] + "/" + best["freeze"], row="L" + best["layer"].astype(str) + " N" + best["neuron"].astype(str))
+    b = _with_combo(best).assign(row="L" + best["layer"].astype(str) + " N" + best["neuron"].astype(str))
     cols = _combos(best)
     rows = list(dict.fromkeys(b.sort_values(["layer", "neuron"])["row"]))
     grid = b.pivot_table(index="row", columns="combo", values=metric, aggfunc="first").reindex(index=rows, columns=cols)
@@ -93,7 +104,7 @@ def depth_curves(best: pd.DataFrame, path: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
     combos = _combos(best)
-    b = best.assign(combo=best["head"] + "/" + best["freeze"])
+    b = _with_combo(best)
     for ax, m in zip(axes[0], metrics):
         for c in combos:
             g = b[b["combo"] == c].groupby("layer")[m].mean()
@@ -109,10 +120,7 @@ def r_vs_patch(best: pd.DataFrame, path: Path) -> Path | None:
     if "patch_slope" not in best or best["patch_slope"].notna().sum() == 0:
         return None
     fig, ax = plt.subplots(figsize=(7, 5.5))
-    b = best.assign(combo=best["head"] + "/" + best["freeze"])
-    for c in _combos(best):
-        g = b[b["combo"] == c]
-        ax.scatter(g["pearson_r"], g["patch_slope"], s=22, alpha=0.8, label=c)
+    _scatter_by_combo(ax, best, "pearson_r", "patch_slope")
     ax.axvline(0.5, color="grey", lw=0.8, ls="--")
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     kw = dict(transform=ax.transAxes, fontsize=9, color="dimgray")
@@ -130,10 +138,7 @@ def offset_vs_drift(best: pd.DataFrame, path: Path) -> Path | None:
     if best.empty or "drift" not in best:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 5))
-    b = best.assign(combo=best["head"] + "/" + best["freeze"])
-    for c in _combos(best):
-        g = b[b["combo"] == c]
-        ax.scatter(g["drift"], g["offset"], s=22, alpha=0.8, label=c)
+    _scatter_by_combo(ax, best, "drift", "offset")
     lim = float(np.nanmax(np.abs(np.r_[best["drift"], best["offset"]]))) or 1.0
     ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.8, label="offset = drift")
     ax.set(xlabel="drift = mean(actual_ft − actual_orig)", ylabel="offset = mean(pred − actual_orig)",
@@ -166,8 +171,7 @@ def cosine_nulls(best: pd.DataFrame, path: Path) -> Path | None:
 def controls_beside_trials(df: pd.DataFrame, path: Path) -> Path | None:
     if "control" not in df or df["control"].notna().sum() == 0:
         return None
-    ok = df[(df["status"] == "ok") & df["best"]].assign(kind=lambda d: d["control"].fillna("real"),
-                                                         combo=lambda d: d["head"] + "/" + d["freeze"])
+    ok = _with_combo(df[(df["status"] == "ok") & df["best"]]).assign(kind=lambda d: d["control"].fillna("real"))
     metrics = [m for m in ("pearson_r", "patch_slope") if m in ok]
     kinds = ["real"] + sorted(k for k in ok["kind"].unique() if k != "real")
     combos = _combos(ok)
