@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .cache import ActivationCache
-from .config import NeuronSelect, SweepSpec
+from .config import SweepSpec
 from .corpus import load_corpus
 from .models import ModelSpec, load_model
 

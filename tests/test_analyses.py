@@ -9,7 +9,7 @@ from conftest import save_tiny_gpt2
 from nsr_sweep import analyses as A
 from nsr_sweep.cache import ActivationCache, CacheSpec, pad_batch
 from nsr_sweep.corpus import load_corpus
-from nsr_sweep.models import ModelSpec, load_model
+from nsr_sweep.models import load_model
 from nsr_sweep.trial import TrialSpec, run_trial
 
 

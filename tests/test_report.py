@@ -6,11 +6,9 @@ import re
 import shutil
 import subprocess
 
-import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from nsr_sweep.cache import ActivationCache

@@ -17,7 +17,6 @@ from click.testing import CliRunner
 
 from nsr_sweep.cli import main
 from nsr_sweep.config import load_sweep, parse_sweep
-from nsr_sweep.errors import NsrError
 from nsr_sweep.orchestrate import dry_run_text, expand
 from nsr_sweep.search import GroupedSearch
 
