@@ -70,11 +70,13 @@ def main() -> None:
     model = load_model(ModelSpec(name=args.model, init=args.init, device=args.device))
     cache = ActivationCache.compute(model, load_corpus(n_texts=args.n_texts),
                                     CacheSpec(layers=(args.layer,), store_resid=True), progress=False)
-    spec = TrialSpec(layer=args.layer, neuron=0, epochs=20, patience=20, lr=1e-2)
-    t0 = time.perf_counter()
-    for n in range(5):
-        run_trial(cache, model, TrialSpec(**{**spec.__dict__, "neuron": n}))
-    per_trial = (time.perf_counter() - t0) / 5
+    spec = TrialSpec(layer=args.layer, neuron=0, epochs=20, patience=20, lr=1e-2, analyses=False)
+    per_trial = {}
+    for analyses in (False, True):
+        t0 = time.perf_counter()
+        for n in range(5):
+            run_trial(cache, model, TrialSpec(**{**spec.__dict__, "neuron": n, "analyses": analyses}))
+        per_trial[analyses] = (time.perf_counter() - t0) / 5
     t0 = time.perf_counter()
     fit_probes(cache.features, np.asarray(cache.acts[args.layer], np.float64), "regression", spec,
                split_indices(cache.n_texts))
@@ -86,7 +88,8 @@ def main() -> None:
     target = 1.3 * trainable / total
     print(f"model {args.model} ({args.init}), {model.n_layers} layers, d_model {model.d_model}, layer {args.layer}, "
           f"{cache.n_texts} texts, device {args.device}, {torch.get_num_threads()} threads")
-    print(f"none trial from the cache (regression, 20 epochs): {per_trial:.3f} s/trial one at a time; "
+    print(f"none trial from the cache (regression, 20 epochs): {per_trial[False]:.3f} s/trial one at a time "
+          f"({per_trial[True]:.3f} s with the analyses: cosines, projections, 7-point patching); "
           f"{per_neuron_batched * 1000:.2f} ms/neuron batched over all {model.d_mlp} neurons of the layer")
     print(f"after_target step {after * 1000:.1f} ms vs full fine-tuning step {full * 1000:.1f} ms at batch "
           f"{args.batch}: ratio {after / full:.3f} (target ≤ 1.3 × {trainable}/{total} = {target:.3f}) "
