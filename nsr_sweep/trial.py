@@ -387,15 +387,29 @@ def _reread_neuron(net: Suffix, cache: ActivationCache, spec: TrialSpec, model: 
 
 class FinalModel:
     """The trial's final model and head as one function of texts: outputs and final residual at the
-    head's read position, with an optional neuron patch at the target position (DESIGN.md §1)."""
+    head's read position, with an optional neuron patch at the target position (DESIGN.md §1).
+
+    Blocks below L cannot see a patch at layer L, so the residual entering block L is computed once
+    per set of texts and every patched forward runs blocks L… only (features read after ln_final);
+    other feature hooks go through a full forward of the base model."""
 
     def __init__(self, model: BaseModel, spec: TrialSpec, seqs, answer_pos, target_pos, feature_hook: str,
-                 head, net: Suffix | None, hook: str):
+                 head, net: Suffix | None, hook: str, reuse_prefix: bool = True):
         self.model, self.spec, self.seqs, self.head, self.net, self.hook = model, spec, seqs, head, net, hook
         self.answer_pos, self.target_pos, self.feature_hook = answer_pos, target_pos, feature_hook
         tr = _gpt2(model)
-        self.act = (net.blocks[spec.layer] if spec.freeze == "all" else tr.h[spec.layer]).mlp.act
+        L = spec.layer
         if net is None:
+            blocks, self.ln_f = list(tr.h), tr.ln_f
+        elif spec.freeze == "after_target":
+            blocks, self.ln_f = list(tr.h[: L + 1]) + list(net.blocks), net.ln_f
+        else:
+            blocks, self.ln_f = list(net.blocks), net.ln_f
+        self.prefix_blocks, self.suffix_blocks = blocks[:L], blocks[L:]
+        self.act = blocks[L].mlp.act
+        self.fast = reuse_prefix and feature_hook in ("ln_final.hook_normalized", "ln_final.hook_out")
+        self._prefix: dict[bytes, torch.Tensor] = {}
+        if not self.fast:
             from .cache import make_reader
 
             self.reader = make_reader(model, list(dict.fromkeys([feature_hook, "ln_final.hook_in"])))
@@ -407,17 +421,17 @@ class FinalModel:
         ids, mask = pad_batch([self.seqs[i] for i in idx], self.model.tokenizer.pad_token_id, self.model.device)
         rows, at = torch.arange(len(idx)), torch.as_tensor(self.answer_pos[idx], device=ids.device)
         with patched(self.act, self.hook, torch.as_tensor(self.target_pos[idx]), self.spec.neuron, patch_value):
-            if self.net is None:
+            if not self.fast:
                 got = self.reader(ids, mask, at)
-                feats, final = got[self.feature_hook], got["ln_final.hook_in"]
-            else:
+                return self.head(got[self.feature_hook]).cpu(), got["ln_final.hook_in"].double().cpu()
+            key = np.asarray(idx).tobytes()
+            if key not in self._prefix:
                 tr = _gpt2(self.model)
                 x = tr.wte(ids) + tr.wpe(torch.arange(ids.shape[1], device=ids.device))[None]
-                if self.spec.freeze == "after_target":
-                    x = run_blocks(tr.h[: self.spec.layer + 1], x)
-                final = run_blocks(self.net.blocks, x)[rows, at]
-                normalized = _feature_normalized(self.feature_hook)
-                feats = F.layer_norm(final, final.shape[-1:], eps=self.net.ln_f.eps) if normalized else self.net.ln_f(final)
+                self._prefix[key] = run_blocks(self.prefix_blocks, x)
+            final = run_blocks(self.suffix_blocks, self._prefix[key])[rows, at]
+        normalized = _feature_normalized(self.feature_hook)
+        feats = F.layer_norm(final, final.shape[-1:], eps=self.ln_f.eps) if normalized else self.ln_f(final)
         return self.head(feats).cpu(), final.double().cpu()
 
 

@@ -103,14 +103,35 @@ def test_patch_hook_changes_only_the_target_neuron_at_the_target_position():
 def test_patching_costs_one_batched_forward_per_grid_value():
     model = load_model("nsr-tiny")
     cache = ActivationCache.build(model, load_corpus(n_texts=300), CacheSpec(layers=(1,)), progress=False)
-    calls = []
-    h = model.hf.transformer.h[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0] if i else 0))
+    calls = {0: [], 1: []}
+    hooks = [model.hf.transformer.h[L].register_forward_hook(lambda m, i, o, L=L: calls[L].append(i[0].shape[0]))
+             for L in (0, 1)]
     try:
         r = run_trial(cache, model, TrialSpec(layer=1, neuron=4, epochs=2, n_grid=5, patch_texts=40))
     finally:
-        h.remove()
-    assert len(calls) == 1 + 5 and set(calls) == {40}  # the unpatched baseline, then one per grid value
+        for h in hooks:
+            h.remove()
+    assert calls[1] == [40] * (1 + 5)  # blocks L…: the unpatched baseline, then one batched pass per grid value
+    assert calls[0] == [40]  # blocks below L see no patch: run once
     assert len(r.patch) == 5 * 40
+
+
+def test_patching_from_the_layer_equals_full_forwards():
+    from nsr_sweep.heads import HeadMap
+    from nsr_sweep.trial import FinalModel
+
+    model = load_model("nsr-tiny")
+    cache = ActivationCache.build(model, load_corpus(n_texts=300), CacheSpec(layers=(2,)), progress=False)
+    spec = TrialSpec(layer=2, neuron=9)
+    w = torch.randn(model.d_model, 1, generator=torch.Generator().manual_seed(0))
+    idx = np.arange(0, 60, 3)
+    runs = [FinalModel(model, spec, cache.tokens, cache.positions, cache.positions, "ln_final.hook_normalized",
+                       lambda f: f.float() @ w, None, "post", reuse_prefix=fast) for fast in (True, False)]
+    for value in (None, torch.full((len(idx),), 2.5)):
+        (a, ra), (b, rb) = (fm.run(idx, value) for fm in runs)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ra, rb, atol=1e-5, rtol=0)
+    assert HeadMap("regression", np.arange(3.0)).n_out == 1
 
 
 def test_fit_patch_recovers_a_known_slope():
