@@ -129,6 +129,9 @@ class SearchCfg(Strict):
     num_samples: int = Field(4, ge=1, le=100000)
     metric: Literal["val_mse", "val_pearson_r", "val_loss", "val_skill"] = "val_mse"
     mode: Literal["min", "max"] = "min"
+    scheduler: Literal["none", "asha"] = "none"  # asha: Tune's ASHA stops weak trials between epochs
+    grace_period: int = Field(1, ge=1)  # epochs before ASHA may stop a trial
+    reduction_factor: float = Field(2.0, gt=1)
     space: dict[str, Dist] = Field(default_factory=dict)
 
     @field_validator("space")

@@ -24,7 +24,7 @@ from .config import NeuronSelect, SweepSpec, dump_sweep, load_sweep
 from .errors import NsrError
 from .results import atomic_write, write_json
 from .search import GroupedSearch
-from .tables import finished_rows, trial_row, write_trials_table
+from .tables import finished_rows, read_trial_dir, trial_row, write_trials_table
 
 STATE = "sweep_state.json"
 LOCK = "sweep.lock"
@@ -187,8 +187,8 @@ class SweepProgress:
             def on_trial_start(self, iteration, trials, trial, **info):
                 outer.running += 1
 
-            def on_trial_result(self, iteration, trials, trial, result, **info):
-                outer.finished(result)
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                outer.finished(trial.config["trial_id"])
 
             def on_trial_error(self, iteration, trials, trial, **info):
                 outer.errored(trial)
@@ -200,10 +200,12 @@ class SweepProgress:
         write_trials_table(self.sweep_dir, self.rows, self.spec.search.metric, self.spec.search.mode)
         self.bar.update(1)
 
-    def finished(self, result: dict) -> None:
+    def finished(self, trial_id: str) -> None:
+        """A trial is complete (also when a scheduler stopped it): its directory holds its row."""
         self.running -= 1
-        row = {k: v for k, v in result.items() if k not in _TUNE_KEYS}
-        row["trial_id"] = row.pop("nsr_trial_id")  # Tune fills `trial_id` with its own id
+        row = read_trial_dir(self.sweep_dir / "trials" / trial_id)
+        if row is None:
+            return
         self._record(row)
         status = row.get("status", "ok")
         self.counters["finished" if status == "ok" else "failed"].inc()
@@ -236,11 +238,6 @@ class SweepProgress:
 
     def close(self):
         self.bar.close()
-
-
-_TUNE_KEYS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
-              "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "config", "time_since_restore",
-              "iterations_since_restore", "experiment_tag"}
 
 
 def _finite(v) -> bool:
@@ -329,12 +326,24 @@ def _run(spec, sweep_dir, address, dashboard, dashboard_host, cache_root, echo, 
     progress = SweepProgress(sweep_dir, spec, rows, total)
     trial_seconds_before = sum(_work(r) for r in rows)
     if searcher.n_remaining:
-        pool = WorkerPool.remote(n_workers)
+        pool = WorkerPool.remote(workers)
+        asha = spec.search.scheduler == "asha"
         trainable = tune.with_resources(
-            tune.with_parameters(trial_function, sweep_dir=str(sweep_dir), workers=workers, pool=pool), {"cpu": 0.01})
+            tune.with_parameters(trial_function, sweep_dir=str(sweep_dir), pool=pool,
+                                 metric=spec.search.metric, stream=asha), {"cpu": 0.01})
+        scheduler = None
+        if asha:
+            from ray.tune.schedulers import ASHAScheduler
+
+            max_epochs = max([spec.training.epochs] + [int(d.int[1]) for k, d in spec.search.space.items()
+                                                       if k == "epochs" and d.int])
+            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_epochs + 1,
+                                      grace_period=spec.search.grace_period,
+                                      reduction_factor=spec.search.reduction_factor)
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=searcher.n_remaining, reuse_actors=True,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=searcher.n_remaining,
+                                        reuse_actors=True,
                                         max_concurrent_trials=2 * n_workers,  # one queued per worker hides Tune's latency
                                         metric=spec.search.metric, mode=spec.search.mode),
             run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=0,
@@ -342,6 +351,7 @@ def _run(spec, sweep_dir, address, dashboard, dashboard_host, cache_root, echo, 
                                       callbacks=[progress.callback]),
         )
         tuner.fit()
+        ray.get([w.wait_idle.remote(600) for w in workers])  # nothing is cut off mid-write by the shutdown
     progress.close()
     t_trials = time.time()
     loads = sum(ray.get([w.load_count.remote() for w in workers]))

@@ -119,7 +119,7 @@ class ProbeFit:
 
 
 def fit_probes(features: np.ndarray, targets: np.ndarray, head: str, spec: TrialSpec,
-               splits: dict[str, np.ndarray]) -> ProbeFit:
+               splits: dict[str, np.ndarray], on_epoch=None) -> ProbeFit:
     """Fit one linear head per column of `targets` (n_texts × N) at once.
 
     The neurons share nothing: the loss is a sum of per-neuron means, AdamW is elementwise,
@@ -128,7 +128,7 @@ def fit_probes(features: np.ndarray, targets: np.ndarray, head: str, spec: Trial
     """
     if spec.solver == "lstsq":
         return solve_probes(features, targets, spec, splits)
-    X = torch.as_tensor(np.asarray(features, np.float32))
+    X = torch.from_numpy(np.array(features, np.float32))  # a private copy: cache arrays are read-only views
     N = targets.shape[1]
     tr, va = splits["train"], splits["val"]
     maps = [HeadMap(head, targets[tr, j], spec.n_bins) for j in range(N)]
@@ -173,6 +173,8 @@ def fit_probes(features: np.ndarray, targets: np.ndarray, head: str, spec: Trial
                 active[j] = stale[j] < spec.patience
         if not active.any():
             break
+        if on_epoch is not None and N == 1 and not on_epoch(history[0][-1]):
+            break  # a scheduler (ASHA) stopped this trial: keep its best epoch so far
     return ProbeFit(best_W, best_b, maps, history, failed)
 
 
@@ -301,7 +303,7 @@ def _resid_after(model: BaseModel, seqs, layer: int, batch: int = 64) -> torch.T
 
 
 def train_unfrozen(cache: ActivationCache, model: BaseModel, spec: TrialSpec, y: np.ndarray,
-                   splits: dict[str, np.ndarray], feature_hook: str):
+                   splits: dict[str, np.ndarray], feature_hook: str, on_epoch=None):
     normalized = _feature_normalized(feature_hook)
     hmap = HeadMap(spec.head, y[splits["train"]], spec.n_bins)
     seqs, answer_pos, digit_ids = _sequences(cache, spec, model)
@@ -354,6 +356,8 @@ def train_unfrozen(cache: ActivationCache, model: BaseModel, spec: TrialSpec, y:
             stale += 1
             if stale >= spec.patience:
                 break
+        if on_epoch is not None and not on_epoch(history[-1]):
+            break  # a scheduler (ASHA) stopped this trial: keep its best epoch so far
     with torch.no_grad():
         for k, v in trainable.items():
             v.copy_(best_state[k])
@@ -486,8 +490,10 @@ def analyse(cache: ActivationCache, model: BaseModel, spec: TrialSpec, final: Fi
 
 
 def run_trial(cache: ActivationCache, model: BaseModel | None, spec: TrialSpec,
-              feature_hook: str | None = None) -> TrialResult:
-    """Train, evaluate and analyse one trial. A non-finite loss gives status `failed` with the reason."""
+              feature_hook: str | None = None, on_epoch=None) -> TrialResult:
+    """Train, evaluate and analyse one trial. A non-finite loss gives status `failed` with the reason.
+
+    `on_epoch(record) -> bool` sees each epoch's validation record; False stops training there."""
     spec.check(model)
     feature_hook = feature_hook or cache.meta["spec"]["features"]
     t0 = time.perf_counter()
@@ -499,7 +505,7 @@ def run_trial(cache: ActivationCache, model: BaseModel | None, spec: TrialSpec,
     try:
         if spec.freeze == "none":
             features = control_features(cache, spec)
-            fit = fit_probes(features, y[:, None], spec.head, spec, splits)
+            fit = fit_probes(features, y[:, None], spec.head, spec, splits, on_epoch=on_epoch)
             if fit.failed[0]:
                 raise FloatingPointError(fit.failed[0])
             hmap, history = fit.maps[0], fit.history[0]
@@ -508,7 +514,8 @@ def run_trial(cache: ActivationCache, model: BaseModel | None, spec: TrialSpec,
             head_fn = lambda f, w=fit.weight[0], b=fit.bias[0]: f.float() @ w + b  # noqa: E731
             actual_ft = y
         else:
-            hmap, frozen, out, actual_ft, history, weights, net = train_unfrozen(cache, model, spec, y, splits, feature_hook)
+            hmap, frozen, out, actual_ft, history, weights, net = train_unfrozen(
+                cache, model, spec, y, splits, feature_hook, on_epoch=on_epoch)
             head = {"weight": frozen.weight.T.contiguous(), "bias": frozen.bias.contiguous()}
             head_fn = frozen
     except FloatingPointError as e:

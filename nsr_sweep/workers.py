@@ -30,6 +30,9 @@ class ModelWorker:
         self.model = BaseModel(ModelSpec(**model_spec_kw))  # resident for the whole sweep
         self.loads = 1
         self.cache: ActivationCache | None = None
+        self.running = 0
+        self.epochs: dict[str, list[dict]] = {}  # per running trial: its validation records so far
+        self.stopping: set[str] = set()  # trials a scheduler stopped
 
     def build_cache(self, sweep_dict: dict, cache_root: str | None) -> dict:
         """Build or load the sweep's cache; the returned arrays go to the object store (owned by the caller)."""
@@ -58,16 +61,52 @@ class ModelWorker:
     def load_count(self) -> int:
         return self.loads
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until no trial runs here (a trial a scheduler stopped may still be saving)."""
+        deadline = time.time() + timeout
+        while self.running and time.time() < deadline:
+            time.sleep(0.05)
+        return not self.running
+
+    def progress(self, trial_id: str, since: int) -> list[dict]:
+        """Validation records of a running trial after the first `since` (served while `run` works)."""
+        return list(self.epochs.get(trial_id, [])[since:])
+
+    def stop(self, trial_id: str) -> None:
+        self.stopping.add(trial_id)
+
     def run(self, config: dict, sweep_dir: str) -> dict:
         """Run one trial, write its directory, return its row."""
-        from .results import save_trial
-        from .tables import trial_row
-        from .trial import TrialSpec, run_trial
+        from .trial import TrialSpec
 
         kw = {k: config[k] for k in TrialSpec.__dataclass_fields__ if k in config}
         kw.update({k: tuple(kw[k]) for k in ("splits", "scales") if k in kw})
         spec = TrialSpec(**kw)
-        result = run_trial(self.cache, self.model, spec, feature_hook=config.get("feature_hook"))
+        tid = config["trial_id"]
+        self.epochs[tid] = []
+        self.running += 1
+        try:
+            return self._run(spec, tid, config, sweep_dir)
+        finally:
+            self.running -= 1
+            self.epochs.pop(tid, None)
+
+    def _run(self, spec, tid: str, config: dict, sweep_dir: str) -> dict:
+        from .results import save_trial
+        from .tables import trial_row
+        from .trial import run_trial
+
+        cut = []
+
+        def on_epoch(record: dict) -> bool:
+            self.epochs[tid].append(record)
+            if tid in self.stopping:
+                cut.append(record["epoch"])
+            return not cut
+
+        result = run_trial(self.cache, self.model, spec, feature_hook=config.get("feature_hook"), on_epoch=on_epoch)
+        result.metrics["scheduler_stopped"] = bool(cut)  # training was cut short (a late stop changes nothing)
+        self.stopping.discard(tid)
         trial_dir = Path(sweep_dir) / "trials" / config["trial_id"]
         save_trial(result, trial_dir, extra={k: config[k] for k in ("trial_id", "sample") if k in config})
         with open(Path(sweep_dir) / "runs.jsonl", "a") as log:  # one line per completed run: audits "exactly once"
@@ -78,36 +117,69 @@ class ModelWorker:
 
 @ray.remote(num_cpus=0)
 class WorkerPool:
-    """Hands out free worker indices; a trial waits here until one is free."""
+    """Runs each trial on a free model worker: waits for one, runs, frees it.
 
-    def __init__(self, n: int):
+    The pool (not Tune's trial function) holds the worker for the whole run, so a trial function
+    that Tune stops or tears down can never leak a worker."""
+
+    def __init__(self, workers: list):
+        self.workers = workers
         self.free: asyncio.Queue = asyncio.Queue()
-        for i in range(n):
+        for i in range(len(workers)):
+            self.free.put_nowait(i)
+        self.where: dict[str, int] = {}
+
+    async def run(self, config: dict, sweep_dir: str) -> dict:
+        i = await self.free.get()
+        self.where[config["trial_id"]] = i
+        try:
+            return await self.workers[i].run.remote(config, sweep_dir)
+        finally:
+            self.where.pop(config["trial_id"], None)
             self.free.put_nowait(i)
 
-    async def acquire(self) -> int:
-        return await self.free.get()
+    async def progress(self, trial_id: str, since: int) -> list[dict]:
+        i = self.where.get(trial_id)
+        return [] if i is None else await self.workers[i].progress.remote(trial_id, since)
 
-    async def release(self, i: int) -> None:
-        self.free.put_nowait(i)
+    async def stop(self, trial_id: str) -> None:
+        i = self.where.get(trial_id)
+        if i is not None:
+            await self.workers[i].stop.remote(trial_id)
 
 
 def start_workers(n: int, model_spec_kw: dict, gpus_per_worker: float, threads: int) -> list:
     # CPU workers reserve no Ray CPU: their number is chosen from the cores, and the thin trial
     # functions that call them must still be schedulable beside them
-    actor = ray.remote(num_cpus=0, num_gpus=gpus_per_worker)(ModelWorker)
+    # two threads: `run` trains while `progress`/`stop` answer the trial function (for ASHA)
+    actor = ray.remote(num_cpus=0, num_gpus=gpus_per_worker, max_concurrency=2)(ModelWorker)
     return [actor.options(name=None).remote(model_spec_kw, threads) for _ in range(n)]
 
 
-def trial_function(config: dict, *, sweep_dir: str, workers: list, pool) -> None:
-    """Tune's trainable: borrow a worker, run the trial there, report its row."""
+def trial_function(config: dict, *, sweep_dir: str, pool, metric: str, stream: bool) -> None:
+    """Tune's trainable: run the trial on a free model worker (through the pool), report its row.
+
+    With `stream` (a scheduler such as ASHA), each epoch's validation record is reported as it
+    comes; when the scheduler stops the trial, Tune's next report raises SystemExit, the worker is
+    told to stop after the current epoch, and the trial's directory still records what it reached."""
     from ray import tune
 
-    i = ray.get(pool.acquire.remote())
+    tid = config["trial_id"]
+    ref = pool.run.remote(config, sweep_dir)
+    seen = 0
     try:
-        row = ray.get(workers[i].run.remote(config, sweep_dir))
-    finally:
-        pool.release.remote(i)
+        while stream:
+            done, _ = ray.wait([ref], timeout=0.05)
+            for record in ray.get(pool.progress.remote(tid, seen)):
+                seen += 1
+                tune.report({metric: record.get(metric, record["val_mse"]), "intermediate": True,
+                             "epoch": record["epoch"]})
+            if done:
+                break
+    except BaseException:
+        pool.stop.remote(tid)
+        raise
+    row = ray.get(ref)
     row["nsr_trial_id"] = row.pop("trial_id")  # Tune owns the `trial_id` key of a result
     tune.report({k: v for k, v in row.items() if isinstance(v, (int, float, str, bool)) or v is None})
 

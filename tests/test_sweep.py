@@ -58,6 +58,7 @@ MALFORMED = [
     (with_(search={"space": {"momentum": {"uniform": [0.1, 0.2]}}}), "unknown hyperparameter 'momentum'"),
     (with_(search={"metric": "val_mse", "mode": "max"}), "does not fit metric"),
     (with_(search={"metric": "test_mse"}), "search.metric"),
+    (with_(search={"scheduler": "hyperband"}), "search.scheduler"),
     (with_(target={"hook": "mlp_out"}), "target.hook"),
     (with_(features={"hook": "resid final"}), "features.hook"),
     (with_(corpus={"n_texts": 5}), "corpus.n_texts"),
@@ -227,3 +228,36 @@ def test_sigkill_mid_sweep_then_resume_runs_every_trial_exactly_once(tmp_path):
                        timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     _check_complete(sweep_dir, expected=18)
+
+
+ASHA = """
+name: asha
+model: nsr-tiny
+corpus: {n_texts: 400, max_tokens: 24}
+layers: [1]
+neurons: [{select: top_variance, k: 1}]
+heads: [regression]
+freeze: [all]
+training: {epochs: 8, patience: 8, batch_size: 16}
+analysis: {enabled: false}
+search: {algorithm: random, num_samples: 8, scheduler: asha, grace_period: 1, reduction_factor: 2,
+         space: {lr: {loguniform: [1.0e-6, 1.0e-1]}}}
+resources: {workers: 2}
+"""
+
+
+def test_asha_stops_weak_trials_and_they_are_still_recorded(tmp_path):
+    sweep = tmp_path / "asha.yaml"
+    sweep.write_text(ASHA)
+    r = subprocess.run(_launch_cmd(sweep, tmp_path / "res"), env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    sweep_dir = tmp_path / "res" / "asha"
+    df = pd.read_parquet(sweep_dir / "tables" / "trials.parquet")
+    assert len(df) == 8 and (df["status"] == "ok").all()
+    runs = Counter(json.loads(line)["trial_id"] for line in (sweep_dir / "runs.jsonl").read_text().splitlines())
+    assert set(runs.values()) == {1} and len(runs) == 8
+    stopped = df[df["scheduler_stopped"].astype(bool)]
+    assert len(stopped) >= 1, df[["trial_id", "lr", "val_mse", "epochs_run"]]
+    assert (stopped["epochs_run"] < 8).all()  # stopped between epochs, yet evaluated and saved
+    kept = df[~df["scheduler_stopped"].astype(bool)]
+    assert kept["val_mse"].min() <= stopped["val_mse"].min()  # ASHA cut weaker trials, not the best one
