@@ -19,8 +19,6 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from .cache import pad_batch
-
 
 def neuron_weights(model, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(W_in [d_model, d_mlp], b_in [d_mlp], W_out [d_mlp, d_model]) of a layer, as the HF model holds them."""
@@ -157,9 +155,3 @@ def residual_change(delta: np.ndarray, head_dir: torch.Tensor, act: np.ndarray, 
         "resid_change_cos_win": float(_cos(mean, w_in[:, None])[0]),
         "resid_change_cos_wout": float(_cos(mean, w_out[:, None])[0]),
     }
-
-
-def batches(seqs, idx, pad_id, device, size=64):
-    for s in range(0, len(idx), size):
-        part = idx[s : s + size]
-        yield part, pad_batch([seqs[i] for i in part], pad_id, device)

@@ -245,11 +245,12 @@ def _finite(v) -> bool:
 
 
 def _error_text(trial) -> str:
-    for attr in ("error_file", "pickled_error_file"):
-        path = getattr(trial, attr, None)
-        if path and Path(path).is_file() and attr == "error_file":
-            lines = [ln for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
-            return lines[-1][:500] if lines else "trial raised"
+    """The last line of the trial's error file (the exception), or Tune's message."""
+    path = getattr(trial, "error_file", None)
+    if path and Path(path).is_file():
+        lines = [ln for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
+        if lines:
+            return lines[-1][:500]
     return str(getattr(trial, "error_msg", None) or "trial raised an error")
 
 
@@ -315,7 +316,7 @@ def _run(spec, sweep_dir, address, dashboard, dashboard_host, cache_root, echo, 
     neurons = resolve_neurons(spec, cache)
     groups = expand(spec, neurons)
     rows = finished_rows(sweep_dir)
-    searcher = GroupedSearch(spec, groups, rows, n_workers)
+    searcher = GroupedSearch(spec, groups, rows)
     total = len(rows) + searcher.n_remaining
     skipped = len(spec.skipped_combos()) * sum(len(v) for v in neurons.values())
     echo(f"{len(groups)} groups × {spec.search.num_samples} samples = {len(groups) * spec.search.num_samples} trials "

@@ -43,9 +43,9 @@ def group_key(g: dict) -> tuple:
 
 
 class GroupedSearch(Searcher):
-    def __init__(self, spec: SweepSpec, groups: list[dict], finished: list[dict], n_workers: int):
+    def __init__(self, spec: SweepSpec, groups: list[dict], finished: list[dict]):
         super().__init__(metric=spec.search.metric, mode=spec.search.mode)
-        self.spec, self.groups, self.n_workers = spec, groups, n_workers
+        self.spec, self.groups = spec, groups
         self.dists = {k: distribution(v) for k, v in spec.search.space.items()}
         direction = "minimize" if spec.search.mode == "min" else "maximize"
         self.studies, self.taken = {}, {}
@@ -70,7 +70,6 @@ class GroupedSearch(Searcher):
         self.queue = [(s, g) for s in range(spec.search.num_samples) for g in groups
                       if s not in self.taken[group_key(g)]]
         self.live: dict[str, tuple] = {}
-        self.n_suggested = 0
 
     @property
     def n_remaining(self) -> int:
@@ -89,7 +88,6 @@ class GroupedSearch(Searcher):
                   "trial_id": trial_id(group, sample),
                   "seed": stable_seed(self.spec.seed, group_key(group), sample)}
         self.live[tune_trial_id] = (study, ot)
-        self.n_suggested += 1
         return config
 
     def on_trial_complete(self, tune_trial_id: str, result=None, error: bool = False):

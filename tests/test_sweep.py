@@ -108,7 +108,7 @@ def test_grouped_search_skips_finished_samples_and_tells_optuna():
                              heads=["regression", "classification"]))
     groups = expand(spec, {1: [3]})
     done = [{**groups[0], "sample": 1, "status": "ok", "val_mse": 0.5, "lr": 1e-3}]
-    s = GroupedSearch(spec, groups, done, n_workers=2)
+    s = GroupedSearch(spec, groups, done)
     assert s.n_remaining == 5
     configs = [s.suggest(f"t{i}") for i in range(5)]
     assert s.suggest("t5") == "FINISHED"
@@ -261,3 +261,36 @@ def test_asha_stops_weak_trials_and_they_are_still_recorded(tmp_path):
     assert (stopped["epochs_run"] < 8).all()  # stopped between epochs, yet evaluated and saved
     kept = df[~df["scheduler_stopped"].astype(bool)]
     assert kept["val_mse"].min() <= stopped["val_mse"].min()  # ASHA cut weaker trials, not the best one
+
+
+RAISES = """
+name: raises
+model: nsr-tiny
+corpus: {n_texts: 200, max_tokens: 24}
+layers: [1]
+neurons: [7]
+heads: [regression]
+freeze: [none, after_target]
+features: {hook: blocks.3.hook_resid_post}   # a probe may read it; an unfrozen trial raises on it
+training: {epochs: 2}
+search: {num_samples: 1}
+max_failures: 1
+resources: {workers: 2}
+"""
+
+
+def test_a_trial_that_raises_is_retried_then_recorded_as_failed(tmp_path):
+    sweep = tmp_path / "raises.yaml"
+    sweep.write_text(RAISES)
+    r = subprocess.run(_launch_cmd(sweep, tmp_path / "res"), env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    sweep_dir = tmp_path / "res" / "raises"
+    df = pd.read_parquet(sweep_dir / "tables" / "trials.parquet").set_index("trial_id")
+    assert df.loc["L1-N7-regression-none-s0", "status"] == "ok"  # the sweep went on
+    failed = df.loc["L1-N7-regression-after_target-s0"]
+    assert failed["status"] == "failed" and "ln_final.hook_normalized" in failed["error"]
+    saved = json.loads((sweep_dir / "trials" / "L1-N7-regression-after_target-s0" / "metrics.json").read_text())
+    assert saved["status"] == "failed" and saved["reason"] == failed["error"]
+    tune_errors = list((sweep_dir / "tune").rglob("error.txt"))
+    assert tune_errors and "unfrozen trials read" in tune_errors[0].read_text()
+    assert "L1-N7-regression-after_target-s0" in (sweep_dir / "report.html").read_text()
