@@ -16,6 +16,7 @@ import os
 import socket
 import time
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
@@ -287,7 +288,7 @@ def _run(spec, sweep_dir, address, dashboard, dashboard_host, cache_root, echo, 
     from ray import tune
 
     from .cache import ActivationCache
-    from .sweep import resolve_neurons
+    from .sweep import model_spec, resolve_neurons
     from .workers import WorkerPool, start_workers, trial_function
 
     state = update_state(sweep_dir, name=spec.name, status="running", started=read_state(sweep_dir).get("started", t_start),
@@ -298,8 +299,7 @@ def _run(spec, sweep_dir, address, dashboard, dashboard_host, cache_root, echo, 
     if url:
         echo(f"Ray dashboard: http://{url}  (token: `ray get-auth-token`; bound to {dashboard_host})")
     n_workers, device, threads = plan_workers(spec)
-    m = spec.model
-    model_kw = dict(name=m.name, init=m.init, processing=m.processing, seed=m.seed, device=device)
+    model_kw = asdict(model_spec(spec, device))
     workers = start_workers(n_workers, model_kw, spec.resources.gpus_per_worker if device == "cuda" else 0, threads)
     echo(f"{n_workers} model worker(s) on {device}, {threads} thread(s) each; building or loading the cache …")
     arrays_ref = workers[0].build_cache.remote(spec.model_dump(mode="json"), cache_root)

@@ -7,7 +7,7 @@ from pathlib import Path
 from .cache import ActivationCache
 from .config import SweepSpec
 from .corpus import load_corpus
-from .models import ModelSpec, load_model
+from .models import BaseModel, ModelSpec, load_model
 
 
 def model_spec(spec: SweepSpec, device: str = "cpu") -> ModelSpec:
@@ -15,12 +15,21 @@ def model_spec(spec: SweepSpec, device: str = "cpu") -> ModelSpec:
     return ModelSpec(name=m.name, init=m.init, processing=m.processing, seed=m.seed, device=device)
 
 
-def build_cache(spec: SweepSpec, root: str | Path | None = None, progress: bool = True) -> ActivationCache:
-    model = load_model(model_spec(spec))
+def build_cache(spec: SweepSpec, root: str | Path | None = None, progress: bool = True,
+                model: BaseModel | None = None) -> ActivationCache:
+    """Build or load the sweep's cache (with the random-model control's features when asked for)."""
+    model = model or load_model(model_spec(spec))
     c = spec.corpus
     corpus = load_corpus(c.source, n_texts=c.n_texts, seed=c.seed)
-    return ActivationCache.build(model, corpus, spec.cache_spec(), root=root,
-                                 batch_size=spec.batch_size_cache, progress=progress)
+    cache = ActivationCache.build(model, corpus, spec.cache_spec(), root=root,
+                                  batch_size=spec.batch_size_cache, progress=progress)
+    if "random_model" in spec.controls:  # the control's features: same architecture, random weights
+        m = model.spec
+        random = BaseModel(ModelSpec(name=m.name, init="random", seed=spec.seed + 1, device=m.device))
+        rc = ActivationCache.build(random, corpus, spec.cache_spec(), root=root,
+                                   batch_size=spec.batch_size_cache, progress=progress)
+        cache.extra["random_model_features"] = rc.features
+    return cache
 
 
 def resolve_neurons(spec: SweepSpec, cache: ActivationCache) -> dict[int, list[int]]:

@@ -14,7 +14,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import ray
 
 from .cache import ActivationCache
@@ -37,21 +36,9 @@ class ModelWorker:
     def build_cache(self, sweep_dict: dict, cache_root: str | None) -> dict:
         """Build or load the sweep's cache; the returned arrays go to the object store (owned by the caller)."""
         from .config import SweepSpec
-        from .corpus import load_corpus
+        from .sweep import build_cache
 
-        spec = SweepSpec.model_validate(sweep_dict)
-        c = spec.corpus
-        corpus = load_corpus(c.source, n_texts=c.n_texts, seed=c.seed)
-        cache = ActivationCache.build(self.model, corpus, spec.cache_spec(), root=cache_root,
-                                      batch_size=spec.batch_size_cache, progress=False)
-        if "random_model" in spec.controls:  # the control's features: same architecture, random weights
-            from .models import BaseModel, ModelSpec
-
-            m = self.model.spec
-            random = BaseModel(ModelSpec(name=m.name, init="random", seed=spec.seed + 1, device=m.device))
-            rc = ActivationCache.build(random, corpus, spec.cache_spec(), root=cache_root,
-                                       batch_size=spec.batch_size_cache, progress=False)
-            cache.extra["random_model_features"] = np.asarray(rc.features)
+        cache = build_cache(SweepSpec.model_validate(sweep_dict), root=cache_root, progress=False, model=self.model)
         return cache.to_arrays()
 
     def set_cache(self, arrays: dict) -> int:

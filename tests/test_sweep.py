@@ -246,12 +246,17 @@ resources: {workers: 2}
 """
 
 
-def test_asha_stops_weak_trials_and_they_are_still_recorded(tmp_path):
-    sweep = tmp_path / "asha.yaml"
-    sweep.write_text(ASHA)
+def _launched(tmp_path: Path, sweep_text: str) -> Path:
+    """Write the sweep file, launch it to completion, return its results directory."""
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(sweep_text)
     r = subprocess.run(_launch_cmd(sweep, tmp_path / "res"), env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    sweep_dir = tmp_path / "res" / "asha"
+    return tmp_path / "res" / yaml.safe_load(sweep_text)["name"]
+
+
+def test_asha_stops_weak_trials_and_they_are_still_recorded(tmp_path):
+    sweep_dir = _launched(tmp_path, ASHA)
     df = pd.read_parquet(sweep_dir / "tables" / "trials.parquet")
     assert len(df) == 8 and (df["status"] == "ok").all()
     runs = Counter(json.loads(line)["trial_id"] for line in (sweep_dir / "runs.jsonl").read_text().splitlines())
@@ -280,11 +285,7 @@ resources: {workers: 2}
 
 
 def test_a_trial_that_raises_is_retried_then_recorded_as_failed(tmp_path):
-    sweep = tmp_path / "raises.yaml"
-    sweep.write_text(RAISES)
-    r = subprocess.run(_launch_cmd(sweep, tmp_path / "res"), env=_env(), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    sweep_dir = tmp_path / "res" / "raises"
+    sweep_dir = _launched(tmp_path, RAISES)
     df = pd.read_parquet(sweep_dir / "tables" / "trials.parquet").set_index("trial_id")
     assert df.loc["L1-N7-regression-none-s0", "status"] == "ok"  # the sweep went on
     failed = df.loc["L1-N7-regression-after_target-s0"]
