@@ -12,18 +12,10 @@ Every function here takes a finished trial's context and returns columns for the
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 import pandas as pd
 import torch
 from scipy import stats
-
-
-def neuron_weights(model, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(W_in [d_model, d_mlp], b_in [d_mlp], W_out [d_mlp, d_model]) of a layer, as the HF model holds them."""
-    mlp = model.hf.transformer.h[layer].mlp  # GPT-2 Conv1D: x @ weight
-    return mlp.c_fc.weight.detach().double(), mlp.c_fc.bias.detach().double(), mlp.c_proj.weight.detach().double()
 
 
 def readout_direction(head_weight: torch.Tensor, hmap) -> torch.Tensor:
@@ -40,23 +32,48 @@ def _cos(a: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return (a @ B) / (a.norm() * B.norm(dim=0)).clamp_min(1e-30)
 
 
-def weight_cosines(direction: torch.Tensor, W_in: torch.Tensor, W_out: torch.Tensor, neuron: int,
+def weight_cosines(direction: torch.Tensor, vectors: dict[str, torch.Tensor], neuron: int, suffix: str = "",
                    n_random: int = 1000, seed: int = 0) -> dict:
-    """cos with W_in[:, n] and W_out[n, :], z-scored against the layer's other neurons and random directions."""
+    """cos(direction, vectors[name][:, n]) for each named [d_model, d_mlp] set, z-scored against the layer's
+    other neurons and against random Gaussian directions; columns `cos_<name><suffix>[_z_neurons|_z_random]`."""
     gen = torch.Generator().manual_seed(seed)
     rand = torch.randn(direction.shape[0], n_random, generator=gen, dtype=torch.float64)
     null_random = _cos(direction, rand)
-    others = torch.tensor([m for m in range(W_in.shape[1]) if m != neuron])
-    out = {}
-    for name, vectors in (("win", W_in), ("wout", W_out.T)):
-        c_all = _cos(direction, vectors)
+    others = torch.tensor([m for m in range(next(iter(vectors.values())).shape[1]) if m != neuron])
+    out: dict = {}
+    for name, V in vectors.items():
+        c_all = _cos(direction, V)
         c, null = float(c_all[neuron]), c_all[others]
-        out[f"cos_{name}"] = c
-        out[f"cos_{name}_z_neurons"] = float((c - null.mean()) / null.std())
-        out[f"cos_{name}_z_random"] = float((c - null_random.mean()) / null_random.std())
-    out["cos_win_wout"] = float(_cos(W_in[:, neuron], W_out[neuron][:, None])[0])
-    out["cos_null_random_std"] = float(null_random.std())
-    out["cos_null_n_neurons"] = len(others)
+        out[f"cos_{name}{suffix}"] = c
+        out[f"cos_{name}{suffix}_z_neurons"] = float((c - null.mean()) / null.std())
+        out[f"cos_{name}{suffix}_z_random"] = float((c - null_random.mean()) / null_random.std())
+    out[f"cos_null_random_std{suffix}"] = float(null_random.std())
+    out[f"cos_null_n_neurons{suffix}"] = len(others)
+    return out
+
+
+def direction_cosines(surface, read_hook: str, direction: torch.Tensor, layer: int, neuron: int, seed: int = 0,
+                      suffix: str = "") -> dict:
+    """The head's readout direction against the neuron's weights in `surface` (DESIGN §1), raw and effective.
+
+    Raw: the direction in the head's feature basis against W_in[:, n] (the up projection), W_gate[:, n]
+    (gated MLPs) and W_out[n, :]. Effective (`_eff`): both sides as directions in the residual stream —
+    the head's through the norm it reads after (γ ⊙ d, centred for LayerNorm), the neuron's read
+    vectors through norm2 (γ ⊙ w, centred for LayerNorm); W_out writes to the residual as it is."""
+    w = surface.neuron_weights(layer)
+    if direction.shape[0] != w["W_out"].shape[1]:
+        return {}  # not a residual-width direction (e.g. a probe on MLP neurons)
+    raw = {"win": w["W_in"], "wout": w["W_out"].T} | ({"wgate": w["W_gate"]} if "W_gate" in w else {})
+    out = weight_cosines(direction, raw, neuron, suffix, seed=seed)
+    out[f"cos_win_wout{suffix}"] = float(_cos(w["W_in"][:, neuron], w["W_out"][neuron][:, None])[0])
+    eff_dir = surface.residual_direction(read_hook, direction)
+    if eff_dir is not None:
+        ln2 = surface.ln2(layer)
+        eff = {"win_eff": surface.effective(ln2, w["W_in"]), "wout_eff": w["W_out"].T}
+        if "W_gate" in w:
+            eff["wgate_eff"] = surface.effective(ln2, w["W_gate"])
+        got = weight_cosines(eff_dir, eff, neuron, suffix, seed=seed)
+        out.update({k: v for k, v in got.items() if not k.startswith("cos_null")})
     return out
 
 
@@ -68,39 +85,17 @@ def pearson(x, y) -> tuple[float, float]:
     return float(r), float(p)
 
 
-def projections(act, readout, mlp_in, w_in, b_in, resid_final, w_out) -> dict:
-    """Correlations of the neuron with its readout, its own input projection and its output direction."""
-    ident = np.asarray(mlp_in, np.float64) @ w_in.numpy() + float(b_in)
+def projections(act, readout, mlp_in, w_pre, b_pre, resid_final, w_out, suffix: str = "") -> dict:
+    """Correlations of the neuron with its readout, its own input projection and its output direction.
+
+    All arrays are at the target position and from one model: `act` the neuron, `mlp_in` what its MLP
+    reads (norm2 with its affine), `resid_final` the residual entering the final norm."""
+    ident = np.asarray(mlp_in, np.float64) @ w_pre.numpy() + float(b_pre)
     u = w_out.numpy() / np.linalg.norm(w_out.numpy())
     out = {}
-    for name, x in (("readout", readout), ("identity", ident), ("wout", np.asarray(resid_final, np.float64) @ u)):
-        r, p = pearson(act, x)
-        key = "identity" if name == "identity" else f"proj_{name}"
-        out[f"{key}_r"], out[f"{key}_p"] = r, p
+    for name, x in (("proj_readout", readout), ("identity", ident), ("proj_wout", np.asarray(resid_final, np.float64) @ u)):
+        out[f"{name}_r{suffix}"], out[f"{name}_p{suffix}"] = pearson(act, x)
     return out
-
-
-@contextmanager
-def patched(act_module, hook: str, positions: torch.Tensor, neuron: int, value: torch.Tensor | float | None):
-    """Set one neuron at one position per row to `value` (post: the act's output; pre: its input)."""
-    if value is None:
-        yield
-        return
-    rows = torch.arange(len(positions))
-
-    def set_value(x: torch.Tensor) -> torch.Tensor:
-        x = x.clone()
-        x[rows, positions, neuron] = torch.as_tensor(value, dtype=x.dtype, device=x.device)
-        return x
-
-    if hook == "post":
-        h = act_module.register_forward_hook(lambda m, i, o: set_value(o))
-    else:
-        h = act_module.register_forward_pre_hook(lambda m, args: (set_value(args[0]),) + tuple(args[1:]))
-    try:
-        yield
-    finally:
-        h.remove()
 
 
 def patch_grid(y_train: np.ndarray, kind: str, n: int, scales) -> np.ndarray:
@@ -143,7 +138,8 @@ def run_patching(predict_with_patch, text_ids: np.ndarray, act_base: np.ndarray,
 
 
 def residual_change(delta: np.ndarray, head_dir: torch.Tensor, act: np.ndarray, w_in, w_out) -> dict:
-    """Fine-tuned minus original final residual: along the frozen head direction, and its mean's cosines."""
+    """Fine-tuned minus original final residual at the head's read position: along the head's (effective)
+    direction in the residual stream, and its mean's cosines with the original neuron's W_in and W_out."""
     u = head_dir.numpy() / np.linalg.norm(head_dir.numpy())
     along = delta @ u
     r, p = pearson(along, act)
@@ -155,3 +151,52 @@ def residual_change(delta: np.ndarray, head_dir: torch.Tensor, act: np.ndarray, 
         "resid_change_cos_win": float(_cos(mean, w_in[:, None])[0]),
         "resid_change_cos_wout": float(_cos(mean, w_out[:, None])[0]),
     }
+
+
+def analyse(cache, base, final, trained: bool, spec, hmap, preds: pd.DataFrame, splits: dict,
+            real: np.ndarray) -> tuple[dict, pd.DataFrame]:
+    """The analysis columns of DESIGN §1 for one trial, and the raw patching points.
+
+    One model at a time: the original neuron in the original model (cosines with the base weights;
+    projections from the cache), and — for a trained model, as `_ft` columns — the fine-tuned neuron
+    in the fine-tuned model. Every projection is read at the target position (the text's last token);
+    patching runs in the final model, based at the real neuron's value there."""
+    from .cache import mlp_input_hook, neuron_hook
+
+    L, n = spec.layer, spec.neuron
+    test = splits["test"]
+    direction = readout_direction(final.head.weight.double(), hmap)
+    out: dict = direction_cosines(base, spec.read_hook, direction, L, n, seed=spec.seed)
+    readout = preds["readout"].to_numpy()[test]
+    w = base.neuron_weights(L)
+    out.update(projections(real[test], readout, np.asarray(cache.extra[f"mlp_in_L{L}"])[test], w["W_pre"][:, n],
+                           w["b_pre"][n], np.asarray(cache.extra["resid_final"])[test], w["W_out"][n]))
+    if trained:
+        ft = final.surface
+        out.update(direction_cosines(ft, spec.read_hook, direction, L, n, seed=spec.seed, suffix="_ft"))
+        act, mlp_in = neuron_hook(L, final.hook), mlp_input_hook(L)
+        _, got = final.batched(test, reads=(act, mlp_in, "ln_final.hook_in"))
+        wf = ft.neuron_weights(L)
+        out.update(projections(got[act][:, n].numpy(), readout, got[mlp_in].numpy(), wf["W_pre"][:, n],
+                               wf["b_pre"][n], got["ln_final.hook_in"].numpy(), wf["W_out"][n], suffix="_ft"))
+        out.update(_residual_change(base, final, direction, test, real))
+    sample = test[: spec.patch_texts]
+    grid = patch_grid(real[splits["train"]], spec.patch_grid, spec.n_grid, spec.scales)
+    act_base = preds["actual_ft"].to_numpy()[sample]  # the real neuron in the final model
+    points = run_patching(lambda v: hmap.predict(final.run(sample, v)[0]).numpy(), sample, act_base, grid,
+                          scale=spec.patch_grid == "scale")
+    out.update(fit_patch(points))
+    return out, points
+
+
+def _residual_change(base, final, direction: torch.Tensor, test: np.ndarray, real: np.ndarray) -> dict:
+    """What training did to the final residual at the head's read position, against the original model."""
+    from .forward import read_points
+
+    seqs = [final.seqs[i] for i in test]
+    at = final.answer_pos[test]
+    before, after = (read_points(s, seqs, at, ["ln_final.hook_in"], final.pad_id)["ln_final.hook_in"]
+                     for s in (base, final.surface))
+    head_dir = final.surface.residual_direction("ln_final.hook_out", direction)
+    w = base.neuron_weights(final.layer)
+    return residual_change(after - before, head_dir, real[test], w["W_in"][:, final.neuron], w["W_out"][final.neuron])

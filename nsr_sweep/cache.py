@@ -3,15 +3,16 @@
 One build runs the corpus through the base model in large right-padded batches and keeps,
 at each text's target position (its last real token):
   - `acts[L]`: n_texts × d_mlp, component n = neuron n of `blocks.L.mlp.hook_post` (or `hook_pre`);
-  - `features`: n_texts × d_model at the configured feature hook (default `ln_final.hook_normalized`);
-  - `mlp_in[L]`: LN2(resid_mid) with its affine (what W_in multiplies), `resid_pre[L]`: the
-    residual before block L, and `resid_final`: the residual entering ln_final — for the analyses;
+  - `features`: n_texts × width at the configured feature hook (default `ln_final.hook_out`);
+  - `mlp_in[L]`: norm2 of what the MLP reads, with its affine (`blocks.L.ln2.hook_out`),
+    `resid_pre[L]`: the residual before block L, and `resid_final`: the residual entering the
+    final norm — for the analyses;
   - optionally `resid[L]`: the residual after block L at every position (the `after_target` start).
 
-For GPT-2-style models the tensors are read with native forward hooks on the plain HF model
-(the bridge's per-op hooks cost ~1.5× a raw forward); other architectures, and hooks the fast
-table does not know, go through `bridge.run_with_cache`. Every build checks, on a sample, the
-neuron identity of DESIGN.md §1 with the bridge and records the errors in the metadata.
+Everything is read in one forward through the model surface (`nsr_sweep.surface`), with native
+forward hooks on the modules TransformerLens' adapter names: no unembedding is computed. Every
+build checks, on a sample, the neuron identity of the model's family (`check_identity`) and
+records the errors in the metadata.
 
 On disk: `<root>/<key>/` with `meta.json`, `texts.parquet` (text, tokens, position) and
 `arrays.arrow` (Arrow IPC, memory-mapped on load); `key` is a hash of everything the numbers
@@ -35,15 +36,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 
 from .corpus import Corpus
 from .errors import NsrError
 from .models import BaseModel
+from .surface import norm_eps
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 HOOKS = ("post", "pre")
-DEFAULT_FEATURES = "ln_final.hook_normalized"
+DEFAULT_FEATURES = "ln_final.hook_out"  # what the unembedding reads: the final norm with its affine
 HOOK_NAME = re.compile(r"^(blocks\.\d+\.)?([a-z_0-9]+\.)*hook_[a-z_0-9]+$")
 
 
@@ -87,6 +88,10 @@ class CacheSpec:
         m = re.match(r"^blocks\.(\d+)\.", self.features)
         if m:
             model.check_layer(int(m.group(1)), field="features.hook layer")
+        try:
+            model.surface.point(self.features)
+        except NsrError as e:
+            raise NsrError(f"features.hook: {e}") from None
 
 
 def tokenize(model: BaseModel, texts: list[str], max_tokens: int) -> tuple[list[list[int]], int]:
@@ -113,114 +118,54 @@ def pad_batch(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids.to(device), mask.to(device)
 
 
-# -- the two readers -----------------------------------------------------------------------
+# -- reading and the identity check ---------------------------------------------------------
 
 
-def _gpt2_module(model: BaseModel, name: str):
-    """(module, side, transform) reading the TransformerLens hook `name` on a GPT-2-style HF model."""
-    tr = getattr(model.hf, "transformer", None)
-    if tr is None or not hasattr(tr, "h") or not hasattr(tr, "ln_f"):
-        return None
-    ln_no_affine = lambda ln: (lambda x: F.layer_norm(x, x.shape[-1:], eps=ln.eps))  # noqa: E731
-    if name == "ln_final.hook_normalized":
-        return tr.ln_f, "in", ln_no_affine(tr.ln_f)
-    if name == "ln_final.hook_out":
-        return tr.ln_f, "out", None
-    if name == "ln_final.hook_in":
-        return tr.ln_f, "in", None
-    m = re.match(r"^blocks\.(\d+)\.(.+)$", name)
-    if not m:
-        return None
-    blk = tr.h[int(m.group(1))]
-    return {
-        "hook_resid_pre": (blk, "in", None),
-        "hook_resid_post": (blk, "out", None),
-        "hook_resid_mid": (blk.ln_2, "in", None),
-        "ln2.hook_normalized": (blk.ln_2, "in", ln_no_affine(blk.ln_2)),
-        "ln2.hook_out": (blk.ln_2, "out", None),
-        "mlp.hook_pre": (blk.mlp.act, "in", None),
-        "mlp.hook_post": (blk.mlp.act, "out", None),
-    }.get(m.group(2))
-
-
-class _HFReader:
-    """Reads hook values at given positions with native forward hooks on the plain HF model."""
-
-    def __init__(self, model: BaseModel, names: list[str]):
-        self.model = model
-        self.table = {n: _gpt2_module(model, n) for n in names}
-
-    @property
-    def ok(self) -> bool:
-        return all(v is not None for v in self.table.values())
-
-    @torch.no_grad()
-    def __call__(self, ids, mask, positions, full: set[str] = frozenset()) -> dict[str, torch.Tensor]:
-        out, handles = {}, []
-        rows = torch.arange(ids.shape[0], device=ids.device)
-        for name, (module, side, transform) in self.table.items():
-            def hook(mod, args, kwargs, output, name=name, side=side, transform=transform):
-                x = (args[0] if args else next(iter(kwargs.values()))) if side == "in" else output
-                x = x[0] if isinstance(x, tuple) else x
-                x = transform(x) if transform else x
-                out[name] = x if name in full else x[rows, positions]
-            handles.append(module.register_forward_hook(hook, with_kwargs=True))
-        try:  # the backbone only: no hook needs the unembedding, the costliest matmul of a small model
-            self.model.hf.base_model(input_ids=ids, attention_mask=mask)
-        finally:
-            for h in handles:
-                h.remove()
-        return out
-
-
-class _BridgeReader:
-    """Reads any hook the bridge knows through `run_with_cache` (general, slower)."""
-
-    def __init__(self, model: BaseModel, names: list[str]):
-        self.model, self.names = model, names
-        unknown = [n for n in names if n not in model.bridge.hook_dict]
-        if unknown:
-            raise NsrError(f"hook {unknown[0]!r} is unknown to {model.spec.name}; e.g. {DEFAULT_FEATURES}")
-
-    @torch.no_grad()
-    def __call__(self, ids, mask, positions, full: set[str] = frozenset()) -> dict[str, torch.Tensor]:
-        _, cache = self.model.bridge.run_with_cache(ids, attention_mask=mask, names_filter=self.names)
-        rows = torch.arange(ids.shape[0], device=ids.device)
-        return {n: cache[n] if n in full else cache[n][rows, positions] for n in self.names}
-
-
-def make_reader(model: BaseModel, names: list[str]):
-    reader = _HFReader(model, names)
-    return reader if reader.ok else _BridgeReader(model, names)
-
-
-# -- the identity check --------------------------------------------------------------------
+def mlp_input_hook(layer: int) -> str:
+    """What the MLP reads: the norm in front of it, with its affine (resid_mid or, in parallel blocks, resid_pre)."""
+    return f"blocks.{layer}.ln2.hook_out"
 
 
 @torch.no_grad()
 def check_identity(model: BaseModel, seqs: list[list[int]], layer: int) -> dict:
-    """hook_pre == LN2(resid_mid)·W_in + b_in and hook_post == act(hook_pre), read from the bridge."""
+    """The neuron's definition recomputed by hand from the norm's input and the weights (DESIGN §1).
+
+    hook_pre == norm2(x)·W_pre[:, n] + b_pre[n] with norm2 written out (LayerNorm or RMSNorm, with its
+    affine) and x what the MLP reads (resid_mid, or resid_pre in parallel blocks); hook_post ==
+    act(hook_pre), times hook_pre_linear = norm2(x)·W_in[:, n] + b_in[n] in gated MLPs."""
     from transformers.activations import ACT2FN
 
-    bridge = model.bridge
-    names = [f"blocks.{layer}.hook_resid_mid", neuron_hook(layer, "pre"), neuron_hook(layer, "post")]
+    s = model.surface
+    norm = s.ln2(layer)
+    names = [f"blocks.{layer}.mlp.hook_pre", f"blocks.{layer}.mlp.hook_post"]
     ids, mask = pad_batch(seqs, model.tokenizer.pad_token_id, model.device)
-    _, cache = bridge.run_with_cache(ids, attention_mask=mask, names_filter=names)
+    seen: dict[str, torch.Tensor] = {}
+    h = norm.register_forward_hook(lambda m, i, o: seen.__setitem__("x", i[0]))
+    try:
+        got = s.read(ids, names, None)
+    finally:
+        h.remove()
     real = mask.bool()
-    resid, pre, post = (cache[n][real].double() for n in names)
-    ln2 = bridge.blocks[layer].ln2._original_component
-    normed = F.layer_norm(resid, resid.shape[-1:], eps=ln2.eps)
-    if model.spec.processing == "none":  # compatibility mode folds this affine into W_in
-        normed = normed * ln2.weight.double() + ln2.bias.double()
-    recomputed = normed @ bridge.W_in[layer].double() + bridge.b_in[layer].double()
-    act = ACT2FN[bridge.cfg.act_fn]
-    r = np.corrcoef(recomputed.flatten().numpy(), pre.flatten().numpy())[0, 1]
+    x, pre, post = seen["x"][real].double(), got[names[0]][real].double(), got[names[1]][real].double()
+    gamma, beta = s.norm_affine(norm)
+    eps = norm_eps(norm)
+    if s.arch.norm == "rmsnorm":
+        normed = x / torch.sqrt((x**2).mean(-1, keepdim=True) + eps) * gamma
+    else:
+        c = x - x.mean(-1, keepdim=True)
+        normed = c / torch.sqrt((c**2).mean(-1, keepdim=True) + eps) * gamma + beta
+    w = s.neuron_weights(layer)
+    recomputed = normed @ w["W_pre"] + w["b_pre"]
+    act = ACT2FN[s.arch.act_fn](pre.float()).double()
+    post_want = act * (normed @ w["W_in"] + w["b_in"]) if s.arch.mlp_gate else act
+    r = np.corrcoef(recomputed.flatten().cpu().numpy(), pre.flatten().cpu().numpy())[0, 1]
     return {
         "layer": layer,
+        "family": s.arch.family,
         "n_values": int(pre.numel()),
         "pre_max_abs_err": float((recomputed - pre).abs().max()),
         "pre_r": float(r),
-        "post_max_abs_err": float((act(pre.float()).double() - post).abs().max()),
+        "post_max_abs_err": float((post_want - post).abs().max()),
     }
 
 
@@ -309,13 +254,12 @@ class ActivationCache:
         seqs, n_trunc = tokenize(model, corpus.texts, spec.max_tokens)
         positions = np.array([len(s) - 1 for s in seqs], dtype=np.int64)
         names = [neuron_hook(L, spec.hook) for L in spec.layers] + [spec.features]
-        extra_names = {f"mlp_in_L{L}": f"blocks.{L}.ln2.hook_out" for L in spec.layers}
+        extra_names = {f"mlp_in_L{L}": mlp_input_hook(L) for L in spec.layers}
         extra_names.update({f"resid_pre_L{L}": f"blocks.{L}.hook_resid_pre" for L in spec.layers})
         extra_names["resid_final"] = "ln_final.hook_in"
         names += list(extra_names.values())
         resid_names = [f"blocks.{L}.hook_resid_post" for L in spec.layers] if spec.store_resid else []
         names = list(dict.fromkeys(names + resid_names))
-        reader = make_reader(model, names)
         n, max_len = len(seqs), max(len(s) for s in seqs)
         acts = {L: np.empty((n, model.d_mlp), np.float32) for L in spec.layers}
         features = None  # its width is the feature hook's (d_model for the residual, d_mlp for an MLP hook)
@@ -327,7 +271,7 @@ class ActivationCache:
             idx = order[start : start + batch_size]
             ids, mask = pad_batch([seqs[i] for i in idx], model.tokenizer.pad_token_id, model.device)
             pos = torch.as_tensor(positions[idx], device=model.device)
-            got = reader(ids, mask, pos, full=set(resid_names))
+            got = model.surface.read(ids, names, pos, full=set(resid_names))
             for L in spec.layers:
                 acts[L][idx] = got[neuron_hook(L, spec.hook)].float().cpu().numpy()
                 if spec.store_resid:
@@ -350,7 +294,6 @@ class ActivationCache:
             "model": model.identity,
             "corpus": {"source": corpus.source, "hash": corpus.hash, **corpus.report, "n_truncated": n_trunc},
             "spec": asdict(spec),
-            "reader": type(reader).__name__.strip("_"),
             "n_texts": n, "n_tokens": n_tokens, "max_len": max_len,
             "build_seconds": round(seconds, 3), "tokens_per_second": round(n_tokens / seconds, 1),
             "identity": identity,

@@ -78,7 +78,8 @@ def _read_texts(path: str) -> list[str]:
 @click.option("--texts", "texts_file", required=True, help="Text file, one text per line.")
 @click.option("--hook", type=click.Choice(["post", "pre"]), default="post", show_default=True)
 @click.option("--max-tokens", type=int, default=64, show_default=True)
-@click.option("--processing", type=click.Choice(["none", "compat"]), default="none", show_default=True)
+@click.option("--processing", type=click.Choice(["none"]), default="none", show_default=True,
+              help="Weights as trained (LayerNorm folding was removed).")
 @click.option("--out", required=True, help="Output .parquet: text, tokens, position, activation.")
 @friendly
 def activations(model, layer, neuron, texts_file, hook, max_tokens, processing, out):

@@ -30,7 +30,7 @@ class Strict(BaseModel):
 class ModelCfg(Strict):
     name: str = "nsr-tiny"
     init: Literal["pretrained", "random"] = "pretrained"
-    processing: Literal["none", "compat"] = "none"
+    processing: Literal["none"] = "none"  # weights as trained; `compat` (LayerNorm folding) was removed
     seed: int = 0
 
 
@@ -47,7 +47,9 @@ class TargetCfg(Strict):
 
 
 class FeaturesCfg(Strict):
-    hook: str = "ln_final.hook_normalized"
+    hook: str = "ln_final.hook_out"
+    """What a frozen-base probe (freeze none) reads: a TransformerLens hook name the model surface knows.
+    Unfrozen trials always read `ln_final.hook_out`, the unembedding's input, so the final norm trains."""
 
 
 class NeuronSelect(Strict):
@@ -239,6 +241,69 @@ class SweepSpec(Strict):
             features=self.features.hook, max_tokens=self.corpus.max_tokens,
             store_resid="after_target" in self.freeze,
         )
+
+
+class TrialSpec(Strict):
+    """One trial, as the worker runs it: built from the sweep, validated again on the worker (no key dropped)."""
+
+    layer: int = Field(ge=0)
+    neuron: int = Field(ge=0)
+    head: Literal["regression", "classification", "token"] = "regression"
+    freeze: Literal["none", "after_target", "all"] = "none"
+    lr: float = Field(1e-3, gt=0, le=10)
+    epochs: int = Field(20, ge=1, le=10000)
+    batch_size: int = Field(64, ge=1, le=65536)
+    weight_decay: float = Field(0.0, ge=0, le=1e6)
+    """AdamW weight decay; the ridge λ for solver lstsq."""
+    patience: int = Field(3, ge=1, le=10000)
+    n_bins: int = Field(10, ge=2, le=1000)
+    solver: Literal["adamw", "lstsq"] = "adamw"
+    """lstsq: exact ridge regression (regression probes with freeze none)."""
+    seed: int = 0
+    """The trial's own randomness: init of a frozen head, minibatch order."""
+    split_seed: int = 0
+    """The train/val/test split: shared by every trial of a sweep."""
+    splits: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    suffix: str = TrainingCfg().suffix
+    save_weights: bool = False
+    """Unfrozen trials: save the final model as an HF-format directory (trials/<id>/model/)."""
+    control: Literal["shuffled", "random_model", "early_features"] | None = None
+    feature_hook: str = "ln_final.hook_out"
+    """What a frozen-base probe reads (unfrozen heads read ln_final.hook_out)."""
+    patch_grid: Literal["quantiles", "scale"] = "quantiles"
+    n_grid: int = Field(7, ge=2, le=101)
+    scales: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0)
+    patch_texts: int = Field(64, ge=2, le=4096)
+    analyses: bool = True
+
+    @model_validator(mode="after")
+    def _valid(self):
+        if not valid_combo(self.head, self.freeze):
+            raise ValueError("head token with freeze none is not a valid trial: a frozen model has nothing to "
+                             "train for a token head; use freeze after_target or all")
+        if self.control in ("random_model", "early_features") and self.freeze != "none":
+            raise ValueError(f"control {self.control} swaps the head's features: it needs freeze none")
+        if self.solver == "lstsq" and (self.head != "regression" or self.freeze != "none"):
+            raise ValueError("solver lstsq is exact least squares: only for head regression with freeze none")
+        return self
+
+    @property
+    def read_hook(self) -> str:
+        """The point the head reads: the probe's feature hook, or the unembedding's input for unfrozen trials."""
+        return self.feature_hook if self.freeze == "none" else "ln_final.hook_out"
+
+    def check(self, model=None) -> None:
+        if model is not None:
+            model.check_layer(self.layer)
+            model.check_neuron(self.neuron)
+
+
+def trial_spec(config: dict) -> TrialSpec:
+    """The worker's TrialSpec from a trial config: every key but the bookkeeping ones must be a field."""
+    try:
+        return TrialSpec.model_validate({k: v for k, v in config.items() if k not in ("trial_id", "sample")})
+    except ValidationError as e:
+        raise NsrError(f"trial {config.get('trial_id', '?')}: {_format_error(e)}") from None
 
 
 def valid_combo(head: str, freeze: str) -> bool:

@@ -91,3 +91,34 @@ def digit_token_ids(tokenizer, suffix: str) -> list[int]:
             )
         ids.append(full[-1])
     return ids
+
+
+class LinearHead(torch.nn.Module):
+    """The one head module of every freeze mode: out = features @ weightᵀ + bias, n_out outputs.
+
+    Probes fit it; unfrozen trials freeze it at a seeded random init, or — for token heads — at the
+    model's own unembedding rows (and bias) of the ten digit tokens, so the outputs are the real
+    next-token logits of the digits."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().clone())  # n_out × d
+        self.register_buffer("bias", bias.detach().clone())  # n_out
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features.to(self.weight.dtype) @ self.weight.T + self.bias
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}
+
+
+def frozen_head(head: str, unembed: torch.nn.Module, d_model: int, n_out: int, seed: int,
+                digit_ids: list[int] | None) -> LinearHead:
+    """The frozen head of an unfrozen trial: the digit unembedding (token), else a seeded random map."""
+    if head == "token":
+        w = unembed.weight[digit_ids]
+        b = unembed.bias[digit_ids] if getattr(unembed, "bias", None) is not None else torch.zeros(len(digit_ids))
+        return LinearHead(w.float().cpu(), b.float().cpu()).to(unembed.weight.device)
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n_out, d_model, generator=gen) / d_model**0.5
+    return LinearHead(w, torch.zeros(n_out)).to(unembed.weight.device)

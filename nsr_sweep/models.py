@@ -2,21 +2,14 @@
 
 `load_model` resolves a bundled name (`nsr-tiny`), a local HF-format directory or a hub
 name (from the local Hugging Face cache first; the network only when allowed), and returns a
-`BaseModel` holding:
-
-- `hf`: the plain `transformers` model (eager attention, as the bridge forces), for reading
-  a few tensors with native forward hooks — the cheapest exact way to build a cache;
-- `bridge`: the TransformerLens 4 `TransformerBridge` over the same weights, for everything
-  addressed by hook name (training, patching, identity checks), with the recorded weight
-  processing (`none` or `compat` = `enable_compatibility_mode()`).
-
-Neuron activations and LayerNorm-normalised residuals do not depend on the processing
-(folding and centring preserve them), which is what lets the cache read them from `hf`.
+`BaseModel` holding the plain `transformers` model (eager attention), its tokenizer, and its
+`surface` (`nsr_sweep.surface`): the one view of the weights that every stage reads, trains and
+patches through, with module names from TransformerLens 4's architecture adapter. Weights are
+never processed (no LayerNorm folding): weight analyses state their basis instead.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import os
 from dataclasses import dataclass
@@ -27,11 +20,12 @@ from typing import Literal
 import torch
 
 from .errors import NsrError
+from .surface import Surface, architecture, check_architecture
 
 MODELS_DIR = Path(__file__).parent / "models"
 BUNDLED = "nsr-tiny"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
-PROCESSING = ("none", "compat")
+PROCESSING = ("none",)
 INITS = ("pretrained", "random")
 
 
@@ -43,7 +37,7 @@ def bundled_models() -> dict[str, Path]:
 class ModelSpec:
     name: str = BUNDLED
     init: Literal["pretrained", "random"] = "pretrained"
-    processing: Literal["none", "compat"] = "none"
+    processing: Literal["none"] = "none"
     device: str = "cpu"
     seed: int = 0  # for init: random
 
@@ -51,7 +45,8 @@ class ModelSpec:
         if self.init not in INITS:
             raise NsrError(f"model init {self.init!r} is not allowed; allowed: {', '.join(INITS)}")
         if self.processing not in PROCESSING:
-            raise NsrError(f"model processing {self.processing!r} is not allowed; allowed: {', '.join(PROCESSING)}")
+            raise NsrError(f"model processing {self.processing!r} is not allowed; allowed: none (compat was removed: "
+                           "cosines are reported in the neuron's effective residual basis instead)")
 
 
 def _has_tokenizer(path: Path) -> bool:
@@ -143,7 +138,7 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 
 class BaseModel:
-    """A base model resident in memory: plain HF model, TransformerLens bridge, tokenizer, identity."""
+    """A base model resident in memory: the plain HF model, its surface, tokenizer and identity."""
 
     def __init__(self, spec: ModelSpec):
         from transformers import AutoModelForCausalLM
@@ -153,6 +148,8 @@ class BaseModel:
             self.hf, self.path = _random_hf_model(spec.name, spec.seed)
         else:
             self.path = resolve_model_dir(spec.name)
+            check_weights_file(self.path)
+            check_architecture(_config_architecture(self.path), spec.name)
             self.hf = AutoModelForCausalLM.from_pretrained(self.path, attn_implementation="eager")
         # a random-init model without local tokenizer files borrows nsr-tiny's (ids stay in range)
         tok_path = self.path if self.path is not None and _has_tokenizer(self.path) else None
@@ -162,6 +159,7 @@ class BaseModel:
             raise NsrError(f"tokenizer has {len(self.tokenizer)} tokens but model {spec.name!r} only {self.hf.config.vocab_size}")
         self.hf.to(spec.device).eval().requires_grad_(False)
         self.device = torch.device(spec.device)
+        self.surface = Surface(self.hf, architecture(self.hf.config))
 
     # -- shape -------------------------------------------------------------------------
     @property
@@ -203,22 +201,6 @@ class BaseModel:
             "n_layers": self.n_layers, "d_model": self.d_model, "d_mlp": self.d_mlp, "d_vocab": self.d_vocab,
         }
 
-    # -- TransformerLens ---------------------------------------------------------------
-    @cached_property
-    def bridge(self):
-        """The TransformerBridge over a copy of the same weights, with the recorded processing."""
-        from transformer_lens.model_bridge import TransformerBridge
-
-        hf_copy = copy.deepcopy(self.hf)  # the bridge rewires the modules it wraps
-        bridge = TransformerBridge.boot_transformers(
-            self.spec.name if self.path is None else str(self.path),
-            hf_model=hf_copy, tokenizer=self.tokenizer, device=self.spec.device,
-        )
-        if self.spec.processing == "compat":
-            bridge.enable_compatibility_mode(disable_warnings=True)
-        bridge.eval().requires_grad_(False)
-        return bridge
-
     def check_layer(self, layer: int, field: str = "layer") -> None:
         if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
             raise NsrError(f"{field} {layer!r} is out of range for {self.spec.name}: allowed 0..{self.n_layers - 1}")
@@ -240,18 +222,37 @@ def load_model(spec: ModelSpec | str, **kw) -> BaseModel:
     return _RESIDENT[spec]
 
 
+def _config_architecture(path: Path) -> str | None:
+    import json
+
+    archs = json.loads((path / "config.json").read_text()).get("architectures") or [None]
+    return archs[0]
+
+
+def check_weights_file(path: Path) -> None:
+    """Weights must be safetensors: a pickle checkpoint is never loaded (it can run code)."""
+    if any(path.glob("*.safetensors")):
+        return
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise NsrError(f"model directory {path} has only a pickle checkpoint (pytorch_model.bin), which nsr-sweep "
+                       "never loads; convert it: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, "
+                       "safe_serialization=True)")
+    raise NsrError(f"model directory {path} has no weights (*.safetensors)")
+
+
 def model_shape(name: str) -> dict:
-    """n_layers / d_model / d_mlp / d_vocab from config.json alone (no weights loaded), for early checks."""
+    """n_layers / d_model / d_mlp / d_vocab / family from config.json alone (no weights loaded), for early checks."""
     import json
 
     path = resolve_model_dir(name, need_weights=False)
     if path is None:
         if name in ("gpt2", "openai-community/gpt2"):  # GPT2Config() defaults: known offline
-            return {"n_layers": 12, "d_model": 768, "d_mlp": 3072, "d_vocab": 50257}
+            return {"n_layers": 12, "d_model": 768, "d_mlp": 3072, "d_vocab": 50257, "family": "gpt2"}
         resolve_model_dir(name)  # raises the not-found error
     c = json.loads((path / "config.json").read_text())
+    family = check_architecture((c.get("architectures") or [None])[0], name)
     d_model = c.get("n_embd") or c.get("hidden_size")
-    return {
+    return {"family": family,
         "n_layers": c.get("n_layer") or c.get("num_hidden_layers"),
         "d_model": d_model,
         "d_mlp": c.get("n_inner") or c.get("intermediate_size") or 4 * d_model,

@@ -17,14 +17,37 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_dir(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmpdir)` on a temp directory beside `path`, then rename it over `path`."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def write_json(path: Path, data) -> Path:
@@ -40,7 +63,7 @@ def _jsonable(x):
 
 
 def save_trial(result, trial_dir: Path, extra: dict | None = None) -> Path:
-    """metrics.json, head.safetensors, preds.parquet, diagnostics.png (+ weights.safetensors), each atomically."""
+    """metrics.json, head.safetensors, preds.parquet, patch.parquet, diagnostics.png (+ model/), each atomically."""
     from safetensors.torch import save_file
 
     from .plots import diagnostics_png
@@ -58,8 +81,8 @@ def save_trial(result, trial_dir: Path, extra: dict | None = None) -> Path:
         atomic_write(trial_dir / "head.safetensors", lambda tmp: save_file(head, str(tmp)))
         if result.patch is not None:
             atomic_write(trial_dir / "patch.parquet", lambda tmp: result.patch.to_parquet(tmp, index=False))
-        if result.weights:
-            atomic_write(trial_dir / "weights.safetensors", lambda tmp: save_file(result.weights, str(tmp)))
+        if result.save_model is not None:
+            atomic_dir(trial_dir / "model", result.save_model)
         title = f"layer {s.layer} neuron {s.neuron} — {s.head} / freeze {s.freeze}"
         atomic_write(trial_dir / "diagnostics.png",
                      lambda tmp: diagnostics_png(result.preds, result.metrics, title, tmp))

@@ -64,11 +64,9 @@ class ModelWorker:
 
     def run(self, config: dict, sweep_dir: str) -> dict:
         """Run one trial, write its directory, return its row."""
-        from .trial import TrialSpec
+        from .config import trial_spec
 
-        kw = {k: config[k] for k in TrialSpec.__dataclass_fields__ if k in config}
-        kw.update({k: tuple(kw[k]) for k in ("splits", "scales") if k in kw})
-        spec = TrialSpec(**kw)
+        spec = trial_spec(config)
         tid = config["trial_id"]
         self.epochs[tid] = []
         self.running += 1
@@ -91,7 +89,7 @@ class ModelWorker:
                 cut.append(record["epoch"])
             return not cut
 
-        result = run_trial(self.cache, self.model, spec, feature_hook=config.get("feature_hook"), on_epoch=on_epoch)
+        result = run_trial(self.cache, self.model, spec, on_epoch=on_epoch)
         result.metrics["scheduler_stopped"] = bool(cut)  # training was cut short (a late stop changes nothing)
         self.stopping.discard(tid)
         trial_dir = Path(sweep_dir) / "trials" / config["trial_id"]

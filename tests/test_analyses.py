@@ -30,7 +30,7 @@ def test_a_head_reading_the_neuron_itself_has_patch_slope_one(big):
     (AdamW from zero reaches r = 0.9998 on the same data with weight 0.08 on the neuron: it spreads
     weight over near-collinear neurons. High r without the neuron is the very case patching exposes.)"""
     model, cache, neuron = big
-    r = run_trial(cache, model, TrialSpec(layer=2, neuron=neuron, solver="lstsq"))
+    r = run_trial(cache, model, TrialSpec(layer=2, neuron=neuron, solver="lstsq", feature_hook="blocks.2.mlp.hook_post"))
     m = r.metrics
     assert r.status == "ok" and m["n_test"] >= 500
     assert m["pearson_r"] > 0.999
@@ -42,7 +42,8 @@ def test_a_head_reading_the_neuron_itself_has_patch_slope_one(big):
 
 def test_shuffled_control_reads_nothing(big):
     model, cache, neuron = big
-    r = run_trial(cache, model, TrialSpec(layer=2, neuron=neuron, lr=1e-2, epochs=10, control="shuffled"))
+    r = run_trial(cache, model, TrialSpec(layer=2, neuron=neuron, lr=1e-2, epochs=10, control="shuffled",
+                                          feature_hook="blocks.2.mlp.hook_post"))
     m = r.metrics
     assert m["n_test"] >= 500 and abs(m["pearson_r"]) < 0.15 and abs(m["patch_slope"]) < 0.1
 
@@ -60,13 +61,15 @@ def test_identity_r_is_one_for_hook_pre(which, tmp_path_factory):
 
 def test_random_direction_null_has_the_expected_spread():
     model = load_model("nsr-tiny")
-    W_in, _, W_out = A.neuron_weights(model, 1)
+    w = model.surface.neuron_weights(1)
+    W_in, W_out = w["W_in"], w["W_out"]
+    vectors = {"win": W_in, "wout": W_out.T}
     direction = torch.randn(model.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    c = A.weight_cosines(direction, W_in, W_out, neuron=3, n_random=4000)
+    c = A.weight_cosines(direction, vectors, neuron=3, n_random=4000)
     assert abs(c["cos_null_random_std"] * np.sqrt(model.d_model) - 1) < 0.10
     assert c["cos_null_n_neurons"] == model.d_mlp - 1 >= 200
     w = W_in[:, 3]  # the neuron's own input vector: cos 1, far out in both nulls
-    own = A.weight_cosines(w, W_in, W_out, neuron=3)
+    own = A.weight_cosines(w, vectors, neuron=3)
     assert own["cos_win"] == pytest.approx(1.0) and own["cos_win_z_random"] > 5 and own["cos_win_z_neurons"] > 3
 
 
@@ -80,20 +83,21 @@ def test_readout_direction_of_binned_heads():
 
 def test_patch_hook_changes_only_the_target_neuron_at_the_target_position():
     model = load_model("nsr-tiny")
-    act = model.hf.transformer.h[2].mlp.act
+    down = model.hf.transformer.h[2].mlp.c_proj  # hook_post is its input
     seqs = [model.tokenizer.encode(t) for t in ("def f(x): return x", "A longer text about many things here.")]
     seqs = [[model.tokenizer.bos_token_id] + s for s in seqs]
     ids, mask = pad_batch(seqs, model.tokenizer.pad_token_id, "cpu")
     pos = mask.sum(1) - 1
     seen = {}
-    h = act.register_forward_hook(lambda m, i, o: seen.__setitem__("post", o.clone()))
     with torch.no_grad():
+        h = down.register_forward_pre_hook(lambda m, a: seen.__setitem__("post", a[0].clone()))
         model.hf(input_ids=ids, attention_mask=mask)
         before = seen["post"]
-        with A.patched(act, "post", pos, 17, 5.0):
-            act._forward_hooks.move_to_end(h.id)  # read after the patch
+        h.remove()
+        with model.surface.patch(2, "post", pos, 17, 5.0):
+            h = down.register_forward_pre_hook(lambda m, a: seen.__setitem__("post", a[0].clone()))  # after the patch
             model.hf(input_ids=ids, attention_mask=mask)
-    h.remove()
+            h.remove()
     after = seen["post"]
     changed = (after != before).nonzero().tolist()
     assert changed == [[0, int(pos[0]), 17], [1, int(pos[1]), 17]]
@@ -114,24 +118,6 @@ def test_patching_costs_one_batched_forward_per_grid_value():
     assert calls[1] == [40] * (1 + 5)  # blocks L…: the unpatched baseline, then one batched pass per grid value
     assert calls[0] == [40]  # blocks below L see no patch: run once
     assert len(r.patch) == 5 * 40
-
-
-def test_patching_from_the_layer_equals_full_forwards():
-    from nsr_sweep.heads import HeadMap
-    from nsr_sweep.trial import FinalModel
-
-    model = load_model("nsr-tiny")
-    cache = ActivationCache.build(model, load_corpus(n_texts=300), CacheSpec(layers=(2,)), progress=False)
-    spec = TrialSpec(layer=2, neuron=9)
-    w = torch.randn(model.d_model, 1, generator=torch.Generator().manual_seed(0))
-    idx = np.arange(0, 60, 3)
-    runs = [FinalModel(model, spec, cache.tokens, cache.positions, cache.positions, "ln_final.hook_normalized",
-                       lambda f: f.float() @ w, None, "post", reuse_prefix=fast) for fast in (True, False)]
-    for value in (None, torch.full((len(idx),), 2.5)):
-        (a, ra), (b, rb) = (fm.run(idx, value) for fm in runs)
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-        torch.testing.assert_close(ra, rb, atol=1e-5, rtol=0)
-    assert HeadMap("regression", np.arange(3.0)).n_out == 1
 
 
 def test_fit_patch_recovers_a_known_slope():

@@ -90,7 +90,7 @@ def test_a_valid_sweep_file_has_defaults_and_expands():
     assert spec.combos() == [("regression", "none"), ("regression", "all"), ("token", "all")]
     assert spec.skipped_combos() == [("token", "none")]
     groups = expand(spec, {0: [1, 5], 2: [1, 5]})
-    assert len(groups) == 2 * 2 * 3 and {g["feature_hook"] for g in groups} == {"ln_final.hook_normalized"}
+    assert len(groups) == 2 * 2 * 3 and {g["feature_hook"] for g in groups} == {"ln_final.hook_out"}
     text = dry_run_text(spec)
     assert "skipped invalid combinations: 1 (token+none" in text and "≤12 groups × 4 samples = ≤48 trials" in text
 
@@ -246,11 +246,12 @@ resources: {workers: 2}
 """
 
 
-def _launched(tmp_path: Path, sweep_text: str) -> Path:
+def _launched(tmp_path: Path, sweep_text: str, **env) -> Path:
     """Write the sweep file, launch it to completion, return its results directory."""
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(sweep_text)
-    r = subprocess.run(_launch_cmd(sweep, tmp_path / "res"), env=_env(), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(_launch_cmd(sweep, tmp_path / "res"), env={**_env(), **env}, capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return tmp_path / "res" / yaml.safe_load(sweep_text)["name"]
 
@@ -276,7 +277,6 @@ layers: [1]
 neurons: [7]
 heads: [regression]
 freeze: [none, after_target]
-features: {hook: blocks.3.hook_resid_post}   # a probe may read it; an unfrozen trial raises on it
 training: {epochs: 2}
 search: {num_samples: 1}
 max_failures: 1
@@ -285,13 +285,13 @@ resources: {workers: 2}
 
 
 def test_a_trial_that_raises_is_retried_then_recorded_as_failed(tmp_path):
-    sweep_dir = _launched(tmp_path, RAISES)
+    sweep_dir = _launched(tmp_path, RAISES, NSR_SWEEP_FAIL_TRIALS="L1-N7-regression-after_target")
     df = pd.read_parquet(sweep_dir / "tables" / "trials.parquet").set_index("trial_id")
     assert df.loc["L1-N7-regression-none-s0", "status"] == "ok"  # the sweep went on
     failed = df.loc["L1-N7-regression-after_target-s0"]
-    assert failed["status"] == "failed" and "ln_final.hook_normalized" in failed["error"]
+    assert failed["status"] == "failed" and "injected failure" in failed["error"]
     saved = json.loads((sweep_dir / "trials" / "L1-N7-regression-after_target-s0" / "metrics.json").read_text())
     assert saved["status"] == "failed" and saved["reason"] == failed["error"]
     tune_errors = list((sweep_dir / "tune").rglob("error.txt"))
-    assert tune_errors and "unfrozen trials read" in tune_errors[0].read_text()
+    assert tune_errors and "NSR_SWEEP_FAIL_TRIALS" in tune_errors[0].read_text()
     assert "L1-N7-regression-after_target-s0" in (sweep_dir / "report.html").read_text()
