@@ -92,7 +92,7 @@ def load_trials(sweep_dir: Path):
 def build_report(sweep_dir: Path | str, echo=print) -> Path:
     """Tables, figures and report.html for a sweep directory (running, partial or finished)."""
     from . import plots
-    from .orchestrate import LOCK, read_state
+    from .sweepdir import LOCK, read_state
 
     t0 = time.perf_counter()
     sweep_dir = Path(sweep_dir).resolve()

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from .errors import NsrError
-from .orchestrate import LOCK, read_state
+from .sweepdir import LOCK, read_state
 from .tables import finished_rows, trials_frame
 
 

@@ -16,7 +16,8 @@ from nsr_sweep.cli import main
 from nsr_sweep.config import dump_sweep, parse_sweep
 from nsr_sweep.corpus import load_corpus
 from nsr_sweep.models import load_model
-from nsr_sweep.orchestrate import LOCK, STATE, expand
+from nsr_sweep.orchestrate import expand
+from nsr_sweep.sweepdir import LOCK, STATE
 from nsr_sweep.results import save_trial, write_json
 from nsr_sweep.search import trial_id
 from nsr_sweep.trial import TrialSpec, run_trial
