@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
+from _families import family_model
 from transformers import AutoModelForCausalLM
 
 from nsr_sweep.cache import ActivationCache, CacheSpec, pad_batch, tokenize
@@ -38,7 +39,8 @@ def raw_forward(hf, batches) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="nsr-tiny")
+    ap.add_argument("--model", default="nsr-tiny", help="bundled name, HF directory, or a family: gpt2|neox|llama "
+                    "(a random model of nsr-tiny's shape)")
     ap.add_argument("--init", default="pretrained")
     ap.add_argument("--n-texts", type=int, default=2000)
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -48,7 +50,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    model = load_model(ModelSpec(name=args.model, init=args.init, device=args.device))
+    model = load_model(ModelSpec(name=family_model(args.model), init=args.init, device=args.device))
     corpus = load_corpus(n_texts=args.n_texts)
     spec = CacheSpec(layers=tuple(int(x) for x in args.layers.split(",")), max_tokens=args.max_tokens)
     seqs, _ = tokenize(model, corpus.texts, args.max_tokens)

@@ -19,15 +19,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
+from _families import family_model
 
 from nsr_sweep.cache import ActivationCache, CacheSpec, pad_batch
+from nsr_sweep.config import TrialSpec
 from nsr_sweep.corpus import load_corpus
+from nsr_sweep.fit import fit_probes
 from nsr_sweep.models import ModelSpec, load_model
-from nsr_sweep.trial import Suffix, TrialSpec, fit_probes, run_trial, split_indices
+from nsr_sweep.trial import run_trial, split_indices
 
 
 def step_seconds(model, cache, layer: int, after: bool, batch: int, steps: int) -> float:
-    net = Suffix(model, layer + 1 if after else 0, with_embeddings=not after)
+    start = layer + 1 if after else 0
+    net = model.surface.trainable_from(start)
     head = torch.randn(model.d_model, 1, generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW(net.trainable().values(), lr=1e-4)
     idx = np.arange(batch)
@@ -38,8 +42,8 @@ def step_seconds(model, cache, layer: int, after: bool, batch: int, steps: int) 
     y = torch.randn(batch, device=model.device)
 
     def step():
-        x = resid if after else net.embed(ids)
-        out = net.features(x, normalized=True)[torch.arange(batch), pos] @ head.to(x.device)
+        x = resid if after else net.embed_ids(ids)
+        out = net.ln_final(net.run(x, start))[torch.arange(batch), pos] @ head.to(x.device)
         loss = ((out[:, 0] - y) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -58,7 +62,8 @@ def step_seconds(model, cache, layer: int, after: bool, batch: int, steps: int) 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="nsr-tiny")
+    ap.add_argument("--model", default="nsr-tiny", help="bundled name, HF directory, or a family: gpt2|neox|llama "
+                    "(a random model of nsr-tiny's shape)")
     ap.add_argument("--init", default="pretrained")
     ap.add_argument("--layer", type=int, default=1)
     ap.add_argument("--n-texts", type=int, default=1000)
@@ -67,15 +72,16 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
 
-    model = load_model(ModelSpec(name=args.model, init=args.init, device=args.device))
+    model = load_model(ModelSpec(name=family_model(args.model), init=args.init, device=args.device))
     cache = ActivationCache.compute(model, load_corpus(n_texts=args.n_texts),
                                     CacheSpec(layers=(args.layer,), store_resid=True), progress=False)
-    spec = TrialSpec(layer=args.layer, neuron=0, epochs=20, patience=20, lr=1e-2, analyses=False)
+    spec = TrialSpec(layer=args.layer, neuron=0, epochs=20, patience=20, lr=1e-2, analyses=False,
+                     feature_hook=cache.meta["spec"]["features"])
     per_trial = {}
     for analyses in (False, True):
         t0 = time.perf_counter()
         for n in range(5):
-            run_trial(cache, model, TrialSpec(**{**spec.__dict__, "neuron": n, "analyses": analyses}))
+            run_trial(cache, model, spec.model_copy(update={"neuron": n, "analyses": analyses}))
         per_trial[analyses] = (time.perf_counter() - t0) / 5
     t0 = time.perf_counter()
     fit_probes(cache.features, np.asarray(cache.acts[args.layer], np.float64), "regression", spec,

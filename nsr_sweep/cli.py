@@ -44,7 +44,7 @@ def models(as_json):
         click.echo(json.dumps(rows, indent=2))
         return
     for r in rows:
-        click.echo(f"{r['name']:<12} layers={r['n_layers']} d_model={r['d_model']} d_mlp={r['d_mlp']} "
+        click.echo(f"{r['name']:<12} {r['family']:<6} layers={r['n_layers']} d_model={r['d_model']} d_mlp={r['d_mlp']} "
                    f"d_vocab={r['d_vocab']}  {r['path']}")
 
 
@@ -176,7 +176,8 @@ def cache_build(sweep_file, root):
 def launch(sweep_file, out_root, address, resume, dry_run, dashboard, dashboard_host, cache_root):
     """Run a sweep: Ray model workers, Tune + Optuna trials, results/<name>/."""
     from .config import load_sweep
-    from .orchestrate import dry_run_text, launch as run_launch
+    from .orchestrate import dry_run_text
+    from .orchestrate import launch as run_launch
 
     if dry_run:
         click.echo(dry_run_text(load_sweep(sweep_file)))
@@ -202,7 +203,7 @@ def report(sweep_dir):
 @friendly
 def status(sweep_dir, as_json):
     """Counts by status, best trials and elapsed time of a sweep directory."""
-    from .status import sweep_status, format_status
+    from .status import format_status, sweep_status
 
     st = sweep_status(Path(sweep_dir))
     click.echo(json.dumps(st, indent=2, default=str) if as_json else format_status(st))

@@ -7,7 +7,6 @@ config.json without loading weights.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -227,10 +226,9 @@ class SweepSpec(Strict):
                 raise NsrError(f"neurons: {n} is out of range for {self.model.name}: allowed 0..{d_mlp - 1} (d_mlp)")
             if isinstance(n, NeuronSelect) and n.k > d_mlp:
                 raise NsrError(f"neurons: select k={n.k} exceeds d_mlp={d_mlp} of {self.model.name}")
-        spec = self.cache_spec()
-        m = re.match(r"^blocks\.(\d+)\.", spec.features)
-        if m and int(m.group(1)) >= n_layers:
-            raise NsrError(f"features.hook {spec.features!r}: layer out of range, allowed 0..{n_layers - 1}")
+        from .surface import check_hook
+
+        check_hook(self.features.hook, shape["family"], shape["parallel"], n_layers)
         return shape
 
     def cache_spec(self):

@@ -115,7 +115,9 @@ def _random_hf_model(name: str, seed: int):
         )
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="eager"), path
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model.config.architectures = model.config.architectures or [type(model).__name__]  # GPT2Config() names none
+    return model, path
 
 
 def _load_tokenizer(path: Path | None):
@@ -247,12 +249,13 @@ def model_shape(name: str) -> dict:
     path = resolve_model_dir(name, need_weights=False)
     if path is None:
         if name in ("gpt2", "openai-community/gpt2"):  # GPT2Config() defaults: known offline
-            return {"n_layers": 12, "d_model": 768, "d_mlp": 3072, "d_vocab": 50257, "family": "gpt2"}
+            return {"n_layers": 12, "d_model": 768, "d_mlp": 3072, "d_vocab": 50257, "family": "gpt2",
+                    "parallel": False}
         resolve_model_dir(name)  # raises the not-found error
     c = json.loads((path / "config.json").read_text())
     family = check_architecture((c.get("architectures") or [None])[0], name)
     d_model = c.get("n_embd") or c.get("hidden_size")
-    return {"family": family,
+    return {"family": family, "parallel": family == "neox" and c.get("use_parallel_residual", True),
         "n_layers": c.get("n_layer") or c.get("num_hidden_layers"),
         "d_model": d_model,
         "d_mlp": c.get("n_inner") or c.get("intermediate_size") or 4 * d_model,

@@ -17,15 +17,12 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
-
 from .config import NeuronSelect, SweepSpec, load_sweep
 from .errors import NsrError
 from .results import write_json
-from .sweepdir import claim, read_state, release, update_state
 from .search import GroupedSearch
+from .sweepdir import claim, read_state, release, update_state
 from .tables import finished_rows, read_trial_dir, trial_row, write_trials_table
-
-
 
 # -- the grid --------------------------------------------------------------------------------
 

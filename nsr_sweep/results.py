@@ -64,12 +64,12 @@ def _jsonable(x):
 
 def save_trial(result, trial_dir: Path, extra: dict | None = None) -> Path:
     """metrics.json, head.safetensors, preds.parquet, patch.parquet, diagnostics.png (+ model/), each atomically."""
+    import time
+
     from safetensors.torch import save_file
 
     from .plots import diagnostics_png
     from .trial import spec_dict
-
-    import time
 
     t0 = time.perf_counter()
     trial_dir = Path(trial_dir)

@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import save_tiny_gpt2
+
 from nsr_sweep import analyses as A
 from nsr_sweep.cache import ActivationCache, CacheSpec, pad_batch
 from nsr_sweep.corpus import load_corpus

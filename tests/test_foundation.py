@@ -10,15 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import save_tiny_gpt2
+
 from nsr_sweep import models as models_mod
 from nsr_sweep.cache import ActivationCache, CacheSpec, check_identity, pad_batch, tokenize
 from nsr_sweep.cli import main
 from nsr_sweep.corpus import Corpus, load_corpus
 from nsr_sweep.errors import NsrError
 from nsr_sweep.models import ModelSpec, load_model
-
 
 # -- corpus --------------------------------------------------------------------------------
 

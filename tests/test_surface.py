@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import FAMILIES
 from safetensors.torch import load_file
 from scipy import stats
 
-from conftest import FAMILIES
 from nsr_sweep.cache import ActivationCache, CacheSpec, pad_batch
 from nsr_sweep.cli import main
 from nsr_sweep.config import TrialSpec

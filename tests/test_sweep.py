@@ -61,6 +61,8 @@ MALFORMED = [
     (with_(search={"scheduler": "hyperband"}), "search.scheduler"),
     (with_(target={"hook": "mlp_out"}), "target.hook"),
     (with_(features={"hook": "resid final"}), "features.hook"),
+    (with_(features={"hook": "blocks.1.attn.hook_z"}), "features.hook 'blocks.1.attn.hook_z' is not a hook nsr-sweep"),
+    (with_(features={"hook": "blocks.7.hook_resid_post"}), "features.hook 'blocks.7.hook_resid_post': layer out"),
     (with_(corpus={"n_texts": 5}), "corpus.n_texts"),
     (with_(splits={"train": 0.8, "val": 0.15, "test": 0.15}), "train + val + test must be 1"),
     (with_(name="bad name/with slash"), "name"),
@@ -175,6 +177,7 @@ def _check_complete(sweep_dir: Path, expected: int) -> pd.DataFrame:
     return df
 
 
+@pytest.mark.slow
 def test_end_to_end_sweep_on_local_ray(tmp_path):
     sweep = tmp_path / "e2e.yaml"
     sweep.write_text(SMALL.format(name="e2e", extra="controls: [shuffled, early_features, random_model]"))
@@ -204,6 +207,7 @@ def test_end_to_end_sweep_on_local_ray(tmp_path):
     _check_complete(sweep_dir, expected=48)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_sweep_then_resume_runs_every_trial_exactly_once(tmp_path):
     sweep = tmp_path / "k.yaml"
     sweep.write_text(SMALL.format(name="killed", extra=""))
@@ -256,6 +260,7 @@ def _launched(tmp_path: Path, sweep_text: str, **env) -> Path:
     return tmp_path / "res" / yaml.safe_load(sweep_text)["name"]
 
 
+@pytest.mark.slow
 def test_asha_stops_weak_trials_and_they_are_still_recorded(tmp_path):
     sweep_dir = _launched(tmp_path, ASHA)
     df = pd.read_parquet(sweep_dir / "tables" / "trials.parquet")
@@ -284,6 +289,7 @@ resources: {workers: 2}
 """
 
 
+@pytest.mark.slow
 def test_a_trial_that_raises_is_retried_then_recorded_as_failed(tmp_path):
     sweep_dir = _launched(tmp_path, RAISES, NSR_SWEEP_FAIL_TRIALS="L1-N7-regression-after_target")
     df = pd.read_parquet(sweep_dir / "tables" / "trials.parquet").set_index("trial_id")
@@ -295,3 +301,30 @@ def test_a_trial_that_raises_is_retried_then_recorded_as_failed(tmp_path):
     tune_errors = list((sweep_dir / "tune").rglob("error.txt"))
     assert tune_errors and "NSR_SWEEP_FAIL_TRIALS" in tune_errors[0].read_text()
     assert "L1-N7-regression-after_target-s0" in (sweep_dir / "report.html").read_text()
+
+
+FAMILY_SWEEP = """
+name: fam-{family}
+model: {path}
+corpus: {{n_texts: 120, max_tokens: 20}}
+layers: [1, 2]
+neurons: [3]
+heads: [regression, classification, token]
+freeze: [none, after_target, all]
+training: {{epochs: 1, batch_size: 16}}
+analysis: {{patch_texts: 8, n_grid: 3}}
+search: {{num_samples: 1}}
+resources: {{workers: 2}}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt2", "neox", "llama"])
+def test_every_head_and_freeze_on_every_family(tmp_path, family_dirs, family):
+    """Two layers, the last included: every valid head × freeze trial is ok on each family."""
+    sweep_dir = _launched(tmp_path, FAMILY_SWEEP.format(family=family, path=family_dirs[family]))
+    df = pd.read_parquet(sweep_dir / "tables" / "trials.parquet")
+    assert len(df) == 2 * 8 and (df["status"] == "ok").all(), df[["trial_id", "error"]]
+    assert set(df["layer"]) == {1, 2} and np.isfinite(df["pearson_r"]).all()
+    unfrozen = df[df["freeze"] != "none"]
+    assert np.isfinite(unfrozen["proj_wout_r_ft"]).all() and np.isfinite(unfrozen["cos_wout_eff_ft"]).all()

@@ -10,14 +10,14 @@ import torch
 from safetensors.torch import load_file
 
 from nsr_sweep.cache import ActivationCache, CacheSpec
+from nsr_sweep.config import TrialSpec
 from nsr_sweep.corpus import load_corpus
 from nsr_sweep.errors import NsrError
+from nsr_sweep.fit import fit_probes
 from nsr_sweep.heads import HeadMap, digit_token_ids
 from nsr_sweep.metrics import prediction_metrics
 from nsr_sweep.models import load_model
 from nsr_sweep.results import save_trial
-from nsr_sweep.config import TrialSpec
-from nsr_sweep.fit import fit_probes
 from nsr_sweep.trial import run_trial, split_indices
 
 
