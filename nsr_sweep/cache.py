@@ -153,7 +153,7 @@ def check_identity(model: BaseModel, seqs: list[list[int]], layer: int) -> dict:
         normed = x / torch.sqrt((x**2).mean(-1, keepdim=True) + eps) * gamma
     else:
         c = x - x.mean(-1, keepdim=True)
-        normed = c / torch.sqrt((c**2).mean(-1, keepdim=True) + eps) * gamma + beta
+        normed = c / torch.sqrt((c**2).mean(-1, keepdim=True) + eps) * gamma + (0 if beta is None else beta)
     w = s.neuron_weights(layer)
     recomputed = normed @ w["W_pre"] + w["b_pre"]
     act = ACT2FN[s.arch.act_fn](pre.float()).double()
@@ -262,7 +262,7 @@ class ActivationCache:
         names = list(dict.fromkeys(names + resid_names))
         n, max_len = len(seqs), max(len(s) for s in seqs)
         acts = {L: np.empty((n, model.d_mlp), np.float32) for L in spec.layers}
-        features = None  # its width is the feature hook's (d_model for the residual, d_mlp for an MLP hook)
+        features: np.ndarray | None = None  # its width is the feature hook's (d_model for the residual, d_mlp for an MLP hook)
         extra = {k: np.empty((n, model.d_model), np.float32) for k in extra_names}
         resid = {L: np.zeros((n, max_len, model.d_model), np.float32) for L in spec.layers} if spec.store_resid else {}
         order = np.argsort([-len(s) for s in seqs], kind="stable")  # similar lengths share a batch: less padding
@@ -301,6 +301,7 @@ class ActivationCache:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         tokens = [list(s) for s in seqs]
+        assert features is not None
         return cls(list(corpus.texts), tokens, positions, acts, features, resid, meta, extra=extra)
 
     # -- the object store ---------------------------------------------------------------
@@ -386,7 +387,7 @@ def _to_numpy(col: pa.ChunkedArray) -> np.ndarray:
 def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {}
+    out: dict[str, str | None] = {}
     for pkg in ("nsr-sweep", "torch", "transformers", "transformer-lens", "numpy", "pyarrow"):
         try:
             out[pkg] = version(pkg)

@@ -54,7 +54,8 @@ class TrialModel:
 
     def batched(self, idx: np.ndarray, reads: tuple[str, ...] = (), size: int = 64) -> tuple[torch.Tensor, dict]:
         """`run` over many texts in batches, unpatched (no prefix kept)."""
-        outs, got = [], {n: [] for n in reads}
+        outs: list[torch.Tensor] = []
+        got: dict[str, list[torch.Tensor]] = {n: [] for n in reads}
         for s in range(0, len(idx), size):
             part = idx[s : s + size]
             out, r = self.run(part, None, reads)

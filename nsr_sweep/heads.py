@@ -11,6 +11,8 @@ lie inside [min, max] of the train activations.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -100,6 +102,9 @@ class LinearHead(torch.nn.Module):
     model's own unembedding rows (and bias) of the ten digit tokens, so the outputs are the real
     next-token logits of the digits."""
 
+    weight: torch.Tensor
+    bias: torch.Tensor
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
         super().__init__()
         self.register_buffer("weight", weight.detach().clone())  # n_out × d
@@ -112,10 +117,11 @@ class LinearHead(torch.nn.Module):
         return {"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}
 
 
-def frozen_head(head: str, unembed: torch.nn.Module, d_model: int, n_out: int, seed: int,
+def frozen_head(head: str, unembed: Any, d_model: int, n_out: int, seed: int,
                 digit_ids: list[int] | None) -> LinearHead:
     """The frozen head of an unfrozen trial: the digit unembedding (token), else a seeded random map."""
     if head == "token":
+        assert digit_ids is not None
         w = unembed.weight[digit_ids]
         b = unembed.bias[digit_ids] if getattr(unembed, "bias", None) is not None else torch.zeros(len(digit_ids))
         return LinearHead(w.float().cpu(), b.float().cpu()).to(unembed.weight.device)

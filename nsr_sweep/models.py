@@ -251,7 +251,7 @@ def model_shape(name: str) -> dict:
         if name in ("gpt2", "openai-community/gpt2"):  # GPT2Config() defaults: known offline
             return {"n_layers": 12, "d_model": 768, "d_mlp": 3072, "d_vocab": 50257, "family": "gpt2",
                     "parallel": False}
-        resolve_model_dir(name)  # raises the not-found error
+        raise NsrError(f"model {name!r} was not found (not bundled, not a directory, not in the Hugging Face cache)")
     c = json.loads((path / "config.json").read_text())
     family = check_architecture((c.get("architectures") or [None])[0], name)
     d_model = c.get("n_embd") or c.get("hidden_size")

@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from .config import NeuronSelect, SweepSpec, load_sweep
 from .errors import NsrError
@@ -87,7 +88,7 @@ def init_ray(address: str | None, dashboard: bool, dashboard_host: str):
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
-    kw = dict(log_to_driver=False, configure_logging=True, logging_level="ERROR")
+    kw: dict[str, Any] = dict(log_to_driver=False, configure_logging=True, logging_level="ERROR")
     if address:
         return ray.init(address=address, **kw)
     from .workers import cpu_count
@@ -271,7 +272,7 @@ def _run(spec, sweep_dir, address, dashboard, dashboard_host, cache_root, echo, 
     progress = SweepProgress(sweep_dir, spec, rows, total)
     trial_seconds_before = sum(_work(r) for r in rows)
     if searcher.n_remaining:
-        pool = WorkerPool.remote(workers)
+        pool = WorkerPool.remote(workers)  # type: ignore[attr-defined]  # a Ray actor class
         asha = spec.search.scheduler == "asha"
         trainable = tune.with_resources(
             tune.with_parameters(trial_function, sweep_dir=str(sweep_dir), pool=pool,
@@ -322,7 +323,10 @@ def _run(spec, sweep_dir, address, dashboard, dashboard_host, cache_root, echo, 
 
 def _work(row: dict) -> float:
     """Seconds a worker spent on a trial: training and evaluation, then its artefacts."""
-    return sum(v for v in (row.get("seconds"), row.get("artefact_seconds")) if _finite(v))
+    total = 0.0
+    for v in (row.get("seconds"), row.get("artefact_seconds")):
+        total += v if isinstance(v, (int, float)) and math.isfinite(v) else 0.0
+    return total
 
 
 def _gauge(name: str, sweep: str, value: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -123,7 +124,7 @@ def r_vs_patch(best: pd.DataFrame, path: Path) -> Path | None:
     _scatter_by_combo(ax, best, "pearson_r", "patch_slope")
     ax.axvline(0.5, color="grey", lw=0.8, ls="--")
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    kw = dict(transform=ax.transAxes, fontsize=9, color="dimgray")
+    kw: dict[str, Any] = dict(transform=ax.transAxes, fontsize=9, color="dimgray")
     ax.text(0.98, 0.97, "reads the neuron", ha="right", va="top", **kw)
     ax.text(0.98, 0.03, "recomputes it from context", ha="right", va="bottom", **kw)
     ax.text(0.02, 0.5, "fails", ha="left", va="center", **kw)

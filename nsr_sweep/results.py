@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
     """Call `write(tmp)` on a temp path beside `path`, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -25,7 +25,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def atomic_dir(path: Path, write: Callable[[Path], None]) -> Path:
+def atomic_dir(path: Path, write: Callable[[Path], object]) -> Path:
     """Call `write(tmpdir)` on a temp directory beside `path`, then rename it over `path`."""
     import shutil
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import Literal
 
 import optuna
 from ray.tune.search import Searcher
@@ -20,13 +21,13 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def distribution(d: Dist) -> optuna.distributions.BaseDistribution:
-    if d.kind == "loguniform":
-        return optuna.distributions.FloatDistribution(*d.loguniform, log=True)
-    if d.kind == "uniform":
-        return optuna.distributions.FloatDistribution(*d.uniform)
-    if d.kind == "int":
-        return optuna.distributions.IntDistribution(*d.int)
-    return optuna.distributions.CategoricalDistribution(d.choice)
+    if d.loguniform is not None:
+        return optuna.distributions.FloatDistribution(d.loguniform[0], d.loguniform[1], log=True)
+    if d.uniform is not None:
+        return optuna.distributions.FloatDistribution(d.uniform[0], d.uniform[1])
+    if d.int is not None:
+        return optuna.distributions.IntDistribution(d.int[0], d.int[1])
+    return optuna.distributions.CategoricalDistribution(d.choice or [])
 
 
 def stable_seed(*parts) -> int:
@@ -47,8 +48,9 @@ class GroupedSearch(Searcher):
         super().__init__(metric=spec.search.metric, mode=spec.search.mode)
         self.spec, self.groups = spec, groups
         self.dists = {k: distribution(v) for k, v in spec.search.space.items()}
-        direction = "minimize" if spec.search.mode == "min" else "maximize"
-        self.studies, self.taken = {}, {}
+        direction: Literal["minimize", "maximize"] = "minimize" if spec.search.mode == "min" else "maximize"
+        self.studies: dict[tuple, optuna.Study] = {}
+        self.taken: dict[tuple, set[int]] = {}
         for g in groups:
             k = group_key(g)
             seed = stable_seed(spec.seed, k)

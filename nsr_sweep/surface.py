@@ -27,7 +27,7 @@ import copy
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -85,37 +85,37 @@ def architecture(config) -> Architecture:
     archs = getattr(config, "architectures", None) or []
     family = check_architecture(archs[0] if archs else None, getattr(config, "name_or_path", "") or config.model_type)
     arch = determine_architecture_from_hf_config(config)
-    cfg = build_bridge_config_from_hf(config, arch, "nsr-sweep", None)
-    cm = ArchitectureAdapterFactory.select_architecture_adapter(cfg).component_mapping
+    cfg: Any = build_bridge_config_from_hf(config, arch, "nsr-sweep", None)  # type: ignore[arg-type]
+    cm: Any = ArchitectureAdapterFactory.select_architecture_adapter(cfg).component_mapping
     blocks = cm["blocks"]
     sub = blocks.submodules
     mlp = sub["mlp"]
     parts = mlp.submodules
     name = lambda k: cm[k].name if k in cm else None  # noqa: E731
     return Architecture(
-        family=family, embed=name("embed"), pos_embed=name("pos_embed"), rotary=name("rotary_emb"),
+        family=family, embed=cm["embed"].name, pos_embed=name("pos_embed"), rotary=name("rotary_emb"),
         blocks=blocks.name, ln1=sub["ln1"].name, ln2=sub["ln2"].name, attn=sub["attn"].name,
         mlp_in=f"{mlp.name}.{parts['in'].name}",
         mlp_gate=f"{mlp.name}.{parts['gate'].name}" if "gate" in parts else None,
-        mlp_out=f"{mlp.name}.{parts['out'].name}", ln_final=name("ln_final"), unembed=name("unembed"),
+        mlp_out=f"{mlp.name}.{parts['out'].name}", ln_final=cm["ln_final"].name, unembed=cm["unembed"].name,
         norm="rmsnorm" if cfg.normalization_type == "RMS" else "layernorm",
         parallel=bool(getattr(cfg, "parallel_attn_mlp", False)), act_fn=str(cfg.act_fn),
     )
 
 
-def _get(root: torch.nn.Module, path: str) -> torch.nn.Module:
+def _get(root: Any, path: str) -> Any:
     for part in path.split("."):
         root = getattr(root, part)
     return root
 
 
-def _matrix(module: torch.nn.Module) -> torch.Tensor:
+def _matrix(module: Any) -> torch.Tensor:
     """A projection's weight as [in, out] (x @ W): HF GPT-2's Conv1D stores it so, nn.Linear transposed."""
     w = module.weight
     return w if type(module).__name__ == "Conv1D" else w.T
 
 
-def _bias(module: torch.nn.Module, n_out: int) -> torch.Tensor:
+def _bias(module: Any, n_out: int) -> torch.Tensor:
     b = getattr(module, "bias", None)
     return b if b is not None else torch.zeros(n_out, dtype=module.weight.dtype, device=module.weight.device)
 
@@ -130,7 +130,7 @@ class Point:
     """Where a TransformerLens hook's value lives: the input or output of one module, maybe transformed."""
 
     layer: int | None  # None: after the last block (ln_final)
-    module: torch.nn.Module
+    module: Any
     side: str  # in | out
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
 
@@ -138,8 +138,9 @@ class Point:
 class Surface:
     """A causal LM as a function with named points (see the module docstring)."""
 
-    def __init__(self, hf: torch.nn.Module, arch: Architecture, blocks: list | None = None,
-                 ln_final: torch.nn.Module | None = None):
+    trainable_start: int | None = None  # set on a trainable copy: blocks from here on (and the final norm) train
+
+    def __init__(self, hf: Any, arch: Architecture, blocks: list | None = None, ln_final: Any = None):
         self.hf, self.arch = hf, arch
         self.config = hf.config
         self.embed = _get(hf, arch.embed)
@@ -151,10 +152,10 @@ class Surface:
         self.n_layers = len(self.blocks)
 
     # -- parts ----------------------------------------------------------------------------
-    def part(self, layer: int, path: str) -> torch.nn.Module:
+    def part(self, layer: int, path: str) -> Any:
         return _get(self.blocks[layer], path)
 
-    def ln2(self, layer: int) -> torch.nn.Module:
+    def ln2(self, layer: int) -> Any:
         return self.part(layer, self.arch.ln2)
 
     @property
@@ -183,7 +184,7 @@ class Surface:
             x = out[0] if isinstance(out, tuple) else out
         return x
 
-    def normalized(self, norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def normalized(self, norm: Any, x: torch.Tensor) -> torch.Tensor:
         """The norm without its affine (TransformerLens' `hook_normalized`)."""
         eps = norm_eps(norm)
         if self.arch.norm == "rmsnorm":
@@ -256,7 +257,8 @@ class Surface:
              full: frozenset | set = frozenset()) -> dict[str, torch.Tensor]:
         """One forward from the tokens, as far as the last named point needs."""
         points = [self.point(n) for n in names]
-        stop = self.n_layers if any(p.layer is None for p in points) else max(p.layer for p in points) + 1
+        layers = [p.layer for p in points]
+        stop = self.n_layers if None in layers else max(L for L in layers if L is not None) + 1
         with self.reading(names, positions, full) as got:
             x = self.run(self.embed_ids(ids), 0, stop)
             if stop == self.n_layers and any(p.layer is None for p in points):
@@ -308,12 +310,12 @@ class Surface:
         out["W_pre"], out["b_pre"] = (out["W_gate"], out["b_gate"]) if a.mlp_gate else (W_in, out["b_in"])
         return out
 
-    def norm_affine(self, norm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def norm_affine(self, norm: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(γ, β) of a norm in float64; β is None for RMSNorm."""
         b = getattr(norm, "bias", None)
         return norm.weight.detach().double(), (b.detach().double() if b is not None else None)
 
-    def effective(self, norm: torch.nn.Module, vectors: torch.Tensor) -> torch.Tensor:
+    def effective(self, norm: Any, vectors: torch.Tensor) -> torch.Tensor:
         """Read vectors behind `norm` as directions in the residual stream: γ ⊙ w, centred for LayerNorm.
 
         LN(x)·w = ((x − x̄)/σ)·(γ⊙w) + β·w = (x/σ)·centre(γ⊙w) + β·w; RMSNorm has no centring."""
@@ -354,7 +356,7 @@ class Surface:
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         """The trainable parameters, named as in the HF state dict."""
-        start = getattr(self, "trainable_start", self.n_layers + 1)
+        start = self.n_layers + 1 if self.trainable_start is None else self.trainable_start
         out = {}
         for i in range(start, self.n_layers):
             out.update({f"{self.arch.blocks}.{i}.{k}": p for k, p in self.blocks[i].named_parameters()})
@@ -362,7 +364,7 @@ class Surface:
             out.update({f"{self.arch.ln_final}.{k}": p for k, p in self.ln_final.named_parameters()})
         return out
 
-    def to_hf(self) -> torch.nn.Module:
+    def to_hf(self) -> Any:
         """A standalone HF model with this surface's weights (a copy; for `save_pretrained`)."""
         hf = copy.deepcopy(self.hf)
         state = {k: v.detach() for k, v in self.trainable().items()}

@@ -87,7 +87,8 @@ def run_trial(cache: ActivationCache, model: BaseModel | None, spec: TrialSpec, 
     except FloatingPointError as e:
         return TrialResult(spec, "failed", reason=str(e), metrics={"seconds": time.perf_counter() - t0})
     hook = cache.meta["spec"]["hook"]
-    if spec.freeze == "all":  # the neuron itself trained: re-read it, same texts, same position
+    if spec.freeze == "all":
+        assert model is not None and fit.surface is not None  # the neuron itself trained: re-read it, same texts, same position
         actual_ft = read_points(fit.surface, cache.tokens, cache.positions, [neuron_hook(spec.layer, hook)],
                                 model.tokenizer.pad_token_id)[neuron_hook(spec.layer, hook)][:, spec.neuron]
     else:
@@ -98,7 +99,7 @@ def run_trial(cache: ActivationCache, model: BaseModel | None, spec: TrialSpec, 
     metrics.update({"epochs_run": len(fit.history), "best_epoch": best, "val_mse": fit.history[best]["val_mse"],
                     "val_loss": fit.history[best]["val_loss"], "train_seconds": time.perf_counter() - t0})
     points = None
-    if spec.analyses and model is not None and spec.control in (None, "shuffled"):
+    if spec.analyses and model is not None and fit.surface is not None and spec.control in (None, "shuffled"):
         from .analyses import analyse
 
         final = TrialModel(fit.surface, fit.head, spec.read_hook, seqs, answer_pos, cache.positions, spec.layer,
@@ -106,10 +107,12 @@ def run_trial(cache: ActivationCache, model: BaseModel | None, spec: TrialSpec, 
         columns, points = analyse(cache, model.surface, final, fit.trained, spec, fit.hmap, preds, splits, real)
         metrics.update(columns)
     metrics["seconds"] = time.perf_counter() - t0
-    save = None
-    if fit.trained and spec.save_weights:
+    save: Callable | None = None
+    if fit.trained and spec.save_weights and fit.surface is not None and model is not None:
         hf, tok = fit.surface.to_hf(), model.tokenizer
-        save = lambda path: (hf.save_pretrained(path), tok.save_pretrained(path))  # noqa: E731
+        def save(path):
+            hf.save_pretrained(path)
+            tok.save_pretrained(path)
     return TrialResult(spec, "ok", metrics, preds=preds, head={**fit.head.state(), **fit.hmap.state()},
                        save_model=save, history=fit.history, patch=points)
 
@@ -125,6 +128,7 @@ def fit_head(cache: ActivationCache, model: BaseModel | None, spec: TrialSpec, y
         head = pf.head(0)
         out = head(torch.as_tensor(np.asarray(features, np.float32)))
         return Fit(pf.maps[0], head, model.surface if model is not None else None, False, out, pf.history[0])
+    assert model is not None, "an unfrozen trial needs the base model"
     s = model.surface
     hmap = HeadMap(spec.head, y[splits["train"]], spec.n_bins)
     head = frozen_head(spec.head, s.unembed, model.d_model, hmap.n_out, spec.seed, digit_ids)
@@ -152,6 +156,7 @@ def sequences(cache: ActivationCache, spec: TrialSpec, model: BaseModel | None):
     suffix's last token for token heads, else the text's last token), and the digit token ids."""
     if spec.head != "token":
         return cache.tokens, np.asarray(cache.positions), None
+    assert model is not None, "a token head needs the model's tokenizer"
     suffix = spec.suffix.format(layer=spec.layer, neuron=spec.neuron)
     digit_ids = digit_token_ids(model.tokenizer, suffix)
     suffix_ids = model.tokenizer.encode(suffix, add_special_tokens=False)

@@ -89,6 +89,7 @@ class ModelWorker:
                 cut.append(record["epoch"])
             return not cut
 
+        assert self.cache is not None, "set_cache first"
         result = run_trial(self.cache, self.model, spec, on_epoch=on_epoch)
         result.metrics["scheduler_stopped"] = bool(cut)  # training was cut short (a late stop changes nothing)
         self.stopping.discard(tid)
@@ -137,7 +138,7 @@ def start_workers(n: int, model_spec_kw: dict, gpus_per_worker: float, threads: 
     # CPU workers reserve no Ray CPU: their number is chosen from the cores, and the thin trial
     # functions that call them must still be schedulable beside them
     # two threads: `run` trains while `progress`/`stop` answer the trial function (for ASHA)
-    actor = ray.remote(num_cpus=0, num_gpus=gpus_per_worker, max_concurrency=2)(ModelWorker)
+    actor = ray.remote(num_cpus=0, num_gpus=gpus_per_worker, max_concurrency=2)(ModelWorker)  # type: ignore[call-overload]
     return [actor.options(name=None).remote(model_spec_kw, threads) for _ in range(n)]
 
 
