@@ -25,8 +25,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +38,7 @@ import torch
 from .corpus import Corpus
 from .errors import NsrError
 from .models import BaseModel
+from .results import atomic_dir
 from .surface import norm_eps
 
 FORMAT_VERSION = 3
@@ -320,10 +319,8 @@ class ActivationCache:
     # -- persistence -------------------------------------------------------------------
     def save(self, path: Path) -> None:
         """Write to a temp directory beside `path`, then rename: a reader never sees half a cache."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+
+        def write(tmp: Path) -> None:
             pq.write_table(
                 pa.table({
                     "text": pa.array(self.texts, pa.string()),
@@ -340,13 +337,9 @@ class ActivationCache:
             with pa.OSFile(str(tmp / "arrays.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
                 w.write_table(table)
             (tmp / "meta.json").write_text(json.dumps(self.meta, indent=2) + "\n")
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        self.path = path
+
+        atomic_dir(Path(path), write)
+        self.path = Path(path)
 
     @classmethod
     def load(cls, path: Path | str) -> "ActivationCache":
