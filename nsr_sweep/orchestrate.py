@@ -22,7 +22,7 @@ from .config import NeuronSelect, SweepSpec, load_sweep
 from .errors import NsrError
 from .results import write_json
 from .search import GroupedSearch
-from .sweepdir import claim, read_state, release, update_state
+from .sweepdir import TRIALS, claim, read_state, release, trial_dir, update_state, write_record
 from .tables import finished_rows, read_trial_dir, trial_row, write_trials_table
 
 # -- the grid --------------------------------------------------------------------------------
@@ -149,7 +149,7 @@ class SweepProgress:
     def finished(self, trial_id: str) -> None:
         """A trial is complete (also when a scheduler stopped it): its directory holds its row."""
         self.running -= 1
-        row = read_trial_dir(self.sweep_dir / "trials" / trial_id)
+        row = read_trial_dir(trial_dir(self.sweep_dir, trial_id))
         if row is None:
             return
         self._record(row)
@@ -162,10 +162,8 @@ class SweepProgress:
         self.running -= 1
         config = trial.config
         error = _error_text(trial)
-        d = self.sweep_dir / "trials" / config["trial_id"]
-        write_json(d / "metrics.json", {"trial_id": config["trial_id"], "sample": config["sample"],
-                                        "spec": {k: config.get(k) for k in config}, "status": "failed",
-                                        "reason": error, "metrics": {}, "history": []})
+        write_record(trial_dir(self.sweep_dir, config["trial_id"]), trial_id=config["trial_id"],
+                     sample=config["sample"], spec=dict(config), status="failed", reason=error, metrics={}, history=[])
         row = trial_row(config, "failed", {}, error)
         self._record(row)
         self.counters["failed"].inc()
@@ -237,7 +235,7 @@ def _run(spec, sweep_dir, address, dashboard, dashboard_host, cache_root, echo, 
     from .workers import WorkerPool, start_workers, trial_function
 
     state = update_state(sweep_dir, name=spec.name, status="running", started=read_state(sweep_dir).get("started", t_start),
-                         resumed=(sweep_dir / "trials").is_dir())
+                         resumed=(sweep_dir / TRIALS).is_dir())
     ctx = init_ray(address, dashboard, dashboard_host)
     t_ray = time.time()
     url = getattr(ctx, "dashboard_url", None)

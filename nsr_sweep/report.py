@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import NsrError
 from .results import atomic_write
 
 PIVOT_METRICS = ["pearson_r", "mse", "offset", "patch_slope", "drift", "skill"]
@@ -79,12 +78,10 @@ def _write_table(df: pd.DataFrame, base: Path) -> None:
 
 
 def load_trials(sweep_dir: Path):
-    from .config import load_sweep
+    from .sweepdir import resolved_spec
     from .tables import finished_rows, write_trials_table
 
-    if not (sweep_dir / "sweep.yaml").is_file():
-        raise NsrError(f"{sweep_dir} is not a sweep directory (no sweep.yaml): give results/<name>")
-    spec = load_sweep(sweep_dir / "sweep.yaml", check_model=False)
+    spec = resolved_spec(sweep_dir)
     df = write_trials_table(sweep_dir, finished_rows(sweep_dir), spec.search.metric, spec.search.mode)
     return spec, df
 

@@ -60,35 +60,3 @@ def _jsonable(x):
     if hasattr(x, "tolist"):
         return x.tolist()
     return str(x)
-
-
-def save_trial(result, trial_dir: Path, extra: dict | None = None) -> Path:
-    """metrics.json, head.safetensors, preds.parquet, patch.parquet, diagnostics.png (+ model/), each atomically."""
-    import time
-
-    from safetensors.torch import save_file
-
-    from .plots import diagnostics_png
-    from .trial import spec_dict
-
-    t0 = time.perf_counter()
-    trial_dir = Path(trial_dir)
-    trial_dir.mkdir(parents=True, exist_ok=True)
-    s = result.spec
-    if result.status == "ok":
-        atomic_write(trial_dir / "preds.parquet", lambda tmp: result.preds.to_parquet(tmp, index=False))
-        head = {k: v.detach().cpu().contiguous() for k, v in result.head.items()}
-        atomic_write(trial_dir / "head.safetensors", lambda tmp: save_file(head, str(tmp)))
-        if result.patch is not None:
-            atomic_write(trial_dir / "patch.parquet", lambda tmp: result.patch.to_parquet(tmp, index=False))
-        if result.save_model is not None:
-            atomic_dir(trial_dir / "model", result.save_model)
-        title = f"layer {s.layer} neuron {s.neuron} — {s.head} / freeze {s.freeze}"
-        atomic_write(trial_dir / "diagnostics.png",
-                     lambda tmp: diagnostics_png(result.preds, result.metrics, title, tmp))
-    result.metrics["artefact_seconds"] = time.perf_counter() - t0
-    write_json(trial_dir / "metrics.json", {  # written last: its presence means the trial finished
-        **(extra or {}), "spec": spec_dict(s), "status": result.status, "reason": result.reason,
-        "metrics": result.metrics, "history": result.history,
-    })
-    return trial_dir

@@ -5,17 +5,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .errors import NsrError
 from .sweepdir import LOCK, read_state
 from .tables import finished_rows, trials_frame
 
 
 def sweep_status(sweep_dir: Path) -> dict:
-    if not (sweep_dir / "sweep.yaml").is_file():
-        raise NsrError(f"{sweep_dir} is not a sweep directory (no sweep.yaml): give results/<name>")
-    from .config import load_sweep
+    from .sweepdir import resolved_spec
 
-    spec = load_sweep(sweep_dir / "sweep.yaml", check_model=False)
+    spec = resolved_spec(sweep_dir)
     state = read_state(sweep_dir)
     df = trials_frame(finished_rows(sweep_dir), spec.search.metric, spec.search.mode)
     counts = df["status"].value_counts().to_dict() if len(df) else {}

@@ -1,4 +1,6 @@
-"""The sweep directory's owner: its lock, its state file and its resolved sweep file.
+"""The sweep directory's owner: its paths, lock, state file, resolved sweep file and trial records.
+
+    results/<name>/sweep.yaml · sweep_state.json · sweep.lock · runs.jsonl · trials/<trial_id>/metrics.json …
 
 Neither Ray nor Optuna is imported here, so `nsr-sweep status` and `report` stay light.
 """
@@ -13,12 +15,40 @@ from pathlib import Path
 
 import yaml
 
-from .config import SweepSpec, dump_sweep
+from .config import SweepSpec, dump_sweep, load_sweep
 from .errors import NsrError
-from .results import atomic_write, write_json
+from .results import atomic_dir, atomic_write, write_json
 
 STATE = "sweep_state.json"
 LOCK = "sweep.lock"
+RESOLVED = "sweep.yaml"
+RUNS = "runs.jsonl"
+TRIALS = "trials"
+RECORD = "metrics.json"  # a trial's record, written last: finished (ok or failed) once it exists
+
+
+def trial_dir(sweep_dir: Path | str, trial_id: str) -> Path:
+    return Path(sweep_dir) / TRIALS / trial_id
+
+
+def resolved_spec(sweep_dir: Path) -> SweepSpec:
+    """The sweep a results directory holds, or an error saying it is not one."""
+    if not (sweep_dir / RESOLVED).is_file():
+        raise NsrError(f"{sweep_dir} is not a sweep directory (no {RESOLVED}): give results/<name>")
+    return load_sweep(sweep_dir / RESOLVED, check_model=False)
+
+
+def write_record(d: Path, *, trial_id: str, sample: int, spec: dict, status: str, reason: str | None,
+                 metrics: dict, history: list) -> Path:
+    """The one schema of a trial record, finished or failed."""
+    return write_json(Path(d) / RECORD, {"trial_id": trial_id, "sample": sample, "spec": spec, "status": status,
+                                         "reason": reason, "metrics": metrics, "history": history})
+
+
+def log_run(sweep_dir: Path | str, trial_id: str) -> None:
+    """One line per completed trial run (audits "exactly once")."""
+    with open(Path(sweep_dir) / RUNS, "a") as log:
+        log.write(json.dumps({"trial_id": trial_id, "pid": os.getpid(), "time": time.time()}) + "\n")
 
 
 def _alive(pid: int) -> bool:
@@ -39,7 +69,7 @@ def claim(sweep_dir: Path, spec: SweepSpec, resume: bool) -> None:
         if owner.get("host") == socket.gethostname() and _alive(int(owner.get("pid", -1))):
             raise NsrError(f"{sweep_dir}: sweep {spec.name!r} is still running (pid {owner['pid']}); "
                            "wait for it or stop it first")
-    resolved = sweep_dir / "sweep.yaml"
+    resolved = sweep_dir / RESOLVED
     if resolved.is_file():
         if not resume:
             raise NsrError(f"{sweep_dir} already holds sweep {spec.name!r}: pass --resume to finish it, "
@@ -68,3 +98,33 @@ def update_state(sweep_dir: Path, **kw) -> dict:
     state = {**read_state(sweep_dir), **kw}
     write_json(Path(sweep_dir) / STATE, state)
     return state
+
+
+def save_trial(result, trial_dir: Path, extra: dict | None = None) -> Path:
+    """metrics.json, head.safetensors, preds.parquet, patch.parquet, diagnostics.png (+ model/), each atomically."""
+    import time
+
+    from safetensors.torch import save_file
+
+    from .plots import diagnostics_png
+    from .trial import spec_dict
+
+    t0 = time.perf_counter()
+    trial_dir = Path(trial_dir)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    s = result.spec
+    if result.status == "ok":
+        atomic_write(trial_dir / "preds.parquet", lambda tmp: result.preds.to_parquet(tmp, index=False))
+        head = {k: v.detach().cpu().contiguous() for k, v in result.head.items()}
+        atomic_write(trial_dir / "head.safetensors", lambda tmp: save_file(head, str(tmp)))
+        if result.patch is not None:
+            atomic_write(trial_dir / "patch.parquet", lambda tmp: result.patch.to_parquet(tmp, index=False))
+        if result.save_model is not None:
+            atomic_dir(trial_dir / "model", result.save_model)
+        title = f"layer {s.layer} neuron {s.neuron} — {s.head} / freeze {s.freeze}"
+        atomic_write(trial_dir / "diagnostics.png",
+                     lambda tmp: diagnostics_png(result.preds, result.metrics, title, tmp))
+    result.metrics["artefact_seconds"] = time.perf_counter() - t0
+    write_record(trial_dir, spec=spec_dict(s), status=result.status, reason=result.reason, metrics=result.metrics,
+                 history=result.history, **(extra or {}))  # written last: its presence means the trial finished
+    return trial_dir

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from .results import atomic_write
+from .sweepdir import RECORD, TRIALS
 
 ID_COLUMNS = ["trial_id", "layer", "neuron", "head", "freeze", "control", "sample", "seed"]
 HP_COLUMNS = ["lr", "epochs", "batch_size", "weight_decay", "patience", "n_bins"]
@@ -26,7 +27,7 @@ def trial_row(config: dict, status: str, metrics: dict, error: str | None, **ext
 
 def read_trial_dir(d: Path) -> dict | None:
     """The row of a finished trial (ok or failed), or None while it has not finished."""
-    f = d / "metrics.json"
+    f = d / RECORD
     if not f.is_file():
         return None
     m = json.loads(f.read_text())
@@ -36,7 +37,7 @@ def read_trial_dir(d: Path) -> dict | None:
 
 
 def finished_rows(sweep_dir: Path) -> list[dict]:
-    trials = Path(sweep_dir) / "trials"
+    trials = Path(sweep_dir) / TRIALS
     rows = [read_trial_dir(d) for d in sorted(trials.iterdir())] if trials.is_dir() else []
     return [r for r in rows if r is not None]
 

@@ -9,10 +9,8 @@ config; the heavy work never leaves the worker that holds the model.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
-from pathlib import Path
 
 import ray
 
@@ -77,7 +75,7 @@ class ModelWorker:
             self.epochs.pop(tid, None)
 
     def _run(self, spec, tid: str, config: dict, sweep_dir: str) -> dict:
-        from .results import save_trial
+        from .sweepdir import log_run, save_trial, trial_dir
         from .tables import trial_row
         from .trial import run_trial
 
@@ -93,10 +91,8 @@ class ModelWorker:
         result = run_trial(self.cache, self.model, spec, on_epoch=on_epoch)
         result.metrics["scheduler_stopped"] = bool(cut)  # training was cut short (a late stop changes nothing)
         self.stopping.discard(tid)
-        trial_dir = Path(sweep_dir) / "trials" / config["trial_id"]
-        save_trial(result, trial_dir, extra={k: config[k] for k in ("trial_id", "sample") if k in config})
-        with open(Path(sweep_dir) / "runs.jsonl", "a") as log:  # one line per completed run: audits "exactly once"
-            log.write(json.dumps({"trial_id": config["trial_id"], "pid": os.getpid(), "time": time.time()}) + "\n")
+        save_trial(result, trial_dir(sweep_dir, tid), extra={"trial_id": tid, "sample": config.get("sample", 0)})
+        log_run(sweep_dir, tid)
         return trial_row(config, result.status, result.metrics, result.reason,
                          seconds=result.metrics.get("seconds"), worker=os.getpid())
 

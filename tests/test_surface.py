@@ -20,7 +20,7 @@ from nsr_sweep.cli import main
 from nsr_sweep.config import TrialSpec
 from nsr_sweep.corpus import load_corpus
 from nsr_sweep.models import load_model
-from nsr_sweep.results import save_trial
+from nsr_sweep.sweepdir import save_trial
 from nsr_sweep.trial import run_trial, sequences
 
 

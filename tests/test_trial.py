@@ -17,7 +17,7 @@ from nsr_sweep.fit import fit_probes
 from nsr_sweep.heads import HeadMap, digit_token_ids
 from nsr_sweep.metrics import prediction_metrics
 from nsr_sweep.models import load_model
-from nsr_sweep.results import save_trial
+from nsr_sweep.sweepdir import save_trial
 from nsr_sweep.trial import run_trial, split_indices
 
 
