@@ -91,12 +91,16 @@ def resolve_model_dir(name: str, *, need_weights: bool = True) -> Path | None:
     if snapshot is None:
         if not need_weights:
             return None
-        raise NsrError(
-            f"model {name!r} was not found locally (not a bundled model [{', '.join(bundled)}], not a "
-            f"directory, not in the Hugging Face cache) and could not be downloaded; "
-            f"offline, use model: {BUNDLED}"
-        )
+        raise model_not_found(name)
     return snapshot
+
+
+def model_not_found(name: str) -> NsrError:
+    """The one message for a model name that resolves to nothing."""
+    return NsrError(
+        f"model {name!r} was not found locally (not a bundled model [{', '.join(bundled_models())}], not a "
+        f"directory, not in the Hugging Face cache) and could not be downloaded; offline, use model: {BUNDLED}"
+    )
 
 
 def _random_hf_model(name: str, seed: int):
@@ -251,7 +255,7 @@ def model_shape(name: str) -> dict:
         if name in ("gpt2", "openai-community/gpt2"):  # GPT2Config() defaults: known offline
             return {"n_layers": 12, "d_model": 768, "d_mlp": 3072, "d_vocab": 50257, "family": "gpt2",
                     "parallel": False}
-        raise NsrError(f"model {name!r} was not found (not bundled, not a directory, not in the Hugging Face cache)")
+        raise model_not_found(name)
     c = json.loads((path / "config.json").read_text())
     family = check_architecture((c.get("architectures") or [None])[0], name)
     d_model = c.get("n_embd") or c.get("hidden_size")

@@ -100,8 +100,10 @@ def update_state(sweep_dir: Path, **kw) -> dict:
     return state
 
 
-def save_trial(result, trial_dir: Path, extra: dict | None = None) -> Path:
-    """metrics.json, head.safetensors, preds.parquet, patch.parquet, diagnostics.png (+ model/), each atomically."""
+def save_trial(result, trial_dir: Path, trial_id: str | None = None, sample: int = 0) -> Path:
+    """metrics.json, head.safetensors, preds.parquet, patch.parquet, diagnostics.png (+ model/), each atomically.
+
+    trial_id defaults to the directory's name."""
     import time
 
     from safetensors.torch import save_file
@@ -125,6 +127,6 @@ def save_trial(result, trial_dir: Path, extra: dict | None = None) -> Path:
         atomic_write(trial_dir / "diagnostics.png",
                      lambda tmp: diagnostics_png(result.preds, result.metrics, title, tmp))
     result.metrics["artefact_seconds"] = time.perf_counter() - t0
-    write_record(trial_dir, spec=spec_dict(s), status=result.status, reason=result.reason, metrics=result.metrics,
-                 history=result.history, **(extra or {}))  # written last: its presence means the trial finished
+    write_record(trial_dir, trial_id=trial_id or trial_dir.name, sample=sample, spec=spec_dict(s),
+                 status=result.status, reason=result.reason, metrics=result.metrics, history=result.history)  # written last: its presence means the trial finished
     return trial_dir

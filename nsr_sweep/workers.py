@@ -91,7 +91,7 @@ class ModelWorker:
         result = run_trial(self.cache, self.model, spec, on_epoch=on_epoch)
         result.metrics["scheduler_stopped"] = bool(cut)  # training was cut short (a late stop changes nothing)
         self.stopping.discard(tid)
-        save_trial(result, trial_dir(sweep_dir, tid), extra={"trial_id": tid, "sample": config.get("sample", 0)})
+        save_trial(result, trial_dir(sweep_dir, tid), tid, config.get("sample", 0))
         log_run(sweep_dir, tid)
         return trial_row(config, result.status, result.metrics, result.reason,
                          seconds=result.metrics.get("seconds"), worker=os.getpid())

@@ -45,7 +45,7 @@ def sweep_dir(tmp_path_factory):
                 continue
             kw = {k: g[k] for k in ("layer", "neuron", "head", "freeze", "control", "n_grid")}
             spec_t = TrialSpec(**kw, lr=lr, epochs=3, seed=sample, patch_texts=32)
-            save_trial(run_trial(cache, model, spec_t), d / "trials" / tid, extra={"trial_id": tid, "sample": sample})
+            save_trial(run_trial(cache, model, spec_t), d / "trials" / tid, tid, sample)
     (d / "sweep.yaml").write_text(dump_sweep(spec))
     write_json(d / STATE, {"name": "rep", "status": "running", "started": 1.0e9, "n_expected": len(groups) * 2 + 4,
                            "neurons": {"1": [3, 5], "2": [3, 5]}, "workers": 1, "device": "cpu", "model_loads": 1})
