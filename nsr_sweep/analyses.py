@@ -17,6 +17,8 @@ import pandas as pd
 import torch
 from scipy import stats
 
+from .uncertainty import slope_interval
+
 
 def readout_direction(head_weight: torch.Tensor, hmap) -> torch.Tensor:
     """Regression: the weight vector. Binned heads: Σₖ (valueₖ − v̄)·wₖ over the class (or digit-unembedding) vectors."""
@@ -108,14 +110,17 @@ def fit_patch(points: pd.DataFrame) -> dict:
     """Δpred = slope·Δact + b over all (text, grid value) points; plus the spread of per-text slopes."""
     dx, dy = points["delta_act"].to_numpy(), points["delta_pred"].to_numpy()
     if np.ptp(dx) == 0:
-        return {"patch_slope": float("nan"), "patch_intercept": float("nan"), "patch_r2": float("nan"),
+        return {"patch_slope": float("nan"), "patch_slope_lo": float("nan"), "patch_slope_hi": float("nan"),
+                "patch_intercept": float("nan"), "patch_r2": float("nan"),
                 "patch_slope_text_std": float("nan"), "patch_slope_text_median": float("nan")}
     slope, intercept = np.polyfit(dx, dy, 1)
     resid = dy - (slope * dx + intercept)
     r2 = 1 - resid.var() / dy.var() if dy.var() > 0 else float("nan")
     per_text = [np.polyfit(g["delta_act"], g["delta_pred"], 1)[0] for _, g in points.groupby("text_id")
                 if np.ptp(g["delta_act"].to_numpy()) > 0]
-    return {"patch_slope": float(slope), "patch_intercept": float(intercept), "patch_r2": float(r2),
+    lo, hi = slope_interval(points["text_id"].to_numpy(), dx, dy)
+    return {"patch_slope": float(slope), "patch_slope_lo": lo, "patch_slope_hi": hi,
+            "patch_intercept": float(intercept), "patch_r2": float(r2),
             "patch_slope_text_std": float(np.std(per_text)), "patch_slope_text_median": float(np.median(per_text))}
 
 

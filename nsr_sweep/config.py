@@ -19,6 +19,7 @@ HEADS = ("regression", "classification", "token")
 FREEZES = ("none", "after_target", "all")
 SELECTORS = ("top_variance", "top_kurtosis", "top_max")
 METRICS = ("val_mse", "val_pearson_r", "val_loss", "val_skill")
+SCALE_FREE = ("val_pearson_r", "val_skill")  # comparable across neurons, whose activations have other units
 HYPERPARAMETERS = ("lr", "epochs", "batch_size", "weight_decay", "n_bins", "patience")
 
 
@@ -77,7 +78,10 @@ class TrainingCfg(Strict):
     weight_decay: float = Field(0.0, ge=0, le=10)
     patience: int = Field(3, ge=1, le=10000)
     n_bins: int = Field(10, ge=2, le=1000)
-    solver: Literal["adamw", "lstsq"] = "adamw"  # lstsq: exact ridge for regression probes (freeze none)
+    solver: Literal["exact", "adamw"] = "exact"
+    """Frozen-base probes (freeze none): `exact` solves the convex problem — ridge for regression, L-BFGS to a
+    gradient tolerance for classification — with the L2 strength chosen on validation; `adamw` trains from zero
+    (lr, epochs, batch_size, weight_decay, patience). Unfrozen trials always train with AdamW."""
     suffix: str = " Question: how strongly does neuron {neuron} of layer {layer} fire on this text, from 0 to 9? Answer:"
     save_weights: bool = False
 
@@ -148,6 +152,9 @@ class SearchCfg(Strict):
         want = "max" if self.metric in ("val_pearson_r", "val_skill") else "min"
         if self.mode != want:
             raise ValueError(f"mode {self.mode!r} does not fit metric {self.metric!r}; use mode: {want}")
+        if self.scheduler == "asha" and self.metric not in SCALE_FREE:
+            raise ValueError(f"scheduler asha ranks trials of different neurons against each other, so it needs a "
+                             f"scale-free metric: allowed {', '.join(SCALE_FREE)} (mode max), got {self.metric!r}")
         return self
 
 
@@ -166,6 +173,15 @@ class ResourcesCfg(Strict):
         return v
 
 
+class CrossModelCfg(Strict):
+    cross_model: str
+    """Another model (a name or directory, as for `model`) that predicts this model's neuron on the same
+    texts: probes on its features (freeze none), or it is fine-tuned with the same recipe (freeze all)."""
+
+
+CROSS_FREEZES = ("none", "all")  # the other model has no "target layer": after_target has no counterpart
+
+
 class SweepSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
     model: ModelCfg = ModelCfg()
@@ -181,7 +197,10 @@ class SweepSpec(Strict):
     search: SearchCfg = SearchCfg()
     resources: ResourcesCfg = ResourcesCfg()
     analysis: AnalysisCfg = AnalysisCfg()
-    controls: list[Literal["shuffled", "random_model", "early_features"]] = Field(default_factory=list)
+    controls: list[Union[Literal["shuffled", "random_model", "early_features", "input_only"], CrossModelCfg]] = \
+        Field(default_factory=list)
+    """Control trials beside the real ones (docs/science.md): shuffled, random_model, early_features,
+    input_only, and {cross_model: <model>}."""
     max_failures: int = Field(1, ge=0, le=100)
     batch_size_cache: int = Field(64, ge=1, le=65536)
     seed: int = 0
@@ -193,16 +212,24 @@ class SweepSpec(Strict):
 
     @model_validator(mode="after")
     def _valid_combinations(self):
-        for field_name in ("layers", "heads", "freeze"):
+        for field_name in ("layers", "heads", "freeze", "control_names"):
             values = getattr(self, field_name)
             if len(set(values)) != len(values):
-                raise ValueError(f"{field_name} has duplicates: {values}")
+                raise ValueError(f"{field_name.replace('control_names', 'controls')} has duplicates: {values}")
         if not self.combos():
             raise ValueError(
                 f"no valid (head, freeze) combination in heads {self.heads} × freeze {self.freeze}: "
                 "token needs freeze after_target or all"
             )
         return self
+
+    @property
+    def control_names(self) -> list[str]:
+        return [c if isinstance(c, str) else "cross_model" for c in self.controls]
+
+    @property
+    def cross_model(self) -> str | None:
+        return next((c.cross_model for c in self.controls if isinstance(c, CrossModelCfg)), None)
 
     def combos(self) -> list[tuple[str, str]]:
         return [(h, f) for h in self.heads for f in self.freeze if valid_combo(h, f)]
@@ -229,6 +256,12 @@ class SweepSpec(Strict):
         from .surface import check_hook
 
         check_hook(self.features.hook, shape["family"], shape["parallel"], n_layers)
+        if self.cross_model is not None:
+            try:
+                other = model_shape(self.cross_model)
+                check_hook(self.features.hook, other["family"], other["parallel"], other["n_layers"])
+            except NsrError as e:
+                raise NsrError(f"controls: cross_model: {e}") from None
         return shape
 
     def cache_spec(self):
@@ -252,11 +285,11 @@ class TrialSpec(Strict):
     epochs: int = Field(20, ge=1, le=10000)
     batch_size: int = Field(64, ge=1, le=65536)
     weight_decay: float = Field(0.0, ge=0, le=1e6)
-    """AdamW weight decay; the ridge λ for solver lstsq."""
+    """AdamW weight decay (the exact solver chooses its own L2 strength on validation)."""
     patience: int = Field(3, ge=1, le=10000)
     n_bins: int = Field(10, ge=2, le=1000)
-    solver: Literal["adamw", "lstsq"] = "adamw"
-    """lstsq: exact ridge regression (regression probes with freeze none)."""
+    solver: Literal["exact", "adamw"] = "exact"
+    """How a frozen-base probe is fitted: exact (convex solve, L2 on validation) or adamw."""
     seed: int = 0
     """The trial's own randomness: init of a frozen head, minibatch order."""
     split_seed: int = 0
@@ -265,7 +298,10 @@ class TrialSpec(Strict):
     suffix: str = TrainingCfg().suffix
     save_weights: bool = False
     """Unfrozen trials: save the final model as an HF-format directory (trials/<id>/model/)."""
-    control: Literal["shuffled", "random_model", "early_features"] | None = None
+    control: Literal["shuffled", "random_model", "early_features", "input_only", "cross_model"] | None = None
+    """None for the real trial; else the control it is (docs/science.md)."""
+    cross_model: str | None = None
+    """The other model of a cross_model control."""
     feature_hook: str = "ln_final.hook_out"
     """What a frozen-base probe reads (unfrozen heads read ln_final.hook_out)."""
     patch_grid: Literal["quantiles", "scale"] = "quantiles"
@@ -279,10 +315,11 @@ class TrialSpec(Strict):
         if not valid_combo(self.head, self.freeze):
             raise ValueError("head token with freeze none is not a valid trial: a frozen model has nothing to "
                              "train for a token head; use freeze after_target or all")
-        if self.control in ("random_model", "early_features") and self.freeze != "none":
+        if self.control in ("random_model", "early_features", "input_only") and self.freeze != "none":
             raise ValueError(f"control {self.control} swaps the head's features: it needs freeze none")
-        if self.solver == "lstsq" and (self.head != "regression" or self.freeze != "none"):
-            raise ValueError("solver lstsq is exact least squares: only for head regression with freeze none")
+        if self.control == "cross_model" and (self.freeze not in CROSS_FREEZES or not self.cross_model):
+            raise ValueError(f"control cross_model needs cross_model (the other model) and freeze in "
+                             f"{', '.join(CROSS_FREEZES)}, got freeze {self.freeze!r}")
         return self
 
     @property

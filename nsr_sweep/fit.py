@@ -1,12 +1,14 @@
 """Fitting a head: probes on cached features (freeze none), or the model itself (after_target, all).
 
-- `fit_probes`: one linear head per neuron of a layer, all at once (AdamW from zero, each neuron
-  early-stopping on its own validation MSE) — equal to N one-at-a-time fits;
-- `solve_probes`: exact ridge regression for the same (solver lstsq), one solve for every neuron;
+- `fit_probes`: one linear head per neuron of a layer, all at once. By default solved to convergence
+  (a frozen-base probe is convex): `solve_ridge` (exact ridge, λ chosen on validation) for regression,
+  `solve_logistic` (L-BFGS to a gradient tolerance, L2 chosen on validation) for classification;
+  `adamw_probes` (solver adamw) trains from zero with early stopping;
 - `train_model`: a trainable copy of blocks start… and the final norm (from the model surface)
   under a frozen head, with AdamW; returns the trained surface.
 
-Every fit returns validation records per epoch (`val_mse`, `val_loss`) and restores its best epoch.
+Every fit returns validation records per epoch (`val_mse`, `val_loss`, `val_pearson_r`, `val_skill`)
+and restores its best epoch (an exact solve has one record).
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .config import TrialSpec
 from .heads import HeadMap, LinearHead
+from .metrics import prediction_metrics
 from .surface import Surface
 
 
@@ -29,6 +33,7 @@ class ProbeFit:
     maps: list[HeadMap]
     history: list[list[dict]]  # per neuron, per epoch
     failed: list[str | None]  # per neuron: reason, or None
+    info: list[dict]  # per neuron: solver, converged, l2 (chosen on validation), iterations
 
     def head(self, j: int) -> LinearHead:
         return LinearHead(self.weight[j], self.bias[j])
@@ -36,20 +41,34 @@ class ProbeFit:
 
 def fit_probes(features: np.ndarray, targets: np.ndarray, head: str, spec: TrialSpec,
                splits: dict[str, np.ndarray], on_epoch=None) -> ProbeFit:
-    """Fit one linear head per column of `targets` (n_texts × N) at once.
+    """Fit one linear head per column of `targets` (n_texts × N) at once: solved exactly (the default), or AdamW."""
+    if spec.solver == "exact":
+        if not (np.isfinite(features).all() and np.isfinite(targets).all()):
+            raise FloatingPointError("non-finite features or targets: no probe can be solved")
+        fit = solve_ridge(features, targets, splits) if head == "regression" else \
+            solve_logistic(features, targets, head, spec.n_bins, splits)
+        if on_epoch is not None and len(fit.history) == 1:
+            on_epoch(fit.history[0][-1])  # one record: a scheduler sees the solved probe
+        return fit
+    return adamw_probes(features, targets, head, spec, splits, on_epoch)
 
-    The neurons share nothing: the loss is a sum of per-neuron means, AdamW is elementwise,
-    each neuron early-stops on its own val MSE and keeps its own best epoch — so the result
-    equals N one-at-a-time fits.
-    """
-    if spec.solver == "lstsq":
-        return solve_probes(features, targets, spec, splits)
+
+def val_record(epoch: int, pred, y_val, train_mean: float, loss: float) -> dict:
+    """One validation record: every val_* metric a search or a scheduler may rank by."""
+    m = prediction_metrics(np.asarray(pred, np.float64), np.asarray(y_val, np.float64), train_mean)
+    return {"epoch": epoch, "val_mse": m["mse"], "val_loss": float(loss), "val_pearson_r": m["pearson_r"],
+            "val_skill": m["skill"]}
+
+
+def adamw_probes(features: np.ndarray, targets: np.ndarray, head: str, spec: TrialSpec,
+                 splits: dict[str, np.ndarray], on_epoch=None) -> ProbeFit:
+    """AdamW from zero, minibatches; the neurons share nothing (a sum of per-neuron means, elementwise
+    AdamW), each early-stops on its own val MSE and keeps its own best epoch — N one-at-a-time fits."""
     X = torch.from_numpy(np.array(features, np.float32))  # a private copy: cache arrays are read-only views
     N = targets.shape[1]
     tr, va = splits["train"], splits["val"]
     maps = [HeadMap(head, targets[tr, j], spec.n_bins) for j in range(N)]
     enc = torch.stack([m.encode(targets[:, j]) for j, m in enumerate(maps)])  # N × n_texts
-    y_val = torch.as_tensor(targets[va].T)  # N × n_val, activation units
     n_out = maps[0].n_out
     W = torch.zeros(N, n_out, X.shape[1], requires_grad=True)  # zero init: convex problem, seed-free
     b = torch.zeros(N, n_out, requires_grad=True)
@@ -75,14 +94,14 @@ def fit_probes(features: np.ndarray, targets: np.ndarray, head: str, spec: Trial
             opt.step()
         with torch.no_grad():
             out = torch.einsum("bd,nod->nbo", X[va], W) + b[:, None]
-            val_mse = torch.stack([((maps[j].predict(out[j]) - y_val[j]) ** 2).mean() for j in range(N)])
-            val_loss = torch.stack([maps[j].loss(out[j], enc[j, va]) for j in range(N)])
         for j in torch.nonzero(active).flatten().tolist():
-            history[j].append({"epoch": epoch, "val_mse": float(val_mse[j]), "val_loss": float(val_loss[j])})
-            if not math.isfinite(float(val_mse[j])):
+            rec = val_record(epoch, maps[j].predict(out[j]), targets[va, j], maps[j].train_mean,
+                             float(maps[j].loss(out[j], enc[j, va])))
+            history[j].append(rec)
+            if not math.isfinite(rec["val_mse"]):
                 failed[j], active[j] = f"non-finite validation MSE at epoch {epoch}", False
-            elif val_mse[j] < best[j]:
-                best[j], stale[j] = val_mse[j], 0
+            elif rec["val_mse"] < best[j]:
+                best[j], stale[j] = rec["val_mse"], 0
                 best_W[j], best_b[j] = W[j].detach(), b[j].detach()
             else:
                 stale[j] += 1
@@ -91,26 +110,100 @@ def fit_probes(features: np.ndarray, targets: np.ndarray, head: str, spec: Trial
             break
         if on_epoch is not None and N == 1 and not on_epoch(history[0][-1]):
             break  # a scheduler (ASHA) stopped this trial: keep its best epoch so far
-    return ProbeFit(best_W, best_b, maps, history, failed)
+    info = [{"solver": "adamw", "converged": None} for _ in range(N)]
+    return ProbeFit(best_W, best_b, maps, history, failed, info)
 
 
-def solve_probes(features: np.ndarray, targets: np.ndarray, spec: TrialSpec, splits: dict[str, np.ndarray]) -> ProbeFit:
-    """Exact ridge regression (λ = weight_decay, bias unpenalised) for every column of `targets` in one solve."""
+RIDGE_GRID = (0.0,) + tuple(10.0**k for k in range(-10, 1))
+"""Ridge λ candidates, relative to the largest eigenvalue of the train features' scatter matrix (scale-free)."""
+L2_GRID = (1.0, 1e-1, 1e-2, 1e-3)
+"""Logistic L2 strengths on standardised features, strongest first (each warm-starts the next; the path
+stops once a weaker penalty improves no neuron's validation MSE)."""
+
+
+def solve_ridge(features: np.ndarray, targets: np.ndarray, splits: dict[str, np.ndarray]) -> ProbeFit:
+    """Exact ridge regression (bias unpenalised) for every column of `targets`, λ chosen per column on the
+    validation split from RIDGE_GRID; one SVD of the centred train features serves every λ and column."""
     tr, va = splits["train"], splits["val"]
     X = np.asarray(features, np.float64)
     maps = [HeadMap("regression", targets[tr, j]) for j in range(targets.shape[1])]
-    Z = np.stack([(targets[:, j] - m.mu) / m.sigma for j, m in enumerate(maps)], 1)  # standardised, as AdamW sees it
+    Z = np.stack([(targets[:, j] - m.mu) / m.sigma for j, m in enumerate(maps)], 1)  # standardised targets
     mx, mz = X[tr].mean(0), Z[tr].mean(0)
-    Xc = X[tr] - mx
-    W = np.linalg.solve(Xc.T @ Xc + spec.weight_decay * np.eye(X.shape[1]), Xc.T @ (Z[tr] - mz))  # d × N
+    U, s, Vt = np.linalg.svd(X[tr] - mx, full_matrices=False)
+    keep = s > s[0] * 1e-10 if s.size and s[0] > 0 else np.zeros_like(s, bool)  # numerical rank: a dead feature is no direction
+    U, s, Vt = U[:, keep], s[keep], Vt[keep]
+    UtZ = U.T @ (Z[tr] - mz)  # r × N
+    Xv = (X[va] - mx) @ Vt.T  # n_val × r
+    scale = float(s[0] ** 2) if s.size else 1.0
+    sigma = np.array([m.sigma for m in maps])
+    val_mse = np.stack([np.mean(((Xv @ ((s / (s**2 + rel * scale))[:, None] * UtZ) + mz - Z[va]) * sigma) ** 2, 0)
+                        for rel in RIDGE_GRID])  # grid × N, activation units
+    choice = np.argmin(val_mse, 0)  # ties: the first (smallest λ) — an exact answer stays exact
+    coef = np.stack([s / (s**2 + RIDGE_GRID[c] * scale) for c in choice], 1)  # r × N
+    W = Vt.T @ (coef * UtZ)  # d × N
     b = mz - mx @ W
-    history = []
+    history, info = [], []
     for j, m in enumerate(maps):
-        pred = m.mu + m.sigma * (X[va] @ W[:, j] + b[j])
-        mse = float(np.mean((pred - targets[va, j]) ** 2))
-        history.append([{"epoch": 0, "val_mse": mse, "val_loss": float(np.mean((X[va] @ W[:, j] + b[j] - Z[va, j]) ** 2))}])
+        out = X[va] @ W[:, j] + b[j]
+        history.append([val_record(0, m.mu + m.sigma * out, targets[va, j], m.train_mean,
+                                   float(np.mean((out - Z[va, j]) ** 2)))])
+        info.append({"solver": "ridge", "converged": True, "l2": RIDGE_GRID[choice[j]] * scale,
+                     "l2_relative": RIDGE_GRID[choice[j]], "rank": int(s.size)})
     weight = torch.as_tensor(W.T[:, None, :], dtype=torch.float32)
-    return ProbeFit(weight, torch.as_tensor(b[:, None], dtype=torch.float32), maps, history, [None] * len(maps))
+    return ProbeFit(weight, torch.as_tensor(b[:, None], dtype=torch.float32), maps, history, [None] * len(maps), info)
+
+
+def solve_logistic(features: np.ndarray, targets: np.ndarray, head: str, n_bins: int,
+                   splits: dict[str, np.ndarray], tol: float = 1e-5, max_iter: int = 1000) -> ProbeFit:
+    """Multinomial logistic regression on the bins for every column of `targets`, each solved on its own:
+    full-batch L-BFGS (strong Wolfe) in float64 until the largest gradient component is below `tol`, the
+    L2 strength chosen per neuron on validation MSE."""
+    tr = splits["train"]
+    X = torch.as_tensor(np.asarray(features, np.float64))
+    mx, sx = X[tr].mean(0), X[tr].std(0)
+    sx = torch.where(sx > 1e-12, sx, torch.ones_like(sx))  # a constant feature stays 0 after centring
+    maps = [HeadMap(head, targets[tr, j], n_bins) for j in range(targets.shape[1])]
+    fits = [_logistic_one((X - mx) / sx, targets[:, j], m, splits, tol, max_iter) for j, m in enumerate(maps)]
+    weights = [W / sx for W, _, _ in fits]  # back to the raw features: out = x·(W/s)ᵀ + b − (W/s)·m
+    biases = [b - W @ mx for W, (_, b, _) in zip(weights, fits)]
+    history = []
+    for W, b, m, j in zip(weights, biases, maps, range(len(maps))):
+        out = X[splits["val"]] @ W.T + b
+        history.append([val_record(0, m.predict(out), targets[splits["val"], j], m.train_mean,
+                                   float(m.loss(out, torch.from_numpy(m.labels(targets[splits["val"], j])))))])
+    return ProbeFit(torch.stack(weights).float(), torch.stack(biases).float(), maps, history,
+                    [None] * len(maps), [info for _, _, info in fits])
+
+
+def _logistic_one(Xs: torch.Tensor, y: np.ndarray, m: HeadMap, splits: dict[str, np.ndarray], tol: float,
+                  max_iter: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """One neuron: the L2 path strongest first, each solution warm-starting the next; the best on validation."""
+    tr, va = splits["train"], splits["val"]
+    labels = torch.from_numpy(m.labels(y))
+    W = torch.zeros(m.n_out, Xs.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(m.n_out, dtype=torch.float64, requires_grad=True)
+    best: tuple[float, torch.Tensor, torch.Tensor, dict] = (math.inf, W, b, {})
+    for lam in L2_GRID:
+        opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=0,
+                                history_size=20, line_search_fn="strong_wolfe")
+
+        def objective():
+            opt.zero_grad()
+            loss = F.cross_entropy(Xs[tr] @ W.T + b, labels[tr]) + lam / 2 * (W**2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(objective)
+        objective()
+        grad = max(float(g.abs().max()) for g in (W.grad, b.grad) if g is not None)
+        with torch.no_grad():
+            mse = float(((m.predict(Xs[va] @ W.T + b) - torch.as_tensor(y[va])) ** 2).mean())
+        if mse >= best[0]:
+            break  # a weaker penalty no longer helps on validation
+        info = {"solver": "lbfgs", "converged": grad <= tol, "l2": lam, "grad_max": grad,
+                "iterations": int(opt.state[opt._params[0]].get("n_iter", 0))}
+        best = (mse, W.detach().clone(), b.detach().clone(), info)
+    return best[1], best[2], best[3]
 
 
 def train_model(surface: Surface, start: int, inputs, head: LinearHead, hmap: HeadMap, y: np.ndarray,
@@ -145,8 +238,8 @@ def train_model(surface: Surface, start: int, inputs, head: LinearHead, hmap: He
             opt.step()
         with torch.no_grad():
             out = torch.cat([outputs(va[s : s + 256]) for s in range(0, len(va), 256)]).cpu()
-        val_mse = float(((hmap.predict(out) - torch.as_tensor(y[va])) ** 2).mean())
-        history.append({"epoch": epoch, "val_mse": val_mse, "val_loss": float(hmap.loss(out, target[va]))})
+        history.append(val_record(epoch, hmap.predict(out), y[va], hmap.train_mean, float(hmap.loss(out, target[va]))))
+        val_mse = history[-1]["val_mse"]
         if not math.isfinite(val_mse):
             raise FloatingPointError(f"non-finite validation MSE at epoch {epoch}")
         if val_mse < best:

@@ -21,7 +21,7 @@ from typing import Any
 from .config import NeuronSelect, SweepSpec, load_sweep
 from .errors import NsrError
 from .results import write_json
-from .search import GroupedSearch
+from .search import GroupedSearch, n_samples
 from .sweepdir import TRIALS, claim, read_state, release, trial_dir, update_state, write_record
 from .tables import finished_rows, read_trial_dir, trial_row, write_trials_table
 
@@ -32,39 +32,57 @@ def expand(spec: SweepSpec, neurons: dict[int, list[int]]) -> list[dict]:
     """One group per (layer, neuron, head, freeze), plus its controls; invalid combinations are left out.
 
     `shuffled` accompanies every group; `random_model` and `early_features` swap the features a
-    frozen-base head reads, so they accompany the freeze-none groups.
+    frozen-base head reads, so they accompany the freeze-none groups; `cross_model` accompanies the
+    freeze none and all groups (the other model has no target layer); `input_only` is one ridge
+    regression on the text's tokens per (layer, neuron), the same comparator for every head.
     """
+    from .config import CROSS_FREEZES
+
     a = spec.analysis
     common = {"feature_hook": spec.features.hook, "patch_grid": a.patch_grid, "n_grid": a.n_grid,
               "scales": list(a.scales), "patch_texts": a.patch_texts, "analyses": a.enabled,
               "splits": [spec.splits.train, spec.splits.val, spec.splits.test], "split_seed": spec.seed}
+    controls = spec.control_names
     groups = []
     for L in spec.layers:
         for n in neurons[L]:
             for h, f in spec.combos():
                 base = {"layer": L, "neuron": n, "head": h, "freeze": f, "control": None, **common}
                 groups.append(base)
-                groups += [{**base, "control": c} for c in spec.controls
-                           if c == "shuffled" or f == "none"]
+                groups += [{**base, "control": c} for c in controls
+                           if c == "shuffled" or (c in ("random_model", "early_features") and f == "none")]
+                if "cross_model" in controls and f in CROSS_FREEZES:
+                    groups.append({**base, "control": "cross_model", "cross_model": spec.cross_model})
+            if "input_only" in controls:
+                groups.append({"layer": L, "neuron": n, "head": "regression", "freeze": "none",
+                               "control": "input_only", **common})
     return groups
 
 
 def dry_run_text(spec: SweepSpec) -> str:
+    """The grid `expand` would make (with ≤k neurons per selector), counted per (head, freeze) and control."""
     per_layer = sum(n.k if isinstance(n, NeuronSelect) else 1 for n in spec.neurons)
-    combos, skipped = spec.combos(), spec.skipped_combos()
-    groups = len(spec.layers) * per_layer * len(combos)
+    skipped = spec.skipped_combos()
+    groups = expand(spec, {L: list(range(per_layer)) for L in spec.layers})
+    trials = Counter()
+    for g in groups:
+        trials[(g["head"], g["freeze"], g["control"] or "")] += n_samples(spec, g)
+    real = sum(v for (_, _, c), v in trials.items() if not c)
+    n_real = sum(1 for g in groups if not g["control"])
     lines = [f"sweep {spec.name}: model {spec.model.name} ({spec.model.init}, processing {spec.model.processing})",
-             f"  layers {spec.layers} × ≤{per_layer} neurons each × {len(combos)} (head, freeze) = ≤{groups} groups "
-             f"× {spec.search.num_samples} samples = ≤{groups * spec.search.num_samples} trials",
+             f"  layers {spec.layers} × ≤{per_layer} neurons each × {len(spec.combos())} (head, freeze) = "
+             f"≤{n_real} groups, ≤{real} trials ({spec.search.num_samples} samples per searched group; "
+             "exact probes are solved once)",
              "  trials per (head, freeze), all layers:"]
-    for h, f in combos:
-        lines.append(f"    {h:<15} {f:<13} {len(spec.layers) * per_layer * spec.search.num_samples}")
+    for h, f in spec.combos():
+        lines.append(f"    {h:<15} {f:<13} {trials[(h, f, '')]}")
     for L in spec.layers:
-        lines.append(f"  layer {L}: {per_layer * len(combos) * spec.search.num_samples} trials")
+        lines.append(f"  layer {L}: {real // len(spec.layers)} trials")
     if spec.controls:
-        n_none = sum(1 for _, f in combos if f == "none")
-        per = sum(len(combos) if c == "shuffled" else n_none for c in spec.controls)
-        lines.append(f"  controls {spec.controls}: ≤{len(spec.layers) * per_layer * per} more groups")
+        n_ctl = sum(v for (_, _, c), v in trials.items() if c)
+        lines.append(f"  controls {', '.join(spec.control_names)}"
+                     f"{f' (cross_model: {spec.cross_model})' if spec.cross_model else ''}: "
+                     f"≤{len(groups) - n_real} more groups, ≤{n_ctl} more trials")
     lines.append(f"  skipped invalid combinations: {len(skipped)}"
                  + (f" ({', '.join(f'{h}+{f}' for h, f in skipped)}: token needs a trainable model)" if skipped else ""))
     cs = spec.cache_spec()
@@ -262,9 +280,10 @@ def _run(spec, sweep_dir, address, dashboard, dashboard_host, cache_root, echo, 
     searcher = GroupedSearch(spec, groups, rows)
     total = len(rows) + searcher.n_remaining
     skipped = len(spec.skipped_combos()) * sum(len(v) for v in neurons.values())
-    echo(f"{len(groups)} groups × {spec.search.num_samples} samples = {len(groups) * spec.search.num_samples} trials "
-         f"({len(rows)} already finished, {skipped} invalid head+freeze trials skipped)")
-    update_state(sweep_dir, n_expected=len(groups) * spec.search.num_samples, n_groups=len(groups), workers=n_workers,
+    n_expected = sum(n_samples(spec, g) for g in groups)
+    echo(f"{len(groups)} groups, {n_expected} trials ({spec.search.num_samples} samples per searched group, exact "
+         f"probes once; {len(rows)} already finished, {skipped} invalid head+freeze trials skipped)")
+    update_state(sweep_dir, n_expected=n_expected, n_groups=len(groups), workers=n_workers,
                  device=device, neurons={str(k): v for k, v in neurons.items()}, cache_key=meta["key"],
                  dashboard_url=url)
     progress = SweepProgress(sweep_dir, spec, rows, total)
@@ -274,7 +293,8 @@ def _run(spec, sweep_dir, address, dashboard, dashboard_host, cache_root, echo, 
         asha = spec.search.scheduler == "asha"
         trainable = tune.with_resources(
             tune.with_parameters(trial_function, sweep_dir=str(sweep_dir), pool=pool,
-                                 metric=spec.search.metric, stream=asha), {"cpu": 0.01})
+                                 metric=spec.search.metric,
+                                 mode=spec.search.mode, stream=asha), {"cpu": 0.01})
         scheduler = None
         if asha:
             from ray.tune.schedulers import ASHAScheduler

@@ -190,6 +190,29 @@ def controls_beside_trials(df: pd.DataFrame, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def self_vs_outsiders(layers: pd.DataFrame, path: Path) -> Path | None:
+    """Per head/freeze: mean r over neurons against layer for self, cross-model and input-only (t intervals)."""
+    if layers.empty:
+        return None
+    combos = _combos(layers)
+    fig, axes = plt.subplots(1, len(combos), figsize=(3.6 * len(combos), 3.6), squeeze=False, sharey=True)
+    b = _with_combo(layers)
+    for ax, c in zip(axes[0], combos):
+        g = b[b["combo"] == c].sort_values("layer")
+        for name, label, style in (("self", "self", "-o"), ("cross", "cross-model", "--s"), ("input_only", "input only", ":^")):
+            y = g[f"{name}_r"].to_numpy()
+            if np.isfinite(y).any():
+                err = np.abs(np.stack([y - g[f"{name}_r_lo"].to_numpy(), g[f"{name}_r_hi"].to_numpy() - y]))
+                ax.errorbar(g["layer"], y, yerr=np.nan_to_num(err), fmt=style, capsize=3, label=label)
+        ax.set(title=c, xlabel="layer")
+        ax.set_xticks(sorted(layers["layer"].unique()))
+        ax.axhline(0, color="k", lw=0.5)
+    axes[0][0].set_ylabel("mean test r over neurons (95% CI)")
+    axes[0][0].legend(fontsize=7)
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.16, top=0.88, wspace=0.08)
+    return _save(fig, path)
+
+
 def report_figures(df: pd.DataFrame, best: pd.DataFrame, fig_dir: Path, spec) -> list[tuple[Path, str]]:
     if best.empty:
         return []

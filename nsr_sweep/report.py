@@ -7,6 +7,8 @@ so a report on a running or partial sweep shows what has finished and lists what
     tables/best.parquet          the best trial per (layer, neuron, head, freeze) by the sweep metric
     tables/pivot_<metric>.{parquet,csv}   neuron × (head, freeze), best trials
     tables/per_layer.{parquet,csv}        mean / median of each metric per layer × head × freeze
+    tables/comparison.{parquet,csv}       per neuron: self vs cross-model vs input-only, gaps, 95% intervals
+    tables/comparison_by_layer.{parquet,csv}  the same per layer × head × freeze, intervals over neurons
     tables/summary.md            the pivots and the per-layer summary as Markdown
     figures/*.png                heatmaps, depth curves, r vs patch slope, offset vs drift, cosines, controls
     report.html                  self-contained (images embedded), works offline
@@ -22,12 +24,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .compare import by_layer, comparison
 from .results import atomic_write
 
 PIVOT_METRICS = ["pearson_r", "mse", "offset", "patch_slope", "drift", "skill"]
 LAYER_METRICS = ["pearson_r", "spearman_rho", "r2", "mse", "offset", "skill", "std_ratio", "patch_slope",
                  "patch_r2", "drift", "identity_r", "proj_readout_r", "proj_wout_r", "cos_win", "cos_wout"]
 GROUP = ["layer", "neuron", "head", "freeze"]
+FIRST_FIGURES = ("r_vs_patch_slope", "offset_vs_drift")  # right after the answer; the rest follow the overview
 
 
 def combo_label(head: str, freeze: str) -> str:
@@ -103,15 +107,21 @@ def build_report(sweep_dir: Path | str, echo=print) -> Path:
         _write_table(p, tables / f"pivot_{m}")
     layers = per_layer(best)
     _write_table(layers, tables / "per_layer")
+    comp = comparison(sweep_dir, df)
+    comp_layers = by_layer(comp)
+    _write_table(comp, tables / "comparison")
+    _write_table(comp_layers, tables / "comparison_by_layer")
     summary = [f"# {spec.name}: summary\n", f"Best trial per group by `{spec.search.metric}` ({spec.search.mode}).\n"]
     for m, p in pivots.items():
         summary += [f"\n## {m} (neuron × head/freeze)\n\n", _md(p)]
-    summary += ["\n## Per layer (best trials)\n\n", _md(layers)]
+    summary += ["\n## Self vs cross-model vs input-only, per layer (mean over neurons, 95% CI)\n\n", _md(comp_layers),
+                "\n## Per layer (best trials)\n\n", _md(layers)]
     atomic_write(tables / "summary.md", lambda tmp: tmp.write_text("".join(summary)))
 
     figures = plots.report_figures(df, best, sweep_dir / "figures", spec)
+    answer = plots.self_vs_outsiders(comp_layers, sweep_dir / "figures" / "self_vs_outsiders.png")
     running = (sweep_dir / LOCK).is_file() and state.get("status") == "running"
-    page = render_html(spec, df, best, pivots, layers, figures, state, running, sweep_dir)
+    page = render_html(spec, df, best, pivots, layers, figures, state, running, sweep_dir, comp_layers, comp, answer)
     out = sweep_dir / "report.html"
     atomic_write(out, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     echo(f"report: {out} ({out.stat().st_size / 1e6:.1f} MB, {len(df)} trials, {time.perf_counter() - t0:.1f} s)")
@@ -129,6 +139,15 @@ th{background:#f4f4f4} td.l,th.l{text-align:left} .muted{color:#777} .bad{color:
 nav ul{columns:2} figure{margin:1em 0} figure img{max-width:100%;border:1px solid #eee} figcaption{color:#555;font-size:13px}
 .kv td:first-child{text-align:left;font-weight:600}
 """
+
+
+SORT_JS = """
+document.querySelectorAll('table:not(.kv) th').forEach(function(th){th.style.cursor='pointer';th.title='sort';
+th.addEventListener('click',function(){var t=th.closest('table'),b=t.tBodies[0],i=Array.prototype.indexOf.call(th.parentNode.children,th),
+asc=th.dataset.asc!=='1';th.dataset.asc=asc?'1':'0';var rows=Array.prototype.slice.call(b.rows);
+rows.sort(function(x,y){var a=x.cells[i].textContent,c=y.cells[i].textContent,p=parseFloat(a),q=parseFloat(c);
+var r=(isNaN(p)||isNaN(q))?a.localeCompare(c):p-q;return asc?r:-r;});rows.forEach(function(r){b.appendChild(r);});});});
+"""  # click a column header to sort (no network, no library)
 
 
 def _fmt(v) -> str:
@@ -160,14 +179,38 @@ def _img(path: Path) -> str:
     return f"<img alt='{html.escape(path.stem)}' src='data:image/png;base64,{data}'>"
 
 
-def render_html(spec, df, best, pivots, layers, figures, state, running, sweep_dir) -> str:
+def answer_table(comp_layers: pd.DataFrame) -> pd.DataFrame:
+    """The first screen: per layer and head/freeze, r of self / cross-model / input-only and the gaps, as
+    'value [lo, hi]' strings."""
+    if comp_layers.empty:
+        return comp_layers
+    out = comp_layers[["layer", "head", "freeze", "n_neurons"]].copy()
+    for col, label in (("self_r", "self r"), ("cross_r", "cross-model r"), ("input_only_r", "input-only r"),
+                       ("gap_cross_r", "self − cross"), ("gap_input_only_r", "self − input-only")):
+        out[label] = [_ci(v, lo, hi) for v, lo, hi in zip(comp_layers[col], comp_layers[f"{col}_lo"],
+                                                          comp_layers[f"{col}_hi"])]
+    return out
+
+
+def _ci(v: float, lo: float, hi: float) -> str:
+    if not np.isfinite(v):
+        return "—"
+    return f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]" if np.isfinite(lo) else f"{v:+.3f}"
+
+
+def render_html(spec, df, best, pivots, layers, figures, state, running, sweep_dir, comp_layers=None, comp=None,
+                answer=None) -> str:
+    comp_layers = comp_layers if comp_layers is not None else pd.DataFrame()
+    comp = comp if comp is not None else pd.DataFrame()
     started, finished = state.get("started"), state.get("finished")
     took = (finished or time.time()) - started if started else None
     counts = df["status"].value_counts().to_dict() if len(df) else {}
     real = real_trials(df) if len(df) else df
     controls = df[df["control"].notna()] if len(df) and "control" in df else pd.DataFrame()
     failed = df[df["status"] == "failed"] if len(df) else pd.DataFrame()
-    sections = [("overview", "What was swept"), ("headline", "Headline: best trial per neuron × head/freeze"),
+    sections = [("answer", "Does the model know its neuron better than an outsider?"),
+                ("reads", "Reads the neuron, or recomputes it?"), ("overview", "What was swept"),
+                ("headline", "Headline: best trial per neuron × head/freeze"),
                 ("figures", "Figures"), ("layers", "Per-layer summary"), ("pivots", "Pivots"),
                 ("controls", "Controls"), ("failures", "Failures"), ("trials", "All trials")]
     toc = "".join(f"<li><a href='#{k}'>{v}</a></li>" for k, v in sections)
@@ -181,7 +224,8 @@ def render_html(spec, df, best, pivots, layers, figures, state, running, sweep_d
         "neurons": ", ".join(f"L{k}: {v}" for k, v in (state.get("neurons") or {}).items()),
         "heads × freeze": ", ".join(combo_label(h, f) for h, f in spec.combos()),
         "search": f"{spec.search.algorithm}, {spec.search.num_samples} samples per group, metric {spec.search.metric}",
-        "controls": ", ".join(spec.controls) or "none",
+        "controls": ", ".join(spec.control_names) + (f" (cross_model: {spec.cross_model})" if spec.cross_model else "")
+                    if spec.controls else "none",
         "trials": f"{len(df)} finished of {state.get('n_expected', '?')} ({', '.join(f'{v} {k}' for k, v in counts.items())})",
         "took": f"{took / 60:.1f} min" + (f" (cache {t.get('cache_s')} s, trials {t.get('trials_wall_s')} s)" if t else "") if took else "?",
         "workers": f"{state.get('workers')} on {state.get('device')}; base model loaded {state.get('model_loads')}×",
@@ -189,7 +233,8 @@ def render_html(spec, df, best, pivots, layers, figures, state, running, sweep_d
     ov = "".join(f"<tr><td>{html.escape(k)}</td><td class='l'>{html.escape(str(v))}</td></tr>" for k, v in overview.items())
     headline_cols = [c for c in ["layer", "neuron", "head", "freeze", "pearson_r", "skill", "mse", "offset",
                                  "patch_slope", "drift", "identity_r", "cos_win", "cos_wout", "trial_id"] if c in best]
-    figs = "".join(f"<figure>{_img(p)}<figcaption>{html.escape(caption)}</figcaption></figure>" for p, caption in figures)
+    figs = "".join(f"<figure>{_img(p)}<figcaption>{html.escape(caption)}</figcaption></figure>" for p, caption in figures
+                   if p.stem not in FIRST_FIGURES)
     piv = "".join(f"<h3>{m}</h3>{_table(p, left=2)}" for m, p in pivots.items())
     ctl_cols = [c for c in ["trial_id", "control", "layer", "neuron", "head", "freeze", "pearson_r", "skill",
                             "patch_slope"] if c in controls]
@@ -201,7 +246,22 @@ def render_html(spec, df, best, pivots, layers, figures, state, running, sweep_d
 <html lang="en"><head><meta charset="utf-8"><title>nsr-sweep report: {html.escape(spec.name)}</title>
 <style>{CSS}</style></head><body>
 <h1>Neuron self-report sweep: {html.escape(spec.name)}</h1>{banner}
+<h2 id="answer">Does the model know its neuron better than an outsider?</h2>
+<p>Per layer and head/freeze, the mean test correlation over neurons of <b>self</b> (this model predicting its own
+neuron), <b>cross-model</b> (another model, <code>{html.escape(str(spec.cross_model or "not run"))}</code>, trained the same
+way to predict this model's neuron on the same texts) and <b>input-only</b> (ridge on the text's tokens, no
+transformer), with 95% intervals over neurons. A positive self − cross gap whose interval excludes 0 is evidence of
+privileged access; self ≈ input-only means the text alone explains the report. Cross-model rows exist for freeze
+<code>none</code> and <code>all</code> (the other model has no target layer).</p>
+<div id="answer-table">{_table(answer_table(comp_layers), left=3)}</div>
+{f"<figure>{_img(answer)}<figcaption>Self vs cross-model vs input-only against depth (mean r over neurons, 95% CI).</figcaption></figure>" if answer else ""}
+<h3>Per neuron</h3><p>Gaps with paired bootstrap 95% intervals over the test texts
+(<code>tables/comparison.parquet</code>).</p>
+{_table(comp[[c for c in comp.columns if not c.endswith("_trial")]] if len(comp) else comp, left=4)}
 <nav><h2 id="toc">Contents</h2><ul>{toc}</ul></nav>
+<h2 id="reads">Reads the neuron, or recomputes it?</h2>
+{"".join(f"<figure>{_img(p)}<figcaption>{html.escape(c)}</figcaption></figure>" for p, c in figures
+         if p.stem in FIRST_FIGURES) or "<p class='muted'>No figures yet.</p>"}
 <h2 id="overview">What was swept</h2><table class="kv">{ov}</table>
 <h2 id="headline">Headline: best trial per neuron × head/freeze</h2>
 <p>Best of each group's hyperparameter samples by <code>{spec.search.metric}</code>; metrics on the test split.
@@ -212,10 +272,12 @@ recomputes the neuron from context. Trial ids link to their diagnostics charts.<
 <h2 id="layers">Per-layer summary</h2><p>Mean and median over the best trials of each neuron: how deep in the network self-report works.</p>{_table(layers, left=3)}
 <h2 id="pivots">Pivots</h2>{piv}
 <h2 id="controls">Controls</h2><p>Controls separate self-report from recomputation: <code>shuffled</code> (permuted targets),
-<code>random_model</code> (features of a randomly initialised model), <code>early_features</code> (the residual before the layer).</p>
+<code>random_model</code> (features of a randomly initialised model), <code>early_features</code> (the residual before the layer),
+<code>cross_model</code> (another model), <code>input_only</code> (the text alone).</p>
 {_table(controls[ctl_cols].sort_values(["control", "trial_id"]) if len(controls) else controls, left=6)}
 <h2 id="failures">Failures</h2>{_table(failed[fail_cols], left=6) if len(failed) else "<p class='muted'>None.</p>"}
 <h2 id="trials">All trials</h2>{_table(real[trial_cols] if len(real) else real, left=2, link='trial_id')}
+<script>{SORT_JS}</script>
 <p class="muted">Generated by nsr-sweep on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from {html.escape(str(sweep_dir))}.</p>
 </body></html>
 """

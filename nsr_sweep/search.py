@@ -34,6 +34,15 @@ def stable_seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
 
 
+def n_samples(spec: SweepSpec, group: dict) -> int:
+    """Hyperparameter samples of a group. An exact probe (freeze none, solver exact) has no lr, epochs,
+    batch size, weight decay or patience: every sample would be the same fit, so it is solved once —
+    unless the space searches n_bins of a binned head."""
+    exact = group["freeze"] == "none" and spec.training.solver == "exact"
+    searched = "n_bins" in spec.search.space and group["head"] != "regression"
+    return 1 if exact and not searched else spec.search.num_samples
+
+
 def trial_id(group: dict, sample: int) -> str:
     ctl = f"-{group['control']}" if group.get("control") else ""
     return f"L{group['layer']}-N{group['neuron']}-{group['head']}-{group['freeze']}{ctl}-s{sample}"
@@ -70,7 +79,7 @@ class GroupedSearch(Searcher):
                 params=params, distributions=self.dists, value=value if ok else None,
                 state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL))
         self.queue = [(s, g) for s in range(spec.search.num_samples) for g in groups
-                      if s not in self.taken[group_key(g)]]
+                      if s < n_samples(spec, g) and s not in self.taken[group_key(g)]]
         self.live: dict[str, tuple] = {}
 
     @property

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from .cache import ActivationCache
 from .config import SweepSpec
 from .corpus import load_corpus
@@ -23,13 +25,42 @@ def build_cache(spec: SweepSpec, root: str | Path | None = None, progress: bool 
     corpus = load_corpus(c.source, n_texts=c.n_texts, seed=c.seed)
     cache = ActivationCache.build(model, corpus, spec.cache_spec(), root=root,
                                   batch_size=spec.batch_size_cache, progress=progress)
-    if "random_model" in spec.controls:  # the control's features: same architecture, random weights
+    if "random_model" in spec.control_names:  # the control's features: same architecture, random weights
         m = model.spec
         random = BaseModel(ModelSpec(name=m.name, init="random", seed=spec.seed + 1, device=m.device))
         rc = ActivationCache.build(random, corpus, spec.cache_spec(), root=root,
                                    batch_size=spec.batch_size_cache, progress=progress)
         cache.extra["random_model_features"] = rc.features
+    if spec.cross_model is not None:
+        other = load_model(ModelSpec(name=spec.cross_model, device=model.spec.device))
+        cache.extra.update(cross_model_inputs(model, other, cache.tokens, spec.features.hook))
     return cache
+
+
+def aligned_tokens(model: BaseModel, other: BaseModel, seqs: list[list[int]]) -> list[list[int]]:
+    """The same texts in the other model's tokens: this model's (truncated) tokens decoded back to text,
+    then encoded by the other tokenizer (BOS first), so both models read exactly the same characters."""
+    from .cache import tokenize
+
+    bos = model.tokenizer.bos_token_id
+    texts = [model.tokenizer.decode(q[1:] if q and q[0] == bos else q, clean_up_tokenization_spaces=False)
+             for q in seqs]
+    limit = getattr(other.hf.config, "max_position_embeddings", None) or 8192
+    return tokenize(other, texts, int(limit))[0]
+
+
+def cross_model_inputs(model: BaseModel, other: BaseModel, seqs: list[list[int]], hook: str) -> dict:
+    """The cross_model control's inputs: the other model's tokens (−1-padded) and its features at each
+    text's last token."""
+    from .forward import read_points
+
+    other_seqs = aligned_tokens(model, other, seqs)
+    positions = np.array([len(q) - 1 for q in other_seqs], np.int64)
+    feats = read_points(other.surface, other_seqs, positions, [hook], other.tokenizer.pad_token_id)[hook]
+    padded = np.full((len(other_seqs), max(len(q) for q in other_seqs)), -1, np.int64)
+    for i, q in enumerate(other_seqs):
+        padded[i, : len(q)] = q
+    return {"cross_model_features": feats.astype(np.float32), "cross_model_tokens": padded}
 
 
 def resolve_neurons(spec: SweepSpec, cache: ActivationCache) -> dict[int, list[int]]:

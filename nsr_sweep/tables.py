@@ -11,8 +11,8 @@ import pandas as pd
 from .results import atomic_write
 from .sweepdir import RECORD, TRIALS
 
-ID_COLUMNS = ["trial_id", "layer", "neuron", "head", "freeze", "control", "sample", "seed"]
-HP_COLUMNS = ["lr", "epochs", "batch_size", "weight_decay", "patience", "n_bins"]
+ID_COLUMNS = ["trial_id", "layer", "neuron", "head", "freeze", "control", "cross_model", "sample", "seed"]
+HP_COLUMNS = ["solver", "lr", "epochs", "batch_size", "weight_decay", "patience", "n_bins"]
 STATUS_COLUMNS = ["status", "error", "seconds", "best"]
 
 
@@ -71,7 +71,8 @@ def trials_frame(rows: list[dict], metric: str, mode: str) -> pd.DataFrame:
         if c in df:
             df[c] = df[c].astype("Int64")  # nullable (Parquet int64): a trial that failed early has none
     df["error"] = df["error"].astype("string")
-    df["control"] = df["control"].astype("string")  # <NA> for the real trials
+    for c in ("control", "cross_model"):
+        df[c] = df[c].astype("string")  # <NA> for the real trials
     df = mark_best(df, metric, mode)
     first = [c for c in ID_COLUMNS + HP_COLUMNS + STATUS_COLUMNS if c in df]
     return df[first + [c for c in df.columns if c not in first]]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -29,6 +29,7 @@ from .heads import HeadMap, LinearHead, digit_token_ids, frozen_head
 from .metrics import prediction_metrics
 from .models import BaseModel
 from .surface import Surface
+from .uncertainty import metric_intervals
 
 SPLITS = ("train", "val", "test")
 
@@ -56,6 +57,7 @@ class Fit:
     trained: bool
     out: torch.Tensor  # head outputs on every text
     history: list[dict]
+    solver: dict  # how the head was fitted: solver, converged, l2, iterations (recorded as metrics)
 
 
 def split_indices(n: int, fractions=(0.7, 0.15, 0.15), seed: int = 0) -> dict[str, np.ndarray]:
@@ -68,11 +70,19 @@ def split_indices(n: int, fractions=(0.7, 0.15, 0.15), seed: int = 0) -> dict[st
     return {k: np.sort(v) for k, v in cuts.items()}
 
 
-def run_trial(cache: ActivationCache, model: BaseModel | None, spec: TrialSpec, on_epoch=None) -> TrialResult:
+def run_trial(cache: ActivationCache, model: BaseModel | None, spec: TrialSpec, on_epoch=None,
+              outsider: BaseModel | None = None) -> TrialResult:
     """Train, evaluate and analyse one trial. A non-finite loss gives status `failed` with the reason.
 
-    `on_epoch(record) -> bool` sees each epoch's validation record; False stops training there."""
-    spec.check(model)
+    `on_epoch(record) -> bool` sees each epoch's validation record; False stops training there.
+    For the cross_model control, `outsider` is the other model: it reads the same texts (its own
+    tokens, from `cross_view`) and is what trains; the target stays this model's neuron."""
+    if spec.control == "cross_model":
+        if outsider is None:
+            raise NsrError("control cross_model needs the other model (outsider)")
+        cache, model = cross_view(cache), outsider
+    else:
+        spec.check(model)
     if spec.freeze == "none" and spec.feature_hook != cache.meta["spec"]["features"]:
         raise NsrError(f"feature_hook {spec.feature_hook!r} is not the cache's features "
                        f"({cache.meta['spec']['features']!r})")
@@ -87,7 +97,7 @@ def run_trial(cache: ActivationCache, model: BaseModel | None, spec: TrialSpec, 
     except FloatingPointError as e:
         return TrialResult(spec, "failed", reason=str(e), metrics={"seconds": time.perf_counter() - t0})
     hook = cache.meta["spec"]["hook"]
-    if spec.freeze == "all":
+    if spec.freeze == "all" and spec.control != "cross_model":
         assert model is not None and fit.surface is not None  # the neuron itself trained: re-read it, same texts, same position
         actual_ft = read_points(fit.surface, cache.tokens, cache.positions, [neuron_hook(spec.layer, hook)],
                                 model.tokenizer.pad_token_id)[neuron_hook(spec.layer, hook)][:, spec.neuron]
@@ -97,7 +107,8 @@ def run_trial(cache: ActivationCache, model: BaseModel | None, spec: TrialSpec, 
     metrics = trial_metrics(preds, fit.hmap.train_mean, real, shuffled=spec.control == "shuffled")
     best = int(np.argmin([h["val_mse"] for h in fit.history]))
     metrics.update({"epochs_run": len(fit.history), "best_epoch": best, "val_mse": fit.history[best]["val_mse"],
-                    "val_loss": fit.history[best]["val_loss"], "train_seconds": time.perf_counter() - t0})
+                    "val_loss": fit.history[best]["val_loss"], "train_seconds": time.perf_counter() - t0,
+                    **fit.solver})
     points = None
     if spec.analyses and model is not None and fit.surface is not None and spec.control in (None, "shuffled"):
         from .analyses import analyse
@@ -127,7 +138,8 @@ def fit_head(cache: ActivationCache, model: BaseModel | None, spec: TrialSpec, y
             raise FloatingPointError(pf.failed[0])
         head = pf.head(0)
         out = head(torch.as_tensor(np.asarray(features, np.float32)))
-        return Fit(pf.maps[0], head, model.surface if model is not None else None, False, out, pf.history[0])
+        solver = {k if k in ("solver", "converged") else f"solver_{k}": v for k, v in pf.info[0].items()}
+        return Fit(pf.maps[0], head, model.surface if model is not None else None, False, out, pf.history[0], solver)
     assert model is not None, "an unfrozen trial needs the base model"
     s = model.surface
     hmap = HeadMap(spec.head, y[splits["train"]], spec.n_bins)
@@ -148,7 +160,7 @@ def fit_head(cache: ActivationCache, model: BaseModel | None, spec: TrialSpec, y
     final = TrialModel(net, head, spec.read_hook, seqs, answer_pos, cache.positions, spec.layer, "post",
                        spec.neuron, pad)
     out, _ = final.batched(np.arange(len(seqs)))
-    return Fit(hmap, head, net, True, out, history)
+    return Fit(hmap, head, net, True, out, history, {"solver": "adamw", "converged": None})
 
 
 def sequences(cache: ActivationCache, spec: TrialSpec, model: BaseModel | None):
@@ -166,6 +178,8 @@ def sequences(cache: ActivationCache, spec: TrialSpec, model: BaseModel | None):
 
 def control_features(cache: ActivationCache, spec: TrialSpec) -> np.ndarray:
     """The features a frozen-base head reads: the cache's, or a control's stand-in."""
+    if spec.control == "input_only":  # no transformer at all: what the text alone predicts
+        return bag_of_tokens(cache.tokens)
     if spec.control == "early_features":  # the residual before block L cannot contain the neuron's output
         return cache.extra[f"resid_pre_L{spec.layer}"]
     if spec.control == "random_model":  # the same architecture with random weights
@@ -174,6 +188,33 @@ def control_features(cache: ActivationCache, spec: TrialSpec) -> np.ndarray:
                            "(add random_model to the sweep's controls)")
         return cache.extra["random_model_features"]
     return cache.features
+
+
+def bag_of_tokens(seqs: list[list[int]]) -> np.ndarray:
+    """The input-only control's features: counts of every token in the text, and one-hots of its last two
+    tokens (the neuron is read at the last one), over the token ids the corpus uses (float32)."""
+    vocab = {t: i for i, t in enumerate(sorted({t for q in seqs for t in q}))}
+    V = len(vocab)
+    X = np.zeros((len(seqs), 3 * V), np.float32)
+    for row, q in enumerate(seqs):
+        ids = [vocab[t] for t in q]
+        np.add.at(X[row], ids, 1.0)
+        X[row, V + ids[-1]] = 1.0
+        if len(ids) > 1:
+            X[row, 2 * V + ids[-2]] = 1.0
+    return X
+
+
+def cross_view(cache: ActivationCache) -> ActivationCache:
+    """The cache as the other model sees the same texts: its tokens, positions and features; this model's
+    neuron stays the target (`acts`). Built by `sweep.build_cache` for the cross_model control."""
+    if "cross_model_features" not in cache.extra:
+        raise NsrError("control cross_model needs the other model's features in the cache "
+                       "(add {cross_model: <model>} to the sweep's controls)")
+    padded = np.asarray(cache.extra["cross_model_tokens"])
+    seqs = [row[row >= 0].tolist() for row in padded]
+    return replace(cache, tokens=seqs, positions=np.array([len(q) - 1 for q in seqs], np.int64),
+                   features=cache.extra["cross_model_features"], resid={})
 
 
 def predictions(n: int, splits: dict, y: np.ndarray, actual_ft: np.ndarray, fit: Fit) -> pd.DataFrame:
@@ -190,7 +231,8 @@ def predictions(n: int, splits: dict, y: np.ndarray, actual_ft: np.ndarray, fit:
 
 def trial_metrics(preds: pd.DataFrame, train_mean: float, real: np.ndarray | None = None,
                   shuffled: bool = False) -> dict[str, float]:
-    """Test-split metrics against actual_orig, and against actual_ft (suffix `_ft`), plus drift.
+    """Test-split metrics against actual_orig (with bootstrap intervals for r and skill), and against
+    actual_ft (suffix `_ft`), plus drift.
 
     `drift` = mean(actual_ft − the real neuron): for the shuffled control the real neuron, not the permuted
     target, so it is 0 whenever the neuron cannot change; its `_ft` metrics would mix the two and are null."""
@@ -198,6 +240,7 @@ def trial_metrics(preds: pd.DataFrame, train_mean: float, real: np.ndarray | Non
     test, val = preds[test_mask], preds[preds["split"] == "val"]
     m = prediction_metrics(test["pred"].to_numpy(), test["actual_orig"].to_numpy(), train_mean)
     ft = prediction_metrics(test["pred"].to_numpy(), test["actual_ft"].to_numpy(), train_mean)
+    m.update(metric_intervals(test["pred"].to_numpy(), test["actual_orig"].to_numpy(), train_mean))
     m.update({f"{k}_ft": (float("nan") if shuffled else v) for k, v in ft.items()})
     real_test = test["actual_orig"].to_numpy() if real is None else np.asarray(real)[test_mask]
     m["drift"] = float(np.mean(test["actual_ft"].to_numpy() - real_test))

@@ -9,6 +9,7 @@ config; the heavy work never leaves the worker that holds the model.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 
@@ -26,6 +27,7 @@ class ModelWorker:
         torch.set_num_threads(max(1, threads))
         self.model = BaseModel(ModelSpec(**model_spec_kw))  # resident for the whole sweep
         self.loads = 1
+        self.other: BaseModel | None = None  # the cross_model control's model, loaded on first use
         self.cache: ActivationCache | None = None
         self.running = 0
         self.epochs: dict[str, list[dict]] = {}  # per running trial: its validation records so far
@@ -42,6 +44,16 @@ class ModelWorker:
     def set_cache(self, arrays: dict) -> int:
         self.cache = ActivationCache.from_arrays(arrays)  # zero-copy views into the object store
         return self.cache.n_texts
+
+    def _outsider(self, name: str | None):
+        """The cross_model control's other model, loaded once on first use (None for every other trial)."""
+        if name is None:
+            return None
+        if self.other is None or self.other.spec.name != name:
+            from .models import BaseModel, ModelSpec
+
+            self.other = BaseModel(ModelSpec(name=name, device=self.model.spec.device))
+        return self.other
 
     def load_count(self) -> int:
         return self.loads
@@ -88,7 +100,7 @@ class ModelWorker:
             return not cut
 
         assert self.cache is not None, "set_cache first"
-        result = run_trial(self.cache, self.model, spec, on_epoch=on_epoch)
+        result = run_trial(self.cache, self.model, spec, on_epoch=on_epoch, outsider=self._outsider(spec.cross_model))
         result.metrics["scheduler_stopped"] = bool(cut)  # training was cut short (a late stop changes nothing)
         self.stopping.discard(tid)
         save_trial(result, trial_dir(sweep_dir, tid), tid, config.get("sample", 0))
@@ -138,7 +150,12 @@ def start_workers(n: int, model_spec_kw: dict, gpus_per_worker: float, threads: 
     return [actor.options(name=None).remote(model_spec_kw, threads) for _ in range(n)]
 
 
-def trial_function(config: dict, *, sweep_dir: str, pool, metric: str, stream: bool) -> None:
+def _rankable(value: float, mode: str) -> float:
+    """A NaN metric (a constant prediction has no correlation) ranks last, never first."""
+    return value if math.isfinite(value) else (-math.inf if mode == "max" else math.inf)
+
+
+def trial_function(config: dict, *, sweep_dir: str, pool, metric: str, mode: str, stream: bool) -> None:
     """Tune's trainable: run the trial on a free model worker (through the pool), report its row.
 
     With `stream` (a scheduler such as ASHA), each epoch's validation record is reported as it
@@ -154,8 +171,7 @@ def trial_function(config: dict, *, sweep_dir: str, pool, metric: str, stream: b
             done, _ = ray.wait([ref], timeout=0.05)
             for record in ray.get(pool.progress.remote(tid, seen)):
                 seen += 1
-                tune.report({metric: record.get(metric, record["val_mse"]), "intermediate": True,
-                             "epoch": record["epoch"]})
+                tune.report({metric: _rankable(record[metric], mode), "intermediate": True, "epoch": record["epoch"]})
             if done:
                 break
     except BaseException:

@@ -1,6 +1,7 @@
 """Recipe for `nsr-tiny`, the bundled offline base model. Anyone can rerun it:
 
     python recipes/train_nsr_tiny.py --out nsr_sweep/models/nsr-tiny
+    python recipes/train_nsr_tiny.py --out nsr_sweep/models/nsr-tiny-seed1 --seed 1   # the seed sibling
 
 Text: the built-in corpus (`pydoc_data.topics` + stdlib docstrings read with `ast`), so the
 recipe needs nothing but a Python installation. Byte-level BPE (vocab 4096, ' 0'…' 9'
@@ -25,6 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nsr_sweep.corpus import python_docs_passages  # noqa: E402
 
 EOS = "<|endoftext|>"
+SIBLING = """
+This is a **seed sibling** of nsr-tiny: the same recipe, text and architecture with another seed (which also
+shuffles the passages, so the BPE tokenizer differs slightly). It is the offline `cross_model` control: another
+model, trained on the same data, predicting nsr-tiny's neurons.
+"""
 
 
 def train_tokenizer(passages: list[str], vocab_size: int):
@@ -84,7 +90,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--epochs", type=float, default=3.0)
+    ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -146,7 +152,7 @@ def main() -> None:
     }
     (out / "training.json").write_text(json.dumps(stats, indent=2) + "\n")
     (out / "MODEL_CARD.md").write_text(
-        f"""# nsr-tiny
+        f"""# {out.name}
 
 The bundled offline base model of nsr-sweep: a GPT-2-architecture language model small enough
 to ship inside the package and to train on two CPU cores.
@@ -157,14 +163,14 @@ to ship inside the package and to train on two CPU cores.
 | parameters | {n_params:,} (tied embeddings), float32 safetensors |
 | tokenizer | byte-level BPE, vocab {len(tok)}, `<|endoftext|>` = BOS = EOS = pad; ' 0'…' 9' single tokens |
 | training text | `pydoc_data.topics` + standard-library docstrings (Python {stats['python']}), read with `ast`: {len(passages):,} passages, {len(train_ids):,} training tokens, {len(held_ids):,} held-out tokens (5% of passages) |
-| recipe | `python recipes/train_nsr_tiny.py` — AdamW lr {args.lr}, batch {args.batch}×{args.block} tokens, {steps} steps ({args.epochs} epochs), cosine schedule, seed {args.seed} |
+| recipe | `python recipes/train_nsr_tiny.py --out {args.out} --seed {args.seed}` — AdamW lr {args.lr}, batch {args.batch}×{args.block} tokens, {steps} steps ({args.epochs} epochs), cosine schedule, seed {args.seed} |
 | training time | {train_time / 60:.1f} min on 2 CPU cores |
 | held-out loss | {loss:.3f} nats/token (perplexity {math.exp(loss):.1f}) |
 | alive neurons | {alive:.1%} (std of post-GELU activation > 1e-3 over held-out tokens; per layer {', '.join(f'{a:.1%}' for a in per_layer)}) |
 
 Not a good language model, and not meant to be: it is a real trained transformer whose neurons
 carry structure, so every nsr-sweep command works without the network.
-"""
+{SIBLING if args.seed != 0 else ""}"""
     )
     print(f"wrote {out}")
 

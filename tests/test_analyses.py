@@ -25,12 +25,12 @@ def big():
 
 
 def test_a_head_reading_the_neuron_itself_has_patch_slope_one(big):
-    """Exact least squares has the unique answer w = e_n, so the patch slope must be 1.
+    """At default settings (the exact solver) the probe finds w = e_n, so the patch slope must be 1.
 
     (AdamW from zero reaches r = 0.9998 on the same data with weight 0.08 on the neuron: it spreads
     weight over near-collinear neurons. High r without the neuron is the very case patching exposes.)"""
     model, cache, neuron = big
-    r = run_trial(cache, model, TrialSpec(layer=2, neuron=neuron, solver="lstsq", feature_hook="blocks.2.mlp.hook_post"))
+    r = run_trial(cache, model, TrialSpec(layer=2, neuron=neuron, feature_hook="blocks.2.mlp.hook_post"))
     m = r.metrics
     assert r.status == "ok" and m["n_test"] >= 500
     assert m["pearson_r"] > 0.999

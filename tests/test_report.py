@@ -11,19 +11,19 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from nsr_sweep.cache import ActivationCache
 from nsr_sweep.cli import main
 from nsr_sweep.config import dump_sweep, parse_sweep
-from nsr_sweep.corpus import load_corpus
 from nsr_sweep.models import load_model
 from nsr_sweep.orchestrate import expand
 from nsr_sweep.results import write_json
 from nsr_sweep.search import trial_id
+from nsr_sweep.sweep import build_cache
 from nsr_sweep.sweepdir import LOCK, STATE, save_trial
 from nsr_sweep.trial import TrialSpec, run_trial
 
 SPEC = {"name": "rep", "model": "nsr-tiny", "corpus": {"n_texts": 300, "max_tokens": 32}, "layers": [1, 2],
-        "neurons": [3, 5], "heads": ["regression", "classification"], "freeze": ["none"], "controls": ["shuffled"],
+        "neurons": [3, 5], "heads": ["regression", "classification"], "freeze": ["none"],
+        "controls": ["shuffled", {"cross_model": "nsr-tiny-seed1"}, "input_only"],
         "search": {"num_samples": 2}, "training": {"epochs": 3}}
 
 
@@ -32,8 +32,8 @@ def sweep_dir(tmp_path_factory):
     """A partial sweep written trial by trial (no Ray): finished, failed, and one still to come."""
     d = tmp_path_factory.mktemp("results") / "rep"
     spec = parse_sweep(SPEC)
-    model = load_model("nsr-tiny")
-    cache = ActivationCache.build(model, load_corpus(n_texts=300), spec.cache_spec(), progress=False)
+    model, sibling = load_model("nsr-tiny"), load_model("nsr-tiny-seed1")
+    cache = build_cache(spec, progress=False, model=model)
     groups = expand(spec, {1: [3, 5], 2: [3, 5]})
     for g in groups:
         for sample, lr in enumerate((3e-3, 2e-2)):
@@ -44,8 +44,8 @@ def sweep_dir(tmp_path_factory):
                     "spec": {**{k: g[k] for k in ("layer", "neuron", "head", "freeze", "control")}, "lr": lr}, "metrics": {}})
                 continue
             kw = {k: g[k] for k in ("layer", "neuron", "head", "freeze", "control", "n_grid")}
-            spec_t = TrialSpec(**kw, lr=lr, epochs=3, seed=sample, patch_texts=32)
-            save_trial(run_trial(cache, model, spec_t), d / "trials" / tid, tid, sample)
+            spec_t = TrialSpec(**kw, cross_model=g.get("cross_model"), lr=lr, epochs=3, seed=sample, patch_texts=32)
+            save_trial(run_trial(cache, model, spec_t, outsider=sibling), d / "trials" / tid, tid, sample)
     (d / "sweep.yaml").write_text(dump_sweep(spec))
     write_json(d / STATE, {"name": "rep", "status": "running", "started": 1.0e9, "n_expected": len(groups) * 2 + 4,
                            "neurons": {"1": [3, 5], "2": [3, 5]}, "workers": 1, "device": "cpu", "model_loads": 1})
@@ -62,8 +62,9 @@ def test_tables_are_typed_and_round_trip(sweep_dir):
     assert str(schema.field("layer").type) == "int64" and str(schema.field("pearson_r").type) == "double"
     assert str(schema.field("best").type) == "bool" and str(schema.field("status").type) in ("string", "large_string")
     assert str(schema.field("control").type) in ("string", "large_string")
-    assert len(df) == 16 * 2 and df["trial_id"].is_unique
-    assert df["status"].value_counts().to_dict() == {"ok": 31, "failed": 1}
+    n_groups = 4 * (2 * 3 + 1)  # neurons × (heads × {real, shuffled, cross_model} + input_only)
+    assert len(df) == n_groups * 2 and df["trial_id"].is_unique
+    assert df["status"].value_counts().to_dict() == {"ok": n_groups * 2 - 1, "failed": 1}
     assert pq.read_table(t / "trials.parquet").num_rows == len(df)
     best = pd.read_parquet(t / "best.parquet")
     assert len(best) == 8 and best["control"].isna().all()  # one per (layer, neuron, head, freeze)
@@ -81,6 +82,45 @@ def test_pivots_agree_with_the_trial_table(sweep_dir, metric):
             assert cell == pytest.approx(getattr(row, metric), rel=1e-12, abs=1e-12)
     md = (sweep_dir / "tables" / "summary.md").read_text()
     assert f"## {metric} (neuron × head/freeze)" in md
+
+
+def test_comparison_agrees_with_the_trials_and_recomputes_from_predictions(sweep_dir):
+    """Self / cross / input-only r per neuron are the best trials' own test r; the gap is their difference,
+    recomputed here from the saved predictions with numpy; the per-layer rows are means over neurons."""
+    import numpy as np
+
+    trials = pd.read_parquet(sweep_dir / "tables" / "trials.parquet")
+    comp = pd.read_parquet(sweep_dir / "tables" / "comparison.parquet")
+    best = trials[trials["best"] & (trials["status"] == "ok")]
+    assert len(comp) == 8
+    for row in comp.itertuples():
+        sel = best[(best.layer == row.layer) & (best.neuron == row.neuron)]
+        mine = sel[(sel["head"] == row.head) & sel["control"].isna()]
+        cross = sel[(sel["head"] == row.head) & (sel["control"] == "cross_model")]
+        text = sel[sel["control"] == "input_only"]
+        assert row.self_r == pytest.approx(mine.pearson_r.item(), abs=1e-12)
+        assert row.cross_r == pytest.approx(cross.pearson_r.item(), abs=1e-12)
+        assert row.input_only_r == pytest.approx(text.pearson_r.item(), abs=1e-12)
+        p = {k: pd.read_parquet(sweep_dir / "trials" / t / "preds.parquet").query("split == 'test'").sort_values("text_id")
+             for k, t in (("self", row.self_trial), ("cross", row.cross_trial))}
+        r = {k: np.corrcoef(v["pred"], p["self"]["actual_orig"])[0, 1] for k, v in p.items()}
+        assert row.gap_cross_r == pytest.approx(r["self"] - r["cross"], abs=1e-9)
+        assert row.gap_cross_r_lo <= row.gap_cross_r <= row.gap_cross_r_hi
+        assert row.self_r_lo <= row.self_r <= row.self_r_hi
+    layers = pd.read_parquet(sweep_dir / "tables" / "comparison_by_layer.parquet")
+    for row in layers.itertuples():
+        sel = comp[(comp.layer == row.layer) & (comp["head"] == row.head)]
+        assert row.gap_input_only_r == pytest.approx(sel.gap_input_only_r.mean())
+        assert row.gap_input_only_r_lo < row.gap_input_only_r < row.gap_input_only_r_hi and row.n_neurons == 2
+
+
+def test_report_leads_with_self_vs_outsiders(sweep_dir):
+    page = (sweep_dir / "report.html").read_text()
+    assert page.index('id="answer"') < page.index('id="reads"') < page.index('id="overview"') < page.index('id="trials"')
+    answer = page[page.index('id="answer-table"'):page.index("</table>", page.index('id="answer-table"'))]
+    for label in ("self r", "cross-model r", "input-only r", "self − cross", "self − input-only"):
+        assert label in answer
+    assert "nsr-tiny-seed1" in page
 
 
 def test_per_layer_summary_is_the_mean_of_best_trials(sweep_dir):

@@ -258,7 +258,7 @@ def test_patching_reaches_every_accepted_feature_hook(family_dirs, feature):
     m = load_model(str(d))
     cache = ActivationCache.build(m, load_corpus(n_texts=200), CacheSpec(layers=(1,), features=feature,
                                                                         max_tokens=24), progress=False)
-    spec = TrialSpec(layer=1, neuron=7, solver="lstsq", weight_decay=1e-3, feature_hook=feature, patch_texts=24)
+    spec = TrialSpec(layer=1, neuron=7, feature_hook=feature, patch_texts=24)
     r = run_trial(cache, m, spec)
     head = {k: v for k, v in r.head.items()}
     hf = hf_model(d)
@@ -322,7 +322,7 @@ def readout_direction(r):
 def test_effective_cosines_use_the_norm_gain_and_centring(family_caches):
     """cos_win_eff = cos(centre(γ_f ⊙ d), centre(γ_2 ⊙ W_in[:, n])) for a probe after the final LayerNorm."""
     m, cache = family_caches["gpt2"]
-    r = run_trial(cache, m, TrialSpec(layer=2, neuron=6, solver="lstsq", weight_decay=1e-2, patch_texts=8))
+    r = run_trial(cache, m, TrialSpec(layer=2, neuron=6, patch_texts=8))
     hf = m.hf
     d = r.head["weight"][0].double()
     gf, g2 = hf.transformer.ln_f.weight.double(), hf.transformer.h[2].ln_2.weight.double()

@@ -76,8 +76,8 @@ def test_batched_probe_fit_equals_one_at_a_time(linear_data):
     X, Y = linear_data
     Y = Y + np.random.default_rng(2).normal(size=Y.shape)
     splits = split_indices(len(X), seed=0)
-    for head in ("regression", "classification"):
-        spec = TrialSpec(layer=0, neuron=0, head=head, lr=1e-2, epochs=8, patience=2)
+    for head, solver in [(h, s) for h in ("regression", "classification") for s in ("exact", "adamw")]:
+        spec = TrialSpec(layer=0, neuron=0, head=head, lr=1e-2, epochs=8, patience=2, solver=solver)
         together = fit_probes(X, Y, head, spec, splits)
         for j in range(Y.shape[1]):
             alone = fit_probes(X, Y[:, j : j + 1], head, spec, splits)
@@ -88,8 +88,10 @@ def test_batched_probe_fit_equals_one_at_a_time(linear_data):
 
 def test_non_finite_loss_fails_the_trial_with_its_reason(linear_data):
     X, Y = linear_data
-    r = run_trial(synthetic_cache(Y * 1e30, X * 1e38), None, TrialSpec(layer=0, neuron=0, lr=10, epochs=3))
-    assert r.status == "failed" and "non-finite" in r.reason
+    for solver in ("adamw", "exact"):
+        r = run_trial(synthetic_cache(Y * 1e30, X * 1e38), None,
+                      TrialSpec(layer=0, neuron=0, lr=10, epochs=3, solver=solver))
+        assert r.status == "failed" and "non-finite" in r.reason
 
 
 def test_token_with_freeze_none_is_an_error():
@@ -216,17 +218,26 @@ def test_after_target_starts_from_the_cached_residual(tiny_cache):
     np.testing.assert_allclose(got, cache.features[idx], atol=2e-5)
 
 
-def test_lstsq_probes_equal_numpy_least_squares(linear_data):
+def test_exact_ridge_equals_numpy_at_the_lambda_validation_chooses(linear_data):
+    """solve_ridge = numpy's ridge (bias unpenalised) at the λ of RIDGE_GRID with the least validation MSE."""
+    from nsr_sweep.fit import RIDGE_GRID
+
     X, Y = linear_data
-    Y = Y + np.random.default_rng(3).normal(size=Y.shape)
+    Y = Y + np.random.default_rng(3).normal(size=Y.shape) * np.array([0.1, 3.0, 30.0])
     splits = split_indices(len(X), seed=0)
-    fit = fit_probes(X, Y, "regression", TrialSpec(layer=0, neuron=0, solver="lstsq"), splits)
-    tr = splits["train"]
-    A = np.c_[X[tr], np.ones(len(tr))]
+    fit = fit_probes(X, Y, "regression", TrialSpec(layer=0, neuron=0), splits)
+    tr, va = splits["train"], splits["val"]
+    Xc = X[tr] - X[tr].mean(0)
+    scale = np.linalg.svd(Xc, compute_uv=False)[0] ** 2
+
+    def ridge(y, lam):
+        w = np.linalg.solve(Xc.T @ Xc + lam * np.eye(X.shape[1]), Xc.T @ (y[tr] - y[tr].mean()))
+        return lambda Z: (Z - X[tr].mean(0)) @ w + y[tr].mean()
+
     for j in range(Y.shape[1]):
-        coef = np.linalg.lstsq(A, Y[tr, j], rcond=None)[0]
-        m = fit.maps[j]
-        pred = m.predict(torch.as_tensor(X @ fit.weight[j].double().numpy().T + fit.bias[j].double().numpy())).numpy()
-        np.testing.assert_allclose(pred, np.c_[X, np.ones(len(X))] @ coef, atol=1e-4)
-    with pytest.raises(ValueError, match="only for head regression"):
-        TrialSpec(layer=0, neuron=0, head="classification", solver="lstsq")
+        val = [np.mean((ridge(Y[:, j], rel * scale)(X[va]) - Y[va, j]) ** 2) for rel in RIDGE_GRID]
+        best = int(np.argmin(val))
+        assert fit.info[j]["l2_relative"] == RIDGE_GRID[best] and fit.info[j]["converged"]
+        pred = fit.maps[j].predict(torch.as_tensor(X @ fit.weight[j].double().numpy().T + fit.bias[j].double().numpy()))
+        np.testing.assert_allclose(pred.numpy(), ridge(Y[:, j], RIDGE_GRID[best] * scale)(X), atol=1e-4)
+        assert fit.history[j][0]["val_mse"] == pytest.approx(val[best], rel=1e-4)

@@ -1,0 +1,267 @@
+"""Known answers at default settings, controls that mean one thing each, and honest intervals.
+
+Every number is checked against an independent computation: plain `transformers` forwards,
+numpy least squares, scipy's L-BFGS, or a simulation whose true value is known.
+"""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from nsr_sweep.cache import ActivationCache, CacheSpec
+from nsr_sweep.config import TrialSpec, parse_sweep
+from nsr_sweep.corpus import load_corpus
+from nsr_sweep.errors import NsrError
+from nsr_sweep.fit import fit_probes, solve_logistic, train_model
+from nsr_sweep.models import load_model
+from nsr_sweep.sweep import aligned_tokens, cross_model_inputs
+from nsr_sweep.trial import bag_of_tokens, run_trial, split_indices
+from nsr_sweep.uncertainty import gap_interval, metric_intervals, slope_interval
+
+VAL_KEYS = {"epoch", "val_mse", "val_loss", "val_pearson_r", "val_skill"}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("nsr-tiny")
+
+
+@pytest.fixture(scope="module")
+def sibling():
+    return load_model("nsr-tiny-seed1")
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return load_corpus()  # the default corpus: 2000 texts
+
+
+def _cache(model, corpus, **kw):
+    return ActivationCache.build(model, corpus, CacheSpec(**kw), progress=False)
+
+
+# -- known answers at default training settings -----------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_probe_on_the_neurons_own_layer_finds_it_and_reads_it(tiny, corpus):
+    """Features blocks.2.mlp.hook_post contain the neuron itself: r > 0.999, patch slope 1 ± 0.02, every neuron."""
+    cache = _cache(tiny, corpus, layers=(2,), features="blocks.2.mlp.hook_post")
+    neurons = [40, 7] + [n for n, _ in cache.top_neurons(2, "variance", 3)]
+    for n in neurons:
+        m = run_trial(cache, tiny, TrialSpec(layer=2, neuron=n, feature_hook="blocks.2.mlp.hook_post")).metrics
+        assert m["pearson_r"] > 0.999 and abs(m["patch_slope"] - 1) < 0.02, (n, m["pearson_r"], m["patch_slope"])
+        assert m["solver"] == "ridge" and m["converged"] is True
+        assert m["patch_slope_lo"] <= m["patch_slope"] <= m["patch_slope_hi"]
+        s = run_trial(cache, tiny, TrialSpec(layer=2, neuron=n, feature_hook="blocks.2.mlp.hook_post",
+                                             control="shuffled")).metrics
+        assert abs(s["pearson_r"]) < 0.1 and abs(s["patch_slope"]) < 0.05, (n, s["pearson_r"], s["patch_slope"])
+
+
+@pytest.mark.slow
+def test_an_exactly_linear_target_is_predicted_exactly(tiny, corpus):
+    """hook_pre = LN2(x)·W_in + b: a probe on blocks.1.ln2.hook_normalized has r > 0.9999 at default settings."""
+    cache = _cache(tiny, corpus, layers=(1,), hook="pre", features="blocks.1.ln2.hook_normalized")
+    for n in [40, 7, 300]:
+        m = run_trial(cache, tiny, TrialSpec(layer=1, neuron=n, feature_hook="blocks.1.ln2.hook_normalized")).metrics
+        assert m["pearson_r"] > 0.9999, (n, m["pearson_r"])
+
+
+@pytest.mark.slow
+def test_shuffled_control_at_default_features_reads_nothing(tiny, corpus):
+    cache = _cache(tiny, corpus, layers=(2,))
+    for n, _ in cache.top_neurons(2, "variance", 3):
+        for head in ("regression", "classification"):
+            s = run_trial(cache, tiny, TrialSpec(layer=2, neuron=n, head=head, control="shuffled")).metrics
+            assert abs(s["pearson_r"]) < 0.1 and abs(s["patch_slope"]) < 0.05, (n, head, s)
+
+
+# -- controls: one meaning each ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small(tiny):
+    cache = ActivationCache.build(tiny, load_corpus(n_texts=300, seed=0), CacheSpec(layers=(2,), store_resid=True,
+                                                                                    max_tokens=32), progress=False)
+    return cache, cache.top_neurons(2, "variance", 1)[0][0]
+
+
+@pytest.mark.parametrize("freeze", ["none", "after_target"])
+def test_shuffled_rows_refer_to_the_real_neuron(tiny, small, freeze):
+    """drift exactly 0, identity_r equal to the real trial's, patching based at the real activation, _ft null."""
+    cache, n = small
+    kw = dict(layer=2, neuron=n, freeze=freeze, epochs=2, batch_size=32, patch_texts=16)
+    real = run_trial(cache, tiny, TrialSpec(**kw))
+    shuf = run_trial(cache, tiny, TrialSpec(**kw, control="shuffled"))
+    acts = cache.activations(2, n)
+    assert shuf.metrics["drift"] == 0.0 and real.metrics["drift"] == 0.0
+    assert shuf.metrics["identity_r"] == real.metrics["identity_r"]
+    pts = shuf.patch
+    np.testing.assert_array_equal(pts["act_base"].to_numpy(), acts[pts["text_id"].to_numpy()].astype(np.float64))
+    assert np.isnan(shuf.metrics["pearson_r_ft"]) and not np.isnan(real.metrics["pearson_r_ft"])
+    assert not np.array_equal(shuf.preds["actual_orig"], acts)  # the target itself is what is permuted
+
+
+def test_aligned_tokens_read_the_same_characters(tiny, sibling, small):
+    cache, _ = small
+    other = aligned_tokens(tiny, sibling, cache.tokens)
+    assert other != cache.tokens  # the sibling's tokenizer differs
+    for mine, theirs in zip(cache.tokens, other):
+        assert theirs[0] == sibling.tokenizer.bos_token_id
+        assert sibling.tokenizer.decode(theirs[1:]) == tiny.tokenizer.decode(mine[1:])
+
+
+def test_cross_model_features_are_the_other_models_final_residual(tiny, sibling, small):
+    """Independent: a plain HF forward of the sibling, text by text, last hidden state (after ln_f) at the last token."""
+    cache, _ = small
+    got = cross_model_inputs(tiny, sibling, cache.tokens[:12], "ln_final.hook_out")
+    for i in range(12):
+        ids = got["cross_model_tokens"][i]
+        ids = torch.as_tensor(ids[ids >= 0])[None]
+        with torch.no_grad():
+            h = sibling.hf(ids, output_hidden_states=True).hidden_states[-1][0, -1]
+        np.testing.assert_allclose(got["cross_model_features"][i], h.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("head, freeze", [("regression", "none"), ("regression", "all"), ("token", "all")])
+def test_cross_model_trial_predicts_this_models_neuron_with_the_other_model(tiny, sibling, small, head, freeze):
+    cache, n = small
+    cache.extra.update(cross_model_inputs(tiny, sibling, cache.tokens, "ln_final.hook_out"))
+    spec = TrialSpec(layer=2, neuron=n, head=head, freeze=freeze, control="cross_model", cross_model="nsr-tiny-seed1",
+                     epochs=1, batch_size=32)
+    with pytest.raises(NsrError, match="needs the other model"):
+        run_trial(cache, tiny, spec)
+    r = run_trial(cache, tiny, spec, outsider=sibling)
+    assert r.status == "ok"
+    np.testing.assert_array_equal(r.preds["actual_orig"], cache.activations(2, n).astype(np.float64))
+    assert r.metrics["drift"] == 0.0 and "patch_slope" not in r.metrics  # the other model has no such neuron
+    if freeze == "none":  # a probe on the sibling's features: equal to one fitted here by hand
+        fit = fit_probes(cache.extra["cross_model_features"], cache.activations(2, n)[:, None].astype(np.float64),
+                         head, spec, split_indices(cache.n_texts))
+        pred = fit.maps[0].predict(fit.head(0)(torch.as_tensor(cache.extra["cross_model_features"])))
+        np.testing.assert_allclose(r.preds["pred"], pred.numpy(), atol=1e-6)
+
+
+def test_cross_model_accompanies_none_and_all_only():
+    spec = parse_sweep({"name": "x", "layers": [1], "neurons": [3], "heads": ["regression", "token"],
+                        "freeze": ["none", "after_target", "all"],
+                        "controls": [{"cross_model": "nsr-tiny-seed1"}, "input_only"]})
+    from nsr_sweep.orchestrate import expand
+
+    groups = expand(spec, {1: [3]})
+    cross = {(g["head"], g["freeze"]) for g in groups if g["control"] == "cross_model"}
+    assert cross == {("regression", "none"), ("regression", "all"), ("token", "all")}
+    assert all(g["cross_model"] == "nsr-tiny-seed1" for g in groups if g["control"] == "cross_model")
+    text = [g for g in groups if g["control"] == "input_only"]
+    assert [(g["head"], g["freeze"]) for g in text] == [("regression", "none")]
+    with pytest.raises(ValueError, match="freeze in none, all"):
+        TrialSpec(layer=1, neuron=3, freeze="after_target", control="cross_model", cross_model="nsr-tiny-seed1")
+
+
+def test_bag_of_tokens_counts_the_text_and_its_last_tokens():
+    seqs = [[5, 9, 9, 2], [9, 7], [3]]
+    X = bag_of_tokens(seqs)
+    vocab = sorted({t for q in seqs for t in q})
+    V = len(vocab)
+    for row, q in zip(X, seqs):
+        c = Counter(q)
+        assert [row[i] for i in range(V)] == [c[t] for t in vocab]
+        assert row[V + vocab.index(q[-1])] == 1 and row[V:2 * V].sum() == 1
+        assert row[2 * V:].sum() == (1 if len(q) > 1 else 0)
+
+
+def test_input_only_never_runs_a_transformer(small):
+    cache, n = small
+    r = run_trial(cache, None, TrialSpec(layer=2, neuron=n, control="input_only"))
+    assert r.status == "ok" and r.metrics["solver"] == "ridge" and r.metrics["drift"] == 0.0
+    assert -0.5 < r.metrics["pearson_r"] < 1 and "patch_slope" not in r.metrics
+
+
+# -- solvers and records ----------------------------------------------------------------------
+
+
+def test_logistic_probe_converges_to_scipys_optimum():
+    """solve_logistic at its chosen L2 = scipy L-BFGS on the same objective (standardised features)."""
+    from scipy.optimize import minimize
+    from scipy.special import logsumexp
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(600, 6)) * np.array([1, 10, 0.1, 1, 1, 3])
+    y = (X[:, 0] + 0.2 * X[:, 1] + rng.normal(size=600))[:, None]
+    splits = split_indices(600)
+    fit = solve_logistic(X, y, "classification", 4, splits)
+    info = fit.info[0]
+    assert info["converged"] and info["grad_max"] <= 1e-5
+    tr = splits["train"]
+    m, s = X[tr].mean(0), X[tr].std(0)
+    Z, lab, k = (X[tr] - m) / s, fit.maps[0].labels(y[tr, 0]), 4
+
+    def f(theta):
+        W, b = theta[: k * 6].reshape(k, 6), theta[k * 6:]
+        out = Z @ W.T + b
+        return np.mean(logsumexp(out, 1) - out[np.arange(len(lab)), lab]) + info["l2"] / 2 * (W**2).sum()
+
+    ref = minimize(f, np.zeros(k * 7), method="L-BFGS-B", options={"gtol": 1e-10, "ftol": 1e-14, "maxiter": 5000})
+    W_ref = ref.x[: k * 6].reshape(k, 6) / s  # back to raw features, as the probe stores it
+    np.testing.assert_allclose(fit.weight[0].double().numpy(), W_ref, atol=2e-3)
+
+
+def test_every_validation_record_carries_every_val_metric(tiny, small):
+    cache, n = small
+    y = cache.activations(2, n)[:, None].astype(np.float64)
+    splits = split_indices(cache.n_texts)
+    for head in ("regression", "classification"):
+        for solver in ("exact", "adamw"):
+            hist = fit_probes(cache.features, y, head, TrialSpec(layer=2, neuron=n, head=head, solver=solver,
+                                                                  epochs=2), splits).history[0]
+            assert hist and all(set(h) == VAL_KEYS for h in hist)
+    r = run_trial(cache, tiny, TrialSpec(layer=2, neuron=n, freeze="after_target", epochs=2, analyses=False))
+    assert len(r.history) == 2 and all(set(h) == VAL_KEYS for h in r.history)
+    assert train_model  # the unfrozen path above is train_model's
+
+
+def test_asha_needs_a_scale_free_metric():
+    base = {"name": "x", "layers": [1], "neurons": [3], "heads": ["regression"], "freeze": ["all"]}
+    with pytest.raises(NsrError, match="scale-free metric: allowed val_pearson_r, val_skill"):
+        parse_sweep({**base, "search": {"scheduler": "asha", "metric": "val_mse", "mode": "min"}})
+    parse_sweep({**base, "search": {"scheduler": "asha", "metric": "val_pearson_r", "mode": "max"}})
+
+
+# -- intervals --------------------------------------------------------------------------------
+
+
+def test_r_interval_covers_the_true_r_at_its_nominal_rate():
+    """200 simulated test sets with a known r = 0.5: the 95% interval covers it in 90–99% of them."""
+    rho, n, hits = 0.5, 150, 0
+    for seed in range(200):
+        rng = np.random.default_rng(10_000 + seed)
+        x = rng.normal(size=n)
+        y = rho * x + np.sqrt(1 - rho**2) * rng.normal(size=n)
+        iv = metric_intervals(x, y, 0.0, seed=seed)
+        hits += iv["pearson_r_lo"] <= rho <= iv["pearson_r_hi"]
+    assert 0.90 <= hits / 200 <= 0.99, hits
+
+
+def test_patch_slope_interval_covers_the_true_slope():
+    true, hits = 0.7, 0
+    for seed in range(100):
+        rng = np.random.default_rng(seed)
+        texts = np.repeat(np.arange(40), 5)
+        dx = np.tile(np.linspace(-1, 1, 5), 40) * rng.uniform(0.5, 2, size=200)
+        dy = true * dx + rng.normal(size=40)[texts] * 0.3 * dx + 0.1 * rng.normal(size=200)
+        lo, hi = slope_interval(texts, dx, dy, seed=seed)
+        hits += lo <= true <= hi
+    assert 0.88 <= hits / 100 <= 1.0, hits
+
+
+def test_gap_interval_is_paired_and_exact_at_the_point():
+    rng = np.random.default_rng(0)
+    actual = rng.normal(size=300)
+    good, bad = actual + 0.3 * rng.normal(size=300), actual + 2.0 * rng.normal(size=300)
+    g = gap_interval(good, bad, actual, "pearson_r", 0.0)
+    assert g["gap"] == pytest.approx(np.corrcoef(good, actual)[0, 1] - np.corrcoef(bad, actual)[0, 1], abs=1e-12)
+    assert 0 < g["gap_lo"] < g["gap"] < g["gap_hi"]
+    same = gap_interval(good, good, actual, "skill", 0.0)
+    assert same == {"gap": 0.0, "gap_lo": 0.0, "gap_hi": 0.0}
