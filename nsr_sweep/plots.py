@@ -195,21 +195,27 @@ def self_vs_outsiders(layers: pd.DataFrame, path: Path) -> Path | None:
     if layers.empty:
         return None
     combos = _combos(layers)
-    fig, axes = plt.subplots(1, len(combos), figsize=(3.6 * len(combos), 3.6), squeeze=False, sharey=True)
+    cols = min(4, len(combos))
+    rows = -(-len(combos) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(combos):]:
+        ax.set_visible(False)
     b = _with_combo(layers)
-    for ax, c in zip(axes[0], combos):
+    for ax, c in zip(axes.flat, combos):
         g = b[b["combo"] == c].sort_values("layer")
-        for name, label, style in (("self", "self", "-o"), ("cross", "cross-model", "--s"), ("input_only", "input only", ":^")):
+        for name, label, style, color in (("self", "self", "-o", "C0"), ("cross", "cross-model", "--s", "C1"),
+                                          ("input_only", "input only", ":^", "C2")):  # one colour per predictor, every panel
             y = g[f"{name}_r"].to_numpy()
             if np.isfinite(y).any():
                 err = np.abs(np.stack([y - g[f"{name}_r_lo"].to_numpy(), g[f"{name}_r_hi"].to_numpy() - y]))
-                ax.errorbar(g["layer"], y, yerr=np.nan_to_num(err), fmt=style, capsize=3, label=label)
+                ax.errorbar(g["layer"], y, yerr=np.nan_to_num(err), fmt=style, color=color, capsize=3, label=label)
         ax.set(title=c, xlabel="layer")
         ax.set_xticks(sorted(layers["layer"].unique()))
         ax.axhline(0, color="k", lw=0.5)
-    axes[0][0].set_ylabel("mean test r over neurons (95% CI)")
+    for row in axes:
+        row[0].set_ylabel("mean test r (95% CI)")
     axes[0][0].legend(fontsize=7)
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.16, top=0.88, wspace=0.08)
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.1, top=0.92, wspace=0.08, hspace=0.45)
     return _save(fig, path)
 
 
