@@ -64,7 +64,7 @@ def dry_run_text(spec: SweepSpec) -> str:
     per_layer = sum(n.k if isinstance(n, NeuronSelect) else 1 for n in spec.neurons)
     skipped = spec.skipped_combos()
     groups = expand(spec, {L: list(range(per_layer)) for L in spec.layers})
-    trials = Counter()
+    trials: Counter[tuple] = Counter()
     for g in groups:
         trials[(g["head"], g["freeze"], g["control"] or "")] += n_samples(spec, g)
     real = sum(v for (_, _, c), v in trials.items() if not c)
