@@ -1,7 +1,7 @@
 """Sweep files: a typed, validated description of a sweep (pydantic), checked before Ray starts.
 
 Every error names the field, the bad value and what is allowed. `load_sweep` reads YAML with
-`yaml.safe_load`; `SweepSpec.check_model` checks layers/neurons against the model's
+a size-, depth- and alias-limited `yaml.SafeLoader`; `SweepSpec.check_model` checks layers/neurons against the model's
 config.json without loading weights.
 """
 
@@ -83,7 +83,17 @@ class TrainingCfg(Strict):
     gradient tolerance for classification — with the L2 strength chosen on validation; `adamw` trains from zero
     (lr, epochs, batch_size, weight_decay, patience). Unfrozen trials always train with AdamW."""
     suffix: str = " Question: how strongly does neuron {neuron} of layer {layer} fire on this text, from 0 to 9? Answer:"
+    """The token head's question after each text; placeholders {layer} and {neuron} only."""
     save_weights: bool = False
+
+    @field_validator("suffix")
+    @classmethod
+    def _placeholders(cls, v):
+        try:
+            v.format(layer=0, neuron=0)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"suffix may use only the placeholders {{layer}} and {{neuron}} ({e!s})") from None
+        return v
 
 
 Integer = int  # the field `int` below shadows the builtin inside the class body
@@ -211,6 +221,33 @@ class SweepSpec(Strict):
         return {"name": v} if isinstance(v, str) else v
 
     @model_validator(mode="after")
+    def _space_within_training_bounds(self):
+        """Every value a search dimension can take must be a valid value of the training field it overrides."""
+        ints = {k for k, f in TrainingCfg.model_fields.items() if f.annotation is int}
+        for name, d in self.search.space.items():
+            if d.kind == "uniform" and name in ints:
+                raise ValueError(f"search.space.{name}: {name} is an integer; use int, not uniform")
+            values = d.choice if d.kind == "choice" else list(getattr(d, d.kind))
+            for v in values or []:
+                if isinstance(v, bool) or (name in ints and isinstance(v, float)):
+                    raise ValueError(f"search.space.{name}: {v!r} is not a valid {name}")
+                try:
+                    TrainingCfg.model_validate({**self.training.model_dump(), name: v})
+                except ValidationError as e:
+                    raise ValueError(f"search.space.{name}: {v!r} is not a valid {name} "
+                                     f"({e.errors()[0]['msg']})") from None
+        return self
+
+    @model_validator(mode="after")
+    def _splits_fit_the_corpus(self):
+        n = self.corpus.n_texts
+        sizes = split_sizes(n, (self.splits.train, self.splits.val, self.splits.test))
+        if min(sizes) < 2:
+            raise ValueError(f"splits {self.splits.train:g}/{self.splits.val:g}/{self.splits.test:g} of corpus.n_texts "
+                             f"{n} leave {min(sizes)} text(s) in a split; each needs ≥ 2 (raise n_texts)")
+        return self
+
+    @model_validator(mode="after")
     def _valid_combinations(self):
         for field_name in ("layers", "heads", "freeze", "control_names"):
             values = getattr(self, field_name)
@@ -239,9 +276,11 @@ class SweepSpec(Strict):
 
     def check_model(self) -> dict:
         """Layers, neurons and feature-hook layer against the model's config.json (no weights loaded)."""
-        from .models import model_shape
+        from .models import check_loadable, model_shape
 
         shape = model_shape(self.model.name)  # raises NsrError for an unknown model
+        if self.model.init == "pretrained":
+            check_loadable(self.model.name)
         if not shape:
             return shape
         n_layers, d_mlp = shape["n_layers"], shape["d_mlp"]
@@ -256,9 +295,16 @@ class SweepSpec(Strict):
         from .surface import check_hook
 
         check_hook(self.features.hook, shape["family"], shape["parallel"], n_layers)
+        if shape.get("n_ctx") and self.corpus.max_tokens > shape["n_ctx"]:
+            raise NsrError(f"corpus.max_tokens {self.corpus.max_tokens} exceeds the {shape['n_ctx']} positions of "
+                           f"{self.model.name}")
+        from .corpus import check_source
+
+        check_source(self.corpus.source)
         if self.cross_model is not None:
             try:
                 other = model_shape(self.cross_model)
+                check_loadable(self.cross_model)
                 check_hook(self.features.hook, other["family"], other["parallel"], other["n_layers"])
             except NsrError as e:
                 raise NsrError(f"controls: cross_model: {e}") from None
@@ -341,6 +387,12 @@ def trial_spec(config: dict) -> TrialSpec:
         raise NsrError(f"trial {config.get('trial_id', '?')}: {_format_error(e)}") from None
 
 
+def split_sizes(n: int, fractions) -> tuple[int, int, int]:
+    """Texts in train / val / test for `n` texts (the split's own rounding)."""
+    n_train, n_val = int(round(fractions[0] * n)), int(round(fractions[1] * n))
+    return n_train, n_val, n - n_train - n_val
+
+
 def valid_combo(head: str, freeze: str) -> bool:
     return not (head == "token" and freeze == "none")  # a frozen model has nothing to train for a token head
 
@@ -353,6 +405,9 @@ def _format_error(e: ValidationError) -> str:
         return f"{where}: unknown key (check the spelling; see sweeps/quickstart.yaml for the allowed keys)"
     bad = err.get("input")
     shown = "" if isinstance(bad, (dict, list)) else f" (got {bad!r})"
+    if not err["loc"] and msg.split(":")[0].split(" ")[0].replace(".", "").replace("_", "").isalnum() \
+            and ":" in msg.split(" ")[0]:
+        return msg  # a whole-sweep check whose message already starts with the field it names
     return f"{where}: {msg}{shown}"
 
 
@@ -370,14 +425,65 @@ def parse_sweep(data: Any, *, source: str = "sweep") -> SweepSpec:
     return spec
 
 
+MAX_YAML_BYTES = 1_000_000
+MAX_YAML_DEPTH = 50
+MAX_YAML_ALIASES = 50
+MAX_YAML_NODES = 100_000  # after aliases are expanded: an alias bomb is small on disk, huge in memory
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader with limits on nesting and aliases (no file can exhaust the stack or memory)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth, self._aliases = 0, 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_YAML_ALIASES:
+                raise yaml.YAMLError(f"more than {MAX_YAML_ALIASES} aliases")
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.YAMLError(f"nested deeper than {MAX_YAML_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _count_nodes(data: Any, limit: int) -> int:
+    """Nodes of the loaded data with aliases expanded, stopping once past `limit`."""
+    stack, n = [data], 0
+    while stack and n <= limit:
+        x = stack.pop()
+        n += 1
+        if isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+    return n
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file read safely: size, depth, aliases and expanded size limited; never a Python object."""
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise NsrError(f"{path}: larger than {MAX_YAML_BYTES:,} bytes; a sweep file is a few lines")
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_LimitedLoader)  # noqa: S506 (a SafeLoader)
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
+        raise NsrError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if _count_nodes(data, MAX_YAML_NODES) > MAX_YAML_NODES:
+        raise NsrError(f"{path}: expands to more than {MAX_YAML_NODES:,} values (aliases); refused")
+    return data
+
+
 def load_sweep(path: str | Path, *, check_model: bool = True) -> SweepSpec:
     path = Path(path)
     if not path.is_file():
         raise NsrError(f"sweep file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise NsrError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = read_yaml(path)
     spec = parse_sweep(data, source=str(path))
     if check_model:
         try:

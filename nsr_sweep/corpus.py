@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
 import random
 import re
 import sysconfig
@@ -70,6 +71,27 @@ def _read_lines(path: Path) -> list[str]:
     except UnicodeDecodeError as e:
         raise NsrError(f"corpus file {path} is not UTF-8 (byte {e.start}): save it as UTF-8") from None
     return raw.splitlines()
+
+
+def check_source(source: str) -> None:
+    """What can be known about a corpus source without reading it: a known built-in, an importable
+    `datasets` for hf:, or an existing readable file of a supported type."""
+    if source == BUILTIN:
+        return
+    if source.startswith("builtin:"):
+        raise NsrError(f"corpus.source {source!r} is not a built-in corpus; allowed: {BUILTIN!r}")
+    if source.startswith("hf:"):
+        import importlib.util
+
+        if importlib.util.find_spec("datasets") is None:
+            raise NsrError("corpus.source 'hf:...' needs the `datasets` package: pip install datasets")
+        return
+    path = Path(source)
+    if not path.is_file():
+        raise NsrError(f"corpus.source {source!r} not found: give {BUILTIN!r}, 'hf:<dataset>[:split]', "
+                       "or an existing .txt / .jsonl / .parquet file")
+    if not os.access(path, os.R_OK):
+        raise NsrError(f"corpus.source {source!r} is not readable")
 
 
 def _read_source(source: str) -> list[str]:

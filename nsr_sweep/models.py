@@ -254,7 +254,7 @@ def model_shape(name: str) -> dict:
     if path is None:
         if name in ("gpt2", "openai-community/gpt2"):  # GPT2Config() defaults: known offline
             return {"n_layers": 12, "d_model": 768, "d_mlp": 3072, "d_vocab": 50257, "family": "gpt2",
-                    "parallel": False}
+                    "parallel": False, "n_ctx": 1024}
         raise model_not_found(name)
     c = json.loads((path / "config.json").read_text())
     family = check_architecture((c.get("architectures") or [None])[0], name)
@@ -264,4 +264,12 @@ def model_shape(name: str) -> dict:
         "d_model": d_model,
         "d_mlp": c.get("n_inner") or c.get("intermediate_size") or 4 * d_model,
         "d_vocab": c.get("vocab_size"),
+        "n_ctx": c.get("n_positions") or c.get("max_position_embeddings"),
     }
+
+
+def check_loadable(name: str) -> None:
+    """Before Ray: a local or cached model directory must hold safetensors weights and a tokenizer."""
+    path = resolve_model_dir(name, need_weights=False)
+    if path is not None:
+        check_weights_file(path)

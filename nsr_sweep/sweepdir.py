@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import SweepSpec, dump_sweep, load_sweep
+from .config import SweepSpec, dump_sweep, load_sweep, read_yaml
 from .errors import NsrError
 from .results import atomic_dir, atomic_write, write_json
 
@@ -74,7 +74,7 @@ def claim(sweep_dir: Path, spec: SweepSpec, resume: bool) -> None:
         if not resume:
             raise NsrError(f"{sweep_dir} already holds sweep {spec.name!r}: pass --resume to finish it, "
                            "or choose another name")
-        before = yaml.safe_load(resolved.read_text())
+        before = read_yaml(resolved)
         if before != yaml.safe_load(dump_sweep(spec)):
             raise NsrError(f"{sweep_dir}: the sweep file changed since the first launch; --resume needs the "
                            "same file (or use a new name)")

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from .cache import ActivationCache, neuron_hook
-from .config import TrialSpec
+from .config import TrialSpec, split_sizes
 from .errors import NsrError
 from .fit import fit_probes, train_model
 from .forward import TrialModel, read_points, resid_after
@@ -63,7 +63,7 @@ class Fit:
 def split_indices(n: int, fractions=(0.7, 0.15, 0.15), seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded shuffle, then cut: train / val / test index arrays (sorted)."""
     perm = np.random.default_rng(seed).permutation(n)
-    n_train, n_val = int(round(fractions[0] * n)), int(round(fractions[1] * n))
+    n_train, n_val, _ = split_sizes(n, fractions)
     cuts = {"train": perm[:n_train], "val": perm[n_train : n_train + n_val], "test": perm[n_train + n_val :]}
     if min(len(v) for v in cuts.values()) < 2:
         raise NsrError(f"corpus of {n} texts is too small to split {fractions}: each split needs ≥ 2 texts")

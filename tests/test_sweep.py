@@ -69,6 +69,31 @@ MALFORMED = [
     (with_(name=None), "name: Field required"),
     (with_(resources={"workers": 0}), "workers must be >= 1"),
     ("just a string", "must be a mapping"),
+    # search spaces are checked against the bounds and types of the training fields they override
+    (with_(search={"space": {"lr": {"uniform": [-1, 1]}}}), "search.space.lr: -1.0 is not a valid lr"),
+    (with_(search={"space": {"epochs": {"int": [-5, -1]}}}), "search.space.epochs: -5 is not a valid epochs"),
+    (with_(search={"space": {"batch_size": {"choice": [0]}}}), "search.space.batch_size: 0 is not a valid"),
+    (with_(search={"space": {"epochs": {"uniform": [1, 5]}}}), "epochs is an integer; use int"),
+    (with_(search={"space": {"lr": {"choice": ["fast"]}}}), "search.space.lr: 'fast' is not a valid lr"),
+    (with_(search={"space": {"lr": {"choice": [[1e-3]]}}}), "search.space.lr: [0.001] is not a valid lr"),
+    (with_(search={"space": {"lr": {"uniform": [1e-3, float("inf")]}}}), "search.space.lr: inf is not a valid lr"),
+    (with_(search={"space": {"lr": {"choice": [1000]}}}), "search.space.lr: 1000 is not a valid lr"),
+    (with_(search={"space": {"weight_decay": {"choice": [1e6]}}}), "search.space.weight_decay: 1000000.0"),
+    (with_(search={"scheduler": "asha"}), "needs a scale-free metric: allowed val_pearson_r, val_skill"),
+    (with_(corpus={"source": "/nope/corpus.txt"}), "corpus.source '/nope/corpus.txt' not found"),
+    (with_(corpus={"source": "builtin:wikipedia"}), "'builtin:wikipedia' is not a built-in corpus"),
+    (with_(corpus={"n_texts": 30}, splits={"train": 0.9, "val": 0.05, "test": 0.05}), "each needs ≥ 2"),
+    (with_(corpus={"max_tokens": 1000}), "corpus.max_tokens 1000 exceeds the 256 positions of nsr-tiny"),
+    (with_(training={"suffix": " {foo} Answer:"}), "suffix may use only the placeholders"),
+    (with_(training={"suffix": " {layer Answer:"}), "suffix may use only the placeholders"),
+    (with_(training={"solver": "lstsq"}), "training.solver"),
+    (with_(controls=[{"cross_model": "nobody/other"}]), "controls: cross_model: model 'nobody/other' was not found"),
+    (with_(controls=["shuffled", "shuffled"]), "controls has duplicates"),
+    ("a: " + "[" * 3000 + "]" * 3000, "nested deeper than 50 levels"),
+    ("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")), "more than 50 aliases"),
+    ("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(  # 45 aliases, 9⁶ values once expanded: a small bomb
+        f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcde", "bcdef")), "expands to more than 100,000"),
 ]
 
 
@@ -77,14 +102,15 @@ def test_malformed_sweep_files_are_rejected_before_ray(tmp_path, data, needle):
     import ray
 
     f = tmp_path / "bad.yaml"
-    f.write_text(yaml.safe_dump(data))
-    t0 = time.perf_counter()
-    r = CliRunner().invoke(main, ["launch", str(f), "--out", str(tmp_path / "res")])
-    elapsed = time.perf_counter() - t0
-    assert r.exit_code == 2, r.output
-    assert needle in r.output, r.output
-    assert len(r.output.strip().splitlines()) == 1
-    assert elapsed < 2.0 and not ray.is_initialized() and not (tmp_path / "res").exists()
+    f.write_text(data if isinstance(data, str) and data.startswith("a:") else yaml.safe_dump(data))
+    for extra in ([], ["--dry-run"]):  # --dry-run runs the same validation pass
+        t0 = time.perf_counter()
+        r = CliRunner().invoke(main, ["launch", str(f), "--out", str(tmp_path / "res"), *extra])
+        elapsed = time.perf_counter() - t0
+        assert r.exit_code == 2, r.output
+        assert needle in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1
+        assert elapsed < 2.0 and not ray.is_initialized() and not (tmp_path / "res").exists()
 
 
 def test_a_valid_sweep_file_has_defaults_and_expands():
@@ -334,3 +360,27 @@ def test_every_head_and_freeze_on_every_family(tmp_path, family_dirs, family):
     assert set(df["layer"]) == {1, 2} and np.isfinite(df["pearson_r"]).all()
     unfrozen = df[df["freeze"] != "none"]
     assert np.isfinite(unfrozen["proj_wout_r_ft"]).all() and np.isfinite(unfrozen["cos_wout_eff_ft"]).all()
+
+
+@pytest.mark.parametrize("weights, needle", [
+    ("pytorch_model.bin", "has only a pickle checkpoint (pytorch_model.bin), which nsr-sweep never loads; convert it"),
+    (None, "has no weights (*.safetensors)"),
+])
+def test_a_model_directory_without_safetensors_is_refused_before_ray(tmp_path, tiny_dir, weights, needle):
+    """Pickle checkpoints are never unpickled: such a directory is refused by the validation pass."""
+    import shutil
+
+    import ray
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_dir, d)
+    for f in d.glob("*.safetensors"):
+        f.unlink()
+    if weights:
+        (d / weights).write_bytes(b"not really a pickle")
+    for key, value in (("model", str(d)), ("controls", [{"cross_model": str(d)}])):
+        f = tmp_path / "s.yaml"
+        f.write_text(yaml.safe_dump(with_(**{key: value})))
+        r = CliRunner().invoke(main, ["launch", str(f), "--dry-run"])
+        assert r.exit_code == 2 and needle in r.output and len(r.output.strip().splitlines()) == 1, r.output
+        assert not ray.is_initialized()
