@@ -240,6 +240,10 @@ def launch(sweep_file: str, *, out_root: str = "results", address: str | None = 
     claim(sweep_dir, spec, resume)
     try:
         return _run(spec, sweep_dir, address, dashboard, dashboard_host, cache_root, echo, t_start)
+    except BaseException as e:  # recorded, so the directory never reads "running" after its launch is gone
+        if read_state(sweep_dir).get("status") == "running":
+            update_state(sweep_dir, status="failed", finished=time.time(), error=f"{type(e).__name__}: {e}"[:2000])
+        raise
     finally:
         release(sweep_dir)
 

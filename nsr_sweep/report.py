@@ -93,7 +93,7 @@ def load_trials(sweep_dir: Path):
 def build_report(sweep_dir: Path | str, echo=print) -> Path:
     """Tables, figures and report.html for a sweep directory (running, partial or finished)."""
     from . import plots
-    from .sweepdir import LOCK, read_state
+    from .sweepdir import read_state, run_state
 
     t0 = time.perf_counter()
     sweep_dir = Path(sweep_dir).resolve()
@@ -120,7 +120,7 @@ def build_report(sweep_dir: Path | str, echo=print) -> Path:
 
     figures = plots.report_figures(df, best, sweep_dir / "figures", spec)
     answer = plots.self_vs_outsiders(comp_layers, sweep_dir / "figures" / "self_vs_outsiders.png")
-    running = (sweep_dir / LOCK).is_file() and state.get("status") == "running"
+    running = run_state(sweep_dir) == "running"
     page = render_html(spec, df, best, pivots, layers, figures, state, running, sweep_dir, comp_layers, comp, answer)
     out = sweep_dir / "report.html"
     atomic_write(out, lambda tmp: tmp.write_text(page, encoding="utf-8"))
@@ -216,7 +216,8 @@ def render_html(spec, df, best, pivots, layers, figures, state, running, sweep_d
     toc = "".join(f"<li><a href='#{k}'>{v}</a></li>" for k, v in sections)
     t = state.get("timings") or {}
     overview = {
-        "sweep": spec.name, "state": "running" if running else state.get("status", "unknown"),
+        "sweep": spec.name, "state": "running" if running else
+        ("interrupted" if state.get("status") == "running" else state.get("status", "unknown")),
         "model": f"{spec.model.name} ({spec.model.init}, processing {spec.model.processing})",
         "corpus": f"{spec.corpus.source}: {spec.corpus.n_texts} texts ≤ {spec.corpus.max_tokens} tokens (seed {spec.corpus.seed})",
         "target": f"blocks.L.mlp.hook_{spec.target.hook}, {spec.target.position} token; features {spec.features.hook}",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .sweepdir import LOCK, read_state
+from .sweepdir import read_state, run_state
 from .tables import finished_rows, trials_frame
 
 
@@ -17,7 +17,8 @@ def sweep_status(sweep_dir: Path) -> dict:
     df = trials_frame(finished_rows(sweep_dir), spec.search.metric, spec.search.mode)
     counts = df["status"].value_counts().to_dict() if len(df) else {}
     expected = state.get("n_expected")
-    running = (sweep_dir / LOCK).is_file() and state.get("status") == "running"
+    status = run_state(sweep_dir)
+    running = status == "running"
     end = state.get("finished") if not running else time.time()
     best = []
     if len(df):
@@ -25,7 +26,7 @@ def sweep_status(sweep_dir: Path) -> dict:
         b = df[df["best"]].sort_values("pearson_r", ascending=False)
         best = b[[c for c in cols if c in b]].head(10).to_dict("records")
     return {
-        "name": spec.name, "dir": str(sweep_dir), "state": "running" if running else state.get("status", "unknown"),
+        "name": spec.name, "dir": str(sweep_dir), "state": status,
         "counts": {k: int(v) for k, v in counts.items()}, "finished": int(len(df)), "expected": expected,
         "elapsed_s": round(end - state["started"], 1) if state.get("started") and end else None,
         "model_loads": state.get("model_loads"), "workers": state.get("workers"), "best": best,

@@ -7,6 +7,7 @@ Neither Ray nor Optuna is imported here, so `nsr-sweep status` and `report` stay
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -61,32 +62,103 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def claim(sweep_dir: Path, spec: SweepSpec, resume: bool) -> None:
-    """Refuse a directory whose sweep is running, or that holds another sweep; then lock it."""
-    lock = sweep_dir / LOCK
-    if lock.is_file():
+_HELD: dict[Path, int] = {}  # sweep dir → the open, flock-ed lock file of this process's launch
+
+
+def _owner(lock: Path) -> dict:
+    """The lock's owner record ({} when unreadable: a damaged lock is no reason to crash)."""
+    try:
         owner = json.loads(lock.read_text() or "{}")
-        if owner.get("host") == socket.gethostname() and _alive(int(owner.get("pid", -1))):
-            raise NsrError(f"{sweep_dir}: sweep {spec.name!r} is still running (pid {owner['pid']}); "
-                           "wait for it or stop it first")
-    resolved = sweep_dir / RESOLVED
-    if resolved.is_file():
-        if not resume:
-            raise NsrError(f"{sweep_dir} already holds sweep {spec.name!r}: pass --resume to finish it, "
-                           "or choose another name")
-        before = read_yaml(resolved)
-        if before != yaml.safe_load(dump_sweep(spec)):
-            raise NsrError(f"{sweep_dir}: the sweep file changed since the first launch; --resume needs the "
-                           "same file (or use a new name)")
+        return owner if isinstance(owner, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _flocked(lock: Path) -> bool:
+    """Whether some live process holds the lock (the kernel drops a flock when its holder dies)."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's own shared lock
+
+
+def lock_holder(sweep_dir: Path) -> dict | None:
+    """The owner of the launch running in `sweep_dir`, or None when none is alive (a stale lock is not one)."""
+    lock = Path(sweep_dir) / LOCK
+    if not lock.is_file():
+        return None
+    owner = _owner(lock)
+    pid = owner.get("pid")
+    same_host_alive = owner.get("host") == socket.gethostname() and isinstance(pid, int) and _alive(pid)
+    return (owner or {"pid": "?"}) if _flocked(lock) or same_host_alive else None
+
+
+def run_state(sweep_dir: Path) -> str:
+    """running | finished | failed | interrupted (recorded as running, but no launch holds the directory)."""
+    status = read_state(sweep_dir).get("status", "unknown")
+    if status == "running" and lock_holder(sweep_dir) is None:
+        return "interrupted"
+    return status
+
+
+def claim(sweep_dir: Path, spec: SweepSpec, resume: bool) -> None:
+    """Lock the directory (an exclusive flock: two launches cannot both hold it), then refuse one that holds
+    another sweep; a stale lock (its launch died) is taken over."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    write_json(lock, {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
-    atomic_write(resolved, lambda tmp: tmp.write_text(dump_sweep(spec)))
+    lock = sweep_dir / LOCK
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        pid = _owner(lock).get("pid", "?")
+        raise NsrError(f"{sweep_dir}: sweep {spec.name!r} is still running (pid {pid}); wait for it or stop it "
+                       "first") from None
+    try:
+        _check_same_sweep(sweep_dir, spec, resume)
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode())
+    _HELD[sweep_dir] = fd
+    atomic_write(sweep_dir / RESOLVED, lambda tmp: tmp.write_text(dump_sweep(spec)))
+
+
+def _check_same_sweep(sweep_dir: Path, spec: SweepSpec, resume: bool) -> None:
+    """A directory that holds finished trials takes only --resume with the same sweep file; one where no
+    trial has run yet (a launch that failed early) takes the fixed file."""
+    resolved = sweep_dir / RESOLVED
+    if not resolved.is_file() or not any((sweep_dir / TRIALS).glob("*/" + RECORD)):
+        return
+    if not resume:
+        raise NsrError(f"{sweep_dir} already holds sweep {spec.name!r}: pass --resume to finish it, "
+                       "or choose another name")
+    try:
+        before = read_yaml(resolved)
+    except NsrError:
+        before = {}
+    after = yaml.safe_load(dump_sweep(spec))
+    if before != after:
+        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k)) \
+            if isinstance(before, dict) else ["(unreadable)"]
+        raise NsrError(f"{sweep_dir}: the sweep file changed since the first launch ({', '.join(changed)}); "
+                       "--resume needs the same file (or use a new name)")
 
 
 def release(sweep_dir: Path) -> None:
-    lock = sweep_dir / LOCK
-    if lock.is_file() and json.loads(lock.read_text() or "{}").get("pid") == os.getpid():
-        lock.unlink()
+    """Drop this process's lock (the file goes first, so nobody reads a lock nobody holds)."""
+    fd = _HELD.pop(sweep_dir, None)
+    if fd is not None:
+        (sweep_dir / LOCK).unlink(missing_ok=True)
+        os.close(fd)
 
 
 def read_state(sweep_dir: Path) -> dict:

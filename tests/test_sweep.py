@@ -384,3 +384,74 @@ def test_a_model_directory_without_safetensors_is_refused_before_ray(tmp_path, t
         r = CliRunner().invoke(main, ["launch", str(f), "--dry-run"])
         assert r.exit_code == 2 and needle in r.output and len(r.output.strip().splitlines()) == 1, r.output
         assert not ray.is_initialized()
+
+
+def _claim_and_hold(sweep_dir: str, go: float, out) -> None:
+    from nsr_sweep.sweepdir import claim
+
+    spec = parse_sweep(with_())
+    while time.time() < go:  # both processes start claiming at the same instant
+        pass
+    try:
+        claim(Path(sweep_dir), spec, resume=False)
+        out.put("claimed")
+        time.sleep(0.5)  # hold it while the other tries
+    except Exception as e:  # noqa: BLE001 - reported to the parent
+        out.put(str(e))
+
+
+def test_two_simultaneous_launches_never_both_claim_a_directory(tmp_path):
+    """20 races of two processes claiming one directory: exactly one wins each time; the other is told why."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    for i in range(20):
+        q = ctx.Queue()
+        go = time.time() + 0.3
+        procs = [ctx.Process(target=_claim_and_hold, args=(str(tmp_path / f"r{i}" / "s"), go, q)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(10)
+        got = [q.get(timeout=5) for _ in range(2)]
+        assert got.count("claimed") == 1 and any("is still running" in g for g in got), got
+
+
+def test_a_stale_or_damaged_lock_is_not_a_running_sweep(tmp_path):
+    """A launch that died (no live holder) reads `interrupted`, and the next launch takes the directory over."""
+    from nsr_sweep.results import write_json
+    from nsr_sweep.sweepdir import LOCK, STATE, claim, lock_holder, release, run_state
+
+    d = tmp_path / "s"
+    d.mkdir()
+    write_json(d / STATE, {"status": "running"})
+    for content in ('{"pid": 999999999, "host": "elsewhere"}', "{trunc"):
+        (d / LOCK).write_text(content)
+        assert lock_holder(d) is None and run_state(d) == "interrupted"
+    spec = parse_sweep(with_())
+    claim(d, spec, resume=False)
+    assert lock_holder(d)["pid"] == os.getpid() and run_state(d) == "running"
+    release(d)
+    assert not (d / LOCK).exists()
+
+
+def test_a_launch_that_fails_after_it_started_is_recorded_failed_and_the_fixed_file_is_accepted(tmp_path, monkeypatch):
+    from nsr_sweep import orchestrate
+    from nsr_sweep.sweepdir import read_state, run_state
+
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(with_()))
+
+    def boom(*a, **k):
+        orchestrate.update_state(tmp_path / "res" / "t", status="running")
+        raise RuntimeError("the cluster went away")
+
+    monkeypatch.setattr(orchestrate, "_run", boom)
+    with pytest.raises(RuntimeError):
+        orchestrate.launch(str(f), out_root=str(tmp_path / "res"))
+    d = tmp_path / "res" / BASE["name"]
+    assert read_state(d)["status"] == "failed" and "the cluster went away" in read_state(d)["error"]
+    assert run_state(d) == "failed"
+    f.write_text(yaml.safe_dump(with_(layers=[2])))  # fixed: no trial ran, so a changed file is accepted
+    with pytest.raises(RuntimeError):
+        orchestrate.launch(str(f), out_root=str(tmp_path / "res"))
