@@ -207,7 +207,7 @@ def render_html(spec, df, best, pivots, layers, figures, state, running, sweep_d
     counts = df["status"].value_counts().to_dict() if len(df) else {}
     real = real_trials(df) if len(df) else df
     controls = df[df["control"].notna()] if len(df) and "control" in df else pd.DataFrame()
-    failed = df[df["status"] == "failed"] if len(df) else pd.DataFrame()
+    failed = df[df["status"].isin(["failed", "damaged"])] if len(df) else pd.DataFrame()
     sections = [("answer", "Does the model know its neuron better than an outsider?"),
                 ("reads", "Reads the neuron, or recomputes it?"), ("overview", "What was swept"),
                 ("headline", "Headline: best trial per neuron × head/freeze"),
@@ -239,7 +239,7 @@ def render_html(spec, df, best, pivots, layers, figures, state, running, sweep_d
     piv = "".join(f"<h3>{m}</h3>{_table(p, left=2)}" for m, p in pivots.items())
     ctl_cols = [c for c in ["trial_id", "control", "layer", "neuron", "head", "freeze", "pearson_r", "skill",
                             "patch_slope"] if c in controls]
-    fail_cols = [c for c in ["trial_id", "layer", "neuron", "head", "freeze", "error"] if c in failed]
+    fail_cols = [c for c in ["trial_id", "status", "layer", "neuron", "head", "freeze", "error"] if c in failed]
     trial_cols = [c for c in ["trial_id", "control", "status", "best", "lr", "epochs", "pearson_r", "skill", "mse",
                               "patch_slope", "drift", "seconds"] if c in real]
     banner = "<p class='bad'><b>This sweep is still running</b>: the report shows the trials finished so far.</p>" if running else ""

@@ -69,7 +69,7 @@ class GroupedSearch(Searcher):
             self.taken[k] = set()
         for row in finished:  # resume: what already ran informs the search and is never rerun
             k = group_key(row)
-            if k not in self.studies:
+            if k not in self.studies or row.get("status") == "damaged":  # a damaged record is run again
                 continue
             self.taken[k].add(int(row["sample"]))
             value = row.get(self.metric)

@@ -162,8 +162,15 @@ def release(sweep_dir: Path) -> None:
 
 
 def read_state(sweep_dir: Path) -> dict:
+    """sweep_state.json, or {"status": "damaged"} when it cannot be read (readers go on without it)."""
     f = Path(sweep_dir) / STATE
-    return json.loads(f.read_text()) if f.is_file() else {}
+    if not f.is_file():
+        return {}
+    try:
+        state = json.loads(f.read_text())
+        return state if isinstance(state, dict) else {"status": "damaged"}
+    except (OSError, ValueError):
+        return {"status": "damaged"}
 
 
 def update_state(sweep_dir: Path, **kw) -> dict:

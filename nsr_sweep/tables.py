@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -25,15 +26,33 @@ def trial_row(config: dict, status: str, metrics: dict, error: str | None, **ext
     return row
 
 
+TRIAL_ID = re.compile(r"^L(\d+)-N(\d+)-([a-z]+)-([a-z_]+?)(?:-([a-z_]+))?-s(\d+)$")
+
+
 def read_trial_dir(d: Path) -> dict | None:
-    """The row of a finished trial (ok or failed), or None while it has not finished."""
+    """The row of a finished trial (ok or failed), None while it has not finished, or — for a record that
+    cannot be read — a `damaged` row named after the directory (a reader never crashes on one bad file)."""
     f = d / RECORD
     if not f.is_file():
         return None
-    m = json.loads(f.read_text())
-    config = {**m["spec"], "trial_id": m.get("trial_id", d.name), "sample": m.get("sample", 0)}
+    try:
+        m = json.loads(f.read_text())
+        config = {**m["spec"], "trial_id": m.get("trial_id", d.name), "sample": m.get("sample", 0)}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return damaged_row(d.name, f"unreadable {RECORD}: {type(e).__name__}")
     return trial_row(config, m["status"], m.get("metrics", {}), m.get("reason"),
                      seconds=m.get("metrics", {}).get("seconds"))
+
+
+def damaged_row(trial_id: str, why: str) -> dict | None:
+    """A row for a trial whose record is damaged, its identity read from the trial id (None if that fails too)."""
+    m = TRIAL_ID.match(trial_id)
+    if m is None:
+        return None
+    L, n, head, freeze, control, sample = m.groups()
+    config = {"trial_id": trial_id, "layer": int(L), "neuron": int(n), "head": head, "freeze": freeze,
+              "control": control, "sample": int(sample)}
+    return trial_row(config, "damaged", {}, why)
 
 
 def finished_rows(sweep_dir: Path) -> list[dict]:

@@ -182,3 +182,21 @@ def test_report_renders_in_headless_chromium(sweep_dir, tmp_path):
     pixels = mpimg.imread(shot)
     assert pixels.shape[0] >= 2000 and pixels[..., :3].std() > 0.05  # not a blank page
     assert (pixels[..., :3].mean(-1) < 0.5).mean() > 0.005  # some dark ink: text and axes
+
+
+def test_damaged_records_are_flagged_not_fatal(sweep_dir, tmp_path):
+    """A truncated metrics.json, sweep_state.json and sweep.lock: status and report still work and name the damage."""
+    d = tmp_path / "rep"
+    shutil.copytree(sweep_dir, d)
+    (d / "trials" / "L1-N3-regression-none-s0" / "metrics.json").write_text('{"trial_id": "L1-N3-regr')
+    (d / STATE).write_text('{"name": "rep", "sta')
+    (d / LOCK).write_text("{")
+    st = CliRunner().invoke(main, ["status", str(d), "--json"])
+    assert st.exit_code == 0, st.output
+    status = json.loads(st.output)
+    assert status["counts"]["damaged"] == 1 and status["state"] == "damaged"
+    r = CliRunner().invoke(main, ["report", str(d)])
+    assert r.exit_code == 0, r.output
+    page = (d / "report.html").read_text()
+    failures = page[page.index('id="failures"'):page.index('id="trials"')]
+    assert "L1-N3-regression-none-s0" in failures and "damaged" in failures and "unreadable metrics.json" in failures
