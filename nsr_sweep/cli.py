@@ -48,11 +48,14 @@ def models(as_json):
                    f"d_vocab={r['d_vocab']}  {r['path']}")
 
 
-def _checked_shape(model: str, layer: int, neuron: int | None = None) -> None:
-    """Layer/neuron against config.json: fail before any weights are loaded."""
+def _checked_shape(model: str, layer: int, neuron: int | None = None, max_tokens: int | None = None) -> None:
+    """Layer/neuron/max_tokens against config.json: fail before any weights are loaded."""
     from .models import model_shape
 
     shape = model_shape(model)
+    if shape and max_tokens is not None and shape.get("n_ctx") and not 2 <= max_tokens <= shape["n_ctx"]:
+        raise NsrError(f"--max-tokens {max_tokens} is out of range for {model}: allowed 2..{shape['n_ctx']} "
+                       "(its positions)")
     if shape and not 0 <= layer < shape["n_layers"]:
         raise NsrError(f"--layer {layer} is out of range for {model}: allowed 0..{shape['n_layers'] - 1}")
     if shape and neuron is not None and not 0 <= neuron < shape["d_mlp"]:
@@ -92,7 +95,7 @@ def activations(model, layer, neuron, texts_file, hook, max_tokens, processing, 
     from .models import ModelSpec, load_model
     from .results import atomic_write
 
-    _checked_shape(model, layer, neuron)
+    _checked_shape(model, layer, neuron, max_tokens)
     texts = _read_texts(texts_file)
     spec = CacheSpec(layers=(layer,), hook=hook, max_tokens=max_tokens)
     base = load_model(ModelSpec(name=model, processing=processing))
@@ -126,7 +129,7 @@ def neurons(model, layer, k, by, source, n_texts, max_tokens, hook, seed, as_jso
     from .corpus import load_corpus
     from .models import ModelSpec, load_model
 
-    _checked_shape(model, layer)
+    _checked_shape(model, layer, max_tokens=max_tokens)
     corpus = load_corpus(source, n_texts=n_texts, seed=seed)
     spec = CacheSpec(layers=(layer,), hook=hook, max_tokens=max_tokens)
     cache = ActivationCache.build(load_model(ModelSpec(name=model)), corpus, spec)
@@ -175,12 +178,11 @@ def cache_build(sweep_file, root):
 @friendly
 def launch(sweep_file, out_root, address, resume, dry_run, dashboard, dashboard_host, cache_root):
     """Run a sweep: Ray model workers, Tune + Optuna trials, results/<name>/."""
-    from .config import load_sweep
-    from .orchestrate import dry_run_text
+    from .orchestrate import dry_run_text, preflight
     from .orchestrate import launch as run_launch
 
     if dry_run:
-        click.echo(dry_run_text(load_sweep(sweep_file)))
+        click.echo(dry_run_text(preflight(sweep_file, address, cache_root, out_root)))
         return
     sweep_dir = run_launch(sweep_file, out_root=out_root, address=address, resume=resume, dashboard=dashboard,
                            dashboard_host=dashboard_host, cache_root=cache_root, echo=click.echo)

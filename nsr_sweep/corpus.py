@@ -73,6 +73,22 @@ def _read_lines(path: Path) -> list[str]:
     return raw.splitlines()
 
 
+def _check_parquet(path: Path) -> None:
+    """A Parquet corpus: a readable footer and a string column 'text' (read from the footer only)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as e:
+        raise NsrError(f"corpus file {path} is not a readable Parquet file ({str(e).splitlines()[0][:200]})") from None
+    if "text" not in schema.names:
+        raise NsrError(f"corpus file {path} has no 'text' column (columns: {schema.names})")
+    kind = schema.field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise NsrError(f"corpus file {path}: column 'text' holds {kind}, not strings")
+
+
 def check_source(source: str) -> None:
     """What can be known about a corpus source without reading it: a known built-in, an importable
     `datasets` for hf:, or an existing readable file of a supported type."""
@@ -92,6 +108,8 @@ def check_source(source: str) -> None:
                        "or an existing .txt / .jsonl / .parquet file")
     if not os.access(path, os.R_OK):
         raise NsrError(f"corpus.source {source!r} is not readable")
+    if path.suffix.lower() == ".parquet":
+        _check_parquet(path)
 
 
 def _read_source(source: str) -> list[str]:
@@ -109,12 +127,15 @@ def _read_source(source: str) -> list[str]:
         )
     suffix = path.suffix.lower()
     if suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
-        if "text" not in table.column_names:
-            raise NsrError(f"corpus file {path} has no 'text' column (columns: {table.column_names})")
-        return [str(t) for t in table.column("text").to_pylist() if t is not None]
+        _check_parquet(path)
+        try:
+            table = pq.read_table(path, columns=["text"])
+        except (pa.ArrowException, OSError) as e:
+            raise NsrError(f"corpus file {path} is not a readable Parquet file ({str(e).splitlines()[0][:200]})") from None
+        return [t for t in table.column("text").to_pylist() if t is not None]
     if suffix in {".jsonl", ".ndjson"}:
         texts = []
         for i, line in enumerate(_read_lines(path), 1):

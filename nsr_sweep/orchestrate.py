@@ -231,11 +231,39 @@ def _metrics(sweep: str) -> dict:
 # -- launch ----------------------------------------------------------------------------------
 
 
+def preflight(sweep_file: str, address: str | None = None, cache_root: str | None = None,
+              out_root: str = "results") -> SweepSpec:
+    """The whole validation pass (`launch` and `--dry-run`): the sweep file and model, the results root, and —
+    for a local cluster, whose disk and devices are this machine's — the cache root and the device."""
+    spec = load_sweep(sweep_file)
+    _check_writable(Path(out_root) / spec.name, "--out")
+    if address or os.environ.get("RAY_ADDRESS"):
+        return spec  # a cluster's workers have their own disks and devices: they check them
+    from .cache import default_root
+
+    _check_writable(Path(cache_root) if cache_root else default_root(), "--cache-root (or $NSR_CACHE_DIR)")
+    if spec.resources.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise NsrError("resources.device is cuda but this machine has no CUDA device; use auto or cpu")
+    return spec
+
+
+def _check_writable(path: Path, what: str) -> None:
+    """The nearest existing ancestor of `path` must be a writable directory."""
+    p = path.resolve()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
+        raise NsrError(f"{what}: {path} is not writable ({p} is {'not a directory' if not p.is_dir() else 'read-only'})")
+
+
 def launch(sweep_file: str, *, out_root: str = "results", address: str | None = None, resume: bool = False,
            dashboard: bool = True, dashboard_host: str = "127.0.0.1", cache_root: str | None = None,
            echo=print) -> Path:
     t_start = time.time()
-    spec = load_sweep(sweep_file)  # every input error surfaces here, before Ray starts
+    spec = preflight(sweep_file, address, cache_root, out_root)  # every input error surfaces here, before Ray starts
     sweep_dir = Path(out_root).resolve() / spec.name
     claim(sweep_dir, spec, resume)
     try:

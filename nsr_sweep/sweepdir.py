@@ -111,9 +111,12 @@ def run_state(sweep_dir: Path) -> str:
 def claim(sweep_dir: Path, spec: SweepSpec, resume: bool) -> None:
     """Lock the directory (an exclusive flock: two launches cannot both hold it), then refuse one that holds
     another sweep; a stale lock (its launch died) is taken over."""
-    sweep_dir.mkdir(parents=True, exist_ok=True)
     lock = sweep_dir / LOCK
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise NsrError(f"--out: cannot write the results directory {sweep_dir} ({e.strerror})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

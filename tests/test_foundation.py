@@ -236,6 +236,8 @@ def no_model_loading(monkeypatch):
     (["--layer", "1", "--neuron", "512"], "--neuron 512 is out of range for nsr-tiny: allowed 0..511"),
     (["--layer", "1", "--neuron", "1", "--model", "nobody/none"], "not found locally"),
     (["--layer", "1", "--neuron", "1", "--texts", "/nope.txt"], "no such file"),
+    (["--layer", "1", "--neuron", "1", "--max-tokens", "1000"], "--max-tokens 1000 is out of range for nsr-tiny: "
+                                                                 "allowed 2..256"),
 ])
 def test_activations_bad_input_fails_before_loading(tmp_path, no_model_loading, args, needle):
     (tmp_path / "t.txt").write_text("some text to read a neuron on\n")

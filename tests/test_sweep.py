@@ -455,3 +455,45 @@ def test_a_launch_that_fails_after_it_started_is_recorded_failed_and_the_fixed_f
     f.write_text(yaml.safe_dump(with_(layers=[2])))  # fixed: no trial ran, so a changed file is accepted
     with pytest.raises(RuntimeError):
         orchestrate.launch(str(f), out_root=str(tmp_path / "res"))
+
+
+def _parquet_corpus(path: Path, kind: str) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"text number {i} with enough characters" for i in range(100)]
+    pq.write_table(pa.table({"text": list(range(100)) if kind == "ints" else texts}), path)
+    if kind == "truncated":
+        path.write_bytes(path.read_bytes()[:-20])
+    return str(path)
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("truncated", "is not a readable Parquet file"),
+    ("ints", "column 'text' holds int64, not strings"),
+    ("out", "--out: "),
+    ("cache", "--cache-root (or $NSR_CACHE_DIR)"),
+    ("cuda", "resources.device is cuda but this machine has no CUDA device"),
+])
+def test_inputs_only_the_machine_can_check_are_refused_before_ray(tmp_path, monkeypatch, case, needle):
+    import ray
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the check, on any machine
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    data, args = with_(), ["--out", str(tmp_path / "res")]
+    if case in ("truncated", "ints"):
+        data = with_(corpus={"source": _parquet_corpus(tmp_path / "c.parquet", case)})
+    elif case == "out":
+        args = ["--out", str(blocker / "res")]
+    elif case == "cache":
+        args += ["--cache-root", str(blocker / "cache")]
+    else:
+        data = with_(resources={"device": "cuda"})
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(data))
+    for extra in ([], ["--dry-run"]):
+        r = CliRunner().invoke(main, ["launch", str(f), *args, *extra])
+        assert r.exit_code == 2 and needle in r.output and len(r.output.strip().splitlines()) == 1, r.output
+        assert not ray.is_initialized() and not (tmp_path / "res").exists()
