@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .metrics import prediction_metrics
 from .sweepdir import TRIALS
 from .uncertainty import gap_interval, mean_interval, metric_intervals
 
@@ -59,14 +60,12 @@ def comparison(sweep_dir: Path, df: pd.DataFrame) -> pd.DataFrame:
                 preds[name] = p["pred"].to_numpy()
         actual = test["actual_orig"].to_numpy()
         for name in ("self", *OTHERS):
+            point = prediction_metrics(preds[name], actual, train_mean) if name in preds else {}
+            iv = metric_intervals(preds[name], actual, train_mean) if name in preds else {}
             for m in METRICS:
                 col = f"{name}_{SHORT[m]}"
-                if name not in preds:
-                    row[col] = row[f"{col}_lo"] = row[f"{col}_hi"] = np.nan
-                    continue
-                iv = metric_intervals(preds[name], actual, train_mean)
-                row[col] = _point(preds[name], actual, train_mean, m)
-                row[f"{col}_lo"], row[f"{col}_hi"] = iv[f"{m}_lo"], iv[f"{m}_hi"]
+                row[col], row[f"{col}_lo"], row[f"{col}_hi"] = (point.get(m, np.nan), iv.get(f"{m}_lo", np.nan),
+                                                                iv.get(f"{m}_hi", np.nan))
         for name in OTHERS:
             for m in METRICS:
                 col = f"gap_{name}_{SHORT[m]}"
@@ -75,12 +74,6 @@ def comparison(sweep_dir: Path, df: pd.DataFrame) -> pd.DataFrame:
                 row[col], row[f"{col}_lo"], row[f"{col}_hi"] = g["gap"], g["gap_lo"], g["gap_hi"]
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def _point(pred: np.ndarray, actual: np.ndarray, train_mean: float, metric: str) -> float:
-    from .metrics import prediction_metrics
-
-    return prediction_metrics(pred, actual, train_mean)[metric]
 
 
 def by_layer(comp: pd.DataFrame) -> pd.DataFrame:

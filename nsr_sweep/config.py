@@ -7,6 +7,7 @@ config.json without loading weights.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -85,6 +86,7 @@ class TrainingCfg(Strict):
     suffix: str = " Question: how strongly does neuron {neuron} of layer {layer} fire on this text, from 0 to 9? Answer:"
     """The token head's question after each text; placeholders {layer} and {neuron} only."""
     save_weights: bool = False
+    """Unfrozen trials: save the final model as an HF-format directory (trials/<id>/model/)."""
 
     @field_validator("suffix")
     @classmethod
@@ -320,30 +322,20 @@ class SweepSpec(Strict):
         )
 
 
-class TrialSpec(Strict):
-    """One trial, as the worker runs it: built from the sweep, validated again on the worker (no key dropped)."""
+class TrialSpec(TrainingCfg):
+    """One trial, as the worker runs it: built from the sweep, validated again on the worker (no key dropped).
+
+    The training fields (lr, epochs, …, solver, suffix, save_weights) and their bounds are TrainingCfg's."""
 
     layer: int = Field(ge=0)
     neuron: int = Field(ge=0)
     head: Literal["regression", "classification", "token"] = "regression"
     freeze: Literal["none", "after_target", "all"] = "none"
-    lr: float = Field(1e-3, gt=0, le=10)
-    epochs: int = Field(20, ge=1, le=10000)
-    batch_size: int = Field(64, ge=1, le=65536)
-    weight_decay: float = Field(0.0, ge=0, le=1e6)
-    """AdamW weight decay (the exact solver chooses its own L2 strength on validation)."""
-    patience: int = Field(3, ge=1, le=10000)
-    n_bins: int = Field(10, ge=2, le=1000)
-    solver: Literal["exact", "adamw"] = "exact"
-    """How a frozen-base probe is fitted: exact (convex solve, L2 on validation) or adamw."""
     seed: int = 0
     """The trial's own randomness: init of a frozen head, minibatch order."""
     split_seed: int = 0
     """The train/val/test split: shared by every trial of a sweep."""
     splits: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    suffix: str = TrainingCfg().suffix
-    save_weights: bool = False
-    """Unfrozen trials: save the final model as an HF-format directory (trials/<id>/model/)."""
     control: Literal["shuffled", "random_model", "early_features", "input_only", "cross_model"] | None = None
     """None for the real trial; else the control it is (docs/science.md)."""
     cross_model: str | None = None
@@ -405,8 +397,7 @@ def _format_error(e: ValidationError) -> str:
         return f"{where}: unknown key (check the spelling; see sweeps/quickstart.yaml for the allowed keys)"
     bad = err.get("input")
     shown = "" if isinstance(bad, (dict, list)) else f" (got {bad!r})"
-    if not err["loc"] and msg.split(":")[0].split(" ")[0].replace(".", "").replace("_", "").isalnum() \
-            and ":" in msg.split(" ")[0]:
+    if not err["loc"] and re.match(r"^[\w.]+:", msg):
         return msg  # a whole-sweep check whose message already starts with the field it names
     return f"{where}: {msg}{shown}"
 

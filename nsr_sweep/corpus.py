@@ -73,6 +73,10 @@ def _read_lines(path: Path) -> list[str]:
     return raw.splitlines()
 
 
+def _unreadable_parquet(path: Path, e: Exception) -> NsrError:
+    return NsrError(f"corpus file {path} is not a readable Parquet file ({str(e).splitlines()[0][:200]})")
+
+
 def _check_parquet(path: Path) -> None:
     """A Parquet corpus: a readable footer and a string column 'text' (read from the footer only)."""
     import pyarrow as pa
@@ -81,7 +85,7 @@ def _check_parquet(path: Path) -> None:
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowException, OSError) as e:
-        raise NsrError(f"corpus file {path} is not a readable Parquet file ({str(e).splitlines()[0][:200]})") from None
+        raise _unreadable_parquet(path, e) from None
     if "text" not in schema.names:
         raise NsrError(f"corpus file {path} has no 'text' column (columns: {schema.names})")
     kind = schema.field("text").type
@@ -113,28 +117,21 @@ def check_source(source: str) -> None:
 
 
 def _read_source(source: str) -> list[str]:
+    check_source(source)  # the one place that knows which sources exist
     if source == BUILTIN:
         return python_docs_passages()
-    if source.startswith("builtin:"):
-        raise NsrError(f"corpus.source {source!r} is not a built-in corpus; allowed: {BUILTIN!r}")
     if source.startswith("hf:"):
         return _read_hf(source[3:])
     path = Path(source)
-    if not path.is_file():
-        raise NsrError(
-            f"corpus.source {source!r} not found: give {BUILTIN!r}, 'hf:<dataset>[:split]', "
-            "or an existing .txt / .jsonl / .parquet file"
-        )
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        _check_parquet(path)
         try:
             table = pq.read_table(path, columns=["text"])
         except (pa.ArrowException, OSError) as e:
-            raise NsrError(f"corpus file {path} is not a readable Parquet file ({str(e).splitlines()[0][:200]})") from None
+            raise _unreadable_parquet(path, e) from None
         return [t for t in table.column("text").to_pylist() if t is not None]
     if suffix in {".jsonl", ".ndjson"}:
         texts = []

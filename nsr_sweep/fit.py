@@ -167,7 +167,7 @@ def solve_logistic(features: np.ndarray, targets: np.ndarray, head: str, n_bins:
     weights = [W / sx for W, _, _ in fits]  # back to the raw features: out = x·(W/s)ᵀ + b − (W/s)·m
     biases = [b - W @ mx for W, (_, b, _) in zip(weights, fits)]
     history = []
-    for W, b, m, j in zip(weights, biases, maps, range(len(maps))):
+    for j, (W, b, m) in enumerate(zip(weights, biases, maps)):
         out = X[splits["val"]] @ W.T + b
         history.append([val_record(0, m.predict(out), targets[splits["val"], j], m.train_mean,
                                    float(m.loss(out, torch.from_numpy(m.labels(targets[splits["val"], j])))))])

@@ -198,10 +198,7 @@ def _ci(v: float, lo: float, hi: float) -> str:
     return f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]" if np.isfinite(lo) else f"{v:+.3f}"
 
 
-def render_html(spec, df, best, pivots, layers, figures, state, running, sweep_dir, comp_layers=None, comp=None,
-                answer=None) -> str:
-    comp_layers = comp_layers if comp_layers is not None else pd.DataFrame()
-    comp = comp if comp is not None else pd.DataFrame()
+def render_html(spec, df, best, pivots, layers, figures, state, running, sweep_dir, comp_layers, comp, answer) -> str:
     started, finished = state.get("started"), state.get("finished")
     took = (finished or time.time()) - started if started else None
     counts = df["status"].value_counts().to_dict() if len(df) else {}

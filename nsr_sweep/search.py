@@ -16,6 +16,7 @@ import optuna
 from ray.tune.search import Searcher
 
 from .config import Dist, SweepSpec
+from .sweepdir import trial_id
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -41,11 +42,6 @@ def n_samples(spec: SweepSpec, group: dict) -> int:
     exact = group["freeze"] == "none" and spec.training.solver == "exact"
     searched = "n_bins" in spec.search.space and group["head"] != "regression"
     return 1 if exact and not searched else spec.search.num_samples
-
-
-def trial_id(group: dict, sample: int) -> str:
-    ctl = f"-{group['control']}" if group.get("control") else ""
-    return f"L{group['layer']}-N{group['neuron']}-{group['head']}-{group['freeze']}{ctl}-s{sample}"
 
 
 def group_key(g: dict) -> tuple:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -26,6 +27,25 @@ RESOLVED = "sweep.yaml"
 RUNS = "runs.jsonl"
 TRIALS = "trials"
 RECORD = "metrics.json"  # a trial's record, written last: finished (ok or failed) once it exists
+
+
+TRIAL_ID = re.compile(r"^L(\d+)-N(\d+)-([a-z]+)-([a-z_]+?)(?:-([a-z_]+))?-s(\d+)$")
+
+
+def trial_id(group: dict, sample: int) -> str:
+    """`L<layer>-N<neuron>-<head>-<freeze>[-<control>]-s<sample>`; `parse_trial_id` reads it back."""
+    ctl = f"-{group['control']}" if group.get("control") else ""
+    return f"L{group['layer']}-N{group['neuron']}-{group['head']}-{group['freeze']}{ctl}-s{sample}"
+
+
+def parse_trial_id(tid: str) -> dict | None:
+    """The group and sample a trial id names, or None for a name that is not one."""
+    m = TRIAL_ID.match(tid)
+    if m is None:
+        return None
+    L, n, head, freeze, control, sample = m.groups()
+    return {"trial_id": tid, "layer": int(L), "neuron": int(n), "head": head, "freeze": freeze,
+            "control": control, "sample": int(sample)}
 
 
 def trial_dir(sweep_dir: Path | str, trial_id: str) -> Path:

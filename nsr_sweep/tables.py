@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import pandas as pd
 
 from .results import atomic_write
-from .sweepdir import RECORD, TRIALS
+from .sweepdir import RECORD, TRIALS, parse_trial_id
 
 ID_COLUMNS = ["trial_id", "layer", "neuron", "head", "freeze", "control", "cross_model", "sample", "seed"]
 HP_COLUMNS = ["solver", "lr", "epochs", "batch_size", "weight_decay", "patience", "n_bins"]
@@ -24,9 +23,6 @@ def trial_row(config: dict, status: str, metrics: dict, error: str | None, **ext
                 for k, v in sorted(metrics.items()) if k != "seconds"})
     row.update(extra)
     return row
-
-
-TRIAL_ID = re.compile(r"^L(\d+)-N(\d+)-([a-z]+)-([a-z_]+?)(?:-([a-z_]+))?-s(\d+)$")
 
 
 def read_trial_dir(d: Path) -> dict | None:
@@ -46,13 +42,8 @@ def read_trial_dir(d: Path) -> dict | None:
 
 def damaged_row(trial_id: str, why: str) -> dict | None:
     """A row for a trial whose record is damaged, its identity read from the trial id (None if that fails too)."""
-    m = TRIAL_ID.match(trial_id)
-    if m is None:
-        return None
-    L, n, head, freeze, control, sample = m.groups()
-    config = {"trial_id": trial_id, "layer": int(L), "neuron": int(n), "head": head, "freeze": freeze,
-              "control": control, "sample": int(sample)}
-    return trial_row(config, "damaged", {}, why)
+    config = parse_trial_id(trial_id)
+    return None if config is None else trial_row(config, "damaged", {}, why)
 
 
 def finished_rows(sweep_dir: Path) -> list[dict]:

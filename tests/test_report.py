@@ -16,9 +16,8 @@ from nsr_sweep.config import dump_sweep, parse_sweep
 from nsr_sweep.models import load_model
 from nsr_sweep.orchestrate import expand
 from nsr_sweep.results import write_json
-from nsr_sweep.search import trial_id
 from nsr_sweep.sweep import build_cache
-from nsr_sweep.sweepdir import LOCK, STATE, save_trial
+from nsr_sweep.sweepdir import LOCK, STATE, save_trial, trial_id
 from nsr_sweep.trial import TrialSpec, run_trial
 
 SPEC = {"name": "rep", "model": "nsr-tiny", "corpus": {"n_texts": 300, "max_tokens": 32}, "layers": [1, 2],

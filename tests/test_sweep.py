@@ -497,3 +497,15 @@ def test_inputs_only_the_machine_can_check_are_refused_before_ray(tmp_path, monk
         r = CliRunner().invoke(main, ["launch", str(f), *args, *extra])
         assert r.exit_code == 2 and needle in r.output and len(r.output.strip().splitlines()) == 1, r.output
         assert not ray.is_initialized() and not (tmp_path / "res").exists()
+
+
+def test_trial_ids_read_back_to_their_group():
+    from nsr_sweep.sweepdir import parse_trial_id, trial_id
+
+    spec = parse_sweep(with_(heads=["regression", "token"], freeze=["none", "after_target", "all"],
+                             controls=["shuffled", {"cross_model": "nsr-tiny-seed1"}, "input_only"]))
+    for g in expand(spec, {1: [3, 12]}):
+        got = parse_trial_id(trial_id(g, 2))
+        assert got == {"trial_id": trial_id(g, 2), **{k: g[k] for k in ("layer", "neuron", "head", "freeze",
+                                                                       "control")}, "sample": 2}
+    assert parse_trial_id("not-a-trial") is None
