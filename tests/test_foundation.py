@@ -170,6 +170,25 @@ def test_cache_records_identity_and_round_trips_bit_exactly(tiny_dir, texts, tmp
     assert other != built.key
 
 
+def test_features_at_a_stored_residual_are_its_target_positions(tiny_dir, texts):
+    """features.hook = the residual the after_target start stores whole: the features are still one row per
+    text, equal to an independent HF forward's hidden state at the text's last token."""
+    from transformers import AutoModelForCausalLM
+
+    m = load_model(str(tiny_dir))
+    corpus = Corpus(texts[:30], "test")
+    spec = CacheSpec(layers=(0, 1), features="blocks.0.hook_resid_post", store_resid=True, max_tokens=24)
+    cache = ActivationCache.compute(m, corpus, spec, progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    seqs, _ = tokenize(m, corpus.texts, 24)
+    for i in (0, 7, 29):
+        with torch.no_grad():
+            hidden = hf(torch.tensor([seqs[i]]), output_hidden_states=True).hidden_states[1][0, -1]
+        assert np.allclose(cache.features[i], hidden.numpy(), atol=1e-5)
+    at_target = cache.resid[0][np.arange(30), cache.positions]
+    assert cache.features.shape == (30, m.d_model) and np.array_equal(cache.features, at_target)
+
+
 def test_unknown_feature_hook_is_rejected():
     with pytest.raises(NsrError, match="features.hook"):
         CacheSpec(layers=(0,), features="not a hook")
