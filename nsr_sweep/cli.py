@@ -175,8 +175,11 @@ def cache_build(sweep_file, root):
 @click.option("--dashboard/--no-dashboard", default=True, show_default=True, help="Start the Ray dashboard (local Ray).")
 @click.option("--dashboard-host", default="127.0.0.1", show_default=True)
 @click.option("--cache-root", default=None, help="Activation cache root (default $NSR_CACHE_DIR).")
+@click.option("--ray-network", "network", type=click.Choice(["auto", "isolated", "host"]), default="auto",
+              show_default=True, help="Local Ray in the launch's own network namespace (loopback only): "
+              "isolated requires it, auto falls back to the host's network with a warning, host never isolates.")
 @friendly
-def launch(sweep_file, out_root, address, resume, dry_run, dashboard, dashboard_host, cache_root):
+def launch(sweep_file, out_root, address, resume, dry_run, dashboard, dashboard_host, cache_root, network):
     """Run a sweep: Ray model workers, Tune + Optuna trials, results/<name>/."""
     from .orchestrate import dry_run_text, preflight
     from .orchestrate import launch as run_launch
@@ -185,7 +188,7 @@ def launch(sweep_file, out_root, address, resume, dry_run, dashboard, dashboard_
         click.echo(dry_run_text(preflight(sweep_file, address, cache_root, out_root)))
         return
     sweep_dir = run_launch(sweep_file, out_root=out_root, address=address, resume=resume, dashboard=dashboard,
-                           dashboard_host=dashboard_host, cache_root=cache_root, echo=click.echo)
+                           dashboard_host=dashboard_host, cache_root=cache_root, network=network, echo=click.echo)
     click.echo(f"results: {sweep_dir}")
 
 

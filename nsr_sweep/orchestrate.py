@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import NeuronSelect, SweepSpec, load_sweep
+from .localray import stop_reaper
 from .errors import NsrError
 from .results import write_json
 from .search import GroupedSearch, n_samples
@@ -100,18 +101,23 @@ def dry_run_text(spec: SweepSpec) -> str:
 # -- Ray -------------------------------------------------------------------------------------
 
 
-def init_ray(address: str | None, dashboard: bool, dashboard_host: str):
+def init_ray(spec: SweepSpec, address: str | None, dashboard: bool, dashboard_host: str, network: str, echo):
+    """Join a cluster, or start a local one (closed, see localray); returns (context, dashboard URL, reaper)."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our own progress lines replace Tune's tables
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
-    kw: dict[str, Any] = dict(log_to_driver=False, configure_logging=True, logging_level="ERROR")
     if address:
-        return ray.init(address=address, **kw)
+        ctx = ray.init(address=address, log_to_driver=False, configure_logging=True, logging_level="ERROR")
+        return ctx, getattr(ctx, "dashboard_url", None), None
+    from .localray import prefetch, start_local_ray
     from .workers import cpu_count
 
-    return ray.init(num_cpus=cpu_count(), include_dashboard=dashboard, dashboard_host=dashboard_host, **kw)
+    if network != "host":
+        prefetch(spec)
+    return start_local_ray(cpu_count(), dashboard=dashboard, dashboard_host=dashboard_host, network=network,
+                           echo=echo)
 
 
 def plan_workers(spec: SweepSpec) -> tuple[int, str, int]:
@@ -261,22 +267,31 @@ def _check_writable(path: Path, what: str) -> None:
 
 def launch(sweep_file: str, *, out_root: str = "results", address: str | None = None, resume: bool = False,
            dashboard: bool = True, dashboard_host: str = "127.0.0.1", cache_root: str | None = None,
-           echo=print) -> Path:
+           network: str = "auto", echo=print) -> Path:
     t_start = time.time()
     spec = preflight(sweep_file, address, cache_root, out_root)  # every input error surfaces here, before Ray starts
     sweep_dir = Path(out_root).resolve() / spec.name
     claim(sweep_dir, spec, resume)
+    reaper = None
     try:
-        return _run(spec, sweep_dir, address, dashboard, dashboard_host, cache_root, echo, t_start)
+        state = update_state(sweep_dir, name=spec.name, status="running",
+                             started=read_state(sweep_dir).get("started", t_start), resumed=(sweep_dir / TRIALS).is_dir())
+        _, url, reaper = init_ray(spec, address, dashboard, dashboard_host, network, echo)
+        return _run(spec, sweep_dir, state, url, cache_root, reaper, echo, t_start)
     except BaseException as e:  # recorded, so the directory never reads "running" after its launch is gone
         if read_state(sweep_dir).get("status") == "running":
             update_state(sweep_dir, status="failed", finished=time.time(), error=f"{type(e).__name__}: {e}"[:2000])
         raise
     finally:
         release(sweep_dir)
+        if reaper is not None:  # a local cluster: shut down, then its leftovers reaped
+            import ray
+
+            ray.shutdown()
+            stop_reaper(reaper)
 
 
-def _run(spec, sweep_dir, address, dashboard, dashboard_host, cache_root, echo, t_start) -> Path:
+def _run(spec, sweep_dir, state, url, cache_root, reaper, echo, t_start) -> Path:
     import ray
     from ray import tune
 
@@ -284,13 +299,9 @@ def _run(spec, sweep_dir, address, dashboard, dashboard_host, cache_root, echo, 
     from .sweep import model_spec, resolve_neurons
     from .workers import WorkerPool, start_workers, trial_function
 
-    state = update_state(sweep_dir, name=spec.name, status="running", started=read_state(sweep_dir).get("started", t_start),
-                         resumed=(sweep_dir / TRIALS).is_dir())
-    ctx = init_ray(address, dashboard, dashboard_host)
     t_ray = time.time()
-    url = getattr(ctx, "dashboard_url", None)
     if url:
-        echo(f"Ray dashboard: http://{url}  (token: `ray get-auth-token`; bound to {dashboard_host})")
+        echo(f"Ray dashboard: http://{url}  (token: `ray get-auth-token`)")
     n_workers, device, threads = plan_workers(spec)
     model_kw = asdict(model_spec(spec, device))
     workers = start_workers(n_workers, model_kw, spec.resources.gpus_per_worker if device == "cuda" else 0, threads)
@@ -363,6 +374,7 @@ def _run(spec, sweep_dir, address, dashboard, dashboard_host, cache_root, echo, 
     echo(f"done: {counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed; base model loaded {loads}× "
          f"({n_workers} worker(s)); table {sweep_dir / 'tables' / 'trials.parquet'}")
     ray.shutdown()
+    stop_reaper(reaper)  # leftovers killed, Ray's temp dir deleted, before the report is built
     from .report import build_report
 
     t_report = time.time()

@@ -19,7 +19,7 @@ def sweep_status(sweep_dir: Path) -> dict:
     expected = state.get("n_expected")
     status = run_state(sweep_dir)
     running = status == "running"
-    end = state.get("finished") if not running else time.time()
+    end = time.time() if running else state.get("finished") or _last_write(sweep_dir)
     best = []
     if len(df):
         cols = ["trial_id", spec.search.metric, "pearson_r", "skill"]
@@ -30,14 +30,32 @@ def sweep_status(sweep_dir: Path) -> dict:
         "counts": {k: int(v) for k, v in counts.items()}, "finished": int(len(df)), "expected": expected,
         "elapsed_s": round(end - state["started"], 1) if state.get("started") and end else None,
         "model_loads": state.get("model_loads"), "workers": state.get("workers"), "best": best,
-        "timings": state.get("timings"),
+        "timings": state.get("timings"), "error": state.get("error"), "next": NEXT.get(status),
     }
+
+
+NEXT = {  # what a user does with a directory in each state
+    "interrupted": "its launch is gone (killed or crashed); `nsr-sweep launch <sweep file> --resume` finishes it",
+    "failed": "`nsr-sweep launch <sweep file> --resume` retries; a corrected sweep file is accepted while no trial "
+              "has run",
+    "damaged": "sweep_state.json is unreadable; `--resume` rewrites it from the trial records",
+}
+
+
+def _last_write(sweep_dir: Path) -> float | None:
+    """When an interrupted launch last wrote anything it records."""
+    times = [p.stat().st_mtime for p in (sweep_dir / "sweep_state.json", sweep_dir / "runs.jsonl") if p.is_file()]
+    return max(times, default=None)
 
 
 def format_status(st: dict) -> str:
     counts = ", ".join(f"{v} {k}" for k, v in sorted(st["counts"].items())) or "none yet"
     lines = [f"sweep {st['name']} ({st['state']}): {st['finished']}/{st['expected'] or '?'} trials finished "
              f"({counts}); elapsed {st['elapsed_s']} s", f"  {st['dir']}"]
+    if st.get("error"):
+        lines.append(f"  error: {st['error']}")
+    if st.get("next"):
+        lines.append(f"  next: {st['next']}")
     if st["model_loads"] is not None:
         lines.append(f"  base model loaded {st['model_loads']}× for {st['workers']} worker(s)")
     for b in st["best"]:

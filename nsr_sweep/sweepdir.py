@@ -152,7 +152,25 @@ def claim(sweep_dir: Path, spec: SweepSpec, resume: bool) -> None:
     os.ftruncate(fd, 0)
     os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode())
     _HELD[sweep_dir] = fd
+    remove_partial_writes(sweep_dir)
     atomic_write(sweep_dir / RESOLVED, lambda tmp: tmp.write_text(dump_sweep(spec)))
+
+
+PARTIAL = re.compile(r"^\..+\.[A-Za-z0-9_]{8}")  # results.atomic_write's temp names: .<name>.<8 random>[suffix]
+
+
+def remove_partial_writes(sweep_dir: Path) -> list[Path]:
+    """What a killed launch was writing when it died (the whole file never landed): deleted by the next
+    launch, which holds the lock, so nothing is being written now."""
+    import shutil
+
+    gone = []
+    for d in (sweep_dir, sweep_dir / "tables", sweep_dir / TRIALS, *sweep_dir.glob(f"{TRIALS}/*/")):
+        for p in d.iterdir() if d.is_dir() else []:
+            if PARTIAL.match(p.name):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+                gone.append(p)
+    return gone
 
 
 def _check_same_sweep(sweep_dir: Path, spec: SweepSpec, resume: bool) -> None:
