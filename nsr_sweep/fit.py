@@ -2,7 +2,8 @@
 
 - `fit_probes`: one linear head per neuron of a layer, all at once. By default solved to convergence
   (a frozen-base probe is convex): `solve_ridge` (exact ridge, λ chosen on validation) for regression,
-  `solve_logistic` (L-BFGS to a gradient tolerance, L2 chosen on validation) for classification;
+  `solve_logistic` (L-BFGS on whitened features to a gradient tolerance, L2 chosen on validation) for
+  classification — both batched over neurons, each neuron's answer the same as alone;
   `adamw_probes` (solver adamw) trains from zero with early stopping;
 - `train_model`: a trainable copy of blocks start… and the final norm (from the model surface)
   under a frozen head, with AdamW; returns the trained surface.
@@ -117,7 +118,7 @@ def adamw_probes(features: np.ndarray, targets: np.ndarray, head: str, spec: Tri
 RIDGE_GRID = (0.0,) + tuple(10.0**k for k in range(-10, 1))
 """Ridge λ candidates, relative to the largest eigenvalue of the train features' scatter matrix (scale-free)."""
 L2_GRID = (1.0, 1e-1, 1e-2, 1e-3)
-"""Logistic L2 strengths on standardised features, strongest first (each warm-starts the next; the path
+"""Logistic L2 strengths on whitened features, strongest first (each warm-starts the next; the path
 stops once a weaker penalty improves no neuron's validation MSE)."""
 
 
@@ -153,57 +154,153 @@ def solve_ridge(features: np.ndarray, targets: np.ndarray, splits: dict[str, np.
     return ProbeFit(weight, torch.as_tensor(b[:, None], dtype=torch.float32), maps, history, [None] * len(maps), info)
 
 
+LOGISTIC_BLOCK = 256
+"""Neurons solved together by `solve_logistic` (memory: block × n_train × n_bins float64 numbers, a few times)."""
+
+
 def solve_logistic(features: np.ndarray, targets: np.ndarray, head: str, n_bins: int,
-                   splits: dict[str, np.ndarray], tol: float = 1e-5, max_iter: int = 1000) -> ProbeFit:
-    """Multinomial logistic regression on the bins for every column of `targets`, each solved on its own:
-    full-batch L-BFGS (strong Wolfe) in float64 until the largest gradient component is below `tol`, the
-    L2 strength chosen per neuron on validation MSE."""
-    tr = splits["train"]
+                   splits: dict[str, np.ndarray], tol: float = 1e-8, max_iter: int = 1000) -> ProbeFit:
+    """Multinomial logistic regression on the bins for every column of `targets`, on the whitened
+    train features (principal components of unit variance: well conditioned, so L-BFGS needs tens of
+    iterations, not hundreds): full-batch L-BFGS in float64 until the largest gradient component is
+    below `tol`, the L2 strength chosen per neuron on validation MSE. Neurons are solved side by side
+    (`lbfgs_rows`), each as it would be alone, in blocks of LOGISTIC_BLOCK."""
     X = torch.as_tensor(np.asarray(features, np.float64))
-    mx, sx = X[tr].mean(0), X[tr].std(0)
-    sx = torch.where(sx > 1e-12, sx, torch.ones_like(sx))  # a constant feature stays 0 after centring
+    tr = splits["train"]
+    mx = X[tr].mean(0)
+    _, s, Vt = torch.linalg.svd(X[tr] - mx, full_matrices=False)
+    keep = s > s[0] * 1e-6 if s.numel() and s[0] > 0 else torch.zeros_like(s, dtype=torch.bool)  # numerical rank
+    P = Vt[keep].T / s[keep] * math.sqrt(len(tr))  # d × r: centred features → whitened components
+    Xw = (X - mx) @ P
     maps = [HeadMap(head, targets[tr, j], n_bins) for j in range(targets.shape[1])]
-    fits = [_logistic_one((X - mx) / sx, targets[:, j], m, splits, tol, max_iter) for j, m in enumerate(maps)]
-    weights = [W / sx for W, _, _ in fits]  # back to the raw features: out = x·(W/s)ᵀ + b − (W/s)·m
-    biases = [b - W @ mx for W, (_, b, _) in zip(weights, fits)]
+    blocks = [_logistic_path(Xw, targets[:, lo : lo + LOGISTIC_BLOCK], maps[lo : lo + LOGISTIC_BLOCK], splits, tol,
+                             max_iter) for lo in range(0, len(maps), LOGISTIC_BLOCK)]
+    W = torch.cat([w for w, _, _ in blocks]) @ P.T  # back to the raw features: out = (x − m)·P·W_wᵀ + b_w
+    b = torch.cat([b for _, b, _ in blocks]) - W @ mx
+    info = [{**i, "rank": int(keep.sum())} for _, _, block in blocks for i in block]
     history = []
-    for j, (W, b, m) in enumerate(zip(weights, biases, maps)):
-        out = X[splits["val"]] @ W.T + b
+    for j, m in enumerate(maps):
+        out = X[splits["val"]] @ W[j].T + b[j]
         history.append([val_record(0, m.predict(out), targets[splits["val"], j], m.train_mean,
                                    float(m.loss(out, torch.from_numpy(m.labels(targets[splits["val"], j])))))])
-    return ProbeFit(torch.stack(weights).float(), torch.stack(biases).float(), maps, history,
-                    [None] * len(maps), [info for _, _, info in fits])
+    return ProbeFit(W.float(), b.float(), maps, history, [None] * len(maps), info)
 
 
-def _logistic_one(Xs: torch.Tensor, y: np.ndarray, m: HeadMap, splits: dict[str, np.ndarray], tol: float,
-                  max_iter: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """One neuron: the L2 path strongest first, each solution warm-starting the next; the best on validation."""
+def _logistic_path(Xs: torch.Tensor, y: np.ndarray, maps: list[HeadMap], splits: dict[str, np.ndarray], tol: float,
+                   max_iter: int) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """A block of neurons along the L2 path, strongest first, each solution warm-starting the next; a
+    neuron leaves the path at the first weaker penalty that does not improve its validation MSE."""
     tr, va = splits["train"], splits["val"]
-    labels = torch.from_numpy(m.labels(y))
-    W = torch.zeros(m.n_out, Xs.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(m.n_out, dtype=torch.float64, requires_grad=True)
-    best: tuple[float, torch.Tensor, torch.Tensor, dict] = (math.inf, W, b, {})
+    N, K, d = len(maps), maps[0].n_out, Xs.shape[1]
+    onehot = torch.stack([F.one_hot(torch.from_numpy(m.labels(y[tr, j])), K) for j, m in enumerate(maps)]).double()
+    values = torch.stack([torch.as_tensor(m.values) for m in maps])  # N × K
+    y_val = torch.as_tensor(np.asarray(y[va], np.float64)).T  # N × n_val
+    theta = torch.zeros(N, K * (d + 1), dtype=torch.float64)
+    best_mse, best_theta = torch.full((N,), math.inf, dtype=torch.float64), theta.clone()
+    on_path = torch.ones(N, dtype=torch.bool)
+    info: list[dict] = [{} for _ in range(N)]
     for lam in L2_GRID:
-        opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=0,
-                                history_size=20, line_search_fn="strong_wolfe")
+        def objective(th: torch.Tensor, rows: torch.Tensor, lam=lam):
+            return _cross_entropy(th, Xs[tr], onehot[rows], lam, K)
 
-        def objective():
-            opt.zero_grad()
-            loss = F.cross_entropy(Xs[tr] @ W.T + b, labels[tr]) + lam / 2 * (W**2).sum()
-            loss.backward()
-            return loss
+        theta, grad_max, iters = lbfgs_rows(objective, theta, on_path.clone(), tol, max_iter)
+        W, b = _unpack(theta, K, d)
+        probs = torch.softmax(torch.einsum("td,nkd->ntk", Xs[va], W) + b[:, None], -1)
+        mse = (((probs * values[:, None]).sum(-1) - y_val) ** 2).mean(1)
+        better = on_path & (mse < best_mse)
+        on_path &= better  # a weaker penalty no longer helps this neuron on validation
+        best_mse[better], best_theta[better] = mse[better], theta[better]
+        for j in torch.nonzero(better).flatten().tolist():
+            info[j] = {"solver": "lbfgs", "converged": bool(grad_max[j] <= tol), "l2": lam,
+                       "grad_max": float(grad_max[j]), "iterations": int(iters[j])}
+        if not on_path.any():
+            break
+    W, b = _unpack(best_theta, K, d)
+    return W, b, info
 
-        opt.step(objective)
-        objective()
-        grad = max(float(g.abs().max()) for g in (W.grad, b.grad) if g is not None)
-        with torch.no_grad():
-            mse = float(((m.predict(Xs[va] @ W.T + b) - torch.as_tensor(y[va])) ** 2).mean())
-        if mse >= best[0]:
-            break  # a weaker penalty no longer helps on validation
-        info = {"solver": "lbfgs", "converged": grad <= tol, "l2": lam, "grad_max": grad,
-                "iterations": int(opt.state[opt._params[0]].get("n_iter", 0))}
-        best = (mse, W.detach().clone(), b.detach().clone(), info)
-    return best[1], best[2], best[3]
+
+def _unpack(theta: torch.Tensor, K: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return theta[:, : K * d].view(-1, K, d), theta[:, K * d :]
+
+
+def _cross_entropy(theta: torch.Tensor, X: torch.Tensor, onehot: torch.Tensor, lam: float, K: int):
+    """Per row: mean cross-entropy + λ/2·|W|², and its gradient (analytic: (softmax − onehot)ᵀX/T + λW)."""
+    W, b = _unpack(theta, K, X.shape[1])
+    logp = torch.log_softmax(torch.einsum("td,nkd->ntk", X, W) + b[:, None], -1)
+    T = X.shape[0]
+    f = -(onehot * logp).sum((1, 2)) / T + lam / 2 * (W**2).sum((1, 2))
+    G = (logp.exp() - onehot) / T
+    grad = torch.cat([(torch.einsum("ntk,td->nkd", G, X) + lam * W).flatten(1), G.sum(1)], 1)
+    return f, grad
+
+
+def lbfgs_rows(objective, theta: torch.Tensor, active: torch.Tensor, tol: float, max_iter: int, history: int = 20):
+    """Minimise N independent smooth objectives at once, one per row of `theta` (N × P):
+    `objective(theta[rows], rows) -> (f [n], grad [n × P])`. L-BFGS with each row's own curvature
+    history and its own backtracking (Armijo) step; a row stops once max|grad| ≤ tol (or no step
+    decreases it) and is not touched after — so each row ends where it would alone. Rows not `active`
+    are left as they are. Returns (theta, max|grad| per row, iterations per row)."""
+    N, P = theta.shape
+    theta, rows = theta.clone(), torch.arange(N)
+    f, g = theta.new_zeros(N), theta.new_zeros(N, P)
+    f[active], g[active] = objective(theta[active], rows[active])
+    S, Y = theta.new_zeros(history, N, P), theta.new_zeros(history, N, P)
+    rho = theta.new_zeros(history, N)
+    n_pairs, newest = torch.zeros(N, dtype=torch.long), torch.zeros(N, dtype=torch.long)
+    iters = torch.zeros(N, dtype=torch.long)
+    for _ in range(max_iter):
+        active &= g.abs().amax(1) > tol
+        if not active.any():
+            break
+        a = torch.nonzero(active).flatten()
+        d = -_two_loop(g[a], S[:, a], Y[:, a], rho[:, a], n_pairs[a], newest[a])
+        gd = (g[a] * d).sum(1)
+        restart = gd >= 0  # not a descent direction (numerical): the gradient, history dropped
+        d[restart], n_pairs[a[restart]] = -g[a][restart], 0
+        gd = torch.where(restart, -(g[a] ** 2).sum(1), gd)
+        t = torch.where(n_pairs[a] > 0, 1.0, torch.clamp(1.0 / g[a].abs().sum(1), max=1.0))
+        moved = torch.zeros(len(a), dtype=torch.bool)
+        for _ in range(50):  # halve each row's step until it decreases f enough (Armijo)
+            look = torch.nonzero(~moved).flatten()
+            fc, gc = objective(theta[a[look]] + t[look, None] * d[look], a[look])
+            ok = fc <= f[a[look]] + 1e-4 * t[look] * gd[look]
+            acc, acc_rows = look[ok], a[look[ok]]
+            s_new = t[acc, None] * d[acc]
+            y_new = gc[ok] - g[acc_rows]
+            theta[acc_rows] += s_new
+            f[acc_rows], g[acc_rows] = fc[ok], gc[ok]
+            sy = (s_new * y_new).sum(1)
+            keep = sy > 1e-10 * (y_new * y_new).sum(1).sqrt() * s_new.norm(dim=1)
+            kr = acc_rows[keep]
+            newest[kr] = (newest[kr] + 1) % history
+            S[newest[kr], kr], Y[newest[kr], kr], rho[newest[kr], kr] = s_new[keep], y_new[keep], 1.0 / sy[keep]
+            n_pairs[kr] = torch.clamp(n_pairs[kr] + 1, max=history)
+            moved[acc] = True
+            if moved.all():
+                break
+            t = torch.where(moved, t, t / 2)
+        iters[a[moved]] += 1
+        active[a[~moved]] = False  # no decrease at machine precision: as converged as it gets
+    return theta, g.abs().amax(1), iters
+
+
+def _two_loop(g, S, Y, rho, n_pairs, newest):
+    """L-BFGS's two-loop recursion for every row at once (H·g, H the row's inverse-Hessian estimate)."""
+    m, n = S.shape[0], g.shape[0]
+    cols = torch.arange(n)
+    q, saved = g.clone(), []
+    for k in range(m):
+        idx, valid = (newest - k) % m, k < n_pairs
+        alpha = torch.where(valid, rho[idx, cols] * (S[idx, cols] * q).sum(1), 0.0)
+        q -= alpha[:, None] * Y[idx, cols]
+        saved.append((idx, valid, alpha))
+    s0, y0 = S[newest, cols], Y[newest, cols]
+    gamma = torch.where(n_pairs > 0, (s0 * y0).sum(1) / (y0 * y0).sum(1).clamp_min(1e-300), 1.0)
+    r = gamma[:, None] * q
+    for idx, valid, alpha in reversed(saved):
+        beta = torch.where(valid, rho[idx, cols] * (Y[idx, cols] * r).sum(1), 0.0)
+        r += torch.where(valid, alpha - beta, 0.0)[:, None] * S[idx, cols]
+    return r
 
 
 def train_model(surface: Surface, start: int, inputs, head: LinearHead, hmap: HeadMap, y: np.ndarray,
