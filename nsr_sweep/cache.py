@@ -276,10 +276,10 @@ class ActivationCache:
                 if spec.store_resid:
                     r = got[f"blocks.{L}.hook_resid_post"].float().cpu().numpy()
                     resid[L][idx, : r.shape[1]] = r * mask.cpu().numpy()[..., None]
-            f = got[spec.features]
+            g = got[spec.features]
             if spec.features in resid_names:  # read whole for the after_target start: take the target positions
-                f = f[torch.arange(f.shape[0]), pos]
-            f = f.float().cpu().numpy()
+                g = g[torch.arange(g.shape[0]), pos]
+            f = g.float().cpu().numpy()
             if features is None:
                 features = np.empty((n, f.shape[1]), np.float32)
             features[idx] = f

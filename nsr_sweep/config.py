@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -54,8 +54,19 @@ class FeaturesCfg(Strict):
 
 
 class NeuronSelect(Strict):
-    select: Literal["top_variance", "top_kurtosis", "top_max"]
-    k: int = Field(ge=1, le=100000)
+    select: Literal["top_variance", "top_kurtosis", "top_max", "all"]
+    """Rank the layer's neurons on the cache (variance, kurtosis or max activation) and take the top k —
+    or take every neuron of the layer (`all`; `neurons: all` is short for `[{select: all}]`)."""
+    k: Optional[int] = Field(None, ge=1, le=100000)
+    """How many to take (required by the ranking selectors)."""
+
+    @model_validator(mode="after")
+    def _k_for_rankings(self):
+        if self.select != "all" and self.k is None:
+            raise ValueError(f"select {self.select} needs k (how many neurons)")
+        if self.select == "all" and self.k is not None:
+            raise ValueError("select all takes every neuron: no k")
+        return self
 
 
 class SplitsCfg(Strict):
@@ -201,6 +212,14 @@ class SweepSpec(Strict):
     target: TargetCfg = TargetCfg()
     layers: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
     neurons: list[Union[Annotated[int, Field(ge=0)], NeuronSelect]] = Field(min_length=1)
+
+    @field_validator("neurons", mode="before")
+    @classmethod
+    def _all_neurons(cls, v):
+        v = [{"select": "all"}] if v == "all" else v
+        if isinstance(v, list):  # a selector's own error, not the int branch's "should be a valid integer"
+            return [NeuronSelect.model_validate(n) if isinstance(n, dict) else n for n in v]
+        return v
     heads: list[Literal["regression", "classification", "token"]] = Field(min_length=1)
     freeze: list[Literal["none", "after_target", "all"]] = Field(min_length=1)
     features: FeaturesCfg = FeaturesCfg()
@@ -292,7 +311,7 @@ class SweepSpec(Strict):
         for n in self.neurons:
             if isinstance(n, int) and n >= d_mlp:
                 raise NsrError(f"neurons: {n} is out of range for {self.model.name}: allowed 0..{d_mlp - 1} (d_mlp)")
-            if isinstance(n, NeuronSelect) and n.k > d_mlp:
+            if isinstance(n, NeuronSelect) and n.k is not None and n.k > d_mlp:
                 raise NsrError(f"neurons: select k={n.k} exceeds d_mlp={d_mlp} of {self.model.name}")
         from .surface import check_hook
 

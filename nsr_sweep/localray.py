@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import json
+import logging
 import os
 import secrets
 import select
@@ -335,10 +336,9 @@ def start_local_ray(cpus: int, *, dashboard: bool, dashboard_host: str, network:
         os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"  # fetched already; no network here
         echo("Ray's ports: in this launch's own network namespace (loopback only)")
     ensure_private_token()
-    ip = {"_node_ip_address": "127.0.0.1"} if isolated else {}  # the only address there (Ray would probe 8.8.8.8)
-    ctx = ray.init(num_cpus=cpus, include_dashboard=dashboard, _temp_dir=str(temp_dir), **ip,
+    ctx = ray.init(num_cpus=cpus, include_dashboard=dashboard, _temp_dir=str(temp_dir),
                    dashboard_host="127.0.0.1" if isolated else dashboard_host,
-                   log_to_driver=False, configure_logging=True, logging_level="ERROR")
+                   log_to_driver=False, configure_logging=True, logging_level=logging.ERROR)
     url = getattr(ctx, "dashboard_url", None) or None
     if url and forward is not None:
         forward.start(int(url.rsplit(":", 1)[1]))

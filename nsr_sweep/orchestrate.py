@@ -10,17 +10,19 @@ Our own record of finished trials is the trial directories (`metrics.json` is wr
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+
+import numpy as np
 
 from .config import NeuronSelect, SweepSpec, load_sweep
-from .localray import stop_reaper
 from .errors import NsrError
+from .localray import stop_reaper
 from .results import write_json
 from .search import GroupedSearch, n_samples
 from .sweepdir import TRIALS, claim, read_state, release, trial_dir, update_state, write_record
@@ -62,7 +64,12 @@ def expand(spec: SweepSpec, neurons: dict[int, list[int]]) -> list[dict]:
 
 def dry_run_text(spec: SweepSpec) -> str:
     """The grid `expand` would make (with ≤k neurons per selector), counted per (head, freeze) and control."""
-    per_layer = sum(n.k if isinstance(n, NeuronSelect) else 1 for n in spec.neurons)
+    from .models import model_shape
+
+    d_mlp = model_shape(spec.model.name).get("d_mlp") if any(isinstance(n, NeuronSelect) and n.k is None
+                                                            for n in spec.neurons) else None
+    per_layer = sum((n.k or d_mlp or 0) if isinstance(n, NeuronSelect) else 1 for n in spec.neurons)
+    per_layer = min(per_layer, d_mlp) if d_mlp else per_layer
     skipped = spec.skipped_combos()
     groups = expand(spec, {L: list(range(per_layer)) for L in spec.layers})
     trials: Counter[tuple] = Counter()
@@ -109,7 +116,7 @@ def init_ray(spec: SweepSpec, address: str | None, dashboard: bool, dashboard_ho
 
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ctx = ray.init(address=address, log_to_driver=False, configure_logging=True, logging_level="ERROR")
+        ctx = ray.init(address=address, log_to_driver=False, configure_logging=True, logging_level=logging.ERROR)
         return ctx, getattr(ctx, "dashboard_url", None), None
     from .localray import prefetch, start_local_ray
     from .workers import cpu_count
@@ -158,50 +165,62 @@ class SweepProgress:
                 outer.running += 1
 
             def on_trial_complete(self, iteration, trials, trial, **info):
-                outer.finished(trial.config["trial_id"])
+                outer.finished(trial.config)
 
             def on_trial_error(self, iteration, trials, trial, **info):
                 outer.errored(trial)
 
         self.callback = _Callback()
 
-    def _record(self, row: dict) -> None:
-        self.rows.append(row)
+    def _record(self, rows: list[dict]) -> None:
+        self.rows += rows
         write_trials_table(self.sweep_dir, self.rows, self.spec.search.metric, self.spec.search.mode)
-        self.bar.update(1)
+        self.bar.update(len(rows))
+        for row in rows:
+            self.counters["finished" if row.get("status") == "ok" else "failed"].inc()
 
-    def finished(self, trial_id: str) -> None:
-        """A trial is complete (also when a scheduler stopped it): its directory holds its row."""
+    def finished(self, config: dict) -> None:
+        """A trial (or a batch) is complete, also when a scheduler stopped it: its directories hold its rows."""
         self.running -= 1
-        row = read_trial_dir(trial_dir(self.sweep_dir, trial_id))
-        if row is None:
-            return
-        self._record(row)
-        status = row.get("status", "ok")
-        self.counters["finished" if status == "ok" else "failed"].inc()
-        self._line(row)
+        rows = [r for r in (read_trial_dir(trial_dir(self.sweep_dir, m["trial_id"]))
+                            for m in config.get("members", [config])) if r is not None]
+        if rows:
+            self._record(rows)
+            self._line(rows, config)
 
     def errored(self, trial) -> None:
-        """A trial that raised on every retry: recorded as failed with its error, the sweep goes on."""
+        """A trial (or a batch) that raised on every retry: each is recorded as failed with the error, the
+        sweep goes on."""
         self.running -= 1
-        config = trial.config
         error = _error_text(trial)
-        write_record(trial_dir(self.sweep_dir, config["trial_id"]), trial_id=config["trial_id"],
-                     sample=config["sample"], spec=dict(config), status="failed", reason=error, metrics={}, history=[])
-        row = trial_row(config, "failed", {}, error)
-        self._record(row)
-        self.counters["failed"].inc()
-        self._line(row)
+        rows = []
+        for config in trial.config.get("members", [trial.config]):
+            d = trial_dir(self.sweep_dir, config["trial_id"])
+            if read_trial_dir(d) is not None:
+                continue  # a batch member that finished before its batch failed
+            write_record(d, trial_id=config["trial_id"], sample=config["sample"], spec=dict(config),
+                         status="failed", reason=error, metrics={}, history=[])
+            rows.append(trial_row(config, "failed", {}, error))
+        if rows:
+            self._record(rows)
+            self._line(rows, trial.config)
 
-    def _line(self, row: dict) -> None:
+    def _line(self, rows: list[dict], config: dict) -> None:
         counts = Counter(r.get("status") for r in self.rows)
         metric = self.spec.search.metric
         ok = [r for r in self.rows if r.get("status") == "ok" and _finite(r.get("pearson_r"))]
         best = max(ok, key=lambda r: r["pearson_r"], default=None)
-        what = (f"{metric} {row.get(metric, float('nan')):.4g}  test r {row.get('pearson_r', float('nan')):+.3f}"
-                if row.get("status") == "ok" else f"FAILED: {str(row.get('error'))[:80]}")
+        if "members" in config:  # a batch: how many, and the median over them
+            good = [r for r in rows if r.get("status") == "ok"]
+            r_med = float(np.median([r["pearson_r"] for r in good])) if good else float("nan")
+            what = f"{len(good)}/{len(rows)} ok, median test r {r_med:+.3f}"
+        elif rows[0].get("status") == "ok":
+            row = rows[0]
+            what = f"{metric} {row.get(metric, float('nan')):.4g}  test r {row.get('pearson_r', float('nan')):+.3f}"
+        else:
+            what = f"FAILED: {str(rows[0].get('error'))[:80]}"
         best_s = f"  best r {best['pearson_r']:+.3f} ({best['trial_id']})" if best else ""
-        self.bar.write(f"{row['trial_id']:<42} {what}  | done {counts['ok']} failed {counts['failed']} "
+        self.bar.write(f"{config['trial_id']:<42} {what}  | done {counts['ok']} failed {counts['failed']} "
                        f"running {max(self.running, 0)}{best_s}")
 
     def close(self):

@@ -1,5 +1,8 @@
 """One Optuna study per (layer, neuron, head, freeze) group, inside a single Tune run.
 
+Exact frozen-base probes have nothing to search: the groups of one layer, head and control are
+handed out together as one batch (`members` in the config) that a worker fits in one call.
+
 Tune takes one search algorithm per run; a sweep needs an independent hyperparameter search
 per group. `GroupedSearch` keeps one study per group and hands out samples round-robin by
 sample index, so every group's first sample runs before any group's second (the later ones then
@@ -48,6 +51,25 @@ def group_key(g: dict) -> tuple:
     return (g["layer"], g["neuron"], g["head"], g["freeze"], g.get("control") or "")
 
 
+BATCH_NEURONS = 1024
+"""Most neurons in one batch (one unit of work): memory stays bounded and a layer still spreads over workers."""
+
+
+def batch_key(spec: SweepSpec, g: dict) -> tuple | None:
+    """Groups with the same key run as one batch: exact frozen-base probes with nothing searched, of one
+    layer, head and control (`trial.run_trials` fits them together). None: the group runs alone."""
+    if g["freeze"] != "none" or spec.training.solver != "exact" or n_samples(spec, g) != 1:
+        return None
+    return (g["layer"], g["head"], g.get("control") or "", g.get("cross_model") or "")
+
+
+def batch_id(members: list[dict]) -> str:
+    """`L<layer>-<head>-none[-<control>]-N<first>..<last>-batch` (a name no trial directory has)."""
+    first, last = members[0], members[-1]
+    ctl = f"-{first['control']}" if first.get("control") else ""
+    return f"L{first['layer']}-{first['head']}-none{ctl}-N{first['neuron']}..{last['neuron']}-batch"
+
+
 class GroupedSearch(Searcher):
     def __init__(self, spec: SweepSpec, groups: list[dict], finished: list[dict]):
         super().__init__(metric=spec.search.metric, mode=spec.search.mode)
@@ -63,11 +85,14 @@ class GroupedSearch(Searcher):
                        if spec.search.algorithm == "optuna" else optuna.samplers.RandomSampler(seed=seed))
             self.studies[k] = optuna.create_study(direction=direction, sampler=sampler)
             self.taken[k] = set()
+        batched = {group_key(g) for g in groups if batch_key(spec, g) is not None}
         for row in finished:  # resume: what already ran informs the search and is never rerun
             k = group_key(row)
             if k not in self.studies or row.get("status") == "damaged":  # a damaged record is run again
                 continue
             self.taken[k].add(int(row["sample"]))
+            if k in batched:
+                continue  # nothing searched there: no study to inform
             value = row.get(self.metric)
             ok = row.get("status") == "ok" and isinstance(value, (int, float)) and math.isfinite(value)
             params = {p: row[p] for p in self.dists}
@@ -89,13 +114,22 @@ class GroupedSearch(Searcher):
         if not self.queue:
             return Searcher.FINISHED
         sample, group = self.queue.pop(0)
+        key = batch_key(self.spec, group)
+        if key is not None:  # it and the queued groups of its batch, as one unit of work
+            idx = [i for i, (_, g) in enumerate(self.queue) if batch_key(self.spec, g) == key][: BATCH_NEURONS - 1]
+            mates, taken = [self.queue[i] for i in idx], set(idx)
+            self.queue = [q for i, q in enumerate(self.queue) if i not in taken]
+            members = [self._config(s, g, {}) for s, g in [(sample, group), *mates]]
+            return {"trial_id": batch_id(members), "sample": 0, "members": members}
         study = self.studies[group_key(group)]
         ot = study.ask(self.dists)
-        config = {**self.spec.training.model_dump(), **group, **ot.params, "sample": sample,
-                  "trial_id": trial_id(group, sample),
-                  "seed": stable_seed(self.spec.seed, group_key(group), sample)}
         self.live[tune_trial_id] = (study, ot)
-        return config
+        return self._config(sample, group, ot.params)
+
+    def _config(self, sample: int, group: dict, params: dict) -> dict:
+        """A trial's whole config: training defaults, its group, its sampled parameters, id and seed."""
+        return {**self.spec.training.model_dump(), **group, **params, "sample": sample,
+                "trial_id": trial_id(group, sample), "seed": stable_seed(self.spec.seed, group_key(group), sample)}
 
     def on_trial_complete(self, tune_trial_id: str, result=None, error: bool = False):
         study, ot = self.live.pop(tune_trial_id, (None, None))

@@ -64,14 +64,20 @@ def cross_model_inputs(model: BaseModel, other: BaseModel, seqs: list[list[int]]
 
 
 def resolve_neurons(spec: SweepSpec, cache: ActivationCache) -> dict[int, list[int]]:
-    """Per layer: the explicit neurons, then each selector's top k (no repeats, order kept)."""
+    """Per layer: the explicit neurons, then each selector's top k, or all of them (no repeats, order kept)."""
     by = {"top_variance": "variance", "top_kurtosis": "kurtosis", "top_max": "max"}
     out = {}
     for L in spec.layers:
         chosen: list[int] = []
         for n in spec.neurons:
-            picks = [n] if isinstance(n, int) else [i for i, _ in cache.top_neurons(L, by[n.select], n.k + len(chosen))]
-            fresh = [i for i in picks if i not in chosen]
-            chosen += fresh if isinstance(n, int) else fresh[: n.k]
+            if isinstance(n, int):
+                picks = [n]
+            elif n.select == "all":
+                picks = list(range(cache.acts[L].shape[1]))
+            else:
+                k = n.k or 0  # a ranking selector always has k
+                picks = [i for i, _ in cache.top_neurons(L, by[n.select], k + len(chosen))][: k + len(chosen)]
+                picks = [i for i in picks if i not in chosen][:k]
+            chosen += [i for i in picks if i not in chosen]
         out[L] = chosen
     return out

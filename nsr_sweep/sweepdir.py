@@ -220,10 +220,9 @@ def update_state(sweep_dir: Path, **kw) -> dict:
     return state
 
 
-def save_trial(result, trial_dir: Path, trial_id: str | None = None, sample: int = 0) -> Path:
-    """metrics.json, head.safetensors, preds.parquet, patch.parquet, diagnostics.png (+ model/), each atomically.
-
-    trial_id defaults to the directory's name."""
+def save_trial(result, trial_dir: Path, trial_id: str | None = None, sample: int = 0, plot: bool = True) -> Path:
+    """metrics.json, head.safetensors, preds.parquet, patch.parquet, diagnostics.png (if `plot`; + model/),
+    each atomically. trial_id defaults to the directory's name."""
     import time
 
     from safetensors.torch import save_file
@@ -244,8 +243,9 @@ def save_trial(result, trial_dir: Path, trial_id: str | None = None, sample: int
         if result.save_model is not None:
             atomic_dir(trial_dir / "model", result.save_model)
         title = f"layer {s.layer} neuron {s.neuron} — {s.head} / freeze {s.freeze}"
-        atomic_write(trial_dir / "diagnostics.png",
-                     lambda tmp: diagnostics_png(result.preds, result.metrics, title, tmp))
+        if plot:
+            atomic_write(trial_dir / "diagnostics.png",
+                         lambda tmp: diagnostics_png(result.preds, result.metrics, title, tmp))
     result.metrics["artefact_seconds"] = time.perf_counter() - t0
     write_record(trial_dir, trial_id=trial_id or trial_dir.name, sample=sample, spec=spec_dict(s),
                  status=result.status, reason=result.reason, metrics=result.metrics, history=result.history)  # written last: its presence means the trial finished

@@ -77,25 +77,65 @@ def run_trial(cache: ActivationCache, model: BaseModel | None, spec: TrialSpec, 
     `on_epoch(record) -> bool` sees each epoch's validation record; False stops training there.
     For the cross_model control, `outsider` is the other model: it reads the same texts (its own
     tokens, from `cross_view`) and is what trains; the target stays this model's neuron."""
+    return run_trials(cache, model, [spec], on_epoch, outsider)[0]
+
+
+def run_trials(cache: ActivationCache, model: BaseModel | None, specs: list[TrialSpec], on_epoch=None,
+               outsider: BaseModel | None = None) -> list[TrialResult]:
+    """Trials that share one fit: the frozen-base probes of many neurons of a layer (`batchable`), fitted
+    together — each neuron's probe, metrics and analyses are what `run_trial` gives it alone — or one
+    trial of any kind."""
+    spec = specs[0]
+    if len(specs) > 1:
+        batchable(specs)
     if spec.control == "cross_model":
         if outsider is None:
             raise NsrError("control cross_model needs the other model (outsider)")
         cache, model = cross_view(cache), outsider
     else:
-        spec.check(model)
+        for s in specs:
+            s.check(model)
     if spec.freeze == "none" and spec.feature_hook != cache.meta["spec"]["features"]:
         raise NsrError(f"feature_hook {spec.feature_hook!r} is not the cache's features "
                        f"({cache.meta['spec']['features']!r})")
-    _injected_failure(spec)
+    for s in specs:
+        _injected_failure(s)
     t0 = time.perf_counter()
-    real = np.asarray(cache.activations(spec.layer, spec.neuron), np.float64)
-    y = np.random.default_rng(spec.seed).permutation(real) if spec.control == "shuffled" else real
+    reals = [np.asarray(cache.activations(s.layer, s.neuron), np.float64) for s in specs]
+    ys = [np.random.default_rng(s.seed).permutation(r) if s.control == "shuffled" else r for s, r in zip(specs, reals)]
     splits = split_indices(cache.n_texts, spec.splits, spec.split_seed)
     seqs, answer_pos, digit_ids = sequences(cache, spec, model)
     try:
-        fit = fit_head(cache, model, spec, y, splits, seqs, answer_pos, digit_ids, on_epoch)
+        fits: list[Fit | FloatingPointError] = (
+            probe_fits(cache, model, specs, np.stack(ys, 1), splits, on_epoch) if spec.freeze == "none"
+            else [fit_head(cache, model, spec, ys[0], splits, seqs, answer_pos, digit_ids, on_epoch)])
     except FloatingPointError as e:
-        return TrialResult(spec, "failed", reason=str(e), metrics={"seconds": time.perf_counter() - t0})
+        fits = [e] * len(specs)
+    shared = (time.perf_counter() - t0) / len(specs)  # the joint fit, shared out
+    return [_finish(cache, model, s, fit, real, y, splits, seqs, answer_pos, shared)
+            for s, fit, real, y in zip(specs, fits, reals, ys)]
+
+
+BATCH_KEYS = ("layer", "head", "freeze", "control", "cross_model", "feature_hook", "solver", "n_bins", "splits",
+              "split_seed", "analyses", "patch_grid", "n_grid", "scales", "patch_texts")
+"""What the trials of one batch share (they differ in neuron and seed)."""
+
+
+def batchable(specs: list[TrialSpec]) -> None:
+    """Only exact frozen-base probes of one layer, head and control fit together."""
+    s = specs[0]
+    if s.freeze != "none" or s.solver != "exact":
+        raise NsrError("only frozen-base probes solved exactly (freeze none, solver exact) run as a batch")
+    for other in specs[1:]:
+        if any(getattr(other, k) != getattr(s, k) for k in BATCH_KEYS):
+            raise NsrError(f"a batch's trials share {', '.join(BATCH_KEYS)}")
+
+
+def _finish(cache, model, spec: TrialSpec, fit, real, y, splits, seqs, answer_pos, shared: float) -> TrialResult:
+    """One trial after its fit: predictions, metrics, analyses."""
+    t0 = time.perf_counter()
+    if isinstance(fit, FloatingPointError):
+        return TrialResult(spec, "failed", reason=str(fit), metrics={"seconds": shared})
     hook = cache.meta["spec"]["hook"]
     if spec.freeze == "all" and spec.control != "cross_model":
         assert model is not None and fit.surface is not None  # the neuron itself trained: re-read it, same texts, same position
@@ -107,7 +147,7 @@ def run_trial(cache: ActivationCache, model: BaseModel | None, spec: TrialSpec, 
     metrics = trial_metrics(preds, fit.hmap.train_mean, real, shuffled=spec.control == "shuffled")
     best = int(np.argmin([h["val_mse"] for h in fit.history]))
     metrics.update({"epochs_run": len(fit.history), "best_epoch": best, "val_mse": fit.history[best]["val_mse"],
-                    "val_loss": fit.history[best]["val_loss"], "train_seconds": time.perf_counter() - t0,
+                    "val_loss": fit.history[best]["val_loss"], "train_seconds": shared + time.perf_counter() - t0,
                     **fit.solver})
     points = None
     if spec.analyses and model is not None and fit.surface is not None and spec.control in (None, "shuffled"):
@@ -117,7 +157,7 @@ def run_trial(cache: ActivationCache, model: BaseModel | None, spec: TrialSpec, 
                            hook, spec.neuron, model.tokenizer.pad_token_id)
         columns, points = analyse(cache, model.surface, final, fit.trained, spec, fit.hmap, preds, splits, real)
         metrics.update(columns)
-    metrics["seconds"] = time.perf_counter() - t0
+    metrics["seconds"] = shared + time.perf_counter() - t0
     save: Callable | None = None
     if fit.trained and spec.save_weights and fit.surface is not None and model is not None:
         hf, tok = fit.surface.to_hf(), model.tokenizer
@@ -128,18 +168,28 @@ def run_trial(cache: ActivationCache, model: BaseModel | None, spec: TrialSpec, 
                        save_model=save, history=fit.history, patch=points)
 
 
+def probe_fits(cache: ActivationCache, model: BaseModel | None, specs: list[TrialSpec], Y: np.ndarray, splits: dict,
+               on_epoch) -> list[Fit | FloatingPointError]:
+    """Probes on the cached features (freeze none), one per column of Y, fitted in one call."""
+    spec = specs[0]
+    features = control_features(cache, spec)
+    pf = fit_probes(features, Y, spec.head, spec, splits, on_epoch=on_epoch if len(specs) == 1 else None)
+    X = torch.from_numpy(np.array(features, np.float32))  # a private copy: cache arrays are read-only views
+    fits: list[Fit | FloatingPointError] = []
+    for j in range(len(specs)):
+        if pf.failed[j]:
+            fits.append(FloatingPointError(pf.failed[j]))
+            continue
+        head = pf.head(j)
+        solver = {k if k in ("solver", "converged") else f"solver_{k}": v for k, v in pf.info[j].items()}
+        fits.append(Fit(pf.maps[j], head, model.surface if model is not None else None, False, head(X),
+                        pf.history[j], solver))
+    return fits
+
+
 def fit_head(cache: ActivationCache, model: BaseModel | None, spec: TrialSpec, y: np.ndarray, splits: dict,
              seqs: list[list[int]], answer_pos: np.ndarray, digit_ids, on_epoch) -> Fit:
-    """A probe on the cached features (freeze none), or the model trained under a frozen head."""
-    if spec.freeze == "none":
-        features = control_features(cache, spec)
-        pf = fit_probes(features, y[:, None], spec.head, spec, splits, on_epoch=on_epoch)
-        if pf.failed[0]:
-            raise FloatingPointError(pf.failed[0])
-        head = pf.head(0)
-        out = head(torch.as_tensor(np.asarray(features, np.float32)))
-        solver = {k if k in ("solver", "converged") else f"solver_{k}": v for k, v in pf.info[0].items()}
-        return Fit(pf.maps[0], head, model.surface if model is not None else None, False, out, pf.history[0], solver)
+    """The model trained under a frozen head (freeze after_target or all)."""
     assert model is not None, "an unfrozen trial needs the base model"
     s = model.surface
     hmap = HeadMap(spec.head, y[splits["train"]], spec.n_bins)

@@ -13,6 +13,7 @@ import math
 import os
 import time
 
+import numpy as np
 import ray
 
 from .cache import ActivationCache
@@ -73,9 +74,11 @@ class ModelWorker:
         self.stopping.add(trial_id)
 
     def run(self, config: dict, sweep_dir: str) -> dict:
-        """Run one trial, write its directory, return its row."""
+        """Run one trial (or a batch: `members`), write its directory (theirs), return its row (a summary)."""
         from .config import trial_spec
 
+        if "members" in config:
+            return self._run_batch(config, sweep_dir)
         spec = trial_spec(config)
         tid = config["trial_id"]
         self.epochs[tid] = []
@@ -107,6 +110,35 @@ class ModelWorker:
         log_run(sweep_dir, tid)
         return trial_row(config, result.status, result.metrics, result.reason,
                          seconds=result.metrics.get("seconds"), worker=os.getpid())
+
+
+    def _run_batch(self, config: dict, sweep_dir: str) -> dict:
+        """Many neurons' probes fitted together (`run_trials`); each member gets its own directory and row
+        (no per-trial chart: at this scale the report summarises). Returns a summary row for Tune."""
+        from .config import trial_spec
+        from .sweepdir import RECORD, log_run, save_trial, trial_dir
+        from .trial import run_trials
+
+        members = [m for m in config["members"]  # a retried batch does not rerun what it already finished
+                   if not (trial_dir(sweep_dir, m["trial_id"]) / RECORD).is_file()]
+        if not members:
+            return {"trial_id": config["trial_id"], "status": "ok", "n_members": 0, "worker": os.getpid()}
+        specs = [trial_spec(m) for m in members]
+        assert self.cache is not None, "set_cache first"
+        self.running += 1
+        try:
+            results = run_trials(self.cache, self.model, specs, outsider=self._outsider(specs[0].cross_model))
+            for m, result in zip(members, results):
+                result.metrics["scheduler_stopped"] = False
+                save_trial(result, trial_dir(sweep_dir, m["trial_id"]), m["trial_id"], m["sample"], plot=False)
+                log_run(sweep_dir, m["trial_id"])
+        finally:
+            self.running -= 1
+        ok = [r.metrics for r in results if r.status == "ok"]
+        summary = {k: float(np.nanmean([m.get(k, np.nan) for m in ok])) if ok else float("nan")
+                   for k in ("val_mse", "val_loss", "val_pearson_r", "val_skill", "pearson_r")}
+        return {"trial_id": config["trial_id"], "status": "ok" if ok else "failed", "n_members": len(members),
+                "n_ok": len(ok), **summary, "worker": os.getpid()}
 
 
 @ray.remote(num_cpus=0)

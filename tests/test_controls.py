@@ -17,7 +17,7 @@ from nsr_sweep.errors import NsrError
 from nsr_sweep.fit import fit_probes, solve_logistic, train_model
 from nsr_sweep.models import load_model
 from nsr_sweep.sweep import aligned_tokens, cross_model_inputs
-from nsr_sweep.trial import bag_of_tokens, run_trial, split_indices
+from nsr_sweep.trial import bag_of_tokens, run_trial, run_trials, split_indices
 from nsr_sweep.uncertainty import gap_interval, metric_intervals, slope_interval
 
 VAL_KEYS = {"epoch", "val_mse", "val_loss", "val_pearson_r", "val_skill"}
@@ -228,6 +228,31 @@ def test_probes_fitted_together_equal_each_fitted_alone(small):
             assert float((a - t).abs().max()) <= 1e-6, (head, j)
             assert alone.info[0] == pytest.approx(together.info[j], rel=1e-6)
             assert alone.history[0] == [pytest.approx(h, rel=1e-6) for h in together.history[j]]
+
+
+@pytest.mark.parametrize("head, control", [("regression", None), ("classification", "shuffled")])
+def test_a_layer_batch_gives_each_neuron_its_alone_result(tiny, small, head, control):
+    """run_trials on several neurons of a layer: every metric, prediction and patching point of every
+    neuron equal (≤ 1e-6) to run_trial on that neuron alone."""
+    cache, _ = small
+    specs = [TrialSpec(layer=2, neuron=n, head=head, control=control, seed=100 + n, patch_texts=12, n_grid=3)
+             for n in (3, 40, 300, 511)]
+    together = run_trials(cache, tiny, specs)
+    for spec, t in zip(specs, together):
+        alone = run_trial(cache, tiny, spec)
+        assert t.status == alone.status == "ok"
+        timing = {"seconds", "train_seconds"}
+        assert set(t.metrics) == set(alone.metrics)
+        for k in set(t.metrics) - timing:
+            a, b = alone.metrics[k], t.metrics[k]
+            if isinstance(a, float) and not (np.isnan(a) and np.isnan(b)):
+                assert b == pytest.approx(a, rel=1e-6, abs=1e-9), (spec.neuron, k)
+            elif not isinstance(a, float):
+                assert a == b, (spec.neuron, k)
+        np.testing.assert_allclose(t.preds["pred"], alone.preds["pred"], rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(t.patch["delta_pred"], alone.patch["delta_pred"], rtol=1e-6, atol=1e-9)
+    with pytest.raises(NsrError, match="share"):
+        run_trials(cache, tiny, [specs[0], TrialSpec(layer=2, neuron=5, head="regression", control="shuffled")])
 
 
 def test_every_validation_record_carries_every_val_metric(tiny, small):

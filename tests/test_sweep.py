@@ -19,6 +19,7 @@ from nsr_sweep.cli import main
 from nsr_sweep.config import load_sweep, parse_sweep
 from nsr_sweep.orchestrate import dry_run_text, expand
 from nsr_sweep.search import GroupedSearch, n_samples
+from nsr_sweep.sweepdir import parse_trial_id
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {"name": "t", "model": "nsr-tiny", "layers": [1], "neurons": [3], "heads": ["regression"], "freeze": ["none"]}
@@ -149,6 +150,29 @@ def test_grouped_search_skips_finished_samples_and_tells_optuna():
     assert len(s.studies[(1, 3, "regression", "none", "")].trials) == 1 + 2
 
 
+def test_exact_probe_groups_are_handed_out_as_layer_batches():
+    """Exact frozen-base probes (nothing searched) of one layer, head and control go out as one config with
+    `members`, minus what already finished; every other group goes out alone, through its study."""
+    spec = parse_sweep(with_(neurons=[3, 4, 5], freeze=["none", "all"], controls=["shuffled"],
+                             search={"num_samples": 2, "space": {"lr": {"loguniform": [1e-4, 1e-2]}}}))
+    groups = expand(spec, {1: [3, 4, 5]})
+    done = [{**groups[0], "trial_id": "L1-N3-regression-none-s0", "sample": 0, "status": "ok", "val_mse": 0.5}]
+    s = GroupedSearch(spec, groups, done)
+    configs = []
+    while (c := s.suggest(f"t{len(configs)}")) != "FINISHED":
+        configs.append(c)
+    batches = [c for c in configs if "members" in c]
+    assert sorted([m["trial_id"] for m in b["members"]] for b in batches) == [
+        ["L1-N3-regression-none-shuffled-s0", "L1-N4-regression-none-shuffled-s0", "L1-N5-regression-none-shuffled-s0"],
+        ["L1-N4-regression-none-s0", "L1-N5-regression-none-s0"]]
+    ids = sorted(b["trial_id"] for b in batches)
+    assert ids == ["L1-regression-none-N4..5-batch", "L1-regression-none-shuffled-N3..5-batch"]
+    assert all(parse_trial_id(i) is None for i in ids)
+    alone = [c["trial_id"] for c in configs if "members" not in c]
+    assert len(alone) == 3 * 2 * 2 and all("-all-" in t for t in alone)  # (neuron, control) × 2 samples
+    assert all(m["lr"] == spec.training.lr and m["seed"] for b in batches for m in b["members"])
+
+
 def test_cluster_yaml_passes_rays_validation():
     import copy
 
@@ -261,6 +285,40 @@ def test_sigkill_mid_sweep_then_resume_runs_every_trial_exactly_once(tmp_path):
                        timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     _check_complete(sweep_dir, expected=15)
+
+
+EVERY = """
+name: every
+model: nsr-tiny
+corpus: {n_texts: 200, max_tokens: 24}
+layers: [1]
+neurons: all
+heads: [regression]
+freeze: [none]
+controls: [shuffled]
+training: {epochs: 1, batch_size: 32}
+analysis: {enabled: false}
+search: {num_samples: 1}
+resources: {workers: 2}
+"""
+
+
+@pytest.mark.slow
+def test_neurons_all_runs_each_layers_probes_as_batches_with_a_row_per_neuron(tmp_path):
+    """`neurons: all` on nsr-tiny's layer 1: 512 probes and 512 shuffled probes run as two batches, and
+    every neuron still has its own row, record and artefacts, each run exactly once."""
+    sweep_dir = _launched(tmp_path, EVERY)
+    df = pd.read_parquet(sweep_dir / "tables" / "trials.parquet")
+    assert len(df) == 1024 and (df["status"] == "ok").all() and df["trial_id"].is_unique
+    assert sorted(df.loc[df["control"].isna(), "neuron"]) == list(range(512))
+    assert (df["solver"] == "ridge").all() and df["pearson_r"].notna().all()
+    runs = Counter(json.loads(line)["trial_id"] for line in (sweep_dir / "runs.jsonl").read_text().splitlines())
+    assert set(runs.values()) == {1} and len(runs) == 1024
+    d = sweep_dir / "trials" / "L1-N300-regression-none-s0"
+    assert (d / "preds.parquet").is_file() and (d / "head.safetensors").is_file()
+    assert not (d / "diagnostics.png").exists()  # at this scale the report summarises
+    state = json.loads((sweep_dir / "sweep_state.json").read_text())
+    assert state["status"] == "finished" and state["n_expected"] == 1024
 
 
 ASHA = """
