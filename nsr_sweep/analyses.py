@@ -7,6 +7,7 @@ Every function here takes a finished trial's context and returns columns for the
   (`identity_r`, exactly 1 for `hook: pre`) and with the final residual on W_out[n, :];
 - `patch`: set the neuron at the target position to each value of a grid in the trial's *final*
   model, one batched forward per grid value, and fit Δprediction = slope·Δactivation + b;
+  `patch_slope_estimate`: for probes, the same slope to first order, from the layer's Jacobian;
 - `residual_change`: for unfrozen trials, what fine-tuning did to the final residual.
 """
 
@@ -186,12 +187,33 @@ def analyse(cache, base, final, trained: bool, spec, hmap, preds: pd.DataFrame, 
                                wf["b_pre"][n], got["ln_final.hook_in"].numpy(), wf["W_out"][n], suffix="_ft"))
         out.update(_residual_change(base, final, direction, test, real))
     sample = test[: spec.patch_texts]
+    if not trained:  # a probe: the base model's Jacobian, shared by every probe of the layer
+        out["patch_slope_est"] = patch_slope_estimate(final, hmap, sample)
+    if not spec.exact_patch:
+        return out, None
     grid = patch_grid(real[splits["train"]], spec.patch_grid, spec.n_grid, spec.scales)
     act_base = preds["actual_ft"].to_numpy()[sample]  # the real neuron in the final model
     points = run_patching(lambda v: hmap.predict(final.run(sample, v)[0]).numpy(), sample, act_base, grid,
                           scale=spec.patch_grid == "scale")
     out.update(fit_patch(points))
     return out, points
+
+
+def patch_slope_estimate(final, hmap, sample: np.ndarray) -> float:
+    """First-order patching (as attribution patching): the mean over the patching texts of d prediction /
+    d activation at each text's own activation — the head's gradient in feature space (σ·w for
+    regression; Wᵀ(p ⊙ (values − pred)) for the binned heads) through ∂features/∂neuron."""
+    f, J = final.jacobian(sample)  # n × d_f, n × d_f × d_mlp
+    column = J[:, :, final.neuron].double()  # ∂features/∂(this neuron), per text
+    out = final.head(f).double()
+    W = final.head.weight.double()  # n_out × d_f
+    if hmap.head == "regression":
+        grad_f = hmap.sigma * W[0].expand(len(sample), -1)
+    else:
+        p = torch.softmax(out, -1)
+        values = torch.as_tensor(hmap.values, dtype=torch.float64)
+        grad_f = (p * (values[None, :] - (p @ values)[:, None])) @ W  # ∂(p·values)/∂logits = p ⊙ (values − pred)
+    return float((grad_f * column).sum(1).mean())
 
 
 def _residual_change(base, final, direction: torch.Tensor, test: np.ndarray, real: np.ndarray) -> dict:

@@ -120,6 +120,10 @@ class AnalysisCfg(Strict):
     scales: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0], min_length=2)
     patch_texts: int = Field(64, ge=2, le=4096)
     enabled: bool = True
+    exact_patch_neurons: int = Field(8, ge=0, le=100000)
+    """Per batch of probes (a layer's neurons fitted together), how many neurons — evenly spread over the
+    batch — also get exact activation patching; every probe gets the first-order estimate
+    `patch_slope_est`, and a trial run alone is always patched exactly."""
 
 
 class Dist(Strict):
@@ -187,6 +191,9 @@ class ResourcesCfg(Strict):
     cpus_per_trial: float = Field(1, gt=0, le=256)
     max_concurrent: int = Field(0, ge=0)  # 0: as many as the cluster fits
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_neurons: int = Field(1024, ge=1, le=100000)
+    """Most neurons whose exact frozen-base probes (one layer, head and control) run as one batch; 1 runs
+    one trial per neuron, as before batching (for comparison)."""
 
     @field_validator("workers")
     @classmethod
@@ -366,6 +373,8 @@ class TrialSpec(TrainingCfg):
     scales: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0)
     patch_texts: int = Field(64, ge=2, le=4096)
     analyses: bool = True
+    exact_patch: bool = True
+    """Run exact activation patching (a batch member outside the exact subset has only the estimate)."""
 
     @model_validator(mode="after")
     def _valid(self):

@@ -80,6 +80,8 @@ def heatmap(best: pd.DataFrame, metric: str, path: Path) -> Path | None:
     b = _with_combo(best).assign(row="L" + best["layer"].astype(str) + " N" + best["neuron"].astype(str))
     cols = _combos(best)
     rows = list(dict.fromkeys(b.sort_values(["layer", "neuron"])["row"]))
+    if len(rows) > MAX_HEATMAP_ROWS:
+        return None  # unreadable at this scale: `distributions` summarises instead
     grid = b.pivot_table(index="row", columns="combo", values=metric, aggfunc="first").reindex(index=rows, columns=cols)
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(cols), 1.2 + 0.32 * len(rows)))
     v = grid.to_numpy(dtype=float)
@@ -99,8 +101,11 @@ def heatmap(best: pd.DataFrame, metric: str, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+MAX_HEATMAP_ROWS = 200
+
+
 def depth_curves(best: pd.DataFrame, path: Path) -> Path | None:
-    metrics = [m for m in ("pearson_r", "skill", "patch_slope") if m in best]
+    metrics = [m for m in ("pearson_r", "skill", "patch_slope", "patch_slope_est") if m in best and best[m].notna().any()]
     if best.empty or not metrics:
         return None
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
@@ -108,12 +113,48 @@ def depth_curves(best: pd.DataFrame, path: Path) -> Path | None:
     b = _with_combo(best)
     for ax, m in zip(axes[0], metrics):
         for c in combos:
-            g = b[b["combo"] == c].groupby("layer")[m].mean()
-            ax.plot(g.index, g.values, marker="o", label=c)
-        ax.set(xlabel="layer", ylabel=f"mean {m} over neurons", title=f"{m} vs depth")
+            g = b[b["combo"] == c].groupby("layer")[m].agg(["mean", "std", "count"]).dropna(subset=["mean"])
+            half = 1.96 * g["std"].fillna(0) / np.sqrt(g["count"])  # 95% interval of the mean over neurons
+            ax.errorbar(g.index, g["mean"], yerr=half, marker="o", capsize=3, label=c)
+        ax.set(xlabel="layer", ylabel=f"mean {m} over neurons (95% CI)", title=f"{m} vs depth")
         ax.set_xticks(sorted(best["layer"].unique()))
     axes[0][0].legend(fontsize=7)
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.14, top=0.9, wspace=0.3)
+    return _save(fig, path)
+
+
+def distributions(best: pd.DataFrame, path: Path) -> Path | None:
+    """Per layer and head/freeze, the spread over neurons of test r and of the patch slope (exact where it
+    ran, else the first-order estimate): what an every-neuron sweep shows instead of one row per neuron."""
+    if best.empty or "pearson_r" not in best:
+        return None
+    b = _with_combo(best)
+    if "patch_slope_est" in b:
+        b["patch"] = b["patch_slope"].fillna(b["patch_slope_est"]) if "patch_slope" in b else b["patch_slope_est"]
+    elif "patch_slope" in b:
+        b["patch"] = b["patch_slope"]
+    metrics = [m for m in ("pearson_r", "patch") if m in b and b[m].notna().any()]
+    layers, combos = sorted(b["layer"].unique()), _combos(best)
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(6, 1.1 * len(layers) * len(combos) + 2), 3.4 * len(metrics)),
+                             squeeze=False)
+    width = 0.8 / len(combos)
+    for ax, m in zip(axes[:, 0], metrics):
+        for j, c in enumerate(combos):
+            data = [b[(b["layer"] == L) & (b["combo"] == c)][m].dropna().to_numpy() for L in layers]
+            keep = [i for i, d in enumerate(data) if len(d)]
+            if not keep:
+                continue
+            bp = ax.boxplot([data[i] for i in keep], positions=[i + (j - (len(combos) - 1) / 2) * width for i in keep],
+                            widths=width * 0.9, patch_artist=True, showfliers=False)
+            for patch in bp["boxes"]:
+                patch.set_facecolor(f"C{j}")
+            ax.plot([], [], color=f"C{j}", lw=6, label=c)
+        ax.set_xticks(range(len(layers)), [f"L{L}" for L in layers])
+        ax.set(ylabel={"pearson_r": "test r", "patch": "patch slope (exact, else estimate)"}[m],
+               title=f"{'test r' if m == 'pearson_r' else 'patch slope'} over neurons, per layer (box: quartiles; "
+                     "whiskers: 1.5 IQR)")
+    axes[0][0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -228,7 +269,8 @@ def report_figures(df: pd.DataFrame, best: pd.DataFrame, fig_dir: Path, spec) ->
         if p:
             out.append((p, f"Heatmap of {m} over neurons × head/freeze (best trial per group)."))
     candidates = [
-        (depth_curves(best, fig_dir / "depth_curves.png"), "Metrics against layer, per head/freeze: how deep self-report works."),
+        (depth_curves(best, fig_dir / "depth_curves.png"), "Metrics against layer, per head/freeze (mean over neurons, 95% CI): how deep self-report works."),
+        (distributions(best, fig_dir / "distributions.png"), "Per layer, the spread over neurons of test r and of the patch slope."),
         (r_vs_patch(best, fig_dir / "r_vs_patch_slope.png"), "Correlation against patching slope: reads the neuron / recomputes it / fails."),
         (offset_vs_drift(best, fig_dir / "offset_vs_drift.png"), "Offset against drift: a constant gap explained by the fine-tuned neuron moving."),
         (cosine_nulls(best, fig_dir / "cosine_nulls.png"), "Weight cosines of readout directions against random-direction nulls."),

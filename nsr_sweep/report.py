@@ -66,6 +66,25 @@ def per_layer(best: pd.DataFrame) -> pd.DataFrame:
     return g.reset_index()
 
 
+def patch_agreement(df: pd.DataFrame) -> pd.DataFrame:
+    """How well the first-order estimate `patch_slope_est` agrees with exact patching where a probe has
+    both, per layer, head and control: n, Pearson r, mean |estimate − exact|, and the medians."""
+    if df.empty or "patch_slope_est" not in df or "patch_slope" not in df:
+        return pd.DataFrame()
+    both = df[(df["status"] == "ok") & df["patch_slope_est"].notna() & df["patch_slope"].notna()].copy()
+    if both.empty:
+        return pd.DataFrame()
+    both["control"] = both["control"].fillna("-")
+
+    def agree(g: pd.DataFrame) -> pd.Series:
+        est, exact = g["patch_slope_est"].to_numpy(float), g["patch_slope"].to_numpy(float)
+        r = float(np.corrcoef(est, exact)[0, 1]) if len(g) > 2 and est.std() > 0 and exact.std() > 0 else np.nan
+        return pd.Series({"n": len(g), "r": r, "mean_abs_diff": float(np.abs(est - exact).mean()),
+                          "median_est": float(np.median(est)), "median_exact": float(np.median(exact))})
+
+    return both.groupby(["layer", "head", "control"]).apply(agree, include_groups=False).reset_index()
+
+
 def _md(df: pd.DataFrame) -> str:
     if df.empty:
         return "_(no finished trials yet)_\n"
@@ -111,17 +130,21 @@ def build_report(sweep_dir: Path | str, echo=print) -> Path:
     comp_layers = by_layer(comp)
     _write_table(comp, tables / "comparison")
     _write_table(comp_layers, tables / "comparison_by_layer")
+    agreement = patch_agreement(df)
+    _write_table(agreement, tables / "patch_estimate")
     summary = [f"# {spec.name}: summary\n", f"Best trial per group by `{spec.search.metric}` ({spec.search.mode}).\n"]
     for m, p in pivots.items():
         summary += [f"\n## {m} (neuron × head/freeze)\n\n", _md(p)]
     summary += ["\n## Self vs cross-model vs input-only, per layer (mean over neurons, 95% CI)\n\n", _md(comp_layers),
-                "\n## Per layer (best trials)\n\n", _md(layers)]
+                "\n## Per layer (best trials)\n\n", _md(layers),
+                "\n## Patching: first-order estimate vs exact (probes with both)\n\n", _md(agreement)]
     atomic_write(tables / "summary.md", lambda tmp: tmp.write_text("".join(summary)))
 
     figures = plots.report_figures(df, best, sweep_dir / "figures", spec)
     answer = plots.self_vs_outsiders(comp_layers, sweep_dir / "figures" / "self_vs_outsiders.png")
     running = run_state(sweep_dir) == "running"
-    page = render_html(spec, df, best, pivots, layers, figures, state, running, sweep_dir, comp_layers, comp, answer)
+    page = render_html(spec, df, best, pivots, layers, figures, state, running, sweep_dir, comp_layers, comp, answer,
+                       agreement)
     out = sweep_dir / "report.html"
     atomic_write(out, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     echo(f"report: {out} ({out.stat().st_size / 1e6:.1f} MB, {len(df)} trials, {time.perf_counter() - t0:.1f} s)")
@@ -158,10 +181,20 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
+MAX_HTML_ROWS = 200
+"""A longer table shows its top and bottom rows (by test r where it has one); the Parquet tables hold all."""
+
+
 def _table(df: pd.DataFrame, cls: str = "", left: int = 1, charts: frozenset[str] = frozenset()) -> str:
     """An HTML table; a trial id with a diagnostics chart (in `charts`) links to it."""
     if df.empty:
         return "<p class='muted'>No finished trials yet.</p>"
+    if len(df) > MAX_HTML_ROWS:  # an every-neuron sweep: the extremes here, everything in tables/
+        ranked = df.sort_values("pearson_r", ascending=False, na_position="last") if "pearson_r" in df else df
+        k = MAX_HTML_ROWS // 2
+        note = (f"<p class='muted'>{len(df)} rows: the {k} {'highest and lowest by test r' if 'pearson_r' in df else 'first and last'}"
+                " are shown; the whole table is in <code>tables/</code> (Parquet and CSV).</p>")
+        return note + _table(pd.concat([ranked.head(k), ranked.tail(k)]), cls, left, charts)
     head = "".join(f"<th class='{'l' if i < left else ''}'>{html.escape(str(c))}</th>" for i, c in enumerate(df.columns))
     rows = []
     for rec in df.itertuples(index=False):
@@ -199,7 +232,8 @@ def _ci(v: float, lo: float, hi: float) -> str:
     return f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]" if np.isfinite(lo) else f"{v:+.3f}"
 
 
-def render_html(spec, df, best, pivots, layers, figures, state, running, sweep_dir, comp_layers, comp, answer) -> str:
+def render_html(spec, df, best, pivots, layers, figures, state, running, sweep_dir, comp_layers, comp, answer,
+                agreement) -> str:
     started, finished = state.get("started"), state.get("finished")
     took = (finished or time.time()) - started if started else None
     counts = df["status"].value_counts().to_dict() if len(df) else {}
@@ -262,6 +296,11 @@ privileged access; self ≈ input-only means the text alone explains the report.
 <h2 id="reads">Reads the neuron, or recomputes it?</h2>
 {"".join(f"<figure>{_img(p)}<figcaption>{html.escape(c)}</figcaption></figure>" for p, c in figures
          if p.stem in FIRST_FIGURES) or "<p class='muted'>No figures yet.</p>"}
+<h3>Exact patching and its first-order estimate</h3><p>Probes get <code>patch_slope_est</code>, the mean
+d prediction / d activation at each text's own activation (through the layer's Jacobian, shared by every probe of
+the layer); exact patching (<code>patch_slope</code>, a fit over a grid of values) runs for every trial run alone and
+for <code>analysis.exact_patch_neurons</code> of each batch. Where both exist (<code>tables/patch_estimate.parquet</code>):</p>
+{_table(agreement, left=3) if len(agreement) else "<p class='muted'>No probe has both yet.</p>"}
 <h2 id="overview">What was swept</h2><table class="kv">{ov}</table>
 <h2 id="headline">Headline: best trial per neuron × head/freeze</h2>
 <p>Best of each group's hyperparameter samples by <code>{spec.search.metric}</code>; metrics on the test split.

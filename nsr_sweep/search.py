@@ -15,6 +15,7 @@ import hashlib
 import math
 from typing import Literal
 
+import numpy as np
 import optuna
 from ray.tune.search import Searcher
 
@@ -51,16 +52,18 @@ def group_key(g: dict) -> tuple:
     return (g["layer"], g["neuron"], g["head"], g["freeze"], g.get("control") or "")
 
 
-BATCH_NEURONS = 1024
-"""Most neurons in one batch (one unit of work): memory stays bounded and a layer still spreads over workers."""
-
-
 def batch_key(spec: SweepSpec, g: dict) -> tuple | None:
     """Groups with the same key run as one batch: exact frozen-base probes with nothing searched, of one
     layer, head and control (`trial.run_trials` fits them together). None: the group runs alone."""
-    if g["freeze"] != "none" or spec.training.solver != "exact" or n_samples(spec, g) != 1:
+    if g["freeze"] != "none" or spec.training.solver != "exact" or n_samples(spec, g) != 1 or \
+            spec.resources.batch_neurons == 1:
         return None
     return (g["layer"], g["head"], g.get("control") or "", g.get("cross_model") or "")
+
+
+def exact_subset(n: int, k: int) -> set[int]:
+    """The members of a batch of n that are patched exactly: k evenly spread (first and last included)."""
+    return set(np.linspace(0, n - 1, k).round().astype(int).tolist()) if k and n else set()
 
 
 def batch_id(members: list[dict]) -> str:
@@ -116,10 +119,13 @@ class GroupedSearch(Searcher):
         sample, group = self.queue.pop(0)
         key = batch_key(self.spec, group)
         if key is not None:  # it and the queued groups of its batch, as one unit of work
-            idx = [i for i, (_, g) in enumerate(self.queue) if batch_key(self.spec, g) == key][: BATCH_NEURONS - 1]
+            idx = [i for i, (_, g) in enumerate(self.queue) if batch_key(self.spec, g) == key][: self.spec.resources.batch_neurons - 1]
             mates, taken = [self.queue[i] for i in idx], set(idx)
             self.queue = [q for i, q in enumerate(self.queue) if i not in taken]
             members = [self._config(s, g, {}) for s, g in [(sample, group), *mates]]
+            exact = exact_subset(len(members), self.spec.analysis.exact_patch_neurons)
+            for i, m in enumerate(members):
+                m["exact_patch"] = i in exact
             return {"trial_id": batch_id(members), "sample": 0, "members": members}
         study = self.studies[group_key(group)]
         ot = study.ask(self.dists)

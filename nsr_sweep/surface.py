@@ -271,8 +271,9 @@ class Surface:
         return self.point(f"blocks.{layer}.mlp.hook_{hook}")
 
     @contextmanager
-    def patch(self, layer: int, hook: str, positions: torch.Tensor, neuron: int, value) -> Iterator[None]:
-        """Set neuron `neuron` of layer `layer` at one position per row to `value` during the forwards inside."""
+    def patch(self, layer: int, hook: str, positions: torch.Tensor, neuron: int | slice, value) -> Iterator[None]:
+        """Set neuron `neuron` (or a slice of them: value rows × neurons, which may carry gradients) of layer
+        `layer` at one position per row to `value` during the forwards inside."""
         if value is None:
             yield
             return

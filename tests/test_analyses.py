@@ -112,12 +112,51 @@ def test_patching_costs_one_batched_forward_per_grid_value():
              for L in (0, 1)]
     try:
         r = run_trial(cache, model, TrialSpec(layer=1, neuron=4, epochs=2, n_grid=5, patch_texts=40))
+        # blocks L…: the layer's Jacobian (its activations, then one forward carrying them as a leaf), then
+        # the unpatched baseline and one batched pass per grid value; blocks below L see no patch: run once
+        assert calls[1] == [40] * (2 + 1 + 5) and calls[0] == [40]
+        again = run_trial(cache, model, TrialSpec(layer=1, neuron=5, epochs=2, n_grid=5, patch_texts=40))
+        assert calls[1] == [40] * (2 + 1 + 5 + 1 + 5)  # the Jacobian is the layer's: computed once
     finally:
         for h in hooks:
             h.remove()
-    assert calls[1] == [40] * (1 + 5)  # blocks L…: the unpatched baseline, then one batched pass per grid value
-    assert calls[0] == [40]  # blocks below L see no patch: run once
-    assert len(r.patch) == 5 * 40
+    assert len(r.patch) == 5 * 40 and again.metrics["patch_slope_est"] != r.metrics["patch_slope_est"]
+
+
+def test_the_patch_slope_estimate_is_the_autograd_derivative_of_a_plain_hf_forward():
+    """patch_slope_est = mean over the patching texts of d(probe prediction)/d(neuron at the last token),
+    recomputed with transformers' GPT-2 and one forward hook on the MLP's down projection."""
+    model = load_model("nsr-tiny")
+    cache = ActivationCache.build(model, load_corpus(n_texts=300), CacheSpec(layers=(1,)), progress=False)
+    hf = model.hf
+    for head in ("regression", "classification"):
+        spec = TrialSpec(layer=1, neuron=9, head=head, patch_texts=16, n_grid=3)
+        r = run_trial(cache, model, spec)
+        sample = r.preds.index[r.preds["split"] == "test"][:16].to_numpy()
+        w, b = r.head["weight"].double(), r.head["bias"].double()
+        grads = []
+        for i in sample:
+            ids = torch.tensor([cache.tokens[i]])
+            leaf = {}
+
+            def put(mod, args):
+                x = args[0].clone()
+                leaf["a"] = x[0, -1, 9].detach().clone().requires_grad_()
+                x[0, -1, 9] = leaf["a"]
+                return (x,)
+
+            h = hf.transformer.h[1].mlp.c_proj.register_forward_pre_hook(put)
+            try:
+                f = hf(ids, output_hidden_states=True).hidden_states[-1][0, -1].double()  # ln_f's output
+            finally:
+                h.remove()
+            out = f @ w.T + b
+            if head == "regression":
+                pred = float(r.head["mu"]) + float(r.head["sigma"]) * out[0]
+            else:
+                pred = torch.softmax(out, -1) @ r.head["bin_values"].double()
+            grads.append(torch.autograd.grad(pred, leaf["a"])[0].item())
+        assert r.metrics["patch_slope_est"] == pytest.approx(np.mean(grads), rel=1e-4, abs=1e-6), head
 
 
 def test_fit_patch_recovers_a_known_slope():

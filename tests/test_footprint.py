@@ -228,6 +228,7 @@ def _http_status(url: str, token: str | None = None) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_twenty_simultaneous_launch_pairs_each_run_exactly_one_and_any_kill_resumes(tmp_path):
     """20 times, two launches of one sweep into one directory start together: exactly one is refused, with
     the reason, and the other runs until it is SIGKILLed at a random point (claim, Ray start, cache,

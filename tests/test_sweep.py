@@ -127,8 +127,11 @@ def test_a_valid_sweep_file_has_defaults_and_expands():
 
 
 def test_bundled_sweep_files_are_valid():
-    for f in ("quickstart.yaml", "layer8.yaml"):
+    for f in ("quickstart.yaml", "layer8.yaml", "every-neuron.yaml", "every-neuron-gpt2.yaml"):
         load_sweep(REPO / "sweeps" / f, check_model=False)
+    every = load_sweep(REPO / "sweeps" / "every-neuron.yaml")
+    text = dry_run_text(every)
+    assert "≤4096 groups, ≤4096 trials" in text and "controls shuffled: ≤4096 more groups" in text
     q = load_sweep(REPO / "sweeps" / "quickstart.yaml")
     assert q.model.name == "nsr-tiny" and len(q.layers) == 2 and len(q.combos()) == 8
     assert sum(n.k for n in q.neurons) >= 2 and q.cross_model == "nsr-tiny-seed1" and "input_only" in q.control_names
@@ -223,9 +226,10 @@ def _check_complete(sweep_dir: Path, expected: int) -> pd.DataFrame:
     state = json.loads((sweep_dir / "sweep_state.json").read_text())
     assert state["status"] == "finished" and state["model_loads"] == state["workers"] == 2
     assert df.groupby(["layer", "neuron", "head", "freeze", "control"], dropna=False)["best"].sum().eq(1).all()
-    for t in df["trial_id"]:
+    for t, freeze in zip(df["trial_id"], df["freeze"]):
         d = sweep_dir / "trials" / t
-        assert all((d / f).is_file() for f in ("metrics.json", "head.safetensors", "preds.parquet", "diagnostics.png"))
+        assert all((d / f).is_file() for f in ("metrics.json", "head.safetensors", "preds.parquet"))
+        assert (d / "diagnostics.png").is_file() == (freeze != "none")  # batched probes have no per-trial chart
     return df
 
 
