@@ -147,6 +147,9 @@ def plan_workers(spec: SweepSpec) -> tuple[int, str, int]:
     return n, ("cuda" if use_gpu else "cpu"), threads
 
 
+TABLE_EVERY_S = 10.0
+
+
 class SweepProgress:
     """A progress bar over trials plus one concise line per finished trial; rows written as they come."""
 
@@ -157,6 +160,7 @@ class SweepProgress:
         self.sweep_dir, self.spec, self.rows = sweep_dir, spec, rows
         self.bar = tqdm(total=total, initial=len(rows), unit="trial", desc=spec.name, dynamic_ncols=True)
         self.running = 0
+        self.written = 0.0  # when tables/trials.parquet was last written
         self.counters = _metrics(spec.name)
         outer = self
 
@@ -173,8 +177,12 @@ class SweepProgress:
         self.callback = _Callback()
 
     def _record(self, rows: list[dict]) -> None:
+        """Rows in memory at once; the table on disk at most every TABLE_EVERY_S (an every-neuron sweep has
+        thousands of rows: one rewrite per trial would cost quadratic time), and whole at the end."""
         self.rows += rows
-        write_trials_table(self.sweep_dir, self.rows, self.spec.search.metric, self.spec.search.mode)
+        if time.time() - self.written >= TABLE_EVERY_S:
+            write_trials_table(self.sweep_dir, self.rows, self.spec.search.metric, self.spec.search.mode)
+            self.written = time.time()
         self.bar.update(len(rows))
         for row in rows:
             self.counters["finished" if row.get("status") == "ok" else "failed"].inc()
