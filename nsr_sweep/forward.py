@@ -76,6 +76,8 @@ class TrialModel:
                 s.reading([self.read_hook], pos) as read:
             s.ln_final(s.run(x, self.layer))
             f = read[self.read_hook]
+            if not f.requires_grad:  # read inside block L before its MLP: the patch cannot reach it
+                return f.detach().cpu(), torch.zeros(len(idx), f.shape[1], acts.shape[1])
             J = torch.stack([torch.autograd.grad(f[:, k].sum(), acts, retain_graph=True)[0]
                              for k in range(f.shape[1])], 1)  # rows are texts: each row's gradient is its own
         return f.detach().cpu(), J.detach().cpu()

@@ -159,6 +159,16 @@ def test_the_patch_slope_estimate_is_the_autograd_derivative_of_a_plain_hf_forwa
         assert r.metrics["patch_slope_est"] == pytest.approx(np.mean(grads), rel=1e-4, abs=1e-6), head
 
 
+@pytest.mark.parametrize("features", ["blocks.1.ln2.hook_normalized", "blocks.0.hook_resid_post"])
+def test_features_the_patch_cannot_reach_have_slope_and_estimate_exactly_zero(features):
+    """Read before the neuron's MLP (inside its block, or in an earlier one): nothing can move them."""
+    model = load_model("nsr-tiny")
+    cache = ActivationCache.build(model, load_corpus(n_texts=200), CacheSpec(layers=(1,), features=features),
+                                  progress=False)
+    m = run_trial(cache, model, TrialSpec(layer=1, neuron=4, feature_hook=features, patch_texts=8, n_grid=3)).metrics
+    assert m["patch_slope_est"] == 0.0 and m["patch_slope"] == 0.0
+
+
 def test_fit_patch_recovers_a_known_slope():
     rng = np.random.default_rng(0)
     rows = []
