@@ -329,6 +329,9 @@ def start_local_ray(cpus: int, *, dashboard: bool, dashboard_host: str, network:
             if network == "isolated":
                 raise NsrError(f"--ray-network isolated: cannot make a network namespace ({e}); "
                                "use --ray-network host behind a firewall") from None
+            if forward is not None:  # Ray's own dashboard takes the host's port instead
+                forward.sock.close()
+                forward = None
             echo(f"warning: Ray's ports are not isolated ({e}): its gRPC servers listen on all interfaces; "
                  "keep this machine behind a firewall (or run as root / with user namespaces)")
     if isolated:
