@@ -333,7 +333,7 @@ def start_local_ray(cpus: int, *, dashboard: bool, dashboard_host: str, network:
                 forward.sock.close()
                 forward = None
             echo(f"warning: Ray's ports are not isolated ({e}): its gRPC servers listen on all interfaces; "
-                 "keep this machine behind a firewall (or run as root / with user namespaces)")
+                 "keep this machine behind a firewall, or run as root to isolate them")
     if isolated:
         write_owner(temp_dir)  # now with the namespace: a later launch can reap it
         os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"  # fetched already; no network here
