@@ -44,14 +44,23 @@ def fit_probes(features: np.ndarray, targets: np.ndarray, head: str, spec: Trial
                splits: dict[str, np.ndarray], on_epoch=None) -> ProbeFit:
     """Fit one linear head per column of `targets` (n_texts × N) at once: solved exactly (the default), or AdamW."""
     if spec.solver == "exact":
-        if not (np.isfinite(features).all() and np.isfinite(targets).all()):
-            raise FloatingPointError("non-finite features or targets: no probe can be solved")
+        if not np.isfinite(features).all():
+            raise FloatingPointError("non-finite features: no probe can be solved")
+        bad = ~np.isfinite(targets).all(0)
+        if bad.any():  # those neurons fail alone; the rest of the layer is solved
+            return _without(bad, fit_probes(features, np.where(bad, 0.0, targets), head, spec, splits, on_epoch))
         fit = solve_ridge(features, targets, splits) if head == "regression" else \
             solve_logistic(features, targets, head, spec.n_bins, splits)
         if on_epoch is not None and len(fit.history) == 1:
             on_epoch(fit.history[0][-1])  # one record: a scheduler sees the solved probe
         return fit
     return adamw_probes(features, targets, head, spec, splits, on_epoch)
+
+
+def _without(bad: np.ndarray, fit: ProbeFit) -> ProbeFit:
+    """The fit with the neurons in `bad` (non-finite targets) marked failed."""
+    fit.failed = ["non-finite targets: no probe can be solved" if b else f for b, f in zip(bad, fit.failed)]
+    return fit
 
 
 def val_record(epoch: int, pred, y_val, train_mean: float, loss: float) -> dict:
@@ -155,7 +164,9 @@ def solve_ridge(features: np.ndarray, targets: np.ndarray, splits: dict[str, np.
 
 
 LOGISTIC_BLOCK = 256
-"""Neurons solved together by `solve_logistic` (memory: block × n_train × n_bins float64 numbers, a few times)."""
+"""Most neurons solved together by `solve_logistic`; fewer where their L-BFGS histories would pass
+LOGISTIC_MEMORY (2 × 20 pairs × block × n_bins·(d+1) float64 numbers)."""
+LOGISTIC_MEMORY = 512e6
 
 
 def solve_logistic(features: np.ndarray, targets: np.ndarray, head: str, n_bins: int,
@@ -173,8 +184,10 @@ def solve_logistic(features: np.ndarray, targets: np.ndarray, head: str, n_bins:
     P = Vt[keep].T / s[keep] * math.sqrt(len(tr))  # d × r: centred features → whitened components
     Xw = (X - mx) @ P
     maps = [HeadMap(head, targets[tr, j], n_bins) for j in range(targets.shape[1])]
-    blocks = [_logistic_path(Xw, targets[:, lo : lo + LOGISTIC_BLOCK], maps[lo : lo + LOGISTIC_BLOCK], splits, tol,
-                             max_iter) for lo in range(0, len(maps), LOGISTIC_BLOCK)]
+    per_neuron = 2 * 20 * maps[0].n_out * (Xw.shape[1] + 1) * 8 if maps else 1
+    block = int(max(1, min(LOGISTIC_BLOCK, LOGISTIC_MEMORY // per_neuron)))
+    blocks = [_logistic_path(Xw, targets[:, lo : lo + block], maps[lo : lo + block], splits, tol, max_iter)
+              for lo in range(0, len(maps), block)]
     W = torch.cat([w for w, _, _ in blocks]) @ P.T  # back to the raw features: out = (x − m)·P·W_wᵀ + b_w
     b = torch.cat([b for _, b, _ in blocks]) - W @ mx
     info = [{**i, "rank": int(keep.sum())} for _, _, block in blocks for i in block]

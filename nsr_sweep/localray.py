@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from .errors import NsrError
 
@@ -58,17 +59,20 @@ def isolate_network() -> None:
     if sys.platform != "linux":
         raise OSError("network namespaces are Linux-only")
     libc = ctypes.CDLL(None, use_errno=True)
-    if os.geteuid() == 0:
-        _unshare(libc, CLONE_NEWNET)
-    else:
-        uid, gid = os.getuid(), os.getgid()
-        _unshare(libc, CLONE_NEWUSER | CLONE_NEWNET)
-        Path("/proc/self/setgroups").write_text("deny")
-        Path("/proc/self/uid_map").write_text(f"{uid} {uid} 1")
-        Path("/proc/self/gid_map").write_text(f"{gid} {gid} 1")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # `ip link set lo up`, without iproute2
-        flags = struct.unpack("16sh", fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sh", b"lo", 0)))[1]
-        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh", b"lo", flags | IFF_UP))
+    root = os.geteuid() == 0
+    uid, gid = os.getuid(), os.getgid()
+    _unshare(libc, CLONE_NEWNET if root else CLONE_NEWUSER | CLONE_NEWNET)
+    try:  # moved: from here on a failure cannot be undone, so it is not a fallback but an error
+        if not root:
+            Path("/proc/self/setgroups").write_text("deny")
+            Path("/proc/self/uid_map").write_text(f"{uid} {uid} 1")
+            Path("/proc/self/gid_map").write_text(f"{gid} {gid} 1")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # `ip link set lo up`, without iproute2
+            flags = struct.unpack("16sh", fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sh", b"lo", 0)))[1]
+            fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh", b"lo", flags | IFF_UP))
+    except OSError as e:
+        raise NsrError(f"--ray-network: entered a new network namespace but could not set it up ({e}); "
+                       "use --ray-network host") from None
 
 
 def _unshare(libc, flags: int) -> None:
@@ -108,25 +112,44 @@ class DashboardForward:
         threading.Thread(target=self._serve, args=(target_port,), daemon=True, name="dashboard-forward").start()
 
     def _serve(self, target_port: int) -> None:
-        while True:
+        while self.sock.fileno() != -1:
             try:
                 client, _ = self.sock.accept()
+            except OSError:
+                time.sleep(0.2)  # closed (the launch ended), or out of descriptors: never spin
+                continue
+            try:
                 upstream = socket.create_connection(("127.0.0.1", target_port), timeout=10)
                 upstream.settimeout(None)
             except OSError:
+                client.close()
                 continue
+            done = threading.Semaphore(0)
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+                threading.Thread(target=_pump, args=(a, b, done), daemon=True).start()
+            threading.Thread(target=_close_after, args=(done, client, upstream), daemon=True).start()
+
+    def close(self) -> None:
+        self.sock.close()
 
 
-def _pump(src: socket.socket, dst: socket.socket) -> None:
+def _pump(src: socket.socket, dst: socket.socket, done: threading.Semaphore) -> None:
+    """One direction of a forwarded connection, until its end of stream."""
     try:
         while data := src.recv(65536):
             dst.sendall(data)
         dst.shutdown(socket.SHUT_WR)
     except OSError:
-        for s in (src, dst):
-            s.close()
+        pass
+    finally:
+        done.release()
+
+
+def _close_after(done: threading.Semaphore, *socks: socket.socket) -> None:
+    for _ in range(2):  # both directions finished
+        done.acquire()
+    for s in socks:
+        s.close()
 
 
 # -- the token ---------------------------------------------------------------------------------
@@ -161,11 +184,13 @@ def start_reaper(temp_dir: Path) -> subprocess.Popen:
                             start_new_session=True)  # a Ctrl-C to the launch does not reach it
 
 
-def write_owner(temp_dir: Path) -> None:
+def write_owner(temp_dir: Path, isolated: bool = False) -> None:
+    """Who owns the temp dir: the driver (pid and start time), and its namespace once it has its own."""
     from .results import write_json
 
     temp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_json(temp_dir / OWNER, {"pid": os.getpid(), "start": _start_time(os.getpid()), "netns": net_namespace()})
+    write_json(temp_dir / OWNER, {"pid": os.getpid(), "start": _start_time(os.getpid()),
+                                  "netns": net_namespace() if isolated else None})
 
 
 def reap_stale(root: Path | None = None) -> int:
@@ -181,9 +206,20 @@ def reap_stale(root: Path | None = None) -> int:
             owner = {}
         if owner.get("start") is not None and _start_time(owner.get("pid", 0)) == owner["start"]:
             continue  # its driver is alive
-        killed += _kill_cluster({}, owner.get("netns"), d)
+        killed += _kill_cluster({}, _still_its(owner.get("netns"), d), d)
         shutil.rmtree(d, ignore_errors=True)
     return killed
+
+
+def _still_its(netns: str | None, temp_dir: Path) -> str | None:
+    """A dead launch's namespace, if it is still that launch's: never ours (the host's, for a launch that
+    was not isolated), and one of its processes still holds a file in the temp dir (an emptied namespace's
+    number can be reused by a live launch)."""
+    if not netns or netns == net_namespace():
+        return None
+    prefix = str(temp_dir.resolve())
+    tree = _children_map()
+    return netns if any(net_namespace(p) == netns and _holds_file_under(p, prefix) for p in tree["all"]) else None
 
 
 def _age(path: Path) -> float:
@@ -308,18 +344,51 @@ def prefetch(spec) -> None:
         _read_hf(spec.corpus.source[3:])
 
 
-def start_local_ray(cpus: int, *, dashboard: bool, dashboard_host: str, network: str, echo=print):
-    """`ray.init` of a new local cluster in this launch's own temp dir (and namespace); returns
-    (Ray's context, the dashboard URL to show or None, the reaper)."""
-    import ray
+class LocalCluster:
+    """What a launch started locally: Ray's context and dashboard URL, the reaper, the dashboard forward."""
 
+    def __init__(self, reaper: subprocess.Popen, forward: DashboardForward | None):
+        self.reaper, self.forward = reaper, forward
+        self.ctx: Any = None  # Ray's context
+        self.url: str | None = None  # the dashboard as the user reaches it
+
+    def stop(self, wait: float = 10.0) -> None:
+        """Ray shut down, the forward closed, then the reaper kills any leftover and deletes the temp dir."""
+        import ray
+
+        ray.shutdown()
+        if self.forward is not None:
+            self.forward.close()
+        try:
+            if self.reaper.stdin:
+                self.reaper.stdin.close()
+            self.reaper.wait(wait)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+
+
+def start_local_ray(cpus: int, *, dashboard: bool, dashboard_host: str, network: str, echo=print) -> LocalCluster:
+    """`ray.init` of a new local cluster in this launch's own temp dir (and namespace). On any failure
+    what was started is stopped before the error goes on."""
     if network not in NETWORK_MODES:
         raise NsrError(f"--ray-network {network!r}: allowed {', '.join(NETWORK_MODES)}")
     reap_stale()
     temp_dir = ray_temp_root() / secrets.token_hex(4)
     write_owner(temp_dir)
-    reaper = start_reaper(temp_dir)
-    forward = DashboardForward(dashboard_host) if dashboard and network != "host" else None
+    local = LocalCluster(start_reaper(temp_dir),
+                         DashboardForward(dashboard_host) if dashboard and network != "host" else None)
+    try:
+        _start(local, temp_dir, cpus, dashboard, dashboard_host, network, echo)
+    except BaseException:
+        local.stop()
+        raise
+    return local
+
+
+def _start(local: LocalCluster, temp_dir: Path, cpus: int, dashboard: bool, dashboard_host: str, network: str,
+           echo) -> None:
+    import ray
+
     isolated = False
     if network != "host":
         try:
@@ -329,36 +398,24 @@ def start_local_ray(cpus: int, *, dashboard: bool, dashboard_host: str, network:
             if network == "isolated":
                 raise NsrError(f"--ray-network isolated: cannot make a network namespace ({e}); "
                                "use --ray-network host behind a firewall") from None
-            if forward is not None:  # Ray's own dashboard takes the host's port instead
-                forward.sock.close()
-                forward = None
+            if local.forward is not None:  # Ray's own dashboard takes the host's port instead
+                local.forward.close()
+                local.forward = None
             echo(f"warning: Ray's ports are not isolated ({e}): its gRPC servers listen on all interfaces; "
                  "keep this machine behind a firewall, or run as root to isolate them")
     if isolated:
-        write_owner(temp_dir)  # now with the namespace: a later launch can reap it
+        write_owner(temp_dir, isolated=True)  # now with the namespace: a later launch can reap it
         os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"  # fetched already; no network here
         echo("Ray's ports: in this launch's own network namespace (loopback only)")
     ensure_private_token()
-    ctx = ray.init(num_cpus=cpus, include_dashboard=dashboard, _temp_dir=str(temp_dir),
-                   dashboard_host="127.0.0.1" if isolated else dashboard_host,
-                   log_to_driver=False, configure_logging=True, logging_level=logging.ERROR)
-    url = getattr(ctx, "dashboard_url", None) or None
-    if url and forward is not None:
-        forward.start(int(url.rsplit(":", 1)[1]))
-        url = forward.url
-    return ctx, url, reaper
-
-
-def stop_reaper(reaper: subprocess.Popen | None, wait: float = 10.0) -> None:
-    """After `ray.shutdown`: the reaper kills any leftover and deletes the temp dir."""
-    if reaper is None:
-        return
-    try:
-        if reaper.stdin:
-            reaper.stdin.close()
-        reaper.wait(wait)
-    except (OSError, subprocess.TimeoutExpired):
-        pass
+    local.ctx = ray.init(num_cpus=cpus, include_dashboard=dashboard, _temp_dir=str(temp_dir),
+                         dashboard_host="127.0.0.1" if isolated else dashboard_host,
+                         log_to_driver=False, configure_logging=True, logging_level=logging.ERROR)
+    url = getattr(local.ctx, "dashboard_url", None) or None
+    if url and local.forward is not None:
+        local.forward.start(int(url.rsplit(":", 1)[1]))
+        url = local.forward.url
+    local.url = url
 
 
 if __name__ == "__main__":

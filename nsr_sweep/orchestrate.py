@@ -22,7 +22,6 @@ import numpy as np
 
 from .config import NeuronSelect, SweepSpec, load_sweep
 from .errors import NsrError
-from .localray import stop_reaper
 from .results import write_json
 from .search import GroupedSearch, n_samples
 from .sweepdir import TRIALS, claim, read_state, release, trial_dir, update_state, write_record
@@ -109,7 +108,8 @@ def dry_run_text(spec: SweepSpec) -> str:
 
 
 def init_ray(spec: SweepSpec, address: str | None, dashboard: bool, dashboard_host: str, network: str, echo):
-    """Join a cluster, or start a local one (closed, see localray); returns (context, dashboard URL, reaper)."""
+    """Join a cluster — (dashboard URL, None) — or start a local one, closed (see localray) —
+    (its dashboard URL, the LocalCluster that stops it)."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our own progress lines replace Tune's tables
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     import ray
@@ -117,14 +117,15 @@ def init_ray(spec: SweepSpec, address: str | None, dashboard: bool, dashboard_ho
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ctx = ray.init(address=address, log_to_driver=False, configure_logging=True, logging_level=logging.ERROR)
-        return ctx, getattr(ctx, "dashboard_url", None), None
+        return getattr(ctx, "dashboard_url", None), None
     from .localray import prefetch, start_local_ray
     from .workers import cpu_count
 
     if network != "host":
         prefetch(spec)
-    return start_local_ray(cpu_count(), dashboard=dashboard, dashboard_host=dashboard_host, network=network,
-                           echo=echo)
+    local = start_local_ray(cpu_count(), dashboard=dashboard, dashboard_host=dashboard_host, network=network,
+                            echo=echo)
+    return local.url, local
 
 
 def plan_workers(spec: SweepSpec) -> tuple[int, str, int]:
@@ -204,8 +205,9 @@ class SweepProgress:
         rows = []
         for config in trial.config.get("members", [trial.config]):
             d = trial_dir(self.sweep_dir, config["trial_id"])
-            if read_trial_dir(d) is not None:
-                continue  # a batch member that finished before its batch failed
+            if (done := read_trial_dir(d)) is not None:  # a batch member that finished before its batch failed
+                rows.append(done)
+                continue
             write_record(d, trial_id=config["trial_id"], sample=config["sample"], spec=dict(config),
                          status="failed", reason=error, metrics={}, history=[])
             rows.append(trial_row(config, "failed", {}, error))
@@ -299,26 +301,23 @@ def launch(sweep_file: str, *, out_root: str = "results", address: str | None = 
     spec = preflight(sweep_file, address, cache_root, out_root)  # every input error surfaces here, before Ray starts
     sweep_dir = Path(out_root).resolve() / spec.name
     claim(sweep_dir, spec, resume)
-    reaper = None
+    local = None
     try:
         state = update_state(sweep_dir, name=spec.name, status="running",
                              started=read_state(sweep_dir).get("started", t_start), resumed=(sweep_dir / TRIALS).is_dir())
-        _, url, reaper = init_ray(spec, address, dashboard, dashboard_host, network, echo)
-        return _run(spec, sweep_dir, state, url, cache_root, reaper, echo, t_start)
+        url, local = init_ray(spec, address, dashboard, dashboard_host, network, echo)
+        return _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start)
     except BaseException as e:  # recorded, so the directory never reads "running" after its launch is gone
         if read_state(sweep_dir).get("status") == "running":
             update_state(sweep_dir, status="failed", finished=time.time(), error=f"{type(e).__name__}: {e}"[:2000])
         raise
     finally:
+        if local is not None:  # a local cluster: shut down and its leftovers reaped before the lock goes
+            local.stop()
         release(sweep_dir)
-        if reaper is not None:  # a local cluster: shut down, then its leftovers reaped
-            import ray
-
-            ray.shutdown()
-            stop_reaper(reaper)
 
 
-def _run(spec, sweep_dir, state, url, cache_root, reaper, echo, t_start) -> Path:
+def _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start) -> Path:
     import ray
     from ray import tune
 
@@ -400,8 +399,10 @@ def _run(spec, sweep_dir, state, url, cache_root, reaper, echo, t_start) -> Path
                           "total_s": round(time.time() - state["started"], 2)})
     echo(f"done: {counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed; base model loaded {loads}× "
          f"({n_workers} worker(s)); table {sweep_dir / 'tables' / 'trials.parquet'}")
-    ray.shutdown()
-    stop_reaper(reaper)  # leftovers killed, Ray's temp dir deleted, before the report is built
+    if local is not None:
+        local.stop()  # leftovers killed, Ray's temp dir deleted, before the report is built
+    else:
+        ray.shutdown()
     from .report import build_report
 
     t_report = time.time()

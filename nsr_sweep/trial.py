@@ -112,8 +112,18 @@ def run_trials(cache: ActivationCache, model: BaseModel | None, specs: list[Tria
     except FloatingPointError as e:
         fits = [e] * len(specs)
     shared = (time.perf_counter() - t0) / len(specs)  # the joint fit, shared out
-    return [_finish(cache, model, s, fit, real, y, splits, seqs, answer_pos, shared)
+    if len(specs) == 1:  # alone, an error goes up (and Tune retries the trial)
+        return [_finish(cache, model, spec, fits[0], reals[0], ys[0], splits, seqs, answer_pos, shared)]
+    return [_finish_member(cache, model, s, fit, real, y, splits, seqs, answer_pos, shared)
             for s, fit, real, y in zip(specs, fits, reals, ys)]
+
+
+def _finish_member(cache, model, spec: TrialSpec, *args) -> TrialResult:
+    """A batch member: its own error fails it alone, not the rest of the batch."""
+    try:
+        return _finish(cache, model, spec, *args)
+    except Exception as e:  # noqa: BLE001 - recorded as this trial's reason
+        return TrialResult(spec, "failed", reason=f"{type(e).__name__}: {e}"[:2000])
 
 
 BATCH_KEYS = ("layer", "head", "freeze", "control", "cross_model", "feature_hook", "solver", "n_bins", "splits",

@@ -258,6 +258,17 @@ def test_a_layer_batch_gives_each_neuron_its_alone_result(tiny, small, head, con
         run_trials(cache, tiny, [specs[0], TrialSpec(layer=2, neuron=5, head="regression", control="shuffled")])
 
 
+def test_a_neuron_with_non_finite_targets_fails_alone_in_its_batch(small):
+    cache, _ = small
+    Y = np.asarray(cache.acts[2][:, :3], np.float64).copy()
+    Y[5, 1] = np.nan
+    splits = split_indices(cache.n_texts)
+    fit = fit_probes(cache.features, Y, "regression", TrialSpec(layer=2, neuron=0), splits)
+    assert fit.failed[1] and fit.failed[0] is None and fit.failed[2] is None
+    alone = fit_probes(cache.features, Y[:, [2]], "regression", TrialSpec(layer=2, neuron=2), splits)
+    assert torch.allclose(alone.weight[0], fit.weight[2], rtol=1e-5, atol=1e-7)
+
+
 def test_every_validation_record_carries_every_val_metric(tiny, small):
     cache, n = small
     y = cache.activations(2, n)[:, None].astype(np.float64)

@@ -135,15 +135,19 @@ def test_a_launch_whose_driver_and_reaper_died_is_reaped_by_the_next(tmp_path):
     dead, live = tmp_path / "dead0001", tmp_path / "live0001"
     for d, pid in ((dead, 999_999_999), (live, os.getpid())):
         d.mkdir()
-        (d / localray.OWNER).write_text(json.dumps({"pid": pid, "start": localray._start_time(pid), "netns": None}))
+        # a dead launch that recorded the host's namespace (never isolated) must not take the host down with it
+        (d / localray.OWNER).write_text(json.dumps({"pid": pid, "start": localray._start_time(pid),
+                                                    "netns": localray.net_namespace()}))
         (d / "log").write_text("")
     holders = [subprocess.Popen(["sh", "-c", f"exec 3<{d / 'log'}; exec sleep 60"]) for d in (dead, live)]
+    bystander = subprocess.Popen(["sleep", "60"])  # same namespace, no file of the launch
     time.sleep(0.3)
     assert localray.reap_stale(tmp_path) == 1
     holders[0].wait(5)
     assert holders[0].returncode == -signal.SIGKILL and not dead.exists()
-    assert holders[1].poll() is None and live.is_dir()
-    holders[1].kill()
+    assert holders[1].poll() is None and live.is_dir() and bystander.poll() is None
+    for p in (holders[1], bystander):
+        p.kill()
 
 
 def test_a_killed_launchs_partial_writes_are_removed_by_the_next_claim(tmp_path):

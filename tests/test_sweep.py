@@ -508,7 +508,7 @@ def test_a_launch_that_fails_after_it_started_is_recorded_failed_and_the_fixed_f
         orchestrate.update_state(tmp_path / "res" / "t", status="running")
         raise RuntimeError("the cluster went away")
 
-    monkeypatch.setattr(orchestrate, "init_ray", lambda *a: (None, None, None))
+    monkeypatch.setattr(orchestrate, "init_ray", lambda *a: (None, None))
     monkeypatch.setattr(orchestrate, "_run", boom)
     with pytest.raises(RuntimeError):
         orchestrate.launch(str(f), out_root=str(tmp_path / "res"))
