@@ -76,8 +76,7 @@ def resolve_neurons(spec: SweepSpec, cache: ActivationCache) -> dict[int, list[i
                 picks = list(range(cache.acts[L].shape[1]))
             else:
                 k = n.k or 0  # a ranking selector always has k
-                picks = [i for i, _ in cache.top_neurons(L, by[n.select], k + len(chosen))][: k + len(chosen)]
-                picks = [i for i in picks if i not in chosen][:k]
+                picks = [i for i, _ in cache.top_neurons(L, by[n.select], k + len(chosen)) if i not in chosen][:k]
             chosen += [i for i in picks if i not in chosen]
         out[L] = chosen
     return out

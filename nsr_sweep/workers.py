@@ -111,7 +111,6 @@ class ModelWorker:
         return trial_row(config, result.status, result.metrics, result.reason,
                          seconds=result.metrics.get("seconds"), worker=os.getpid())
 
-
     def _run_batch(self, config: dict, sweep_dir: str) -> dict:
         """Many neurons' probes fitted together (`run_trials`); each member gets its own directory and row
         (no per-trial chart: at this scale the report summarises). Returns a summary row for Tune."""
