@@ -178,17 +178,26 @@ def cache_build(sweep_file, root):
 @click.option("--ray-network", "network", type=click.Choice(["auto", "isolated", "host"]), default="auto",
               show_default=True, help="Local Ray in the launch's own network namespace (loopback only): "
               "isolated requires it, auto falls back to the host's network with a warning, host never isolates.")
+@click.option("--storage", default=None, help="Where saved weights go (training.save_weights): a path shared by "
+              "the nodes or a pyarrow.fs URI (s3://bucket/prefix, gs://…). Default: they travel to --out via Ray.")
+@click.option("--optuna-storage", default=None, help="The studies' database URL (sqlite:///…, postgresql://…); "
+              "default OUT/<name>/optuna.log, a journal file that `optuna-dashboard` opens.")
+@click.option("--tensorboard", is_flag=True, help="Tune's TensorBoard logger into OUT/<name>/tune/.")
+@click.option("--mlflow", default=None, is_flag=False, flag_value="", metavar="[URI]",
+              help="Log every trial to MLflow at URI (alone: OUT/<name>/mlruns). Needs mlflow-skinny.")
 @friendly
-def launch(sweep_file, out_root, address, resume, dry_run, dashboard, dashboard_host, cache_root, network):
+def launch(sweep_file, out_root, address, resume, dry_run, dashboard, dashboard_host, cache_root, network, storage,
+           optuna_storage, tensorboard, mlflow):
     """Run a sweep: Ray model workers, Tune + Optuna trials, results/<name>/."""
-    from .orchestrate import dry_run_text, preflight
+    from .orchestrate import Trackers, dry_run_text, preflight
     from .orchestrate import launch as run_launch
 
     if dry_run:
         click.echo(dry_run_text(preflight(sweep_file, address, cache_root, out_root)))
         return
     sweep_dir = run_launch(sweep_file, out_root=out_root, address=address, resume=resume, dashboard=dashboard,
-                           dashboard_host=dashboard_host, cache_root=cache_root, network=network, echo=click.echo)
+                           dashboard_host=dashboard_host, cache_root=cache_root, network=network, storage=storage,
+                           optuna_storage=optuna_storage, trackers=Trackers(tensorboard, mlflow), echo=click.echo)
     click.echo(f"results: {sweep_dir}")
 
 

@@ -187,7 +187,15 @@ class SearchCfg(Strict):
 
 class ResourcesCfg(Strict):
     workers: Union[int, Literal["auto"]] = "auto"
-    gpus_per_worker: float = Field(0, ge=0, le=8)
+    """Model workers (each loads the model once); auto: one per `gpus_per_worker` share of the cluster's GPUs,
+    else one per `cpus_per_trial` CPUs."""
+    gpus_per_worker: float = Field(1, ge=0, le=8)
+    """The share of one GPU each model worker reserves where the cluster has GPUs (device auto or cuda):
+    0.25 puts four workers of a small model on one GPU (their weights, ×4 when fine-tuning, must fit in
+    the share: checked when a worker starts); 0 keeps the workers off the GPUs."""
+    gpu_resource: str = Field("GPU", pattern=r"^[A-Za-z_][A-Za-z0-9_:.-]*$", max_length=100)
+    """The Ray resource `gpus_per_worker` reserves: GPU, or a custom resource that stands for one (a
+    cluster's own label for its GPUs); with a custom one set `device` yourself (auto means cpu)."""
     cpus_per_trial: float = Field(1, gt=0, le=256)
     max_concurrent: int = Field(0, ge=0)  # 0: as many as the cluster fits
     device: Literal["auto", "cpu", "cuda"] = "auto"

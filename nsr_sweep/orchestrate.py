@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +23,20 @@ import numpy as np
 from .config import NeuronSelect, SweepSpec, load_sweep
 from .errors import NsrError
 from .results import write_json
-from .search import GroupedSearch, n_samples
-from .sweepdir import TRIALS, claim, read_state, release, trial_dir, update_state, write_record
-from .tables import finished_rows, read_trial_dir, trial_row, write_trials_table
+from .search import GroupedSearch, n_samples, study_storage
+from .sweepdir import (
+    RECORD,
+    STUDIES,
+    TRIALS,
+    claim,
+    read_state,
+    release,
+    trial_dir,
+    trial_id,
+    update_state,
+    write_record,
+)
+from .tables import finished_rows, trial_row, write_trials_table
 
 # -- the grid --------------------------------------------------------------------------------
 
@@ -109,14 +120,18 @@ def dry_run_text(spec: SweepSpec) -> str:
 
 def init_ray(spec: SweepSpec, address: str | None, dashboard: bool, dashboard_host: str, network: str, echo):
     """Join a cluster — (dashboard URL, None) — or start a local one, closed (see localray) —
-    (its dashboard URL, the LocalCluster that stops it)."""
+    (its dashboard URL, the LocalCluster that stops it). A cluster's workers get the driver's HF_*,
+    NSR_* and TRANSFORMERS_* settings (Ray's runtime_env); a local cluster's inherit them."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our own progress lines replace Tune's tables
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ctx = ray.init(address=address, log_to_driver=False, configure_logging=True, logging_level=logging.ERROR)
+        from .workers import forwarded_env
+
+        ctx = ray.init(address=address, log_to_driver=False, configure_logging=True, logging_level=logging.ERROR,
+                       runtime_env={"env_vars": forwarded_env()})
         return getattr(ctx, "dashboard_url", None), None
     from .localray import prefetch, start_local_ray
     from .workers import cpu_count
@@ -129,39 +144,45 @@ def init_ray(spec: SweepSpec, address: str | None, dashboard: bool, dashboard_ho
 
 
 def plan_workers(spec: SweepSpec) -> tuple[int, str, int]:
-    """(number of workers, device, torch threads per worker) from the cluster's resources."""
+    """(number of workers, device, torch threads per worker) from the cluster's resources: with
+    `gpus_per_worker`, one worker per share of `gpu_resource` (fractions put several on one GPU)."""
     import ray
 
     res = ray.cluster_resources()
     r = spec.resources
-    gpus = res.get("GPU", 0)
-    use_gpu = r.device == "cuda" or (r.device == "auto" and gpus > 0 and r.gpus_per_worker > 0)
-    if r.device == "cuda" and gpus == 0:
+    gpus = res.get(r.gpu_resource, 0)
+    use_gpu = r.gpu_resource == "GPU" and (r.device == "cuda" or (r.device == "auto" and gpus > 0 and r.gpus_per_worker > 0))
+    if r.device == "cuda" and res.get("GPU", 0) == 0:
         raise NsrError("resources.device is cuda but the Ray cluster has no GPU")
+    if r.gpus_per_worker and r.gpu_resource != "GPU" and not gpus:
+        raise NsrError(f"resources.gpu_resource {r.gpu_resource!r}: no node of the Ray cluster has it "
+                       f"(it has {', '.join(sorted(k for k in res if not k.startswith('node:')))})")
     threads = max(1, int(r.cpus_per_trial))
     if r.workers != "auto":
         n = r.workers
-    elif use_gpu:
-        n = max(1, int(gpus // max(r.gpus_per_worker, 1e-9)))
+    elif r.gpus_per_worker and (use_gpu or r.gpu_resource != "GPU"):
+        n = max(1, int(gpus / r.gpus_per_worker + 1e-9))
     else:
         n = max(1, int(res.get("CPU", 1) // threads))
-    return n, ("cuda" if use_gpu else "cpu"), threads
+    return n, ("cuda" if use_gpu or r.device == "cuda" else "cpu"), threads
 
 
 TABLE_EVERY_S = 10.0
 
 
 class SweepProgress:
-    """A progress bar over trials plus one concise line per finished trial; rows written as they come."""
+    """Collects trial records from the inbox into the results directory as trials finish; a progress bar
+    plus one concise line per finished trial; the table rewritten at most every TABLE_EVERY_S."""
 
-    def __init__(self, sweep_dir: Path, spec: SweepSpec, rows: list[dict], total: int):
+    def __init__(self, sweep_dir: Path, spec: SweepSpec, rows: list[dict], total: int, inbox):
         from ray.tune import Callback
         from tqdm.auto import tqdm
 
-        self.sweep_dir, self.spec, self.rows = sweep_dir, spec, rows
+        self.sweep_dir, self.spec, self.rows, self.inbox = sweep_dir, spec, rows, inbox
         self.bar = tqdm(total=total, initial=len(rows), unit="trial", desc=spec.name, dynamic_ncols=True)
         self.running = 0
         self.written = 0.0  # when tables/trials.parquet was last written
+        self.unwritten: dict[str, str] = {}  # trial id → why its record could not be written here
         self.counters = _metrics(spec.name)
         outer = self
 
@@ -177,9 +198,30 @@ class SweepProgress:
 
         self.callback = _Callback()
 
+    def collect(self) -> list[dict]:
+        """Write every record that arrived in the inbox (never raises: a write that fails is remembered,
+        and the sweep's final count reports the trial missing)."""
+        import ray
+
+        from .collect import write_bundle
+
+        rows = []
+        for bundle in ray.get(self.inbox.take.remote()):
+            try:
+                row = write_bundle(self.sweep_dir, bundle)
+            except OSError as e:
+                self.unwritten[bundle["trial_id"]] = f"{type(e).__name__}: {e}"
+                continue
+            if row is not None:
+                rows.append(row)
+        self._record(rows)
+        return rows
+
     def _record(self, rows: list[dict]) -> None:
         """Rows in memory at once; the table on disk at most every TABLE_EVERY_S (an every-neuron sweep has
         thousands of rows: one rewrite per trial would cost quadratic time), and whole at the end."""
+        if not rows:
+            return
         self.rows += rows
         if time.time() - self.written >= TABLE_EVERY_S:
             write_trials_table(self.sweep_dir, self.rows, self.spec.search.metric, self.spec.search.mode)
@@ -189,30 +231,33 @@ class SweepProgress:
             self.counters["finished" if row.get("status") == "ok" else "failed"].inc()
 
     def finished(self, config: dict) -> None:
-        """A trial (or a batch) is complete, also when a scheduler stopped it: its directories hold its rows."""
+        """A trial (or a batch) is complete, also when a scheduler stopped it (its record may come later)."""
         self.running -= 1
-        rows = [r for r in (read_trial_dir(trial_dir(self.sweep_dir, m["trial_id"]))
-                            for m in config.get("members", [config])) if r is not None]
+        ids = {m["trial_id"] for m in config.get("members", [config])}
+        rows = [r for r in self.collect() if r["trial_id"] in ids]
         if rows:
-            self._record(rows)
             self._line(rows, config)
 
     def errored(self, trial) -> None:
-        """A trial (or a batch) that raised on every retry: each is recorded as failed with the error, the
-        sweep goes on."""
+        """A trial (or a batch) that raised on every retry: each member without a record is recorded as
+        failed with the error, the sweep goes on."""
         self.running -= 1
+        self.collect()  # a batch member that finished before its batch failed keeps its record
         error = _error_text(trial)
         rows = []
         for config in trial.config.get("members", [trial.config]):
             d = trial_dir(self.sweep_dir, config["trial_id"])
-            if (done := read_trial_dir(d)) is not None:  # a batch member that finished before its batch failed
-                rows.append(done)
+            if (d / RECORD).is_file():
                 continue
-            write_record(d, trial_id=config["trial_id"], sample=config["sample"], spec=dict(config),
-                         status="failed", reason=error, metrics={}, history=[])
+            try:
+                write_record(d, trial_id=config["trial_id"], sample=config["sample"], spec=dict(config),
+                             status="failed", reason=error, metrics={}, history=[])
+            except OSError as e:
+                self.unwritten[config["trial_id"]] = f"{type(e).__name__}: {e}"
+                continue
             rows.append(trial_row(config, "failed", {}, error))
+        self._record(rows)
         if rows:
-            self._record(rows)
             self._line(rows, trial.config)
 
     def _line(self, rows: list[dict], config: dict) -> None:
@@ -266,6 +311,52 @@ def _metrics(sweep: str) -> dict:
 # -- launch ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Trackers:
+    """Optional experiment trackers, fed every result Tune receives (a batch reports its summary)."""
+    tensorboard: bool = False
+    """Tune's TBX logger: event files under results/<name>/tune/ (`tensorboard --logdir results/<name>/tune`)."""
+    mlflow: str | None = None
+    """An MLflow tracking URI, or "" for results/<name>/mlruns/mlflow.db (SQLite: MLflow 3 refuses a plain
+    mlruns/ file store by default); one MLflow experiment named after the sweep."""
+
+    def check(self) -> None:
+        """The packages they need, before anything starts."""
+        import importlib.util
+
+        for on, module, package in ((self.tensorboard, "tensorboardX", "tensorboardX"),
+                                    (self.mlflow is not None, "mlflow", "mlflow-skinny")):
+            if on and importlib.util.find_spec(module) is None:
+                raise NsrError(f"--{'tensorboard' if module == 'tensorboardX' else 'mlflow'} needs {package}: "
+                               f"pip install {package}")
+
+    def mlflow_uri(self, sweep_dir: Path) -> str | None:
+        if self.mlflow is None:
+            return None
+        if self.mlflow:
+            return self.mlflow
+        (sweep_dir / "mlruns").mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{sweep_dir / 'mlruns' / 'mlflow.db'}"
+
+    def callbacks(self, sweep_dir: Path, name: str) -> list:
+        """Tune callbacks; an MLflow store that cannot be opened fails here, before Ray starts."""
+        out: list = []
+        if self.tensorboard:
+            from ray.tune.logger import TBXLoggerCallback
+
+            out.append(TBXLoggerCallback())
+        if (uri := self.mlflow_uri(sweep_dir)) is not None:
+            import mlflow
+            from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+            try:
+                mlflow.MlflowClient(uri).search_experiments(max_results=1)
+            except Exception as e:
+                raise NsrError(f"--mlflow {uri}: cannot be opened ({type(e).__name__}: {str(e)[:300]})") from None
+            out.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=name, save_artifact=False))
+        return out
+
+
 def preflight(sweep_file: str, address: str | None = None, cache_root: str | None = None,
               out_root: str = "results") -> SweepSpec:
     """The whole validation pass (`launch` and `--dry-run`): the sweep file and model, the results root, and —
@@ -296,17 +387,26 @@ def _check_writable(path: Path, what: str) -> None:
 
 def launch(sweep_file: str, *, out_root: str = "results", address: str | None = None, resume: bool = False,
            dashboard: bool = True, dashboard_host: str = "127.0.0.1", cache_root: str | None = None,
-           network: str = "auto", echo=print) -> Path:
+           network: str = "auto", storage: str | None = None, optuna_storage: str | None = None,
+           trackers: Trackers | None = None, echo=print) -> Path:
+    """Run a sweep into `out_root/<name>/`. Raises NsrError (after the report is built) when trials are missing."""
     t_start = time.time()
     spec = preflight(sweep_file, address, cache_root, out_root)  # every input error surfaces here, before Ray starts
+    storage = absolute_storage(storage)
+    trackers = trackers or Trackers()
+    trackers.check()
+    network = _network_for(network, [storage, trackers.mlflow], address, echo)
     sweep_dir = Path(out_root).resolve() / spec.name
     claim(sweep_dir, spec, resume)
     local = None
     try:
+        studies = study_storage(optuna_storage or str(sweep_dir / STUDIES))
+        callbacks = trackers.callbacks(sweep_dir, spec.name)
         state = update_state(sweep_dir, name=spec.name, status="running",
-                             started=read_state(sweep_dir).get("started", t_start), resumed=(sweep_dir / TRIALS).is_dir())
+                             started=read_state(sweep_dir).get("started", t_start), resumed=(sweep_dir / TRIALS).is_dir(),
+                             optuna_storage=_redacted(optuna_storage) or STUDIES, storage=storage)
         url, local = init_ray(spec, address, dashboard, dashboard_host, network, echo)
-        return _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start)
+        return _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start, storage, studies, callbacks)
     except BaseException as e:  # recorded, so the directory never reads "running" after its launch is gone
         if read_state(sweep_dir).get("status") == "running":
             update_state(sweep_dir, status="failed", finished=time.time(), error=f"{type(e).__name__}: {e}"[:2000])
@@ -317,21 +417,58 @@ def launch(sweep_file: str, *, out_root: str = "results", address: str | None = 
         release(sweep_dir)
 
 
-def _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start) -> Path:
+def absolute_storage(storage: str | None) -> str | None:
+    """`--storage`: a URI as given, a local path made absolute (workers resolve nothing against their cwd)."""
+    if not storage or "://" in storage:
+        return storage
+    path = Path(storage).resolve()
+    _check_writable(path, "--storage")
+    return str(path)
+
+
+def _network_for(network: str, uris: list[str | None], address: str | None, echo) -> str:
+    """A local cluster in its own network namespace cannot reach a remote --storage or --mlflow URI."""
+    remote = [u for u in uris if u and "://" in u and not u.startswith("file:")]
+    if not remote or address or os.environ.get("RAY_ADDRESS") or network == "host":
+        return network
+    if network == "isolated":
+        raise NsrError(f"--ray-network isolated cannot reach {remote[0]}: use --ray-network host (or auto)")
+    echo(f"Ray's ports on the host's network: the workers must reach {remote[0]}")
+    return "host"
+
+
+def _redacted(url: str | None) -> str | None:
+    """A database URL without its password (sweep_state.json is shared with collaborators)."""
+    import re
+
+    return re.sub(r"://([^:/@]+):[^@/]+@", r"://\1:***@", url) if url else url
+
+
+def _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start, storage, studies, callbacks) -> Path:
     import ray
     from ray import tune
 
+    from . import __version__
     from .cache import ActivationCache
+    from .collect import start_inbox
     from .sweep import model_spec, resolve_neurons
-    from .workers import WorkerPool, start_workers, trial_function
+    from .workers import WorkerLink, start_pool, start_workers, trial_function
 
     t_ray = time.time()
     if url:
         echo(f"Ray dashboard: http://{url}  (token: `ray get-auth-token`)")
     n_workers, device, threads = plan_workers(spec)
     model_kw = asdict(model_spec(spec, device))
-    workers = start_workers(n_workers, model_kw, spec.resources.gpus_per_worker if device == "cuda" else 0, threads)
-    echo(f"{n_workers} model worker(s) on {device}, {threads} thread(s) each; building or loading the cache …")
+    rows = finished_rows(sweep_dir)
+    inbox = start_inbox([r["trial_id"] for r in rows if r.get("status") != "damaged"])
+    link = WorkerLink(version=__version__, inbox=inbox, sweep=spec.name, storage=storage,
+                      gpu_share=spec.resources.gpus_per_worker if device == "cuda" or
+                      spec.resources.gpu_resource != "GPU" else 0.0,
+                      trainable=any(f != "none" for _, f in spec.combos()))
+    echo(f"starting {n_workers} model worker(s) on {device}, {threads} thread(s) each …")
+    workers = start_workers(n_workers, model_kw, link, spec.resources.gpu_resource, threads)
+    info = ray.get([w.describe.remote() for w in workers])
+    echo(f"{n_workers} model worker(s) on {len({i['node'] for i in info})} node(s); building or loading the cache …")
     arrays_ref = workers[0].build_cache.remote(spec.model_dump(mode="json"), cache_root)
     ray.get([w.set_cache.remote(arrays_ref) for w in workers])  # each worker: zero-copy views of one copy
     cache = ActivationCache.from_arrays(ray.get(arrays_ref))
@@ -345,24 +482,22 @@ def _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start) -> Path:
     _gauge("nsr_sweep_cache_tokens_per_second", spec.name, meta["tokens_per_second"])
     neurons = resolve_neurons(spec, cache)
     groups = expand(spec, neurons)
-    rows = finished_rows(sweep_dir)
-    searcher = GroupedSearch(spec, groups, rows)
+    searcher = GroupedSearch(spec, groups, rows, storage=studies)
     total = len(rows) + searcher.n_remaining
     skipped = len(spec.skipped_combos()) * sum(len(v) for v in neurons.values())
-    n_expected = sum(n_samples(spec, g) for g in groups)
-    echo(f"{len(groups)} groups, {n_expected} trials ({spec.search.num_samples} samples per searched group, exact "
+    expected = expected_trials(spec, groups)
+    echo(f"{len(groups)} groups, {len(expected)} trials ({spec.search.num_samples} samples per searched group, exact "
          f"probes once; {len(rows)} already finished, {skipped} invalid head+freeze trials skipped)")
-    update_state(sweep_dir, n_expected=n_expected, n_groups=len(groups), workers=n_workers,
+    update_state(sweep_dir, n_expected=len(expected), n_groups=len(groups), workers=n_workers, worker_info=info,
                  device=device, neurons={str(k): v for k, v in neurons.items()}, cache_key=meta["key"],
                  dashboard_url=url)
-    progress = SweepProgress(sweep_dir, spec, rows, total)
+    progress = SweepProgress(sweep_dir, spec, rows, total, inbox)
     trial_seconds_before = sum(_work(r) for r in rows)
+    pool = start_pool(workers)
     if searcher.n_remaining:
-        pool = WorkerPool.remote(workers)  # type: ignore[attr-defined]  # a Ray actor class
         asha = spec.search.scheduler == "asha"
         trainable = tune.with_resources(
-            tune.with_parameters(trial_function, sweep_dir=str(sweep_dir), pool=pool,
-                                 metric=spec.search.metric,
+            tune.with_parameters(trial_function, pool=pool, metric=spec.search.metric,
                                  mode=spec.search.mode, stream=asha), {"cpu": 0.01})
         scheduler = None
         if asha:
@@ -381,24 +516,28 @@ def _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start) -> Path:
                                         metric=spec.search.metric, mode=spec.search.mode),
             run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                                      callbacks=[progress.callback]),
+                                      callbacks=[progress.callback, *callbacks]),
         )
         tuner.fit()
-        ray.get([w.wait_idle.remote(600) for w in workers])  # nothing is cut off mid-write by the shutdown
+        ray.get(pool.each.remote("wait_idle", 600))  # a trial a scheduler stopped may still be sending its record
+    progress.collect()
     progress.close()
     t_trials = time.time()
-    loads = sum(ray.get([w.load_count.remote() for w in workers]))
+    loads = sum(ray.get(pool.each.remote("load_count")))
     df = write_trials_table(sweep_dir, finished_rows(sweep_dir), spec.search.metric, spec.search.mode)
     trial_seconds = sum(_work(r) for r in df.to_dict("records")) - trial_seconds_before
     counts = df["status"].value_counts().to_dict() if len(df) else {}
-    update_state(sweep_dir, status="finished", finished=time.time(), model_loads=loads,
-                 counts={k: int(v) for k, v in counts.items()},
+    missing = sorted(expected - set(df.loc[df["status"].isin(["ok", "failed"]), "trial_id"] if len(df) else []))
+    lost = missing_reason(missing, progress.unwritten)
+    update_state(sweep_dir, status="incomplete" if missing else "finished", finished=time.time(), model_loads=loads,
+                 counts={k: int(v) for k, v in counts.items()}, n_missing=len(missing), missing=missing[:100],
+                 missing_reason=lost,
                  timings={"ray_init_s": round(t_ray - t_start, 2), "cache_s": round(t_cache - t_ray, 2),
                           "trials_wall_s": round(t_trials - t_cache, 2), "trial_work_s": round(trial_seconds, 2),
                           "scheduling_overhead_s": round(t_trials - t_cache - trial_seconds / n_workers, 2),
                           "total_s": round(time.time() - state["started"], 2)})
-    echo(f"done: {counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed; base model loaded {loads}× "
-         f"({n_workers} worker(s)); table {sweep_dir / 'tables' / 'trials.parquet'}")
+    echo(f"done: {counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed, {len(missing)} missing; base model loaded "
+         f"{loads}× ({n_workers} worker(s)); table {sweep_dir / 'tables' / 'trials.parquet'}")
     if local is not None:
         local.stop()  # leftovers killed, Ray's temp dir deleted, before the report is built
     else:
@@ -408,7 +547,29 @@ def _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start) -> Path:
     t_report = time.time()
     build_report(sweep_dir, echo=echo)
     update_state(sweep_dir, report_s=round(time.time() - t_report, 2), total_with_report_s=round(time.time() - t_start, 2))
+    if missing:
+        raise NsrError(f"{len(missing)} of {len(expected)} trials missing from {sweep_dir}: {lost}. "
+                       "`nsr-sweep launch <sweep file> --resume` reruns them")
     return sweep_dir
+
+
+def expected_trials(spec: SweepSpec, groups: list[dict]) -> set[str]:
+    """Every trial id the sweep owes: each group's samples."""
+    return {trial_id(g, s) for g in groups for s in range(n_samples(spec, g))}
+
+
+def missing_reason(missing: list[str], unwritten: dict[str, str]) -> str:
+    """Why trials have no record here: writes that failed on this disk, or records that never arrived."""
+    if not missing:
+        return ""
+    failed = [t for t in missing if t in unwritten]
+    parts = []
+    if failed:
+        parts.append(f"{len(failed)} could not be written here ({unwritten[failed[0]]})")
+    if len(failed) < len(missing):
+        parts.append(f"{len(missing) - len(failed)} never reached the driver (their workers or nodes were lost, "
+                     "or Tune gave up on them)")
+    return "; ".join(parts)
 
 
 def _work(row: dict) -> float:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import matplotlib
 
@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
-def diagnostics_png(preds: pd.DataFrame, metrics: dict, title: str, path: Path) -> None:
+def diagnostics_png(preds: pd.DataFrame, metrics: dict, title: str, path: Path | BinaryIO) -> None:
     """The 4-panel chart: pred vs actual (y = x), error histogram, both distributions, error vs actual."""
     test = preds[preds["split"] == "test"]
     actual, pred = test["actual_orig"].to_numpy(), test["pred"].to_numpy()

@@ -276,6 +276,10 @@ def render_html(spec, df, best, pivots, layers, figures, state, running, sweep_d
     trial_cols = [c for c in ["trial_id", "control", "status", "best", "lr", "epochs", "pearson_r", "skill", "mse",
                               "patch_slope", "drift", "seconds"] if c in real]
     banner = "<p class='bad'><b>This sweep is still running</b>: the report shows the trials finished so far.</p>" if running else ""
+    if not running and state.get("n_missing"):
+        banner = (f"<p class='bad'><b>{state['n_missing']} of {state.get('n_expected', '?')} trials are missing</b>: "
+                  f"{html.escape(state.get('missing_reason') or '')}. Every table below lacks them; "
+                  "<code>nsr-sweep launch &lt;sweep file&gt; --resume</code> reruns them.</p>")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>nsr-sweep report: {html.escape(spec.name)}</title>
 <style>{CSS}</style></head><body>

@@ -50,8 +50,13 @@ def _umask() -> int:
     return umask
 
 
+def json_bytes(data) -> bytes:
+    """The one JSON form of every record (indented; numpy scalars and arrays as numbers and lists)."""
+    return (json.dumps(data, indent=2, default=_jsonable) + "\n").encode()
+
+
 def write_json(path: Path, data) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n"))
+    return atomic_write(path, lambda tmp: tmp.write_bytes(json_bytes(data)))
 
 
 def _jsonable(x):

@@ -6,7 +6,8 @@ handed out together as one batch (`members` in the config) that a worker fits in
 Tune takes one search algorithm per run; a sweep needs an independent hyperparameter search
 per group. `GroupedSearch` keeps one study per group and hands out samples round-robin by
 sample index, so every group's first sample runs before any group's second (the later ones then
-profit from the earlier results). On resume, finished trials are told to their studies first.
+profit from the earlier results). The studies live in a storage (results/<name>/optuna.log, or a
+database URL) that `optuna-dashboard` opens while the sweep runs; a resumed launch reloads them.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import optuna
 from ray.tune.search import Searcher
 
 from .config import Dist, SweepSpec
-from .sweepdir import trial_id
+from .sweepdir import group_id, trial_id
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+FAILED = optuna.trial.TrialState.FAIL
 
 
 def distribution(d: Dist) -> optuna.distributions.BaseDistribution:
@@ -73,38 +75,77 @@ def batch_id(members: list[dict]) -> str:
     return f"L{first['layer']}-{first['head']}-none{ctl}-N{first['neuron']}..{last['neuron']}-batch"
 
 
+def study_storage(location: str) -> optuna.storages.BaseStorage:
+    """Where the studies live: a database URL (sqlite:///…, postgresql://…, mysql://…) or a JournalStorage file."""
+    from .errors import NsrError
+
+    try:
+        if "://" in location:
+            return optuna.storages.RDBStorage(location)
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(location))
+    except Exception as e:  # a bad URL, a missing database driver, an unreachable server
+        raise NsrError(f"--optuna-storage {location!r} cannot be opened: {type(e).__name__}: {e}"[:500]) from None
+
+
 class GroupedSearch(Searcher):
-    def __init__(self, spec: SweepSpec, groups: list[dict], finished: list[dict]):
+    def __init__(self, spec: SweepSpec, groups: list[dict], finished: list[dict],
+                 storage: optuna.storages.BaseStorage | None = None):
         super().__init__(metric=spec.search.metric, mode=spec.search.mode)
-        self.spec, self.groups = spec, groups
+        self.spec, self.groups, self.storage = spec, groups, storage
         self.dists = {k: distribution(v) for k, v in spec.search.space.items()}
-        direction: Literal["minimize", "maximize"] = "minimize" if spec.search.mode == "min" else "maximize"
-        self.studies: dict[tuple, optuna.Study] = {}
-        self.taken: dict[tuple, set[int]] = {}
-        for g in groups:
-            k = group_key(g)
-            seed = stable_seed(spec.seed, k)
-            sampler = (optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, spec.search.num_samples // 3))
-                       if spec.search.algorithm == "optuna" else optuna.samplers.RandomSampler(seed=seed))
-            self.studies[k] = optuna.create_study(direction=direction, sampler=sampler)
-            self.taken[k] = set()
+        self.direction: Literal["minimize", "maximize"] = "minimize" if spec.search.mode == "min" else "maximize"
+        self.studies: dict[tuple, optuna.Study] = {}  # opened on first use: batched groups search nothing
+        self.group_of = {group_key(g): g for g in groups}
+        self.taken: dict[tuple, set[int]] = {k: set() for k in self.group_of}
         batched = {group_key(g) for g in groups if batch_key(spec, g) is not None}
+        told: dict[tuple, list[dict]] = {}
         for row in finished:  # resume: what already ran informs the search and is never rerun
             k = group_key(row)
-            if k not in self.studies or row.get("status") == "damaged":  # a damaged record is run again
+            if k not in self.taken or row.get("status") == "damaged":  # a damaged record is run again
                 continue
             self.taken[k].add(int(row["sample"]))
-            if k in batched:
-                continue  # nothing searched there: no study to inform
-            value = row.get(self.metric)
-            ok = row.get("status") == "ok" and isinstance(value, (int, float)) and math.isfinite(value)
-            params = {p: row[p] for p in self.dists}
-            self.studies[k].add_trial(optuna.trial.create_trial(
-                params=params, distributions=self.dists, value=value if ok else None,
-                state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL))
+            if k not in batched:  # nothing searched in a batch: no study to inform
+                told.setdefault(k, []).append(row)
+        for k, rows in told.items():
+            self._reconcile(self._study(k), rows)
         self.queue = [(s, g) for s in range(spec.search.num_samples) for g in groups
                       if s < n_samples(spec, g) and s not in self.taken[group_key(g)]]
         self.live: dict[str, tuple] = {}
+
+    def _study(self, k: tuple) -> optuna.Study:
+        if k not in self.studies:
+            seed = stable_seed(self.spec.seed, k)
+            sampler = (optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, self.spec.search.num_samples // 3))
+                       if self.spec.search.algorithm == "optuna" else optuna.samplers.RandomSampler(seed=seed))
+            self.studies[k] = optuna.create_study(study_name=f"{self.spec.name}/{group_id(self.group_of[k])}",
+                                                  storage=self.storage, direction=self.direction, sampler=sampler,
+                                                  load_if_exists=True)
+        return self.studies[k]
+
+    def _reconcile(self, study: optuna.Study, rows: list[dict]) -> None:
+        """A resumed study holds each finished trial once: what a stored study already has is kept, a trial the
+        last launch left running is told its record (or FAIL), and one it never heard of is added."""
+        by_id = {r["trial_id"]: r for r in rows}
+        known = set()
+        for t in study.get_trials(deepcopy=False):
+            tid = t.user_attrs.get("trial_id")
+            known.add(tid)
+            if t.state == optuna.trial.TrialState.RUNNING:
+                value = self._value(by_id.get(tid))
+                study.tell(t.number, value) if value is not None else study.tell(t.number, state=FAILED)
+        for tid, row in by_id.items():
+            if tid not in known:
+                value = self._value(row)
+                study.add_trial(optuna.trial.create_trial(
+                    params={p: row[p] for p in self.dists}, distributions=self.dists, value=value,
+                    user_attrs={"trial_id": tid}, state=FAILED if value is None else optuna.trial.TrialState.COMPLETE))
+
+    def _value(self, row: dict | None) -> float | None:
+        value = (row or {}).get(self.metric)
+        ok = (row or {}).get("status") == "ok" and isinstance(value, (int, float)) and math.isfinite(value)
+        return float(value) if ok else None  # type: ignore[arg-type]
 
     @property
     def n_remaining(self) -> int:
@@ -127,10 +168,12 @@ class GroupedSearch(Searcher):
             for i, m in enumerate(members):
                 m["exact_patch"] = i in exact
             return {"trial_id": batch_id(members), "sample": 0, "members": members}
-        study = self.studies[group_key(group)]
+        study = self._study(group_key(group))
         ot = study.ask(self.dists)
+        config = self._config(sample, group, ot.params)
+        ot.set_user_attr("trial_id", config["trial_id"])  # a resumed launch matches studies to records by it
         self.live[tune_trial_id] = (study, ot)
-        return self._config(sample, group, ot.params)
+        return config
 
     def _config(self, sample: int, group: dict, params: dict) -> dict:
         """A trial's whole config: training defaults, its group, its sampled parameters, id and seed."""
@@ -143,6 +186,6 @@ class GroupedSearch(Searcher):
             return
         value = (result or {}).get(self.metric)
         if error or not isinstance(value, (int, float)) or not math.isfinite(value):
-            study.tell(ot, state=optuna.trial.TrialState.FAIL)
+            study.tell(ot, state=FAILED)
         else:
             study.tell(ot, value)

@@ -30,7 +30,8 @@ def sweep_status(sweep_dir: Path) -> dict:
         "counts": {k: int(v) for k, v in counts.items()}, "finished": int(len(df)), "expected": expected,
         "elapsed_s": round(end - state["started"], 1) if state.get("started") and end else None,
         "model_loads": state.get("model_loads"), "workers": state.get("workers"), "best": best,
-        "timings": state.get("timings"), "error": state.get("error"), "next": NEXT.get(status),
+        "timings": state.get("timings"), "error": state.get("error") or state.get("missing_reason") or None,
+        "missing": state.get("n_missing"), "next": NEXT.get(status),
     }
 
 
@@ -38,6 +39,8 @@ NEXT = {  # what a user does with a directory in each state
     "interrupted": "its launch is gone (killed or crashed); `nsr-sweep launch <sweep file> --resume` finishes it",
     "failed": "`nsr-sweep launch <sweep file> --resume` retries; a corrected sweep file is accepted while no trial "
               "has run",
+    "incomplete": "some trials have no record (see missing_reason); `nsr-sweep launch <sweep file> --resume` reruns "
+                  "them",
     "damaged": "sweep_state.json is unreadable; `--resume` rewrites it from the trial records",
 }
 

@@ -1,6 +1,6 @@
 """The sweep directory's owner: its paths, lock, state file, resolved sweep file and trial records.
 
-    results/<name>/sweep.yaml · sweep_state.json · sweep.lock · runs.jsonl · trials/<trial_id>/metrics.json …
+    results/<name>/sweep.yaml · sweep_state.json · sweep.lock · runs.jsonl · optuna.log · trials/<trial_id>/metrics.json …
 
 Neither Ray nor Optuna is imported here, so `nsr-sweep status` and `report` stay light.
 """
@@ -19,7 +19,7 @@ import yaml
 
 from .config import SweepSpec, dump_sweep, load_sweep, read_yaml
 from .errors import NsrError
-from .results import atomic_dir, atomic_write, write_json
+from .results import atomic_write, json_bytes, write_json
 
 STATE = "sweep_state.json"
 LOCK = "sweep.lock"
@@ -27,15 +27,21 @@ RESOLVED = "sweep.yaml"
 RUNS = "runs.jsonl"
 TRIALS = "trials"
 RECORD = "metrics.json"  # a trial's record, written last: finished (ok or failed) once it exists
+STUDIES = "optuna.log"  # every searched group's Optuna study (a JournalStorage file; `optuna-dashboard` opens it)
 
 
 TRIAL_ID = re.compile(r"^L(\d+)-N(\d+)-([a-z]+)-([a-z_]+?)(?:-([a-z_]+))?-s(\d+)$")
 
 
-def trial_id(group: dict, sample: int) -> str:
-    """`L<layer>-N<neuron>-<head>-<freeze>[-<control>]-s<sample>`; `parse_trial_id` reads it back."""
+def group_id(group: dict) -> str:
+    """`L<layer>-N<neuron>-<head>-<freeze>[-<control>]`: a (layer, neuron, head, freeze, control) group."""
     ctl = f"-{group['control']}" if group.get("control") else ""
-    return f"L{group['layer']}-N{group['neuron']}-{group['head']}-{group['freeze']}{ctl}-s{sample}"
+    return f"L{group['layer']}-N{group['neuron']}-{group['head']}-{group['freeze']}{ctl}"
+
+
+def trial_id(group: dict, sample: int) -> str:
+    """`<group_id>-s<sample>`; `parse_trial_id` reads it back."""
+    return f"{group_id(group)}-s{sample}"
 
 
 def parse_trial_id(tid: str) -> dict | None:
@@ -59,17 +65,22 @@ def resolved_spec(sweep_dir: Path) -> SweepSpec:
     return load_sweep(sweep_dir / RESOLVED, check_model=False)
 
 
-def write_record(d: Path, *, trial_id: str, sample: int, spec: dict, status: str, reason: str | None,
-                 metrics: dict, history: list) -> Path:
-    """The one schema of a trial record, finished or failed."""
-    return write_json(Path(d) / RECORD, {"trial_id": trial_id, "sample": sample, "spec": spec, "status": status,
-                                         "reason": reason, "metrics": metrics, "history": history})
+def record(*, trial_id: str, sample: int, spec: dict, status: str, reason: str | None, metrics: dict,
+           history: list) -> dict:
+    """The one schema of a trial record (metrics.json), finished or failed."""
+    return {"trial_id": trial_id, "sample": sample, "spec": spec, "status": status, "reason": reason,
+            "metrics": metrics, "history": history}
 
 
-def log_run(sweep_dir: Path | str, trial_id: str) -> None:
-    """One line per completed trial run (audits "exactly once")."""
+def write_record(d: Path, **fields) -> Path:
+    """A record alone (a trial that failed before it produced anything else)."""
+    return write_json(Path(d) / RECORD, record(**fields))
+
+
+def log_run(sweep_dir: Path | str, trial_id: str, worker: dict) -> None:
+    """One line per trial record written (audits "exactly once"): the trial, and the worker (pid, node) that ran it."""
     with open(Path(sweep_dir) / RUNS, "a") as log:
-        log.write(json.dumps({"trial_id": trial_id, "pid": os.getpid(), "time": time.time()}) + "\n")
+        log.write(json.dumps({"trial_id": trial_id, **worker, "time": time.time()}) + "\n")
 
 
 def _alive(pid: int) -> bool:
@@ -165,6 +176,10 @@ def remove_partial_writes(sweep_dir: Path) -> list[Path]:
     import shutil
 
     gone = []
+    study_lock = sweep_dir / f"{STUDIES}.lock"  # the journal's lock, if a killed launch held it (Optuna would wait 30 s)
+    if study_lock.is_symlink() or study_lock.exists():
+        study_lock.unlink()
+        gone.append(study_lock)
     for d in (sweep_dir, sweep_dir / "tables", sweep_dir / TRIALS, *sweep_dir.glob(f"{TRIALS}/*/")):
         for p in d.iterdir() if d.is_dir() else []:
             if PARTIAL.match(p.name):
@@ -220,33 +235,55 @@ def update_state(sweep_dir: Path, **kw) -> dict:
     return state
 
 
-def save_trial(result, trial_dir: Path, trial_id: str | None = None, sample: int = 0, plot: bool = True) -> Path:
-    """metrics.json, head.safetensors, preds.parquet, patch.parquet, diagnostics.png (if `plot`; + model/),
-    each atomically. trial_id defaults to the directory's name."""
+def trial_files(result, trial_id: str, sample: int = 0, plot: bool = True) -> dict[str, bytes]:
+    """A trial's directory in memory: metrics.json (the record), head.safetensors, preds.parquet, patch.parquet,
+    diagnostics.png (if `plot`) and model/… (saved weights, if any)."""
+    import io
+    import tempfile
     import time
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from .plots import diagnostics_png
     from .trial import spec_dict
 
     t0 = time.perf_counter()
-    trial_dir = Path(trial_dir)
-    trial_dir.mkdir(parents=True, exist_ok=True)
-    s = result.spec
+    s, files = result.spec, {}
+
+    def parquet(df) -> bytes:
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False)
+        return buf.getvalue()
+
     if result.status == "ok":
-        atomic_write(trial_dir / "preds.parquet", lambda tmp: result.preds.to_parquet(tmp, index=False))
-        head = {k: v.detach().cpu().contiguous() for k, v in result.head.items()}
-        atomic_write(trial_dir / "head.safetensors", lambda tmp: save_file(head, str(tmp)))
+        files["preds.parquet"] = parquet(result.preds)
+        files["head.safetensors"] = save({k: v.detach().cpu().contiguous() for k, v in result.head.items()})
         if result.patch is not None:
-            atomic_write(trial_dir / "patch.parquet", lambda tmp: result.patch.to_parquet(tmp, index=False))
+            files["patch.parquet"] = parquet(result.patch)
         if result.save_model is not None:
-            atomic_dir(trial_dir / "model", result.save_model)
-        title = f"layer {s.layer} neuron {s.neuron} — {s.head} / freeze {s.freeze}"
+            with tempfile.TemporaryDirectory(prefix="nsr-model-") as tmp:
+                result.save_model(tmp)
+                files.update({f"model/{p.relative_to(tmp).as_posix()}": p.read_bytes()
+                              for p in sorted(Path(tmp).rglob("*")) if p.is_file()})
         if plot:
-            atomic_write(trial_dir / "diagnostics.png",
-                         lambda tmp: diagnostics_png(result.preds, result.metrics, title, tmp))
+            png = io.BytesIO()
+            diagnostics_png(result.preds, result.metrics, f"layer {s.layer} neuron {s.neuron} — {s.head} / freeze "
+                            f"{s.freeze}", png)
+            files["diagnostics.png"] = png.getvalue()
     result.metrics["artefact_seconds"] = time.perf_counter() - t0
-    write_record(trial_dir, trial_id=trial_id or trial_dir.name, sample=sample, spec=spec_dict(s),
-                 status=result.status, reason=result.reason, metrics=result.metrics, history=result.history)  # written last: its presence means the trial finished
-    return trial_dir
+    files[RECORD] = json_bytes(record(trial_id=trial_id, sample=sample, spec=spec_dict(s), status=result.status,
+                                      reason=result.reason, metrics=result.metrics, history=result.history))
+    return files
+
+
+def write_files(d: Path, files: dict[str, bytes]) -> Path:
+    """Each file atomically, the record last: its presence means the trial finished."""
+    for name in sorted(files, key=lambda n: n == RECORD):
+        data = files[name]
+        atomic_write(Path(d) / name, lambda tmp: tmp.write_bytes(data))
+    return Path(d)
+
+
+def save_trial(result, trial_dir: Path, trial_id: str | None = None, sample: int = 0, plot: bool = True) -> Path:
+    """A trial's files (`trial_files`) written to `trial_dir`; trial_id defaults to the directory's name."""
+    return write_files(trial_dir, trial_files(result, trial_id or Path(trial_dir).name, sample, plot))

@@ -12,27 +12,42 @@ import asyncio
 import math
 import os
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import ray
 
 from .cache import ActivationCache
+from .errors import NsrError
 
 
 class ModelWorker:
-    def __init__(self, model_spec_kw: dict, threads: int):
+    def __init__(self, model_spec_kw: dict, threads: int, link: WorkerLink):
         import torch
 
         from .models import BaseModel, ModelSpec
 
+        check_version(link.version)  # before the model loads: a mismatched node fails at once, by name
         torch.set_num_threads(max(1, threads))
+        self.link = link
         self.model = BaseModel(ModelSpec(**model_spec_kw))  # resident for the whole sweep
+        if self.model.spec.device == "cuda":
+            check_gpu_share(self.model, link.gpu_share, trainable=link.trainable)
         self.loads = 1
         self.other: BaseModel | None = None  # the cross_model control's model, loaded on first use
         self.cache: ActivationCache | None = None
         self.running = 0
         self.epochs: dict[str, list[dict]] = {}  # per running trial: its validation records so far
         self.stopping: set[str] = set()  # trials a scheduler stopped
+
+    def describe(self) -> dict:
+        """Where this worker runs and what it was given (the driver records it in sweep_state.json)."""
+        from . import __version__
+        from .collect import worker_identity
+
+        return {**worker_identity(), "version": __version__, "device": self.model.spec.device,
+                "env": {k: os.environ.get(k) for k in sorted(forwarded_env())}}
 
     def build_cache(self, sweep_dict: dict, cache_root: str | None) -> dict:
         """Build or load the sweep's cache; the returned arrays go to the object store (owned by the caller)."""
@@ -73,25 +88,26 @@ class ModelWorker:
     def stop(self, trial_id: str) -> None:
         self.stopping.add(trial_id)
 
-    def run(self, config: dict, sweep_dir: str) -> dict:
-        """Run one trial (or a batch: `members`), write its directory (theirs), return its row (a summary)."""
+    def run(self, config: dict) -> dict:
+        """Run one trial (or a batch: `members`), send its records to the driver's inbox, return its row for
+        Tune (a batch: a summary). A trial whose record already arrived (a retry) is not run again."""
         from .config import trial_spec
 
         if "members" in config:
-            return self._run_batch(config, sweep_dir)
-        spec = trial_spec(config)
+            return self._run_batch(config)
         tid = config["trial_id"]
+        if tid in (done := ray.get(self.link.inbox.rows.remote([tid]))):
+            return {**done[tid], "worker": os.getpid()}
+        spec = trial_spec(config)
         self.epochs[tid] = []
         self.running += 1
         try:
-            return self._run(spec, tid, config, sweep_dir)
+            return self._run(spec, tid, config)
         finally:
             self.running -= 1
             self.epochs.pop(tid, None)
 
-    def _run(self, spec, tid: str, config: dict, sweep_dir: str) -> dict:
-        from .sweepdir import log_run, save_trial, trial_dir
-        from .tables import trial_row
+    def _run(self, spec, tid: str, config: dict) -> dict:
         from .trial import run_trial
 
         cut = []
@@ -106,20 +122,17 @@ class ModelWorker:
         result = run_trial(self.cache, self.model, spec, on_epoch=on_epoch, outsider=self._outsider(spec.cross_model))
         result.metrics["scheduler_stopped"] = bool(cut)  # training was cut short (a late stop changes nothing)
         self.stopping.discard(tid)
-        save_trial(result, trial_dir(sweep_dir, tid), tid, config.get("sample", 0))
-        log_run(sweep_dir, tid)
-        return trial_row(config, result.status, result.metrics, result.reason,
-                         seconds=result.metrics.get("seconds"), worker=os.getpid())
+        bundle = self._send([(result, tid, config.get("sample", 0))], plot=True)[0]
+        return {**bundle["row"], "worker": os.getpid()}
 
-    def _run_batch(self, config: dict, sweep_dir: str) -> dict:
-        """Many neurons' probes fitted together (`run_trials`); each member gets its own directory and row
+    def _run_batch(self, config: dict) -> dict:
+        """Many neurons' probes fitted together (`run_trials`); each member gets its own record and row
         (no per-trial chart: at this scale the report summarises). Returns a summary row for Tune."""
         from .config import trial_spec
-        from .sweepdir import RECORD, log_run, save_trial, trial_dir
         from .trial import run_trials
 
-        members = [m for m in config["members"]  # a retried batch does not rerun what it already finished
-                   if not (trial_dir(sweep_dir, m["trial_id"]) / RECORD).is_file()]
+        arrived = ray.get(self.link.inbox.rows.remote([m["trial_id"] for m in config["members"]]))
+        members = [m for m in config["members"] if m["trial_id"] not in arrived]  # a retried batch: the rest
         if not members:
             return {"trial_id": config["trial_id"], "status": "ok", "n_members": 0, "worker": os.getpid()}
         specs = [trial_spec(m) for m in members]
@@ -127,10 +140,9 @@ class ModelWorker:
         self.running += 1
         try:
             results = run_trials(self.cache, self.model, specs, outsider=self._outsider(specs[0].cross_model))
-            for m, result in zip(members, results):
+            for result in results:
                 result.metrics["scheduler_stopped"] = False
-                save_trial(result, trial_dir(sweep_dir, m["trial_id"]), m["trial_id"], m["sample"], plot=False)
-                log_run(sweep_dir, m["trial_id"])
+            self._send([(r, m["trial_id"], m["sample"]) for m, r in zip(members, results)], plot=False)
         finally:
             self.running -= 1
         ok = [r.metrics for r in results if r.status == "ok"]
@@ -139,29 +151,52 @@ class ModelWorker:
         return {"trial_id": config["trial_id"], "status": "ok" if ok else "failed", "n_members": len(members),
                 "n_ok": len(ok), **summary, "worker": os.getpid()}
 
+    def _send(self, done: list[tuple], plot: bool) -> list[dict]:
+        """Pack each (result, trial id, sample) and hand them to the driver's inbox; returns the bundles."""
+        from .collect import pack_trial
 
-@ray.remote(num_cpus=0)
+        bundles = [pack_trial(r, tid, sample, plot=plot, storage=self.link.storage, sweep=self.link.sweep)
+                   for r, tid, sample in done]
+        ray.get(self.link.inbox.put.remote(bundles))  # arrived before the trial reports done
+        return bundles
+
+
 class WorkerPool:
     """Runs each trial on a free model worker: waits for one, runs, frees it.
 
     The pool (not Tune's trial function) holds the worker for the whole run, so a trial function
-    that Tune stops or tears down can never leak a worker."""
+    that Tune stops or tears down can never leak a worker. A worker that died (its node went down)
+    is dropped and the trial runs on another; the pool lives on the driver's node."""
 
     def __init__(self, workers: list):
         self.workers = workers
+        self.alive = set(range(len(workers)))
         self.free: asyncio.Queue = asyncio.Queue()
         for i in range(len(workers)):
             self.free.put_nowait(i)
         self.where: dict[str, int] = {}
 
-    async def run(self, config: dict, sweep_dir: str) -> dict:
-        i = await self.free.get()
-        self.where[config["trial_id"]] = i
-        try:
-            return await self.workers[i].run.remote(config, sweep_dir)
-        finally:
-            self.where.pop(config["trial_id"], None)
-            self.free.put_nowait(i)
+    async def run(self, config: dict) -> dict:
+        while True:
+            i = await self._borrow()
+            self.where[config["trial_id"]] = i
+            try:
+                return await self.workers[i].run.remote(config)
+            except ray.exceptions.RayActorError:  # the worker is gone (its node died): run it on another
+                self.alive.discard(i)
+            finally:
+                self.where.pop(config["trial_id"], None)
+                if i in self.alive:
+                    self.free.put_nowait(i)
+
+    async def _borrow(self) -> int:
+        while True:
+            if not self.alive:
+                raise RuntimeError("every model worker is gone (their nodes died)")
+            try:
+                return await asyncio.wait_for(self.free.get(), timeout=5)
+            except asyncio.TimeoutError:
+                continue
 
     async def progress(self, trial_id: str, since: int) -> list[dict]:
         i = self.where.get(trial_id)
@@ -172,13 +207,93 @@ class WorkerPool:
         if i is not None:
             await self.workers[i].stop.remote(trial_id)
 
+    async def each(self, method: str, *args) -> list:
+        """`method(*args)` on every live worker (a worker that died meanwhile is dropped)."""
+        out = []
+        for i in sorted(self.alive):
+            try:
+                out.append(await getattr(self.workers[i], method).remote(*args))
+            except ray.exceptions.RayActorError:
+                self.alive.discard(i)
+        return out
 
-def start_workers(n: int, model_spec_kw: dict, gpus_per_worker: float, threads: int) -> list:
+
+def start_pool(workers: list):
+    from .collect import on_this_node
+
+    pool = ray.remote(num_cpus=0)(WorkerPool)  # type: ignore[call-overload]
+    return pool.options(scheduling_strategy=on_this_node()).remote(workers)
+
+
+@dataclass(frozen=True)
+class WorkerLink:
+    """What a model worker needs besides its model: the driver's version and inbox, where large artefacts
+    go, and its share of a GPU."""
+    version: str
+    inbox: Any
+    sweep: str
+    storage: str | None = None
+    gpu_share: float = 0.0  # the fraction of one GPU this worker reserves (resources.gpus_per_worker)
+    trainable: bool = False  # some trial fine-tunes the model (optimizer state on the GPU)
+
+
+def start_workers(n: int, model_spec_kw: dict, link: WorkerLink, gpu_resource: str, threads: int) -> list:
+    """n model workers, each reserving `link.gpu_share` of `gpu_resource` (GPU, or a custom resource that
+    stands for one); spread over the nodes. Returns once every worker has loaded its model, or fails
+    with the first worker's error (a version mismatch names the node)."""
     # CPU workers reserve no Ray CPU: their number is chosen from the cores, and the thin trial
     # functions that call them must still be schedulable beside them
     # two threads: `run` trains while `progress`/`stop` answer the trial function (for ASHA)
-    actor = ray.remote(num_cpus=0, num_gpus=gpus_per_worker, max_concurrency=2)(ModelWorker)  # type: ignore[call-overload]
-    return [actor.options(name=None).remote(model_spec_kw, threads) for _ in range(n)]
+    share = link.gpu_share
+    reserve = ({"num_gpus": share} if gpu_resource == "GPU" else {"resources": {gpu_resource: share}}) if share else {}
+    actor = ray.remote(num_cpus=0, max_concurrency=2)(ModelWorker)  # type: ignore[call-overload]
+    workers = [actor.options(scheduling_strategy="SPREAD", **reserve).remote(model_spec_kw, threads, link)
+               for _ in range(n)]
+    try:
+        ray.get([w.describe.remote() for w in workers])
+    except ray.exceptions.RayActorError as e:
+        cause = getattr(e, "cause", None) or e
+        raise NsrError(f"a model worker could not start: {str(cause).strip().splitlines()[-1]}") from None
+    return workers
+
+
+FORWARDED_PREFIXES = ("HF_", "NSR_", "TRANSFORMERS_")
+
+
+def forwarded_env() -> dict[str, str]:
+    """The driver's settings every worker must share (Ray's runtime_env): HF_HUB_OFFLINE, HF_HOME,
+    NSR_CACHE_DIR and the rest of the HF_*, NSR_* and TRANSFORMERS_* variables."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
+
+
+def check_version(driver: str) -> None:
+    """A worker runs the driver's nsr-sweep version, or refuses to start (results would mix two codes)."""
+    from . import __version__
+
+    if __version__ != driver:
+        import socket
+
+        raise NsrError(f"the model worker on {socket.gethostname()} has nsr-sweep {__version__}, the driver "
+                       f"{driver}: install the same version on every node")
+
+
+def check_gpu_share(model, share: float, trainable: bool) -> None:
+    """The model must fit in this worker's share of its GPU, or the sweep stops now with the setting to change."""
+    import torch
+
+    total = torch.cuda.get_device_properties(torch.device(model.spec.device)).total_memory
+    gpu_budget(sum(p.numel() * p.element_size() for p in model.hf.parameters()), total, share, trainable)
+
+
+def gpu_budget(weight_bytes: int, total_bytes: int, share: float, trainable: bool) -> None:
+    """Weights, ×4 when fine-tuning (gradients and Adam's two moments), plus a quarter for activations."""
+    need = weight_bytes * (4 if trainable else 1) * 1.25
+    have = total_bytes * (share or 1.0)
+    if need > have:
+        least = min(1.0, need / total_bytes) if total_bytes else 1.0
+        raise NsrError(f"resources.gpus_per_worker {share:g}: the model needs ≈{need / 2**30:.1f} GiB "
+                       f"({'fine-tuning' if trainable else 'weights'}), its share of a {total_bytes / 2**30:.0f} GiB "
+                       f"GPU is {have / 2**30:.1f} GiB; allowed ≥ {least:.2f}")
 
 
 def _rankable(value: float, mode: str) -> float:
@@ -186,7 +301,7 @@ def _rankable(value: float, mode: str) -> float:
     return value if math.isfinite(value) else (-math.inf if mode == "max" else math.inf)
 
 
-def trial_function(config: dict, *, sweep_dir: str, pool, metric: str, mode: str, stream: bool) -> None:
+def trial_function(config: dict, *, pool, metric: str, mode: str, stream: bool) -> None:
     """Tune's trainable: run the trial on a free model worker (through the pool), report its row.
 
     With `stream` (a scheduler such as ASHA), each epoch's validation record is reported as it
@@ -195,7 +310,7 @@ def trial_function(config: dict, *, sweep_dir: str, pool, metric: str, mode: str
     from ray import tune
 
     tid = config["trial_id"]
-    ref = pool.run.remote(config, sweep_dir)
+    ref = pool.run.remote(config)
     seen = 0
     try:
         while stream:

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from nsr_sweep.cli import main
 from nsr_sweep.config import load_sweep, parse_sweep
+from nsr_sweep.errors import NsrError
 from nsr_sweep.orchestrate import dry_run_text, expand
 from nsr_sweep.search import GroupedSearch, n_samples
 from nsr_sweep.sweepdir import parse_trial_id
@@ -141,7 +142,8 @@ def test_grouped_search_skips_finished_samples_and_tells_optuna():
     spec = parse_sweep(with_(search={"num_samples": 3, "space": {"lr": {"loguniform": [1e-4, 1e-2]}}},
                              heads=["regression", "classification"], training={"solver": "adamw"}))
     groups = expand(spec, {1: [3]})
-    done = [{**groups[0], "sample": 1, "status": "ok", "val_mse": 0.5, "lr": 1e-3}]
+    done = [{**groups[0], "trial_id": "L1-N3-regression-none-s1", "sample": 1, "status": "ok", "val_mse": 0.5,
+             "lr": 1e-3}]
     s = GroupedSearch(spec, groups, done)
     assert s.n_remaining == 5
     configs = [s.suggest(f"t{i}") for i in range(5)]
@@ -151,6 +153,66 @@ def test_grouped_search_skips_finished_samples_and_tells_optuna():
     assert [c["sample"] for c in configs] == [0, 0, 1, 2, 2]  # first samples of every group go first
     assert all(1e-4 <= c["lr"] <= 1e-2 for c in configs)
     assert len(s.studies[(1, 3, "regression", "none", "")].trials) == 1 + 2
+
+
+def test_studies_persist_and_a_resume_reloads_them_without_telling_twice(tmp_path):
+    """Every searched group's study lives in results/<name>/optuna.log: a second launch finds what the first
+    told, tells a trial the first left running its record (or FAIL), and adds only what the storage lacks."""
+    import optuna
+
+    from nsr_sweep.search import study_storage
+
+    spec = parse_sweep(with_(search={"num_samples": 3, "space": {"lr": {"loguniform": [1e-4, 1e-2]}}},
+                             training={"solver": "adamw"}, neurons=[3, 4]))
+    groups = expand(spec, {1: [3, 4]})
+    log = str(tmp_path / "optuna.log")
+    first = GroupedSearch(spec, groups, [], storage=study_storage(log))
+    configs = [first.suggest(f"t{i}") for i in range(4)]  # samples 0 and 1 of both groups
+    rows = []
+    for i, c in enumerate(configs[:3]):  # the 4th is still running when the launch dies
+        value = 0.1 * (i + 1)
+        first.on_trial_complete(f"t{i}", {"val_mse": value})
+        rows.append({**c, "status": "ok", "val_mse": value})
+    rows.append({**configs[3], "status": "ok", "val_mse": 0.9})  # its record landed, the tell did not
+    summaries = optuna.get_all_study_summaries(study_storage(log))  # what optuna-dashboard reads, mid-sweep
+    assert sorted(x.study_name for x in summaries) == ["t/L1-N3-regression-none", "t/L1-N4-regression-none"]
+    assert sum(x.n_trials for x in summaries) == 4
+
+    second = GroupedSearch(spec, groups, rows, storage=study_storage(log))
+    assert second.n_remaining == 2  # sample 2 of each group
+    for name in ("t/L1-N3-regression-none", "t/L1-N4-regression-none"):
+        trials = optuna.load_study(study_name=name, storage=study_storage(log)).trials
+        assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]  # none added twice, none left running
+        assert len({t.user_attrs["trial_id"] for t in trials}) == 2
+    told = {t.user_attrs["trial_id"]: t.value for name in ("t/L1-N3-regression-none", "t/L1-N4-regression-none")
+            for t in optuna.load_study(study_name=name, storage=study_storage(log)).trials}
+    assert told == {r["trial_id"]: r["val_mse"] for r in rows}
+
+    orphan = GroupedSearch(spec, groups, rows[:3], storage=study_storage(log))  # the 4th without a record
+    del orphan
+    lost = optuna.load_study(study_name=f"t/{configs[3]['trial_id'][:-3]}", storage=study_storage(log)).trials
+    assert [t.state.name for t in lost] == ["COMPLETE", "COMPLETE"]  # told already: nothing changes
+
+
+def test_a_trial_left_running_without_a_record_is_told_failed(tmp_path):
+    import optuna
+
+    from nsr_sweep.search import study_storage
+
+    spec = parse_sweep(with_(search={"num_samples": 2, "space": {"lr": {"loguniform": [1e-4, 1e-2]}}},
+                             training={"solver": "adamw"}))
+    groups = expand(spec, {1: [3]})
+    log = str(tmp_path / "optuna.log")
+    first = GroupedSearch(spec, groups, [], storage=study_storage(log))
+    c0, c1 = first.suggest("t0"), first.suggest("t1")
+    first.on_trial_complete("t0", {"val_mse": 0.3})
+    second = GroupedSearch(spec, groups, [{**c0, "status": "ok", "val_mse": 0.3}], storage=study_storage(log))
+    assert second.n_remaining == 1 and second.queue[0][0] == 1  # sample 1 runs again
+    trials = optuna.load_study(study_name="t/L1-N3-regression-none", storage=study_storage(log)).trials
+    assert [(t.user_attrs["trial_id"], t.state.name) for t in trials] == [(c0["trial_id"], "COMPLETE"),
+                                                                         (c1["trial_id"], "FAIL")]
+    with pytest.raises(NsrError, match="--optuna-storage 'nosuchdb://x' cannot be opened"):
+        study_storage("nosuchdb://x")
 
 
 def test_exact_probe_groups_are_handed_out_as_layer_batches():
@@ -184,6 +246,7 @@ def test_cluster_yaml_passes_rays_validation():
     config = yaml.safe_load((REPO / "cluster.yaml").read_text())
     validate_config(prepare_config(copy.deepcopy(config)))
     assert any("pip install -e ~/nsr-sweep" in c for c in config["setup_commands"])
+    assert any("torch.cuda.is_available()" in c for c in config["worker_setup_commands"])  # GPU nodes: CUDA torch
     broken = copy.deepcopy(config)
     broken["available_node_types"]["gpu_worker"]["max_wrkers"] = 2
     with pytest.raises(Exception, match="max_wrkers"):
@@ -237,7 +300,8 @@ def _check_complete(sweep_dir: Path, expected: int) -> pd.DataFrame:
 def test_end_to_end_sweep_on_local_ray(tmp_path):
     sweep = tmp_path / "e2e.yaml"
     sweep.write_text(SMALL.format(name="e2e", extra="controls: [shuffled, early_features, random_model]"))
-    r = subprocess.run(_launch_cmd(sweep, tmp_path / "res"), env=_env(), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(_launch_cmd(sweep, tmp_path / "res", "--tensorboard", "--mlflow"), env=_env(),
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     sweep_dir = tmp_path / "res" / "e2e"
     # 3 neurons × (3 valid combos + 3 shuffled + 1 early_features + 1 random_model) groups; 2 samples each,
@@ -250,6 +314,13 @@ def test_end_to_end_sweep_on_local_ray(tmp_path):
     assert yaml.safe_load((sweep_dir / "sweep.yaml").read_text())["name"] == "e2e"
     keys = json.loads((sweep_dir / "cache_keys.json").read_text())
     assert keys[0]["identity"][0]["pre_max_abs_err"] < 1e-4
+    # the trackers saw every Tune trial: 24 fine-tuned ones and 4 layer batches (real, shuffled, early, random)
+    assert len({p.parent for p in (sweep_dir / "tune").rglob("events.out.tfevents.*")}) == 28
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{sweep_dir / 'mlruns' / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["e2e"], output_format="list")
+    assert len(runs) == 28 and all("val_mse" in run.data.metrics for run in runs)
 
     st = CliRunner().invoke(main, ["status", str(sweep_dir), "--json"])
     assert st.exit_code == 0
@@ -278,6 +349,8 @@ def test_sigkill_mid_sweep_then_resume_runs_every_trial_exactly_once(tmp_path):
             break
         time.sleep(0.3)
     assert driver.poll() is None, "the sweep ended before it could be killed"
+    studies = _studies(sweep_dir)  # what `optuna-dashboard results/killed/optuna.log` shows of a running sweep
+    assert studies and all(n.startswith("killed/L1-") and n.endswith("-after_target") for n in studies)
     busy = subprocess.run(_launch_cmd(sweep, tmp_path / "res", "--resume"), env=_env(), capture_output=True, text=True)
     assert busy.returncode == 2 and "still running" in busy.stderr  # a second launch into a running sweep
     os.kill(driver.pid, signal.SIGKILL)
@@ -288,7 +361,21 @@ def test_sigkill_mid_sweep_then_resume_runs_every_trial_exactly_once(tmp_path):
     r = subprocess.run(_launch_cmd(sweep, tmp_path / "res", "--resume"), env=_env(), capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    _check_complete(sweep_dir, expected=15)
+    df = _check_complete(sweep_dir, expected=15)
+    for name, trials in _studies(sweep_dir).items():  # reloaded, not re-told: each finished trial once
+        done = {t.user_attrs["trial_id"]: t.value for t in trials if t.state.name == "COMPLETE"}
+        group = df[df["trial_id"].str.startswith(name.split("/")[1] + "-s")]
+        assert done == dict(zip(group["trial_id"], group["val_mse"])), name
+        assert all(t.state.name in ("COMPLETE", "FAIL") for t in trials)  # none left running
+
+
+def _studies(sweep_dir: Path) -> dict:
+    """Every study in the sweep's Optuna storage, through Optuna's own API (as optuna-dashboard reads it)."""
+    import optuna
+
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(sweep_dir / "optuna.log")))
+    return {s.study_name: optuna.load_study(study_name=s.study_name, storage=storage).trials
+            for s in optuna.get_all_study_summaries(storage)}
 
 
 EVERY = """
@@ -373,7 +460,7 @@ name: raises
 model: nsr-tiny
 corpus: {n_texts: 200, max_tokens: 24}
 layers: [1]
-neurons: [7]
+neurons: [7, 9]
 heads: [regression]
 freeze: [none, after_target]
 training: {epochs: 2}
@@ -384,17 +471,34 @@ resources: {workers: 2}
 
 
 @pytest.mark.slow
-def test_a_trial_that_raises_is_retried_then_recorded_as_failed(tmp_path):
-    sweep_dir = _launched(tmp_path, RAISES, NSR_SWEEP_FAIL_TRIALS="L1-N7-regression-after_target")
+def test_a_trial_that_raises_is_recorded_failed_and_one_that_cannot_be_collected_fails_the_sweep(tmp_path):
+    """N7's fine-tuned trial raises on every retry: it is recorded as failed, with the reason, and the sweep goes
+    on. N9's record cannot be written on the driver's side (a file stands where its directory goes): the launch
+    says how many are missing and why, exits non-zero, and the state, status and report say so too."""
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(RAISES)
+    sweep_dir = tmp_path / "res" / "raises"
+    blocked = sweep_dir / "trials" / "L1-N9-regression-after_target-s0"
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("not a directory")
+    r = subprocess.run(_launch_cmd(sweep, tmp_path / "res"), env={**_env(), "NSR_SWEEP_FAIL_TRIALS":
+                       "L1-N7-regression-after_target"}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "1 of 4 trials missing" in r.stderr and "1 could not be written here" in r.stderr
     df = pd.read_parquet(sweep_dir / "tables" / "trials.parquet").set_index("trial_id")
-    assert df.loc["L1-N7-regression-none-s0", "status"] == "ok"  # the sweep went on
+    assert (df.loc[["L1-N7-regression-none-s0", "L1-N9-regression-none-s0"], "status"] == "ok").all()  # it went on
     failed = df.loc["L1-N7-regression-after_target-s0"]
     assert failed["status"] == "failed" and "injected failure" in failed["error"]
     saved = json.loads((sweep_dir / "trials" / "L1-N7-regression-after_target-s0" / "metrics.json").read_text())
     assert saved["status"] == "failed" and saved["reason"] == failed["error"]
     tune_errors = list((sweep_dir / "tune").rglob("error.txt"))
     assert tune_errors and "NSR_SWEEP_FAIL_TRIALS" in tune_errors[0].read_text()
-    assert "L1-N7-regression-after_target-s0" in (sweep_dir / "report.html").read_text()
+    report = (sweep_dir / "report.html").read_text()
+    assert "L1-N7-regression-after_target-s0" in report and "1 of 4 trials are missing" in report
+    state = json.loads((sweep_dir / "sweep_state.json").read_text())
+    assert state["status"] == "incomplete" and state["missing"] == ["L1-N9-regression-after_target-s0"]
+    st = json.loads(CliRunner().invoke(main, ["status", str(sweep_dir), "--json"]).output)
+    assert st["state"] == "incomplete" and st["missing"] == 1 and "--resume" in st["next"]
 
 
 FAMILY_SWEEP = """
