@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from .sweepdir import RECORD, TRIALS, log_run, trial_dir, trial_files, write_files
+from .sweepdir import TRIALS, log_run, trial_dir, trial_files, write_files
 
 
 def pack_trial(result, trial_id: str, sample: int, *, plot: bool, storage: str | None, sweep: str) -> dict:
@@ -59,7 +59,7 @@ def write_bundle(sweep_dir: Path, bundle: dict) -> dict | None:
     from .tables import read_trial_dir
 
     d = trial_dir(sweep_dir, bundle["trial_id"])
-    if (d / RECORD).is_file():
+    if (read_trial_dir(d) or {}).get("status") in ("ok", "failed"):  # a damaged record is replaced
         return None
     write_files(d, bundle["files"])
     log_run(sweep_dir, bundle["trial_id"], bundle.get("worker", {}))
@@ -72,7 +72,7 @@ class Inbox:
 
     def __init__(self, finished: list[str]):
         self.waiting: dict[str, dict] = {}
-        self.arrived: dict[str, dict] = {t: {} for t in finished}  # trial id → its row (for a retry)
+        self.arrived: dict[str, dict] = {t: {"trial_id": t, "status": "ok"} for t in finished}  # id → its row
 
     def put(self, bundles: list[dict]) -> int:
         """Keep the bundles of trials that have not arrived yet; returns how many were new."""

@@ -189,13 +189,14 @@ class ResourcesCfg(Strict):
     workers: Union[int, Literal["auto"]] = "auto"
     """Model workers (each loads the model once); auto: one per `gpus_per_worker` share of the cluster's GPUs,
     else one per `cpus_per_trial` CPUs."""
-    gpus_per_worker: float = Field(1, ge=0, le=8)
-    """The share of one GPU each model worker reserves where the cluster has GPUs (device auto or cuda):
-    0.25 puts four workers of a small model on one GPU (their weights, ×4 when fine-tuning, must fit in
-    the share: checked when a worker starts); 0 keeps the workers off the GPUs."""
+    gpus_per_worker: float = Field(0, ge=0, le=8)
+    """The share of one GPU each model worker reserves: 1 is a worker per GPU, 0.25 puts four workers of a
+    small model on one GPU (their weights, ×4 when fine-tuning, must fit in the share: checked when a
+    worker starts). 0 (the default) reserves none: with device auto the workers then stay on CPU."""
     gpu_resource: str = Field("GPU", pattern=r"^[A-Za-z_][A-Za-z0-9_:.-]*$", max_length=100)
     """The Ray resource `gpus_per_worker` reserves: GPU, or a custom resource that stands for one (a
-    cluster's own label for its GPUs); with a custom one set `device` yourself (auto means cpu)."""
+    cluster's own label, a test's stand-in). With a custom one set `device` yourself (auto means cpu);
+    with device cuda the same share of GPU is reserved too, so Ray still assigns each worker its GPU."""
     cpus_per_trial: float = Field(1, gt=0, le=256)
     max_concurrent: int = Field(0, ge=0)  # 0: as many as the cluster fits
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from .config import NeuronSelect, SweepSpec, load_sweep
-from .errors import NsrError
+from .errors import NsrError, redacted
 from .results import write_json
 from .search import GroupedSearch, n_samples, study_storage
 from .sweepdir import (
     RECORD,
     STUDIES,
     TRIALS,
+    backfill_runs,
     claim,
     read_state,
     release,
@@ -183,12 +184,18 @@ class SweepProgress:
         self.running = 0
         self.written = 0.0  # when tables/trials.parquet was last written
         self.unwritten: dict[str, str] = {}  # trial id → why its record could not be written here
+        self.lost: dict[str, str] = {}  # trial id → the error it was lost with (a worker or node died)
+        self.by_id: dict[str, dict] = {}  # rows recorded by this launch
         self.counters = _metrics(spec.name)
         outer = self
 
         class _Callback(Callback):
             def on_trial_start(self, iteration, trials, trial, **info):
                 outer.running += 1
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                if not result.get("intermediate"):  # the final row: its record is here, so write it before
+                    outer.collect()                 # the study is told (Tune tells the searcher next)
 
             def on_trial_complete(self, iteration, trials, trial, **info):
                 outer.finished(trial.config)
@@ -223,8 +230,12 @@ class SweepProgress:
         if not rows:
             return
         self.rows += rows
+        self.by_id.update((r["trial_id"], r) for r in rows)
         if time.time() - self.written >= TABLE_EVERY_S:
-            write_trials_table(self.sweep_dir, self.rows, self.spec.search.metric, self.spec.search.mode)
+            try:  # a snapshot for readers while the sweep runs; the final table is written at the end
+                write_trials_table(self.sweep_dir, self.rows, self.spec.search.metric, self.spec.search.mode)
+            except OSError:
+                pass
             self.written = time.time()
         self.bar.update(len(rows))
         for row in rows:
@@ -233,14 +244,15 @@ class SweepProgress:
     def finished(self, config: dict) -> None:
         """A trial (or a batch) is complete, also when a scheduler stopped it (its record may come later)."""
         self.running -= 1
-        ids = {m["trial_id"] for m in config.get("members", [config])}
-        rows = [r for r in self.collect() if r["trial_id"] in ids]
+        self.collect()
+        rows = [self.by_id[m["trial_id"]] for m in config.get("members", [config]) if m["trial_id"] in self.by_id]
         if rows:
             self._line(rows, config)
 
     def errored(self, trial) -> None:
         """A trial (or a batch) that raised on every retry: each member without a record is recorded as
-        failed with the error, the sweep goes on."""
+        failed with the error, the sweep goes on. One lost with its worker or node is not a result: it
+        stays missing (the sweep ends incomplete, and --resume reruns it)."""
         self.running -= 1
         self.collect()  # a batch member that finished before its batch failed keeps its record
         error = _error_text(trial)
@@ -248,6 +260,9 @@ class SweepProgress:
         for config in trial.config.get("members", [trial.config]):
             d = trial_dir(self.sweep_dir, config["trial_id"])
             if (d / RECORD).is_file():
+                continue
+            if any(sign in error for sign in LOST_SIGNS):
+                self.lost[config["trial_id"]] = error
                 continue
             try:
                 write_record(d, trial_id=config["trial_id"], sample=config["sample"], spec=dict(config),
@@ -280,6 +295,10 @@ class SweepProgress:
 
     def close(self):
         self.bar.close()
+
+
+LOST_SIGNS = ("ActorDiedError", "NodeDiedError", "OwnerDiedError", "ActorUnavailableError", "WorkerCrashedError",
+              "ObjectLostError", "every model worker is gone")  # infrastructure, not the trial
 
 
 def _finite(v) -> bool:
@@ -352,7 +371,7 @@ class Trackers:
             try:
                 mlflow.MlflowClient(uri).search_experiments(max_results=1)
             except Exception as e:
-                raise NsrError(f"--mlflow {uri}: cannot be opened ({type(e).__name__}: {str(e)[:300]})") from None
+                raise NsrError(redacted(f"--mlflow {uri}: cannot be opened ({type(e).__name__}: {str(e)[:300]})")) from None
             out.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=name, save_artifact=False))
         return out
 
@@ -402,19 +421,28 @@ def launch(sweep_file: str, *, out_root: str = "results", address: str | None = 
     try:
         studies = study_storage(optuna_storage or str(sweep_dir / STUDIES))
         callbacks = trackers.callbacks(sweep_dir, spec.name)
-        state = update_state(sweep_dir, name=spec.name, status="running",
+        state = update_state(sweep_dir, name=spec.name, status="running", uid=_uid(sweep_dir),
                              started=read_state(sweep_dir).get("started", t_start), resumed=(sweep_dir / TRIALS).is_dir(),
-                             optuna_storage=_redacted(optuna_storage) or STUDIES, storage=storage)
+                             optuna_storage=redacted(optuna_storage) or STUDIES, storage=storage,
+                             error=None, n_missing=None, missing=None, missing_reason=None)  # a resume starts clean
         url, local = init_ray(spec, address, dashboard, dashboard_host, network, echo)
         return _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start, storage, studies, callbacks)
     except BaseException as e:  # recorded, so the directory never reads "running" after its launch is gone
         if read_state(sweep_dir).get("status") == "running":
-            update_state(sweep_dir, status="failed", finished=time.time(), error=f"{type(e).__name__}: {e}"[:2000])
+            update_state(sweep_dir, status="failed", finished=time.time(), error=redacted(f"{type(e).__name__}: {e}"[:2000]))
         raise
     finally:
         if local is not None:  # a local cluster: shut down and its leftovers reaped before the lock goes
             local.stop()
         release(sweep_dir)
+
+
+def _uid(sweep_dir: Path) -> str:
+    """The sweep's own id, kept across resumes: its studies' names carry it, so sweeps of one name never share
+    a study in a shared database."""
+    import secrets
+
+    return read_state(sweep_dir).get("uid") or secrets.token_hex(4)
 
 
 def absolute_storage(storage: str | None) -> str | None:
@@ -428,20 +456,13 @@ def absolute_storage(storage: str | None) -> str | None:
 
 def _network_for(network: str, uris: list[str | None], address: str | None, echo) -> str:
     """A local cluster in its own network namespace cannot reach a remote --storage or --mlflow URI."""
-    remote = [u for u in uris if u and "://" in u and not u.startswith("file:")]
+    remote = [u for u in uris if u and "://" in u and not u.startswith(("file:", "sqlite:"))]
     if not remote or address or os.environ.get("RAY_ADDRESS") or network == "host":
         return network
     if network == "isolated":
         raise NsrError(f"--ray-network isolated cannot reach {remote[0]}: use --ray-network host (or auto)")
     echo(f"Ray's ports on the host's network: the workers must reach {remote[0]}")
     return "host"
-
-
-def _redacted(url: str | None) -> str | None:
-    """A database URL without its password (sweep_state.json is shared with collaborators)."""
-    import re
-
-    return re.sub(r"://([^:/@]+):[^@/]+@", r"://\1:***@", url) if url else url
 
 
 def _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start, storage, studies, callbacks) -> Path:
@@ -460,10 +481,11 @@ def _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start, storage,
     n_workers, device, threads = plan_workers(spec)
     model_kw = asdict(model_spec(spec, device))
     rows = finished_rows(sweep_dir)
+    backfill_runs(sweep_dir, [r["trial_id"] for r in rows if r.get("status") == "ok"])
     inbox = start_inbox([r["trial_id"] for r in rows if r.get("status") != "damaged"])
     link = WorkerLink(version=__version__, inbox=inbox, sweep=spec.name, storage=storage,
                       gpu_share=spec.resources.gpus_per_worker if device == "cuda" or
-                      spec.resources.gpu_resource != "GPU" else 0.0,
+                      spec.resources.gpu_resource != "GPU" else 0.0, cuda=device == "cuda",
                       trainable=any(f != "none" for _, f in spec.combos()))
     echo(f"starting {n_workers} model worker(s) on {device}, {threads} thread(s) each …")
     workers = start_workers(n_workers, model_kw, link, spec.resources.gpu_resource, threads)
@@ -482,7 +504,7 @@ def _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start, storage,
     _gauge("nsr_sweep_cache_tokens_per_second", spec.name, meta["tokens_per_second"])
     neurons = resolve_neurons(spec, cache)
     groups = expand(spec, neurons)
-    searcher = GroupedSearch(spec, groups, rows, storage=studies)
+    searcher = GroupedSearch(spec, groups, rows, storage=studies, prefix=f"{spec.name}-{state['uid']}")
     total = len(rows) + searcher.n_remaining
     skipped = len(spec.skipped_combos()) * sum(len(v) for v in neurons.values())
     expected = expected_trials(spec, groups)
@@ -528,7 +550,7 @@ def _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start, storage,
     trial_seconds = sum(_work(r) for r in df.to_dict("records")) - trial_seconds_before
     counts = df["status"].value_counts().to_dict() if len(df) else {}
     missing = sorted(expected - set(df.loc[df["status"].isin(["ok", "failed"]), "trial_id"] if len(df) else []))
-    lost = missing_reason(missing, progress.unwritten)
+    lost = missing_reason(missing, progress.unwritten, progress.lost)
     update_state(sweep_dir, status="incomplete" if missing else "finished", finished=time.time(), model_loads=loads,
                  counts={k: int(v) for k, v in counts.items()}, n_missing=len(missing), missing=missing[:100],
                  missing_reason=lost,
@@ -558,17 +580,19 @@ def expected_trials(spec: SweepSpec, groups: list[dict]) -> set[str]:
     return {trial_id(g, s) for g in groups for s in range(n_samples(spec, g))}
 
 
-def missing_reason(missing: list[str], unwritten: dict[str, str]) -> str:
-    """Why trials have no record here: writes that failed on this disk, or records that never arrived."""
-    if not missing:
-        return ""
+def missing_reason(missing: list[str], unwritten: dict[str, str], lost: dict[str, str]) -> str:
+    """Why trials have no record here: writes that failed on this disk, trials lost with their workers or
+    nodes after every retry, or records that never arrived."""
     failed = [t for t in missing if t in unwritten]
+    died = [t for t in missing if t in lost and t not in unwritten]
     parts = []
     if failed:
         parts.append(f"{len(failed)} could not be written here ({unwritten[failed[0]]})")
-    if len(failed) < len(missing):
-        parts.append(f"{len(missing) - len(failed)} never reached the driver (their workers or nodes were lost, "
-                     "or Tune gave up on them)")
+    if died:
+        parts.append(f"{len(died)} lost with their workers or nodes on every retry ({lost[died[0]][:200]})")
+    if rest := len(missing) - len(failed) - len(died):
+        parts.append(f"{rest} never reached the driver (a worker still running at the end, or a record lost "
+                     "on the way)")
     return "; ".join(parts)
 
 

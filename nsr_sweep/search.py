@@ -77,7 +77,7 @@ def batch_id(members: list[dict]) -> str:
 
 def study_storage(location: str) -> optuna.storages.BaseStorage:
     """Where the studies live: a database URL (sqlite:///…, postgresql://…, mysql://…) or a JournalStorage file."""
-    from .errors import NsrError
+    from .errors import NsrError, redacted
 
     try:
         if "://" in location:
@@ -86,14 +86,15 @@ def study_storage(location: str) -> optuna.storages.BaseStorage:
 
         return optuna.storages.JournalStorage(JournalFileBackend(location))
     except Exception as e:  # a bad URL, a missing database driver, an unreachable server
-        raise NsrError(f"--optuna-storage {location!r} cannot be opened: {type(e).__name__}: {e}"[:500]) from None
+        raise NsrError(redacted(f"--optuna-storage {location!r} cannot be opened: {type(e).__name__}: {e}"[:500])) from None
 
 
 class GroupedSearch(Searcher):
     def __init__(self, spec: SweepSpec, groups: list[dict], finished: list[dict],
-                 storage: optuna.storages.BaseStorage | None = None):
+                 storage: optuna.storages.BaseStorage | None = None, prefix: str | None = None):
         super().__init__(metric=spec.search.metric, mode=spec.search.mode)
         self.spec, self.groups, self.storage = spec, groups, storage
+        self.prefix = prefix or spec.name  # studies are named <prefix>/<group id>
         self.dists = {k: distribution(v) for k, v in spec.search.space.items()}
         self.direction: Literal["minimize", "maximize"] = "minimize" if spec.search.mode == "min" else "maximize"
         self.studies: dict[tuple, optuna.Study] = {}  # opened on first use: batched groups search nothing
@@ -108,8 +109,10 @@ class GroupedSearch(Searcher):
             self.taken[k].add(int(row["sample"]))
             if k not in batched:  # nothing searched in a batch: no study to inform
                 told.setdefault(k, []).append(row)
-        for k, rows in told.items():
-            self._reconcile(self._study(k), rows)
+        stored = set(optuna.get_all_study_names(storage)) if storage is not None else set()
+        for k in self.group_of:  # every study this sweep stored, also one whose only trial was left running
+            if k in told or self._name(k) in stored:
+                self._reconcile(self._study(k), told.get(k, []))
         self.queue = [(s, g) for s in range(spec.search.num_samples) for g in groups
                       if s < n_samples(spec, g) and s not in self.taken[group_key(g)]]
         self.live: dict[str, tuple] = {}
@@ -119,10 +122,13 @@ class GroupedSearch(Searcher):
             seed = stable_seed(self.spec.seed, k)
             sampler = (optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, self.spec.search.num_samples // 3))
                        if self.spec.search.algorithm == "optuna" else optuna.samplers.RandomSampler(seed=seed))
-            self.studies[k] = optuna.create_study(study_name=f"{self.spec.name}/{group_id(self.group_of[k])}",
+            self.studies[k] = optuna.create_study(study_name=self._name(k),
                                                   storage=self.storage, direction=self.direction, sampler=sampler,
                                                   load_if_exists=True)
         return self.studies[k]
+
+    def _name(self, k: tuple) -> str:
+        return f"{self.prefix}/{group_id(self.group_of[k])}"
 
     def _reconcile(self, study: optuna.Study, rows: list[dict]) -> None:
         """A resumed study holds each finished trial once: what a stored study already has is kept, a trial the

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import SweepSpec, dump_sweep, load_sweep, read_yaml
+from .config import SweepSpec, dump_sweep, load_sweep
 from .errors import NsrError
 from .results import atomic_write, json_bytes, write_json
 
@@ -81,6 +81,21 @@ def log_run(sweep_dir: Path | str, trial_id: str, worker: dict) -> None:
     """One line per trial record written (audits "exactly once"): the trial, and the worker (pid, node) that ran it."""
     with open(Path(sweep_dir) / RUNS, "a") as log:
         log.write(json.dumps({"trial_id": trial_id, **worker, "time": time.time()}) + "\n")
+
+
+def backfill_runs(sweep_dir: Path, trial_ids: list[str]) -> int:
+    """A line for each recorded trial runs.jsonl lacks (a launch killed between the record and its line)."""
+    f = Path(sweep_dir) / RUNS
+    logged = set()
+    for line in f.read_text().splitlines() if f.is_file() else []:
+        try:
+            logged.add(json.loads(line)["trial_id"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    missing = [t for t in trial_ids if t not in logged]
+    for t in missing:
+        log_run(sweep_dir, t, {"backfilled": True})
+    return len(missing)
 
 
 def _alive(pid: int) -> bool:
@@ -197,8 +212,8 @@ def _check_same_sweep(sweep_dir: Path, spec: SweepSpec, resume: bool) -> None:
     if not resume:
         raise NsrError(f"{sweep_dir} already holds sweep {spec.name!r}: pass --resume to finish it, "
                        "or choose another name")
-    try:
-        before = read_yaml(resolved)
+    try:  # with every default filled in, as this version fills them (a field added since is no change)
+        before = yaml.safe_load(dump_sweep(load_sweep(resolved, check_model=False)))
     except NsrError:
         before = {}
     after = yaml.safe_load(dump_sweep(spec))

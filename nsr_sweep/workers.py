@@ -46,8 +46,9 @@ class ModelWorker:
         from . import __version__
         from .collect import worker_identity
 
+        secret = ("TOKEN", "SECRET", "KEY", "PASSWORD")  # named, never copied into a shared state file
         return {**worker_identity(), "version": __version__, "device": self.model.spec.device,
-                "env": {k: os.environ.get(k) for k in sorted(forwarded_env())}}
+                "env": {k: "***" if any(s in k for s in secret) else v for k, v in sorted(forwarded_env().items())}}
 
     def build_cache(self, sweep_dict: dict, cache_root: str | None) -> dict:
         """Build or load the sweep's cache; the returned arrays go to the object store (owned by the caller)."""
@@ -161,6 +162,9 @@ class ModelWorker:
         return bundles
 
 
+RERUNS_ON_DEAD_WORKER = 2  # a trial that kills every worker it touches (OOM, a CUDA fault) stops here
+
+
 class WorkerPool:
     """Runs each trial on a free model worker: waits for one, runs, frees it.
 
@@ -175,19 +179,30 @@ class WorkerPool:
         for i in range(len(workers)):
             self.free.put_nowait(i)
         self.where: dict[str, int] = {}
+        self.inflight: dict[str, asyncio.Task] = {}  # trial id → its run (a retried trial joins it)
 
     async def run(self, config: dict) -> dict:
-        while True:
+        tid = config["trial_id"]
+        if tid not in self.inflight:  # Tune retries a trial whose function died with its node: never run it twice
+            self.inflight[tid] = asyncio.ensure_future(self._run(config))
+            self.inflight[tid].add_done_callback(lambda _: self.inflight.pop(tid, None))
+        return await asyncio.shield(self.inflight[tid])
+
+    async def _run(self, config: dict) -> dict:
+        for attempt in range(RERUNS_ON_DEAD_WORKER + 1):
             i = await self._borrow()
             self.where[config["trial_id"]] = i
             try:
                 return await self.workers[i].run.remote(config)
-            except ray.exceptions.RayActorError:  # the worker is gone (its node died): run it on another
+            except ray.exceptions.ActorDiedError:  # its node died (or it was killed): drop it, run on another
                 self.alive.discard(i)
+                if attempt == RERUNS_ON_DEAD_WORKER:
+                    raise
             finally:
                 self.where.pop(config["trial_id"], None)
                 if i in self.alive:
                     self.free.put_nowait(i)
+        raise AssertionError("unreachable")
 
     async def _borrow(self) -> int:
         while True:
@@ -200,12 +215,18 @@ class WorkerPool:
 
     async def progress(self, trial_id: str, since: int) -> list[dict]:
         i = self.where.get(trial_id)
-        return [] if i is None else await self.workers[i].progress.remote(trial_id, since)
+        try:
+            return [] if i is None else await self.workers[i].progress.remote(trial_id, since)
+        except ray.exceptions.RayActorError:
+            return []  # the run's own call reports the death
 
     async def stop(self, trial_id: str) -> None:
         i = self.where.get(trial_id)
-        if i is not None:
-            await self.workers[i].stop.remote(trial_id)
+        try:
+            if i is not None:
+                await self.workers[i].stop.remote(trial_id)
+        except ray.exceptions.RayActorError:
+            pass
 
     async def each(self, method: str, *args) -> list:
         """`method(*args)` on every live worker (a worker that died meanwhile is dropped)."""
@@ -234,6 +255,7 @@ class WorkerLink:
     sweep: str
     storage: str | None = None
     gpu_share: float = 0.0  # the fraction of one GPU this worker reserves (resources.gpus_per_worker)
+    cuda: bool = False  # the workers run on CUDA
     trainable: bool = False  # some trial fine-tunes the model (optimizer state on the GPU)
 
 
@@ -245,7 +267,11 @@ def start_workers(n: int, model_spec_kw: dict, link: WorkerLink, gpu_resource: s
     # functions that call them must still be schedulable beside them
     # two threads: `run` trains while `progress`/`stop` answer the trial function (for ASHA)
     share = link.gpu_share
-    reserve = ({"num_gpus": share} if gpu_resource == "GPU" else {"resources": {gpu_resource: share}}) if share else {}
+    reserve: dict[str, Any] = {}
+    if share and gpu_resource != "GPU":
+        reserve["resources"] = {gpu_resource: share}
+    if share and (gpu_resource == "GPU" or link.cuda):  # a GPU reserved: Ray sets CUDA_VISIBLE_DEVICES
+        reserve["num_gpus"] = share
     actor = ray.remote(num_cpus=0, max_concurrency=2)(ModelWorker)  # type: ignore[call-overload]
     workers = [actor.options(scheduling_strategy="SPREAD", **reserve).remote(model_spec_kw, threads, link)
                for _ in range(n)]
@@ -288,12 +314,14 @@ def check_gpu_share(model, share: float, trainable: bool) -> None:
 def gpu_budget(weight_bytes: int, total_bytes: int, share: float, trainable: bool) -> None:
     """Weights, ×4 when fine-tuning (gradients and Adam's two moments), plus a quarter for activations."""
     need = weight_bytes * (4 if trainable else 1) * 1.25
-    have = total_bytes * (share or 1.0)
+    have = total_bytes * min(share or 1.0, 1.0)  # a worker's model lives on one device, whatever it reserves
     if need > have:
-        least = min(1.0, need / total_bytes) if total_bytes else 1.0
-        raise NsrError(f"resources.gpus_per_worker {share:g}: the model needs ≈{need / 2**30:.1f} GiB "
-                       f"({'fine-tuning' if trainable else 'weights'}), its share of a {total_bytes / 2**30:.0f} GiB "
-                       f"GPU is {have / 2**30:.1f} GiB; allowed ≥ {least:.2f}")
+        what = f"the model needs ≈{need / 2**30:.1f} GiB ({'fine-tuning' if trainable else 'weights'})"
+        if need > total_bytes:
+            raise NsrError(f"resources.gpus_per_worker {share:g}: {what}, more than a whole "
+                           f"{total_bytes / 2**30:.0f} GiB GPU: use bigger GPUs or device cpu")
+        raise NsrError(f"resources.gpus_per_worker {share:g}: {what}, its share of a {total_bytes / 2**30:.0f} GiB "
+                       f"GPU is {have / 2**30:.1f} GiB; allowed ≥ {need / total_bytes:.2f}")
 
 
 def _rankable(value: float, mode: str) -> float:
@@ -325,6 +353,7 @@ def trial_function(config: dict, *, pool, metric: str, mode: str, stream: bool) 
         raise
     row = ray.get(ref)
     row["nsr_trial_id"] = row.pop("trial_id")  # Tune owns the `trial_id` key of a result
+    row[metric] = _rankable(row.get(metric, math.nan), mode)  # Tune stops the whole run on a result without it
     tune.report({k: v for k, v in row.items() if isinstance(v, (int, float, str, bool)) or v is None})
 
 

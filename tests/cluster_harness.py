@@ -90,13 +90,12 @@ def driver(cfg: dict) -> None:
             break
         if step["what"] == "node":
             pid = raylet_pid(NODE2_PORT)
-            report["killed_raylet"] = pid
+            report["killed_raylet"], report["records_at_node_kill"] = pid, lines(runs)
             if pid:
                 os.kill(pid, signal.SIGKILL)
         else:
             p.kill()
-            p.wait()
-            report["launches"].append({"rc": -9, "records_before": lines(runs)})
+            report["launches"].append({"rc": p.wait(), "records_before": lines(runs)})
             time.sleep(2)
             p = subprocess.Popen([*launch, "--resume"], env=env, stdout=log, stderr=subprocess.STDOUT)
     report["launches"].append({"rc": p.wait(timeout=max(1, deadline - time.time()))})

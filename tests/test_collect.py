@@ -51,8 +51,10 @@ def test_a_packed_trial_written_by_the_driver_is_the_directory_save_trial_writes
         rec["metrics"].pop("artefact_seconds")
     assert a == b
     assert write_bundle(sweep_dir, bundle) is None  # a retried trial's second arrival: kept once
+    (got / RECORD).write_text("{truncated")  # damaged: the next arrival replaces it
+    assert write_bundle(sweep_dir, bundle)["status"] == "ok" and json.loads((got / RECORD).read_text())["status"] == "ok"
     runs = [json.loads(line) for line in (sweep_dir / "runs.jsonl").read_text().splitlines()]
-    assert [r["trial_id"] for r in runs] == ["L1-N3-regression-after_target-s0"] and runs[0]["pid"]
+    assert [r["trial_id"] for r in runs] == ["L1-N3-regression-after_target-s0"] * 2 and runs[0]["pid"]
 
 
 def test_saved_weights_go_to_storage_and_the_record_names_where(finetuned, tmp_path):
@@ -70,7 +72,7 @@ def test_the_inbox_keeps_each_trial_once_and_hands_it_over_once():
     inbox = Inbox(finished=["a"])
     assert inbox.put([{"trial_id": "a", "row": {}}, {"trial_id": "b", "row": {"r": 1}}]) == 1  # a finished earlier
     assert inbox.put([{"trial_id": "b", "row": {"r": 2}}]) == 0  # b's retry arrives too: dropped
-    assert inbox.rows(["a", "b", "c"]) == {"a": {}, "b": {"r": 1}}
+    assert inbox.rows(["a", "b", "c"]) == {"a": {"trial_id": "a", "status": "ok"}, "b": {"r": 1}}
     assert [b["trial_id"] for b in inbox.take()] == ["b"] and inbox.take() == []
 
 
@@ -97,3 +99,6 @@ def test_a_gpu_share_too_small_for_the_model_is_refused_with_the_least_share_tha
     with pytest.raises(NsrError, match=r"gpus_per_worker 0\.25: .* ≈40\.0 GiB \(fine-tuning\).* 20\.0 GiB; allowed ≥ 0\.50"):
         gpu_budget(8 * gib, 80 * gib, 0.25, trainable=True)
     gpu_budget(8 * gib, 80 * gib, 0.25, trainable=False)  # weights alone fit: 10 GiB of 20
+    gpu_budget(8 * gib, 80 * gib, 2.0, trainable=False)  # a worker reserving two GPUs still uses one
+    with pytest.raises(NsrError, match="more than a whole 80 GiB GPU"):
+        gpu_budget(30 * gib, 80 * gib, 2.0, trainable=True)

@@ -195,22 +195,23 @@ def test_studies_persist_and_a_resume_reloads_them_without_telling_twice(tmp_pat
 
 
 def test_a_trial_left_running_without_a_record_is_told_failed(tmp_path):
+    """Also in a group that has no record at all (its only trial was running when the launch died)."""
     import optuna
 
     from nsr_sweep.search import study_storage
 
     spec = parse_sweep(with_(search={"num_samples": 2, "space": {"lr": {"loguniform": [1e-4, 1e-2]}}},
-                             training={"solver": "adamw"}))
-    groups = expand(spec, {1: [3]})
+                             training={"solver": "adamw"}, neurons=[3, 4]))
+    groups = expand(spec, {1: [3, 4]})
     log = str(tmp_path / "optuna.log")
     first = GroupedSearch(spec, groups, [], storage=study_storage(log))
-    c0, c1 = first.suggest("t0"), first.suggest("t1")
+    c0, c1, c2 = first.suggest("t0"), first.suggest("t1"), first.suggest("t2")  # N3 s0, N4 s0, N3 s1
     first.on_trial_complete("t0", {"val_mse": 0.3})
     second = GroupedSearch(spec, groups, [{**c0, "status": "ok", "val_mse": 0.3}], storage=study_storage(log))
-    assert second.n_remaining == 1 and second.queue[0][0] == 1  # sample 1 runs again
-    trials = optuna.load_study(study_name="t/L1-N3-regression-none", storage=study_storage(log)).trials
-    assert [(t.user_attrs["trial_id"], t.state.name) for t in trials] == [(c0["trial_id"], "COMPLETE"),
-                                                                         (c1["trial_id"], "FAIL")]
+    assert sorted((g["neuron"], s) for s, g in second.queue) == [(3, 1), (4, 0), (4, 1)]  # those run again
+    states = {t.user_attrs["trial_id"]: t.state.name for name in ("t/L1-N3-regression-none", "t/L1-N4-regression-none")
+              for t in optuna.load_study(study_name=name, storage=study_storage(log)).trials}
+    assert states == {c0["trial_id"]: "COMPLETE", c1["trial_id"]: "FAIL", c2["trial_id"]: "FAIL"}
     with pytest.raises(NsrError, match="--optuna-storage 'nosuchdb://x' cannot be opened"):
         study_storage("nosuchdb://x")
 
@@ -350,7 +351,8 @@ def test_sigkill_mid_sweep_then_resume_runs_every_trial_exactly_once(tmp_path):
         time.sleep(0.3)
     assert driver.poll() is None, "the sweep ended before it could be killed"
     studies = _studies(sweep_dir)  # what `optuna-dashboard results/killed/optuna.log` shows of a running sweep
-    assert studies and all(n.startswith("killed/L1-") and n.endswith("-after_target") for n in studies)
+    uid = json.loads((sweep_dir / "sweep_state.json").read_text())["uid"]
+    assert studies and all(n.startswith(f"killed-{uid}/L1-") and n.endswith("-after_target") for n in studies)
     busy = subprocess.run(_launch_cmd(sweep, tmp_path / "res", "--resume"), env=_env(), capture_output=True, text=True)
     assert busy.returncode == 2 and "still running" in busy.stderr  # a second launch into a running sweep
     os.kill(driver.pid, signal.SIGKILL)
