@@ -89,6 +89,13 @@ def _loopback(addr: str) -> bool:
     return addr.startswith("127.") or addr in ("[::1]", "[::ffff:127.0.0.1]") or addr.startswith("[::ffff:127.")
 
 
+def _until(pred, timeout: float) -> None:
+    """Poll `pred` for up to `timeout` s (the assertions that follow say what was still wrong)."""
+    deadline = time.time() + timeout
+    while not pred() and time.time() < deadline:
+        time.sleep(0.2)
+
+
 def _wait_for(pred, timeout: float, what: str, proc=None):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -203,7 +210,7 @@ def test_local_ray_listens_on_loopback_only_and_nothing_outlives_a_sigkilled_dri
         temp_dirs = list(localray.ray_temp_root().glob("*"))
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait()
-        time.sleep(10)
+        _until(lambda: not _alive(cluster) and not any(d.exists() for d in temp_dirs if _owned_by(d, driver.pid)), 10)
         assert _alive(cluster) == [], {p: cluster[p] for p in _alive(cluster)}
         assert not any(d.exists() for d in temp_dirs if _owned_by(d, driver.pid))
         assert _status(out / "fp")["state"] == "interrupted"
@@ -261,7 +268,7 @@ def test_twenty_simultaneous_launch_pairs_each_run_exactly_one_and_any_kill_resu
         winner.wait()
         survivors.update(cluster)
         assert _status(sweep_dir)["state"] == "interrupted", i
-    time.sleep(10)
+    _until(lambda: not _alive(survivors), 10)
     assert _alive(survivors) == [], {p: survivors[p] for p in _alive(survivors)}
     assert max(_runs(sweep_dir).values(), default=1) == 1
     r = subprocess.run(_launch(sweep, out, "--resume", "--no-dashboard"), env=env, capture_output=True, text=True,

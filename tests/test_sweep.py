@@ -329,11 +329,7 @@ def test_end_to_end_sweep_on_local_ray(tmp_path):
     assert status["counts"] == {"ok": 36} and status["expected"] == 36 and status["best"]
 
     again = subprocess.run(_launch_cmd(sweep, tmp_path / "res"), env=_env(), capture_output=True, text=True)
-    assert again.returncode == 2 and "pass --resume" in again.stderr
-    resumed = subprocess.run(_launch_cmd(sweep, tmp_path / "res", "--resume"), env=_env(), capture_output=True,
-                             text=True, timeout=600)
-    assert resumed.returncode == 0 and "36 already finished" in resumed.stdout
-    _check_complete(sweep_dir, expected=36)
+    assert again.returncode == 2 and "pass --resume" in again.stderr  # (--resume itself: the SIGKILL test)
 
 
 @pytest.mark.slow
