@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -421,8 +422,10 @@ def launch(sweep_file: str, *, out_root: str = "results", address: str | None = 
     try:
         studies = study_storage(optuna_storage or str(sweep_dir / STUDIES))
         callbacks = trackers.callbacks(sweep_dir, spec.name)
-        state = update_state(sweep_dir, name=spec.name, status="running", uid=_uid(sweep_dir),
-                             started=read_state(sweep_dir).get("started", t_start), resumed=(sweep_dir / TRIALS).is_dir(),
+        before = read_state(sweep_dir)  # a resume keeps its start and its uid (study names carry it: never shared)
+        state = update_state(sweep_dir, name=spec.name, status="running",
+                             uid=before.get("uid") or secrets.token_hex(4),
+                             started=before.get("started", t_start), resumed=(sweep_dir / TRIALS).is_dir(),
                              optuna_storage=redacted(optuna_storage) or STUDIES, storage=storage,
                              error=None, n_missing=None, missing=None, missing_reason=None)  # a resume starts clean
         url, local = init_ray(spec, address, dashboard, dashboard_host, network, echo)
@@ -435,14 +438,6 @@ def launch(sweep_file: str, *, out_root: str = "results", address: str | None = 
         if local is not None:  # a local cluster: shut down and its leftovers reaped before the lock goes
             local.stop()
         release(sweep_dir)
-
-
-def _uid(sweep_dir: Path) -> str:
-    """The sweep's own id, kept across resumes: its studies' names carry it, so sweeps of one name never share
-    a study in a shared database."""
-    import secrets
-
-    return read_state(sweep_dir).get("uid") or secrets.token_hex(4)
 
 
 def absolute_storage(storage: str | None) -> str | None:
@@ -488,8 +483,7 @@ def _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start, storage,
                       spec.resources.gpu_resource != "GPU" else 0.0, cuda=device == "cuda",
                       trainable=any(f != "none" for _, f in spec.combos()))
     echo(f"starting {n_workers} model worker(s) on {device}, {threads} thread(s) each …")
-    workers = start_workers(n_workers, model_kw, link, spec.resources.gpu_resource, threads)
-    info = ray.get([w.describe.remote() for w in workers])
+    workers, info = start_workers(n_workers, model_kw, link, spec.resources.gpu_resource, threads)
     echo(f"{n_workers} model worker(s) on {len({i['node'] for i in info})} node(s); building or loading the cache …")
     arrays_ref = workers[0].build_cache.remote(spec.model_dump(mode="json"), cache_root)
     ray.get([w.set_cache.remote(arrays_ref) for w in workers])  # each worker: zero-copy views of one copy

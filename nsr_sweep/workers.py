@@ -259,10 +259,11 @@ class WorkerLink:
     trainable: bool = False  # some trial fine-tunes the model (optimizer state on the GPU)
 
 
-def start_workers(n: int, model_spec_kw: dict, link: WorkerLink, gpu_resource: str, threads: int) -> list:
+def start_workers(n: int, model_spec_kw: dict, link: WorkerLink, gpu_resource: str,
+                  threads: int) -> tuple[list, list[dict]]:
     """n model workers, each reserving `link.gpu_share` of `gpu_resource` (GPU, or a custom resource that
-    stands for one); spread over the nodes. Returns once every worker has loaded its model, or fails
-    with the first worker's error (a version mismatch names the node)."""
+    stands for one); spread over the nodes. Returns them and their `describe()` once every worker has
+    loaded its model, or fails with the first worker's error (a version mismatch names the node)."""
     # CPU workers reserve no Ray CPU: their number is chosen from the cores, and the thin trial
     # functions that call them must still be schedulable beside them
     # two threads: `run` trains while `progress`/`stop` answer the trial function (for ASHA)
@@ -276,11 +277,10 @@ def start_workers(n: int, model_spec_kw: dict, link: WorkerLink, gpu_resource: s
     workers = [actor.options(scheduling_strategy="SPREAD", **reserve).remote(model_spec_kw, threads, link)
                for _ in range(n)]
     try:
-        ray.get([w.describe.remote() for w in workers])
+        return workers, ray.get([w.describe.remote() for w in workers])
     except ray.exceptions.RayActorError as e:
         cause = getattr(e, "cause", None) or e
         raise NsrError(f"a model worker could not start: {str(cause).strip().splitlines()[-1]}") from None
-    return workers
 
 
 FORWARDED_PREFIXES = ("HF_", "NSR_", "TRANSFORMERS_")
