@@ -1,14 +1,14 @@
-"""`sweeps/every-neuron.yaml` against the per-trial path, side by side in one run (issue 12's target: ≥ 20×
-the neurons per second, and the whole sweep ≤ 10 minutes on 2 CPU cores, report included).
+"""`sweeps/every-neuron.yaml` as written: every neuron of nsr-tiny asks "better than an outsider?" (targets:
+≤ 10 minutes on 2 CPU cores with the report; ≤ 1,000 files and ≤ 200 MB of results).
 
-    python benchmarks/every_neuron.py [--per-trial-k 8] [--out DIR]
+    python benchmarks/every_neuron.py [--hook pre] [--per-trial-k 0] [--out DIR]
 
-1. the sweep as written: all 2,048 neurons of nsr-tiny × (regression, classification) × (real,
-   shuffled), batched probes, analyses on;
-2. the same sweep with `resources.batch_neurons: 1` (one trial per neuron, the path before batching)
-   on the top `--per-trial-k` neurons by variance of each layer.
-Both are real launches on local Ray; the activation cache is built by the first and loaded by the
-second. Prints wall-clock seconds (total with report, and the trials alone) and neurons per second.
+A real launch on local Ray (the activation cache is built inside it, as from a fresh clone). Prints the
+wall clock (total with the report, the trials, the report), the results directory's files and size, the
+checks of issue 18 (every probe row has a finite exact patch slope; cross-model and input-only rows for
+every neuron), and the first-order estimate's agreement with exact patching per layer and head.
+`--hook pre` runs the same sweep on `blocks.L.mlp.hook_pre`; `--per-trial-k K` also runs the sweep with
+one neuron per unit of work (`resources.batch_neurons: 1`) on the top K neurons of each layer.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,33 +35,61 @@ def launch(sweep: dict, out: Path) -> dict:
     t0 = time.time()
     subprocess.run([sys.executable, "-m", "nsr_sweep.cli", "launch", str(f), "--out", str(out), "--no-dashboard"],
                    check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
-    state = json.loads((out / sweep["name"] / "sweep_state.json").read_text())
-    n = sum(len(v) for v in state["neurons"].values())
-    return {"neurons": n, "trials": sum(state["counts"].values()), "wall_s": time.time() - t0,
-            "trials_s": state["timings"]["trials_wall_s"], "report_s": state.get("report_s", 0.0)}
+    wall = time.time() - t0
+    d = out / sweep["name"]
+    state = json.loads((d / "sweep_state.json").read_text())
+    files = [p for p in d.rglob("*") if p.is_file()]
+    return {"dir": d, "neurons": sum(len(v) for v in state["neurons"].values()),
+            "trials": sum(state["counts"].values()), "wall_s": wall, "cache_s": state["timings"]["cache_s"],
+            "trials_s": state["timings"]["trials_wall_s"], "report_s": state.get("report_s", 0.0),
+            "files": len(files), "mb": sum(p.stat().st_size for p in files) / 1e6}
+
+
+def checks(d: Path) -> list[str]:
+    df = pd.read_parquet(d / "tables" / "trials.parquet")
+    probes = df[df["freeze"] == "none"]
+    real = probes[probes["control"].isna()]
+    lines = [f"probe rows {len(probes)}, with a finite exact patch_slope: {int(np.isfinite(probes['patch_slope']).sum())}",
+             f"status: {df['status'].value_counts().to_dict()}"]
+    for c in ("cross_model", "input_only", "shuffled"):
+        have = set(zip(probes.loc[probes["control"] == c, "layer"], probes.loc[probes["control"] == c, "neuron"]))
+        lines.append(f"neurons with {c} rows: {len(have)} of {len(set(zip(real['layer'], real['neuron'])))}")
+    return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--per-trial-k", type=int, default=8)
+    ap.add_argument("--hook", choices=["post", "pre"], default="post")
+    ap.add_argument("--per-trial-k", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="nsr-every-"))
     out.mkdir(parents=True, exist_ok=True)
     sweep = yaml.safe_load((REPO / "sweeps" / "every-neuron.yaml").read_text())
-    batched = launch(sweep, out)
-    per_trial = launch({**sweep, "name": "every-neuron-per-trial",
-                        "neurons": [{"select": "top_variance", "k": args.per_trial_k}],
-                        "resources": {**sweep.get("resources", {}), "batch_neurons": 1}}, out)
-    print(f"{'path':<11} {'neurons':>8} {'trials':>7} {'wall s':>8} {'trials s':>9} {'report s':>9} "
-          f"{'neurons/s (wall)':>17} {'neurons/s (trials)':>19}")
-    for name, r in (("batched", batched), ("per trial", per_trial)):
-        print(f"{name:<11} {r['neurons']:>8} {r['trials']:>7} {r['wall_s']:>8.1f} {r['trials_s']:>9.1f} "
-              f"{r['report_s']:>9.1f} {r['neurons'] / r['wall_s']:>17.2f} {r['neurons'] / r['trials_s']:>19.2f}")
-    ratio_wall = (batched["neurons"] / batched["wall_s"]) / (per_trial["neurons"] / per_trial["wall_s"])
-    ratio_trials = (batched["neurons"] / batched["trials_s"]) / (per_trial["neurons"] / per_trial["trials_s"])
-    print(f"\nbatched / per trial: {ratio_wall:.1f}× neurons per second (wall), {ratio_trials:.1f}× (trials)")
-    print(f"results under {out}")
+    if args.hook == "pre":
+        sweep = {**sweep, "name": "every-neuron-pre", "target": {"hook": "pre"}}
+    runs = {"units": launch(sweep, out)}
+    if args.per_trial_k:
+        runs["neuron per unit"] = launch({**sweep, "name": f"{sweep['name']}-per-neuron",
+                                          "neurons": [{"select": "top_variance", "k": args.per_trial_k}],
+                                          "resources": {**sweep.get("resources", {}), "batch_neurons": 1}}, out)
+    print(f"{'path':<16} {'neurons':>8} {'trials':>7} {'wall s':>8} {'cache s':>8} {'trials s':>9} {'report s':>9} "
+          f"{'files':>6} {'MB':>7} {'neurons/s':>10}")
+    for name, r in runs.items():
+        print(f"{name:<16} {r['neurons']:>8} {r['trials']:>7} {r['wall_s']:>8.1f} {r['cache_s']:>8.1f} "
+              f"{r['trials_s']:>9.1f} {r['report_s']:>9.1f} {r['files']:>6} {r['mb']:>7.1f} "
+              f"{r['neurons'] / r['wall_s']:>10.2f}")
+    d = runs["units"]["dir"]
+    print("\n" + "\n".join(checks(d)))
+    agree = pd.read_parquet(d / "tables" / "patch_estimate.parquet")
+    print("\nfirst-order estimate vs exact patch slope (tables/patch_estimate.parquet):")
+    print(agree.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    comp = pd.read_parquet(d / "tables" / "comparison_by_layer.parquet")
+    cols = ["layer", "head", "n_neurons", "self_r", "cross_r", "input_only_r", "n_gap_cross_r_positive",
+            "n_gap_cross_r_negative", "n_gap_input_only_r_positive"]
+    print("\nself vs outsiders per layer (tables/comparison_by_layer.parquet):")
+    print(comp[[c for c in cols if c in comp]].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"\nresults under {out}")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@
 
 nsr-tiny, default features and settings, 2 threads. "per trial" is the path a sweep took for every
 neuron before batching: `run_trial` then `save_trial` (with its chart) for `--sample` neurons spread
-over the layer; "batch" is `run_trials` on all 512 neurons then `save_trial` without the chart, as
-a batch member is saved. Both write to a temp dir. Prints neurons per second and the ratio, per
-(head, control); `--analyses` turns the per-neuron analyses on (patching dominates them).
+over the layer; "batch" is `run_trials` on all 512 neurons then their unit's Parquet files, as a sweep
+records a unit. Both write to a temp dir. Prints neurons per second and the ratio, per (head, control);
+`--analyses` turns the per-neuron analyses on (exact patching and cosines).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from nsr_sweep.cache import ActivationCache, CacheSpec
 from nsr_sweep.config import TrialSpec
 from nsr_sweep.corpus import load_corpus
 from nsr_sweep.models import load_model
-from nsr_sweep.sweepdir import save_trial
+from nsr_sweep.records import save_trial, save_unit
 from nsr_sweep.trial import run_trial, run_trials
 
 
@@ -50,8 +50,8 @@ def main() -> None:
                 return TrialSpec(layer=args.layer, neuron=n, head=head, control=control, seed=n,
                                  analyses=args.analyses)
             t0 = time.perf_counter()
-            for r in run_trials(cache, model, [spec(n) for n in range(d_mlp)]):
-                save_trial(r, out / f"b-{head}-{control}-{r.spec.neuron}", plot=False)
+            results = run_trials(cache, model, [spec(n) for n in range(d_mlp)])
+            save_unit([(r, f"t{r.spec.neuron}", 0) for r in results], out, f"b-{head}-{control}")
             batch = d_mlp / (time.perf_counter() - t0)
             sample = np.linspace(0, d_mlp - 1, args.sample).astype(int)
             t0 = time.perf_counter()

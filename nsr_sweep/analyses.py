@@ -1,4 +1,4 @@
-"""Does the predictor *use* the neuron? (DESIGN.md §1: directions and cosines, projections, patching.)
+"""Does the predictor *use* the neuron? (docs/science.md: directions and cosines, projections, patching.)
 
 Every function here takes a finished trial's context and returns columns for the trial table:
 - `readout_direction` and `weight_cosines`: the head's direction in residual space against the
@@ -13,11 +13,16 @@ Every function here takes a finished trial's context and returns columns for the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
+
 import numpy as np
 import pandas as pd
 import torch
 from scipy import stats
 
+from .heads import HeadMap, LinearHead
+from .patching import LastPosition
 from .uncertainty import slope_interval
 
 
@@ -35,13 +40,17 @@ def _cos(a: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return (a @ B) / (a.norm() * B.norm(dim=0)).clamp_min(1e-30)
 
 
+@lru_cache(maxsize=4)
+def random_directions(d: int, n: int = 1000, seed: int = 0) -> torch.Tensor:
+    """The random null: n Gaussian directions in d dimensions (seeded, the same for every trial)."""
+    return torch.randn(d, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
 def weight_cosines(direction: torch.Tensor, vectors: dict[str, torch.Tensor], neuron: int, suffix: str = "",
                    n_random: int = 1000, seed: int = 0) -> dict:
     """cos(direction, vectors[name][:, n]) for each named [d_model, d_mlp] set, z-scored against the layer's
     other neurons and against random Gaussian directions; columns `cos_<name><suffix>[_z_neurons|_z_random]`."""
-    gen = torch.Generator().manual_seed(seed)
-    rand = torch.randn(direction.shape[0], n_random, generator=gen, dtype=torch.float64)
-    null_random = _cos(direction, rand)
+    null_random = _cos(direction, random_directions(direction.shape[0], n_random, seed))
     others = torch.tensor([m for m in range(next(iter(vectors.values())).shape[1]) if m != neuron])
     out: dict = {}
     for name, V in vectors.items():
@@ -57,7 +66,7 @@ def weight_cosines(direction: torch.Tensor, vectors: dict[str, torch.Tensor], ne
 
 def direction_cosines(surface, read_hook: str, direction: torch.Tensor, layer: int, neuron: int, seed: int = 0,
                       suffix: str = "") -> dict:
-    """The head's readout direction against the neuron's weights in `surface` (DESIGN §1), raw and effective.
+    """The head's readout direction against the neuron's weights in `surface` (docs/science.md), raw and effective.
 
     Raw: the direction in the head's feature basis against W_in[:, n] (the up projection), W_gate[:, n]
     (gated MLPs) and W_out[n, :]. Effective (`_eff`): both sides as directions in the residual stream —
@@ -109,7 +118,7 @@ def patch_grid(y_train: np.ndarray, kind: str, n: int, scales) -> np.ndarray:
 
 def fit_patch(points: pd.DataFrame) -> dict:
     """Δpred = slope·Δact + b over all (text, grid value) points; plus the spread of per-text slopes."""
-    dx, dy = points["delta_act"].to_numpy(), points["delta_pred"].to_numpy()
+    dx, dy = points["delta_act"].to_numpy(np.float64), points["delta_pred"].to_numpy(np.float64)
     if np.ptp(dx) == 0:
         return {"patch_slope": float("nan"), "patch_slope_lo": float("nan"), "patch_slope_hi": float("nan"),
                 "patch_intercept": float("nan"), "patch_r2": float("nan"),
@@ -117,12 +126,89 @@ def fit_patch(points: pd.DataFrame) -> dict:
     slope, intercept = np.polyfit(dx, dy, 1)
     resid = dy - (slope * dx + intercept)
     r2 = 1 - resid.var() / dy.var() if dy.var() > 0 else float("nan")
-    per_text = [np.polyfit(g["delta_act"], g["delta_pred"], 1)[0] for _, g in points.groupby("text_id")
-                if np.ptp(g["delta_act"].to_numpy()) > 0]
+    texts, inv = np.unique(points["text_id"].to_numpy(), return_inverse=True)  # per-text least squares, from sums
+    n, sx, sy = (np.bincount(inv, w, len(texts)) for w in (np.ones_like(dx), dx, dy))
+    sxx, sxy = np.bincount(inv, dx * dx, len(texts)), np.bincount(inv, dx * dy, len(texts))
+    var = sxx - sx**2 / n
+    spread = var > 1e-12 * np.maximum(sxx, 1e-300)  # a text whose grid moved the neuron at all
+    per_text = (sxy - sx * sy / n)[spread] / var[spread]
     lo, hi = slope_interval(points["text_id"].to_numpy(), dx, dy)
     return {"patch_slope": float(slope), "patch_slope_lo": lo, "patch_slope_hi": hi,
             "patch_intercept": float(intercept), "patch_r2": float(r2),
-            "patch_slope_text_std": float(np.std(per_text)), "patch_slope_text_median": float(np.median(per_text))}
+            "patch_slope_text_std": float(np.std(per_text)) if len(per_text) else float("nan"),
+            "patch_slope_text_median": float(np.median(per_text)) if len(per_text) else float("nan")}
+
+
+@dataclass
+class Probe:
+    """A fitted probe as the patching analyses see it: its neuron, head and head map."""
+
+    neuron: int
+    head: LinearHead
+    hmap: HeadMap
+
+
+def probe_patching(engine: LastPosition, probes: list[Probe], grids: dict[int, np.ndarray], scale: bool,
+                   text_ids: np.ndarray) -> tuple[list[pd.DataFrame], list[float]]:
+    """Exact patching points and the first-order estimate of every probe, from one frozen base model.
+
+    The patched features of each (neuron, grid value, text) are computed once (`engine.features`) and read
+    by every probe of that neuron — every head, real or shuffled. `grids[n]`: neuron n's grid (G values to
+    set, or scale factors of its own value)."""
+    neurons = np.array(sorted({p.neuron for p in probes}))
+    col = {int(n): j for j, n in enumerate(neurons)}
+    acts = engine.activations(neurons)  # B × N, the patched hook at each text's last position
+    G = len(next(iter(grids.values())))
+    values = torch.stack([acts[:, col[n]][:, None] * torch.as_tensor(grids[n]) if scale else
+                          torch.as_tensor(grids[n], dtype=torch.float64).expand(len(text_ids), -1)
+                          for n in neurons.tolist()], 1)  # B × N × G
+    points: list[pd.DataFrame | None] = [None] * len(probes)
+    step = engine.neurons_per_step(G)
+    base = None
+    for lo in range(0, len(neurons), step):
+        feats, base = engine.features(neurons[lo : lo + step], values[:, lo : lo + step])
+        for i, p in enumerate(probes):
+            j = col[p.neuron] - lo
+            if 0 <= j < feats.shape[1]:  # the unpatched features in the same call: same rounding
+                pred = p.hmap.predict(p.head(torch.cat([base[:, None], feats[:, j]], 1))).numpy()  # B × (1 + G)
+                pred0, pred = pred[:, 0], (pred[:, 1:] if engine.reachable else pred[:, :1].repeat(G, 1))
+                points[i] = _points(text_ids, grids[p.neuron], acts[:, j + lo].numpy(),
+                                    values[:, j + lo].numpy(), pred0, pred)
+    assert base is not None
+    grad = engine.feature_gradient(neurons)  # B × N × d_f
+    estimates = [float((_prediction_gradient(p, base) * grad[:, col[p.neuron]]).sum(1).mean()) for p in probes]
+    return [p for p in points if p is not None], estimates
+
+
+def _points(text_ids, grid, act_base, act_patched, pred_base, pred_patched) -> pd.DataFrame:
+    """The raw patching points of one probe: texts × grid values."""
+    B, G = act_patched.shape
+    points = pd.DataFrame({
+        "text_id": np.repeat(np.asarray(text_ids, np.int64), G), "grid_value": np.tile(np.asarray(grid, np.float64), B),
+        "act_base": np.repeat(act_base, G), "act_patched": act_patched.reshape(-1),
+        "pred_base": np.repeat(pred_base, G), "pred_patched": pred_patched.reshape(-1)})
+    points["delta_act"] = points["act_patched"] - points["act_base"]
+    points["delta_pred"] = points["pred_patched"] - points["pred_base"]
+    return points
+
+
+def _prediction_gradient(p: Probe, features: torch.Tensor) -> torch.Tensor:
+    """B × d_f: d prediction / d features of a probe — σ·w for regression; Wᵀ(p ⊙ (values − pred)) binned."""
+    W = p.head.weight.double()
+    if p.hmap.head == "regression":
+        return (p.hmap.sigma * W[0]).expand(features.shape[0], -1)
+    probs = torch.softmax(p.head(features).double(), -1)
+    values = torch.as_tensor(p.hmap.values, dtype=torch.float64)
+    return (probs * (values[None, :] - (probs @ values)[:, None])) @ W
+
+
+def unreachable_patch(probe: bool = True) -> dict:
+    """The patch columns of a predictor whose inputs have no path from the neuron (another model, the text's
+    own tokens, or the residual before the layer): Δprediction ≡ 0, so the slope is exactly 0 (and so is a
+    probe's first-order estimate)."""
+    return {"patch_slope": 0.0, "patch_slope_lo": 0.0, "patch_slope_hi": 0.0, "patch_intercept": 0.0,
+            "patch_r2": float("nan"), "patch_slope_text_std": 0.0, "patch_slope_text_median": 0.0,
+            **({"patch_slope_est": 0.0} if probe else {})}
 
 
 def run_patching(predict_with_patch, text_ids: np.ndarray, act_base: np.ndarray, grid: np.ndarray,
@@ -159,61 +245,56 @@ def residual_change(delta: np.ndarray, head_dir: torch.Tensor, act: np.ndarray, 
     }
 
 
-def analyse(cache, base, final, trained: bool, spec, hmap, preds: pd.DataFrame, splits: dict,
-            real: np.ndarray) -> tuple[dict, pd.DataFrame]:
-    """The analysis columns of DESIGN §1 for one trial, and the raw patching points.
+def weight_columns(cache, base, head_weight: torch.Tensor, read_hook: str, spec, hmap, readout: np.ndarray,
+                   test: np.ndarray, real: np.ndarray) -> dict:
+    """The original neuron in the original model, on the test split at the target position: cosines of the
+    head's readout direction with the base weights, and the correlations of the neuron with the head's
+    readout in the original model (`readout`, test texts), with its own input projection and with the final
+    residual on its write vector (both from the cache)."""
+    L, n = spec.layer, spec.neuron
+    direction = readout_direction(head_weight.double(), hmap)
+    out: dict = direction_cosines(base, read_hook, direction, L, n)
+    w = base.neuron_weights(L)
+    out.update(projections(real[test], readout, np.asarray(cache.extra[f"mlp_in_L{L}"])[test], w["W_pre"][:, n],
+                           w["b_pre"][n], np.asarray(cache.extra["resid_final"])[test], w["W_out"][n]))
+    return out
 
-    One model at a time: the original neuron in the original model (cosines with the base weights;
-    projections from the cache), and — for a trained model, as `_ft` columns — the fine-tuned neuron
-    in the fine-tuned model. Every projection is read at the target position (the text's last token);
-    patching runs in the final model, based at the real neuron's value there."""
+
+def analyse(cache, base, final, spec, hmap, preds: pd.DataFrame, splits: dict, real: np.ndarray
+            ) -> tuple[dict, pd.DataFrame]:
+    """The analysis columns of an unfrozen trial, and its raw patching points (probes: `probe_patching`).
+
+    One model at a time: the original neuron in the original model (cosines with the base weights; the
+    readout of the frozen head on the original model's features; projections from the cache), and — as
+    `_ft` columns — the fine-tuned neuron in the fine-tuned model. Every projection is read at the target
+    position (the text's last token); patching runs in the final model, based at the neuron's value
+    there, over a grid from that neuron's own train distribution."""
     from .cache import mlp_input_hook, neuron_hook
+    from .forward import TrialModel
 
     L, n = spec.layer, spec.neuron
     test = splits["test"]
     direction = readout_direction(final.head.weight.double(), hmap)
-    out: dict = direction_cosines(base, spec.read_hook, direction, L, n, seed=spec.seed)
-    readout = preds["readout"].to_numpy()[test]
-    w = base.neuron_weights(L)
-    out.update(projections(real[test], readout, np.asarray(cache.extra[f"mlp_in_L{L}"])[test], w["W_pre"][:, n],
-                           w["b_pre"][n], np.asarray(cache.extra["resid_final"])[test], w["W_out"][n]))
-    if trained:
-        ft = final.surface
-        out.update(direction_cosines(ft, spec.read_hook, direction, L, n, seed=spec.seed, suffix="_ft"))
-        act, mlp_in = neuron_hook(L, final.hook), mlp_input_hook(L)
-        _, got = final.batched(test, reads=(act, mlp_in, "ln_final.hook_in"))
-        wf = ft.neuron_weights(L)
-        out.update(projections(got[act][:, n].numpy(), readout, got[mlp_in].numpy(), wf["W_pre"][:, n],
-                               wf["b_pre"][n], got["ln_final.hook_in"].numpy(), wf["W_out"][n], suffix="_ft"))
-        out.update(_residual_change(base, final, direction, test, real))
+    original = TrialModel(base, final.head, final.read_hook, final.seqs, final.answer_pos, final.target_pos, L,
+                          final.hook, n, final.pad_id)
+    readout = hmap.readout(original.batched(test)[0]).numpy()
+    out = weight_columns(cache, base, final.head.weight, spec.read_hook, spec, hmap, readout, test, real)
+    ft = final.surface
+    out.update(direction_cosines(ft, spec.read_hook, direction, L, n, suffix="_ft"))
+    act, mlp_in = neuron_hook(L, final.hook), mlp_input_hook(L)
+    _, got = final.batched(test, reads=(act, mlp_in, "ln_final.hook_in"))
+    wf = ft.neuron_weights(L)
+    out.update(projections(got[act][:, n].numpy(), preds["readout"].to_numpy()[test], got[mlp_in].numpy(),
+                           wf["W_pre"][:, n], wf["b_pre"][n], got["ln_final.hook_in"].numpy(), wf["W_out"][n],
+                           suffix="_ft"))
+    out.update(_residual_change(base, final, direction, test, real))
     sample = test[: spec.patch_texts]
-    if not trained:  # a probe: the base model's Jacobian, shared by every probe of the layer
-        out["patch_slope_est"] = patch_slope_estimate(final, hmap, sample)
-    if not spec.exact_patch:
-        return out, None
-    grid = patch_grid(real[splits["train"]], spec.patch_grid, spec.n_grid, spec.scales)
-    act_base = preds["actual_ft"].to_numpy()[sample]  # the real neuron in the final model
-    points = run_patching(lambda v: hmap.predict(final.run(sample, v)[0]).numpy(), sample, act_base, grid,
+    actual_ft = preds["actual_ft"].to_numpy()
+    grid = patch_grid(actual_ft[splits["train"]], spec.patch_grid, spec.n_grid, spec.scales)  # the final model's neuron
+    points = run_patching(lambda v: hmap.predict(final.run(sample, v)[0]).numpy(), sample, actual_ft[sample], grid,
                           scale=spec.patch_grid == "scale")
     out.update(fit_patch(points))
     return out, points
-
-
-def patch_slope_estimate(final, hmap, sample: np.ndarray) -> float:
-    """First-order patching (as attribution patching): the mean over the patching texts of d prediction /
-    d activation at each text's own activation — the head's gradient in feature space (σ·w for
-    regression; Wᵀ(p ⊙ (values − pred)) for the binned heads) through ∂features/∂neuron."""
-    f, J = final.jacobian(sample)  # n × d_f, n × d_f × d_mlp
-    column = J[:, :, final.neuron].double()  # ∂features/∂(this neuron), per text
-    out = final.head(f).double()
-    W = final.head.weight.double()  # n_out × d_f
-    if hmap.head == "regression":
-        grad_f = hmap.sigma * W[0].expand(len(sample), -1)
-    else:
-        p = torch.softmax(out, -1)
-        values = torch.as_tensor(hmap.values, dtype=torch.float64)
-        grad_f = (p * (values[None, :] - (p @ values)[:, None])) @ W  # ∂(p·values)/∂logits = p ⊙ (values − pred)
-    return float((grad_f * column).sum(1).mean())
 
 
 def _residual_change(base, final, direction: torch.Tensor, test: np.ndarray, real: np.ndarray) -> dict:

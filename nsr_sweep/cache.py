@@ -95,7 +95,11 @@ class CacheSpec:
 
 def tokenize(model: BaseModel, texts: list[str], max_tokens: int) -> tuple[list[list[int]], int]:
     """BOS + text tokens, at most `max_tokens` in all (as TransformerLens prepends BOS); count truncated."""
-    tok = model.tokenizer
+    return encode(model.tokenizer, texts, max_tokens)
+
+
+def encode(tok, texts: list[str], max_tokens: int) -> tuple[list[list[int]], int]:
+    """`tokenize` with a tokenizer alone."""
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     out, n_trunc = [], 0
     for ids in tok(texts, add_special_tokens=False)["input_ids"]:
@@ -127,7 +131,7 @@ def mlp_input_hook(layer: int) -> str:
 
 @torch.no_grad()
 def check_identity(model: BaseModel, seqs: list[list[int]], layer: int) -> dict:
-    """The neuron's definition recomputed by hand from the norm's input and the weights (DESIGN §1).
+    """The neuron's definition recomputed by hand from the norm's input and the weights (docs/science.md).
 
     hook_pre == norm2(x)·W_pre[:, n] + b_pre[n] with norm2 written out (LayerNorm or RMSNorm, with its
     affine) and x what the MLP reads (resid_mid, or resid_pre in parallel blocks); hook_post ==

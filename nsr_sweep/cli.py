@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -154,9 +155,10 @@ def cache():
 def cache_build(sweep_file, root):
     """Build (or load) the activation cache a sweep needs."""
     from .config import load_sweep
-    from .sweep import build_cache
+    from .sweep import build_cache, check_cross_model
 
     spec = load_sweep(sweep_file)
+    check_cross_model(spec)
     cache = build_cache(spec, root=root)
     m = cache.meta
     click.echo(f"cache {m['key']}: {m['n_texts']} texts, {m['n_tokens']} tokens, layers {sorted(cache.acts)} "
@@ -189,16 +191,45 @@ def cache_build(sweep_file, root):
 def launch(sweep_file, out_root, address, resume, dry_run, dashboard, dashboard_host, cache_root, network, storage,
            optuna_storage, tensorboard, mlflow):
     """Run a sweep: Ray model workers, Tune + Optuna trials, results/<name>/."""
-    from .orchestrate import Trackers, dry_run_text, preflight
+    from .orchestrate import Trackers, dry_run_text, isolate_here, preflight
     from .orchestrate import launch as run_launch
 
     if dry_run:
         click.echo(dry_run_text(preflight(sweep_file, address, cache_root, out_root)))
         return
+    options = dict(sweep_file=sweep_file, out_root=out_root, address=address, resume=resume, dashboard=dashboard,
+                   dashboard_host=dashboard_host, cache_root=cache_root, network=network, storage=storage,
+                   optuna_storage=optuna_storage, tensorboard=tensorboard, mlflow=mlflow)
+    if isolate_here(options, echo=click.echo):  # a local cluster, closed: launched from a child process of its own
+        from .localray import DashboardForward, spawn_isolated
+
+        forward = DashboardForward(dashboard_host) if dashboard else None
+        sys.exit(spawn_isolated(options, forward))
     sweep_dir = run_launch(sweep_file, out_root=out_root, address=address, resume=resume, dashboard=dashboard,
                            dashboard_host=dashboard_host, cache_root=cache_root, network=network, storage=storage,
                            optuna_storage=optuna_storage, trackers=Trackers(tensorboard, mlflow), echo=click.echo)
     click.echo(f"results: {sweep_dir}")
+
+
+def run_isolated_launch(args: dict, isolated: bool, why: str | None, forward) -> int:
+    """The launch inside the child process `localray.spawn_isolated` started (after it entered its namespace)."""
+    from .orchestrate import Isolation, Trackers
+    from .orchestrate import launch as run_launch
+
+    if isolated:  # what needs the network was fetched by the parent: nothing here reaches it
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    try:
+        sweep_dir = run_launch(args["sweep_file"], out_root=args["out_root"], address=None, resume=args["resume"],
+                               dashboard=args["dashboard"], dashboard_host=args["dashboard_host"],
+                               cache_root=args["cache_root"], network=args["network"], storage=args["storage"],
+                               optuna_storage=args["optuna_storage"],
+                               trackers=Trackers(args["tensorboard"], args["mlflow"]), echo=click.echo,
+                               isolation=Isolation(isolated, why, forward))
+    except NsrError as e:
+        click.echo(f"error: {e}", err=True)
+        return 2
+    click.echo(f"results: {sweep_dir}")
+    return 0
 
 
 @main.command()

@@ -1,8 +1,9 @@
 """Trial records travel to the driver through Ray: no worker's disk is assumed to be the driver's.
 
-    model worker (any node): a trial's directory packed in memory (`pack_trial`)
-      ─▶ `Inbox`, an actor on the driver's node ─▶ the driver takes what arrived (`Inbox.take`)
-      ─▶ results/<name>/trials/<id>/ (`write_bundle`, metrics.json last) and one line in runs.jsonl
+    model worker (any node): a trial's directory, or a unit's Parquet files, packed in memory
+      (`pack_trial`, `pack_unit`) ─▶ `Inbox`, an actor on the driver's node ─▶ the driver takes what
+      arrived (`Inbox.take`) ─▶ results/<name>/trials/<id>/ or probes/ (`write_bundle`, the record
+      last) and one line per trial in runs.jsonl
 
 Saved weights (`training.save_weights`) are the one large artefact: with `--storage` (a path or a
 pyarrow.fs URI: s3://…, gs://…) workers upload them there and the record names where (`model_uri`);
@@ -11,26 +12,40 @@ without it they travel to the driver like everything else.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from .sweepdir import TRIALS, log_run, trial_dir, trial_files, write_files
+from .records import write_files
+from .sweepdir import PROBES, TRIALS, log_run, trial_dir
 
 
 def pack_trial(result, trial_id: str, sample: int, *, plot: bool, storage: str | None, sweep: str) -> dict:
-    """A finished trial's directory as {relative path: bytes}, plus its row for Tune and who ran it."""
-    from .tables import trial_row
-    from .trial import spec_dict
+    """A finished trial's directory as {path under the results directory: bytes}, its row for Tune, who ran it."""
+    from .records import trial_files, trial_row
 
     if storage and result.save_model is not None:  # uploaded from here; the record says where
         uri = upload_dir(result.save_model, storage, f"{sweep}/{TRIALS}/{trial_id}/model")
         result = replace(result, save_model=None, metrics={**result.metrics, "model_uri": uri})
-    files = trial_files(result, trial_id, sample, plot)
-    config = {**spec_dict(result.spec), "trial_id": trial_id, "sample": sample}
+    files = {f"{TRIALS}/{trial_id}/{k}": v for k, v in trial_files(result, trial_id, sample, plot).items()}
+    config = {**result.spec.model_dump(mode="json"), "trial_id": trial_id, "sample": sample}
     row = trial_row(config, result.status, result.metrics, result.reason, seconds=result.metrics.get("seconds"))
-    return {"trial_id": trial_id, "files": files, "row": row, "worker": worker_identity()}
+    return {"unit": None, "trial_ids": [trial_id], "files": files, "rows": [row], "worker": worker_identity()}
+
+
+def pack_unit(done: list[tuple], unit: str) -> dict:
+    """A unit of batched probes — `done` holds (result, trial id, sample) — as its Parquet files and rows."""
+    from .records import unit_files
+
+    files = unit_files(done, unit)
+    import pandas as pd
+
+    rows = pd.read_parquet(io.BytesIO(files[f"{PROBES}/records/{unit}.parquet"])) \
+        .drop(columns=["spec_json", "history_json"]).to_dict("records")
+    return {"unit": unit, "trial_ids": [tid for _, tid, _ in done], "files": files, "rows": rows,
+            "worker": worker_identity()}
 
 
 def worker_identity() -> dict:
@@ -53,17 +68,27 @@ def upload_dir(write, storage: str, relative: str) -> str:
     return f"{storage.rstrip('/')}/{relative}"
 
 
-def write_bundle(sweep_dir: Path, bundle: dict) -> dict | None:
-    """Write a trial's files under the driver's results directory, its record last; log the run. None when
-    the trial already has a record (a retried trial whose first run had arrived: it is kept, once)."""
-    from .tables import read_trial_dir
+def write_bundle(sweep_dir: Path, bundle: dict) -> list[dict]:
+    """Write a trial's (or a unit's) files under the driver's results directory, the record last; log each
+    trial's run. Returns the rows written — none when the record is already there (a retried trial whose
+    first run had arrived is kept once; a damaged record is replaced)."""
+    from .records import finished_rows, read_trial_dir, unit_records
 
-    d = trial_dir(sweep_dir, bundle["trial_id"])
-    if (read_trial_dir(d) or {}).get("status") in ("ok", "failed"):  # a damaged record is replaced
-        return None
-    write_files(d, bundle["files"])
-    log_run(sweep_dir, bundle["trial_id"], bundle.get("worker", {}))
-    return read_trial_dir(d)
+    if bundle["unit"] is None:
+        tid = bundle["trial_ids"][0]
+        if (read_trial_dir(trial_dir(sweep_dir, tid)) or {}).get("status") in ("ok", "failed"):
+            return []
+    elif (Path(sweep_dir) / PROBES / "records" / f"{bundle['unit']}.parquet").is_file():
+        units = unit_records(sweep_dir)
+        if len(units) and bundle["unit"] in set(units["unit"]):
+            return []
+    write_files(sweep_dir, bundle["files"])
+    for tid in bundle["trial_ids"]:
+        log_run(sweep_dir, tid, bundle.get("worker", {}))
+    if bundle["unit"] is None:
+        return [r for r in [read_trial_dir(trial_dir(sweep_dir, bundle["trial_ids"][0]))] if r is not None]
+    want = set(bundle["trial_ids"])
+    return [r for r in finished_rows(sweep_dir) if r["trial_id"] in want]
 
 
 class Inbox:
@@ -75,11 +100,11 @@ class Inbox:
         self.arrived: dict[str, dict] = {t: {"trial_id": t, "status": "ok"} for t in finished}  # id → its row
 
     def put(self, bundles: list[dict]) -> int:
-        """Keep the bundles of trials that have not arrived yet; returns how many were new."""
-        new = [b for b in bundles if b["trial_id"] not in self.arrived]
+        """Keep the bundles whose trials have not all arrived yet; returns how many were new."""
+        new = [b for b in bundles if not all(t in self.arrived for t in b["trial_ids"])]
         for b in new:
-            self.arrived[b["trial_id"]] = b["row"]
-            self.waiting[b["trial_id"]] = b
+            self.arrived.update((r["trial_id"], r) for r in b["rows"])
+            self.waiting[b["unit"] or b["trial_ids"][0]] = b
         return len(new)
 
     def rows(self, trial_ids: list[str]) -> dict[str, dict]:

@@ -2,10 +2,14 @@
 
 Per neuron and head/freeze (`tables/comparison.parquet`): the best real trial ("self"), the best
 cross_model trial of the same group (another model, same texts, same target), and the neuron's
-input_only trial (the text alone) — each r and skill with a bootstrap interval over the test texts —
-and the gaps self − cross and self − input-only with paired bootstrap intervals (the same resamples
-of the same test texts). Per layer and head/freeze (`tables/comparison_by_layer.parquet`): the mean
-of each over neurons with a t interval over neurons (for r, clipped to r's range).
+input_only trial (the text alone) — each r and skill with its interval over the test texts — and the
+gaps self − cross and self − input-only with paired intervals and p-values (the same texts left out of
+both predictors), Benjamini–Hochberg-controlled over the neurons of each layer × head × freeze.
+
+Per layer and head/freeze (`tables/comparison_by_layer.parquet`): the mean over the layer's neurons of
+each of those, with an interval that leaves each shared test text out of every neuron at once (the
+neurons of a layer are read on the same texts), and how many neurons' gap is positive, or negative,
+after the multiple-comparison control. Intervals and p-values: `uncertainty` (jackknife-t).
 """
 
 from __future__ import annotations
@@ -15,19 +19,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .metrics import prediction_metrics
-from .sweepdir import TRIALS
-from .uncertainty import gap_interval, mean_interval, metric_intervals
+from .records import test_predictions
+from .uncertainty import bh_adjusted, gap_tests, layer_mean_intervals, metric_interval_arrays
 
 KEY = ["layer", "neuron", "head", "freeze"]
 METRICS = ("pearson_r", "skill")
 OTHERS = ("cross", "input_only")
 SHORT = {"pearson_r": "r", "skill": "skill"}
-
-
-def _test_preds(sweep_dir: Path, trial_id: str) -> pd.DataFrame | None:
-    f = Path(sweep_dir) / TRIALS / trial_id / "preds.parquet"
-    return pd.read_parquet(f) if f.is_file() else None
+Q = 0.05
+"""False discovery rate of the per-neuron gap tests (Benjamini–Hochberg, per layer × head × freeze)."""
 
 
 def _best(df: pd.DataFrame, control: str) -> pd.DataFrame:
@@ -35,60 +35,64 @@ def _best(df: pd.DataFrame, control: str) -> pd.DataFrame:
     return ok.set_index(KEY if control != "input_only" else ["layer", "neuron"])
 
 
-def comparison(sweep_dir: Path, df: pd.DataFrame) -> pd.DataFrame:
-    """One row per best real trial: self, cross and input-only r/skill with intervals, and the two gaps."""
+def _matrix(table: pd.DataFrame, ids: list, texts: np.ndarray) -> np.ndarray:
+    """Rows of `table` (trial × text) for trial ids (NaN rows for None or a trial without predictions)."""
+    out = np.full((len(ids), len(texts)), np.nan)
+    have = [i for i, t in enumerate(ids) if t is not None and t in table.index]
+    if have:
+        out[have] = table.loc[[ids[i] for i in have], texts].to_numpy(np.float64)
+    return out
+
+
+def compare(sweep_dir: Path, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per neuron, per layer) self-vs-outsider tables from the best trials and their stored test predictions."""
     if df.empty or "control" not in df:
-        return pd.DataFrame()
+        return pd.DataFrame(), pd.DataFrame()
     real = df[(df["status"] == "ok") & df["best"] & df["control"].isna()]
     cross, text = _best(df, "cross_model"), _best(df, "input_only")
-    rows = []
-    for t in real.itertuples(index=False):
-        key = tuple(getattr(t, k) for k in KEY)
-        self_p = _test_preds(sweep_dir, t.trial_id)
-        if self_p is None:
-            continue
-        train_mean = float(self_p.loc[self_p["split"] == "train", "actual_orig"].mean())
-        test = self_p[self_p["split"] == "test"].sort_values("text_id")
-        row: dict = dict(zip(KEY, key), self_trial=t.trial_id)
-        preds = {"self": test["pred"].to_numpy()}
-        for name, table, k in (("cross", cross, key), ("input_only", text, key[:2])):
-            tid = table.loc[k, "trial_id"] if k in table.index else None
-            p = _test_preds(sweep_dir, tid) if tid is not None else None
-            row[f"{name}_trial"] = tid
-            if p is not None:
-                p = p[p["split"] == "test"].set_index("text_id").loc[test["text_id"]]
-                preds[name] = p["pred"].to_numpy()
-        actual = test["actual_orig"].to_numpy()
-        for name in ("self", *OTHERS):
-            point = prediction_metrics(preds[name], actual, train_mean) if name in preds else {}
-            iv = metric_intervals(preds[name], actual, train_mean) if name in preds else {}
+    wanted = set(real["trial_id"]) | set(cross["trial_id"]) | set(text["trial_id"])
+    preds = test_predictions(sweep_dir, wanted)
+    if real.empty or preds.empty:
+        return pd.DataFrame(), pd.DataFrame()
+    pred = preds.pivot(index="trial_id", columns="text_id", values="pred")  # every trial: the same test texts
+    actual = preds.pivot(index="trial_id", columns="text_id", values="actual_orig")
+    texts = np.asarray(sorted(pred.columns))
+    neurons, layers = [], []
+    for (L, h, f), g in real.groupby(["layer", "head", "freeze"], sort=True):
+        g = g.sort_values("neuron")
+        ids = {"self": list(g["trial_id"]),
+               "cross": [cross["trial_id"].get((L, n, h, f)) for n in g["neuron"]],
+               "input_only": [text["trial_id"].get((L, n)) for n in g["neuron"]]}
+        y = _matrix(actual, ids["self"], texts)
+        p = {k: _matrix(pred, v, texts) for k, v in ids.items()}
+        train_mean = g["train_mean"].to_numpy(np.float64)
+        rows = pd.DataFrame({"layer": L, "neuron": g["neuron"].to_numpy(), "head": h, "freeze": f,
+                             **{f"{k}_trial": v for k, v in ids.items()}})
+        for name, x in p.items():
             for m in METRICS:
+                iv = metric_interval_arrays(m, x, y, train_mean)
                 col = f"{name}_{SHORT[m]}"
-                row[col], row[f"{col}_lo"], row[f"{col}_hi"] = (point.get(m, np.nan), iv.get(f"{m}_lo", np.nan),
-                                                                iv.get(f"{m}_hi", np.nan))
+                rows[col], rows[f"{col}_lo"], rows[f"{col}_hi"] = iv["point"], iv["lo"], iv["hi"]
+        layer = {"layer": L, "head": h, "freeze": f, "n_neurons": len(g)}
         for name in OTHERS:
             for m in METRICS:
+                t = gap_tests(p["self"], p[name], y, m, train_mean)
                 col = f"gap_{name}_{SHORT[m]}"
-                g = gap_interval(preds["self"], preds[name], actual, m, train_mean) if name in preds else \
-                    {"gap": np.nan, "gap_lo": np.nan, "gap_hi": np.nan}
-                row[col], row[f"{col}_lo"], row[f"{col}_hi"] = g["gap"], g["gap_lo"], g["gap_hi"]
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def by_layer(comp: pd.DataFrame) -> pd.DataFrame:
-    """Per layer × head/freeze: mean over neurons of self, cross, input-only and the gaps, t intervals over neurons."""
-    if comp.empty:
-        return pd.DataFrame()
-    values = [f"{n}_{SHORT[m]}" for n in ("self", *OTHERS) for m in METRICS] + \
-             [f"gap_{n}_{SHORT[m]}" for n in OTHERS for m in METRICS]
-    rows = []
-    for (L, h, f), g in comp.groupby(["layer", "head", "freeze"], sort=True):
-        row = {"layer": L, "head": h, "freeze": f, "n_neurons": int(g["neuron"].nunique())}
-        for v in values:
-            m, lo, hi = mean_interval(g[v])
-            bound = 2.0 if v.startswith("gap_") else 1.0  # a t interval knows no range: keep it inside r's
-            row[v], row[f"{v}_lo"], row[f"{v}_hi"] = (m, max(lo, -bound), min(hi, bound)) if v.endswith("_r") \
-                else (m, lo, hi)
-        rows.append(row)
-    return pd.DataFrame(rows)
+                q = bh_adjusted(t["gap_p"])
+                rows[col], rows[f"{col}_lo"], rows[f"{col}_hi"] = t["gap"], t["gap_lo"], t["gap_hi"]
+                rows[f"{col}_p"], rows[f"{col}_q"] = t["gap_p"], q
+                layer[f"n_{col}_positive"] = int(np.sum((q <= Q) & (t["gap"] > 0)))
+                layer[f"n_{col}_negative"] = int(np.sum((q <= Q) & (t["gap"] < 0)))
+                layer[f"n_{col}_tested"] = int(np.isfinite(t["gap_p"]).sum())
+        for name, x in p.items():
+            got = layer_mean_intervals(x, y, train_mean, others={o: p[o] for o in OTHERS} if name == "self" else None)
+            for m in METRICS:
+                col = f"{name}_{SHORT[m]}"
+                layer[col], layer[f"{col}_lo"], layer[f"{col}_hi"] = got[m], got[f"{m}_lo"], got[f"{m}_hi"]
+                if name == "self":
+                    for o in OTHERS:
+                        k, gcol = f"gap_{o}_{m}", f"gap_{o}_{SHORT[m]}"
+                        layer[gcol], layer[f"{gcol}_lo"], layer[f"{gcol}_hi"] = got[k], got[f"{k}_lo"], got[f"{k}_hi"]
+        neurons.append(rows)
+        layers.append(layer)
+    return pd.concat(neurons, ignore_index=True), pd.DataFrame(layers)

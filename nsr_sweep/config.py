@@ -91,8 +91,9 @@ class TrainingCfg(Strict):
     patience: int = Field(3, ge=1, le=10000)
     n_bins: int = Field(10, ge=2, le=1000)
     solver: Literal["exact", "adamw"] = "exact"
-    """Frozen-base probes (freeze none): `exact` solves the convex problem — ridge for regression, L-BFGS to a
-    gradient tolerance for classification — with the L2 strength chosen on validation; `adamw` trains from zero
+    """Frozen-base probes (freeze none): `exact` solves them to convergence — exact ridge for regression, the
+    ordinal head (a logistic regression of the bins on the ridge readout, Newton to a gradient tolerance) for
+    classification — with the L2 strength chosen on validation; `adamw` trains a full linear head from zero
     (lr, epochs, batch_size, weight_decay, patience). Unfrozen trials always train with AdamW."""
     suffix: str = " Question: how strongly does neuron {neuron} of layer {layer} fire on this text, from 0 to 9? Answer:"
     """The token head's question after each text; placeholders {layer} and {neuron} only."""
@@ -113,17 +114,16 @@ Integer = int  # the field `int` below shadows the builtin inside the class body
 
 
 class AnalysisCfg(Strict):
-    """Activation patching on the trial's final model (DESIGN.md §1)."""
+    """Activation patching on the trial's final model (docs/science.md)."""
 
     patch_grid: Literal["quantiles", "scale"] = "quantiles"
     n_grid: int = Field(7, ge=2, le=101)
     scales: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0], min_length=2)
     patch_texts: int = Field(64, ge=2, le=4096)
     enabled: bool = True
-    exact_patch_neurons: int = Field(8, ge=0, le=100000)
-    """Per batch of probes (a layer's neurons fitted together), how many neurons — evenly spread over the
-    batch — also get exact activation patching; every probe gets the first-order estimate
-    `patch_slope_est`, and a trial run alone is always patched exactly."""
+    exact_patch_neurons: Optional[int] = Field(None, ge=0, le=100000)
+    """Obsolete (accepted so older sweep files still load; it changes nothing): every probe is now patched
+    exactly, beside its first-order estimate `patch_slope_est`."""
 
 
 class Dist(Strict):
@@ -198,11 +198,13 @@ class ResourcesCfg(Strict):
     cluster's own label, a test's stand-in). With a custom one set `device` yourself (auto means cpu);
     with device cuda the same share of GPU is reserved too, so Ray still assigns each worker its GPU."""
     cpus_per_trial: float = Field(1, gt=0, le=256)
-    max_concurrent: int = Field(0, ge=0)  # 0: as many as the cluster fits
+    max_concurrent: int = Field(0, ge=0)
+    """Most trials (or units of probes) running at once; 0: two per model worker (one queued hides Tune's latency)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_neurons: int = Field(1024, ge=1, le=100000)
-    """Most neurons whose exact frozen-base probes (one layer, head and control) run as one batch; 1 runs
-    one trial per neuron, as before batching (for comparison)."""
+    """Most neurons in one unit of work: the exact frozen-base probes of a chunk of one layer's neurons, every
+    head and control, fitted and patched together (units are sized smaller when that keeps every worker
+    busy); 1 runs a unit per neuron (for comparison)."""
 
     @field_validator("workers")
     @classmethod
@@ -382,8 +384,6 @@ class TrialSpec(TrainingCfg):
     scales: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0)
     patch_texts: int = Field(64, ge=2, le=4096)
     analyses: bool = True
-    exact_patch: bool = True
-    """Run exact activation patching (a batch member outside the exact subset has only the estimate)."""
 
     @model_validator(mode="after")
     def _valid(self):
@@ -431,7 +431,7 @@ def _format_error(e: ValidationError) -> str:
     where = ".".join(str(p) for p in err["loc"]) or "sweep"
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        return f"{where}: unknown key (check the spelling; see sweeps/quickstart.yaml for the allowed keys)"
+        return f"{where}: unknown key (check the spelling; docs/sweep-file.md lists the allowed keys)"
     bad = err.get("input")
     shown = "" if isinstance(bad, (dict, list)) else f" (got {bad!r})"
     if not err["loc"] and re.match(r"^[\w.]+:", msg):

@@ -8,6 +8,7 @@ the cache, which reports its own count.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import os
@@ -39,7 +40,13 @@ class Corpus:
 
 
 def python_docs_passages() -> list[str]:
-    """Paragraphs of `pydoc_data.topics` and the stdlib's docstrings, read with `ast` (nothing imported)."""
+    """Paragraphs of `pydoc_data.topics` and the stdlib's docstrings, read with `ast` (nothing imported); parsed
+    once per process (a few seconds: every standard-library file)."""
+    return list(_python_docs_passages())
+
+
+@functools.lru_cache(maxsize=1)
+def _python_docs_passages() -> tuple[str, ...]:
     import pydoc_data.topics
 
     documents = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
@@ -62,7 +69,7 @@ def python_docs_passages() -> list[str]:
             text = " ".join(para.split())
             if text:
                 passages.append(text)
-    return passages
+    return tuple(passages)
 
 
 def _read_lines(path: Path) -> list[str]:

@@ -2,8 +2,9 @@
 
 - `fit_probes`: one linear head per neuron of a layer, all at once. By default solved to convergence
   (a frozen-base probe is convex): `solve_ridge` (exact ridge, λ chosen on validation) for regression,
-  `solve_logistic` (L-BFGS on whitened features to a gradient tolerance, L2 chosen on validation) for
-  classification — both batched over neurons, each neuron's answer the same as alone;
+  `solve_logistic` (the bins regressed, multinomial-logistically, on the ridge readout: damped Newton to a
+  gradient tolerance, L2 chosen on validation) for classification — both batched over neurons, each
+  neuron's answer the same as alone;
   `adamw_probes` (solver adamw) trains from zero with early stopping;
 - `train_model`: a trainable copy of blocks start… and the final norm (from the model surface)
   under a frozen head, with AdamW; returns the trained surface.
@@ -124,196 +125,253 @@ def adamw_probes(features: np.ndarray, targets: np.ndarray, head: str, spec: Tri
     return ProbeFit(best_W, best_b, maps, history, failed, info)
 
 
+RANK_CUTOFF = 1e-6
+"""Directions of the centred train features whose singular value is ≤ RANK_CUTOFF·s₁ are no directions
+(float32 rounding: a LayerNorm's output spans d − 1 dimensions, its last singular value ~1e-8·s₁). One
+constant for both solvers (a classification probe reads the ridge readout)."""
 RIDGE_GRID = (0.0,) + tuple(10.0**k for k in range(-10, 1))
 """Ridge λ candidates, relative to the largest eigenvalue of the train features' scatter matrix (scale-free)."""
-L2_GRID = (1.0, 1e-1, 1e-2, 1e-3)
-"""Logistic L2 strengths on whitened features, strongest first (each warm-starts the next; the path
-stops once a weaker penalty improves no neuron's validation MSE)."""
+L2_GRID = tuple(10.0 ** (-k / 2) for k in range(11))
+"""Logistic L2 strengths on the slopes of the standardised readout, 1 … 1e-5 in half decades, strongest first
+(each warm-starts the next); every strength is solved and the best on validation is chosen."""
+TIE = 1e-6
+"""Validation MSEs within TIE × the baseline's (predicting the train mean: the target's scale) of the least
+are a tie, and a tie goes to the weakest penalty (an exact answer stays exact). TIE is far above float64
+rounding and the solvers' tolerance (two Newton paths to the same optima give validation MSEs within 2e-9 of
+the baseline on nsr-tiny), so no choice depends on the BLAS build or on which neurons share a batch."""
+
+
+def _choose(val_mse: np.ndarray, baseline: np.ndarray, strongest_first: bool) -> np.ndarray:
+    """Per column of val_mse (grid × N): the index of the weakest penalty among those tied for the least."""
+    tied = val_mse <= val_mse.min(0) + TIE * baseline
+    if strongest_first:
+        return len(val_mse) - 1 - np.argmax(tied[::-1], 0)
+    return np.argmax(tied, 0)
+
+
+def _ridge(X: torch.Tensor, targets: np.ndarray, splits: dict[str, np.ndarray]):
+    """Exact ridge of every standardised column of `targets` on X (float64, bias unpenalised), λ chosen per
+    column from RIDGE_GRID on the validation MSE in activation units. Returns the regression maps, W (d × N,
+    standardised-target units; no component outside the kept directions), b (N), the choice (N), the λ scale
+    s₁² and the numerical rank."""
+    tr, va = splits["train"], splits["val"]
+    maps = [HeadMap("regression", targets[tr, j]) for j in range(targets.shape[1])]
+    Z = torch.as_tensor(np.stack([(targets[:, j] - m.mu) / m.sigma for j, m in enumerate(maps)], 1))
+    sigma = torch.as_tensor([m.sigma for m in maps], dtype=torch.float64)
+    mx, mz = X[tr].mean(0), Z[tr].mean(0)
+    U, s, Vt = centred_svd(X[tr] - mx)
+    keep = s > s[0] * RANK_CUTOFF if s.numel() and s[0] > 0 else torch.zeros_like(s, dtype=torch.bool)
+    U, s, Vt = U[:, keep], s[keep], Vt[keep]  # the numerical rank
+    UtZ = U.T @ (Z[tr] - mz)  # r × N
+    Xv = (X[va] - mx) @ Vt.T  # n_val × r
+    scale = float(s[0] ** 2) if s.numel() else 1.0
+    val_mse = torch.stack([(((Xv @ ((s / (s**2 + rel * scale))[:, None] * UtZ) + mz - Z[va]) * sigma) ** 2).mean(0)
+                           for rel in RIDGE_GRID])  # grid × N, activation units
+    choice = _choose(val_mse.numpy(), _baseline(maps, targets[va]), strongest_first=False)
+    coef = torch.stack([s / (s**2 + RIDGE_GRID[c] * scale) for c in choice], 1) if len(choice) else UtZ  # r × N
+    W = Vt.T @ (coef * UtZ)  # d × N
+    return maps, W, mz - mx @ W, choice, scale, int(s.numel())
+
+
+_SVDS: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def centred_svd(Xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD of centred train features, remembered by their content: every unit of a sweep, every head
+    and both solvers read the same few feature sets (this model's, the other model's, the token counts)."""
+    import hashlib
+
+    key = hashlib.sha256(Xc.contiguous().numpy().tobytes()).hexdigest()
+    if key not in _SVDS:
+        if Xc.shape[1] > Xc.shape[0]:  # wide (token counts: ~10⁴ columns): Xᵀ = QR, then the SVD of the small Rᵀ —
+            Q, R = torch.linalg.qr(Xc.T)  # as accurate as the direct SVD (QR is backward stable), 5× faster here
+            U, s, Wt = torch.linalg.svd(R.T, full_matrices=False)
+            _SVDS[key] = (U, s, Wt @ Q.T)
+        else:
+            _SVDS[key] = torch.linalg.svd(Xc, full_matrices=False)
+        while len(_SVDS) > 4:
+            _SVDS.pop(next(iter(_SVDS)))
+    return _SVDS[key]
+
+
+def _baseline(maps: list[HeadMap], y_val: np.ndarray) -> np.ndarray:
+    """Per neuron: the validation MSE of predicting its train mean (the scale TIE is relative to)."""
+    return np.array([np.mean((m.train_mean - y_val[:, j]) ** 2) for j, m in enumerate(maps)])
 
 
 def solve_ridge(features: np.ndarray, targets: np.ndarray, splits: dict[str, np.ndarray]) -> ProbeFit:
     """Exact ridge regression (bias unpenalised) for every column of `targets`, λ chosen per column on the
-    validation split from RIDGE_GRID; one SVD of the centred train features serves every λ and column."""
-    tr, va = splits["train"], splits["val"]
-    X = np.asarray(features, np.float64)
-    maps = [HeadMap("regression", targets[tr, j]) for j in range(targets.shape[1])]
-    Z = np.stack([(targets[:, j] - m.mu) / m.sigma for j, m in enumerate(maps)], 1)  # standardised targets
-    mx, mz = X[tr].mean(0), Z[tr].mean(0)
-    U, s, Vt = np.linalg.svd(X[tr] - mx, full_matrices=False)
-    keep = s > s[0] * 1e-10 if s.size and s[0] > 0 else np.zeros_like(s, bool)  # numerical rank: a dead feature is no direction
-    U, s, Vt = U[:, keep], s[keep], Vt[keep]
-    UtZ = U.T @ (Z[tr] - mz)  # r × N
-    Xv = (X[va] - mx) @ Vt.T  # n_val × r
-    scale = float(s[0] ** 2) if s.size else 1.0
-    sigma = np.array([m.sigma for m in maps])
-    val_mse = np.stack([np.mean(((Xv @ ((s / (s**2 + rel * scale))[:, None] * UtZ) + mz - Z[va]) * sigma) ** 2, 0)
-                        for rel in RIDGE_GRID])  # grid × N, activation units
-    choice = np.argmin(val_mse, 0)  # ties: the first (smallest λ) — an exact answer stays exact
-    coef = np.stack([s / (s**2 + RIDGE_GRID[c] * scale) for c in choice], 1)  # r × N
-    W = Vt.T @ (coef * UtZ)  # d × N
-    b = mz - mx @ W
+    validation split from RIDGE_GRID (ties within TIE: the smaller λ); one SVD of the centred train features
+    (directions below RANK_CUTOFF·s₁ dropped) serves every λ and column."""
+    va = splits["val"]
+    X = torch.as_tensor(np.asarray(features, np.float64))
+    maps, W, b, choice, scale, rank = _ridge(X, targets, splits)
+    out_val = (X[va] @ W + b).numpy()
     history, info = [], []
     for j, m in enumerate(maps):
-        out = X[va] @ W[:, j] + b[j]
-        history.append([val_record(0, m.mu + m.sigma * out, targets[va, j], m.train_mean,
-                                   float(np.mean((out - Z[va, j]) ** 2)))])
+        history.append([val_record(0, m.mu + m.sigma * out_val[:, j], targets[va, j], m.train_mean,
+                                   float(np.mean((out_val[:, j] - (targets[va, j] - m.mu) / m.sigma) ** 2)))])
         info.append({"solver": "ridge", "converged": True, "l2": RIDGE_GRID[choice[j]] * scale,
-                     "l2_relative": RIDGE_GRID[choice[j]], "rank": int(s.size)})
-    weight = torch.as_tensor(W.T[:, None, :], dtype=torch.float32)
-    return ProbeFit(weight, torch.as_tensor(b[:, None], dtype=torch.float32), maps, history, [None] * len(maps), info)
+                     "l2_relative": RIDGE_GRID[choice[j]], "rank": rank})
+    return ProbeFit(W.T[:, None, :].float(), b[:, None].float(), maps, history, [None] * len(maps), info)
 
 
-LOGISTIC_BLOCK = 256
-"""Most neurons solved together by `solve_logistic`; fewer where their L-BFGS histories would pass
-LOGISTIC_MEMORY (2 × 20 pairs × block × n_bins·(d+1) float64 numbers)."""
-LOGISTIC_MEMORY = 512e6
+LOGISTIC_BLOCK = 128
+"""Most neurons whose Newton iterations run side by side (a few n_train × n_bins float64 arrays each)."""
 
 
 def solve_logistic(features: np.ndarray, targets: np.ndarray, head: str, n_bins: int,
-                   splits: dict[str, np.ndarray], tol: float = 1e-8, max_iter: int = 1000) -> ProbeFit:
-    """Multinomial logistic regression on the bins for every column of `targets`, on the whitened
-    train features (principal components of unit variance: well conditioned, so L-BFGS needs tens of
-    iterations, not hundreds): full-batch L-BFGS in float64 until the largest gradient component is
-    below `tol`, the L2 strength chosen per neuron on validation MSE. Neurons are solved side by side
-    (`lbfgs_rows`), each as it would be alone, in blocks of LOGISTIC_BLOCK."""
+                   splits: dict[str, np.ndarray], tol: float = 1e-10, max_iter: int = 100) -> ProbeFit:
+    """Binned probes for every column of `targets`: multinomial logistic regression of the bins on the neuron's
+    exact ridge readout (`_ridge`, the regression probe's), out_k = a_k·ŝ + b_k with ŝ the readout standardised
+    on train. The bins are intervals of one ordered quantity, so their logits move along the one direction
+    that predicts it (an ordinal head); a full K × d multinomial head instead spreads its weight over every
+    feature correlated with the neuron and, on features as wide as half the train texts, overfits.
+    Mean cross-entropy + λ/2·|a|² (biases unpenalised), every λ of L2_GRID solved (strongest first, each
+    warm-started from the last moved along the path's tangent) by damped Newton in float64 until max|grad| ≤
+    `tol` (at most `max_iter` iterations per strength); λ chosen per neuron on validation MSE (ties within TIE:
+    the weaker). The head stored is the linear map on the raw features, W = a ⊗ ŵ/sd(ŝ) (rank one), b − W·x̄.
+    Neurons are solved side by side, each as it would be alone."""
+    tr, va = splits["train"], splits["val"]
     X = torch.as_tensor(np.asarray(features, np.float64))
-    tr = splits["train"]
+    _, Wr, _, ridge_choice, _, rank = _ridge(X, targets, splits)
     mx = X[tr].mean(0)
-    _, s, Vt = torch.linalg.svd(X[tr] - mx, full_matrices=False)
-    keep = s > s[0] * 1e-6 if s.numel() and s[0] > 0 else torch.zeros_like(s, dtype=torch.bool)  # numerical rank
-    P = Vt[keep].T / s[keep] * math.sqrt(len(tr))  # d × r: centred features → whitened components
-    Xw = (X - mx) @ P
+    S = (X - mx) @ Wr  # n × N: each neuron's readout
+    sd = S[tr].std(0, correction=0)
+    sd[sd == 0] = 1.0  # no readout (e.g. constant features): ŝ = 0, the head predicts the bin frequencies
+    S = (S / sd).numpy()
     maps = [HeadMap(head, targets[tr, j], n_bins) for j in range(targets.shape[1])]
-    per_neuron = 2 * 20 * maps[0].n_out * (Xw.shape[1] + 1) * 8 if maps else 1
-    block = int(max(1, min(LOGISTIC_BLOCK, LOGISTIC_MEMORY // per_neuron)))
-    blocks = [_logistic_path(Xw, targets[:, lo : lo + block], maps[lo : lo + block], splits, tol, max_iter)
-              for lo in range(0, len(maps), block)]
-    W = torch.cat([w for w, _, _ in blocks]) @ P.T  # back to the raw features: out = (x − m)·P·W_wᵀ + b_w
-    b = torch.cat([b for _, b, _ in blocks]) - W @ mx
-    info = [{**i, "rank": int(keep.sum())} for _, _, block in blocks for i in block]
+    labels = np.stack([m.labels(targets[:, j]) for j, m in enumerate(maps)], 1) if maps else np.zeros((len(X), 0))
+    baseline = _baseline(maps, targets[va])
+    thetas, info = [], []
+    for lo in range(0, len(maps), LOGISTIC_BLOCK):
+        hi = lo + LOGISTIC_BLOCK
+        theta, block_info = _ordinal_path(S[:, lo:hi], labels[:, lo:hi], maps[lo:hi], targets[va, lo:hi],
+                                          baseline[lo:hi], splits, tol, max_iter)
+        thetas.append(theta)
+        info += block_info
+    K = maps[0].n_out if maps else n_bins
+    theta = torch.cat(thetas) if thetas else torch.zeros(0, 2 * K - 1, dtype=torch.float64)
+    a, b = _unpack(theta, K)
+    W = a[:, :, None] * (Wr.T / sd[:, None])[:, None, :]  # N × K × d
+    b = b - W @ mx
+    info = [{**i, "rank": rank, "readout_l2_relative": RIDGE_GRID[c]} for i, c in zip(info, ridge_choice)]
+    Xt = X[va]
     history = []
     for j, m in enumerate(maps):
-        out = X[splits["val"]] @ W[j].T + b[j]
-        history.append([val_record(0, m.predict(out), targets[splits["val"], j], m.train_mean,
-                                   float(m.loss(out, torch.from_numpy(m.labels(targets[splits["val"], j])))))])
+        out = Xt @ W[j].T + b[j]
+        history.append([val_record(0, m.predict(out), targets[va, j], m.train_mean,
+                                   float(m.loss(out, torch.from_numpy(m.labels(targets[va, j])))))])
     return ProbeFit(W.float(), b.float(), maps, history, [None] * len(maps), info)
 
 
-def _logistic_path(Xs: torch.Tensor, y: np.ndarray, maps: list[HeadMap], splits: dict[str, np.ndarray], tol: float,
-                   max_iter: int) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
-    """A block of neurons along the L2 path, strongest first, each solution warm-starting the next; a
-    neuron leaves the path at the first weaker penalty that does not improve its validation MSE."""
+def _unpack(theta: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """θ = (a₀…a_{K−1}, b₁…b_{K−1}); b₀ = 0 (softmax is blind to a common shift of the unpenalised biases)."""
+    return theta[:, :K], F.pad(theta[:, K:], (1, 0))
+
+
+def _ordinal_path(S: np.ndarray, labels: np.ndarray, maps: list[HeadMap], y_val: np.ndarray, baseline: np.ndarray,
+                  splits: dict[str, np.ndarray], tol: float, max_iter: int) -> tuple[torch.Tensor, list[dict]]:
+    """A block of neurons along L2_GRID, strongest first, each solution (moved along the path's tangent)
+    warm-starting the next; per neuron the strength with the least validation MSE (ties within TIE: the weaker)."""
     tr, va = splits["train"], splits["val"]
-    N, K, d = len(maps), maps[0].n_out, Xs.shape[1]
-    onehot = torch.stack([F.one_hot(torch.from_numpy(m.labels(y[tr, j])), K) for j, m in enumerate(maps)]).double()
+    s, lab = torch.as_tensor(S[tr].T.copy()), torch.as_tensor(labels[tr].T.copy())  # N × n_train
+    s_val = torch.as_tensor(S[va].T.copy())
     values = torch.stack([torch.as_tensor(m.values) for m in maps])  # N × K
-    y_val = torch.as_tensor(np.asarray(y[va], np.float64)).T  # N × n_val
-    theta = torch.zeros(N, K * (d + 1), dtype=torch.float64)
-    best_mse, best_theta = torch.full((N,), math.inf, dtype=torch.float64), theta.clone()
-    on_path = torch.ones(N, dtype=torch.bool)
-    info: list[dict] = [{} for _ in range(N)]
+    y = torch.as_tensor(np.asarray(y_val, np.float64).T)  # N × n_val
+    N, K = len(maps), maps[0].n_out
+    theta = torch.zeros(N, 2 * K - 1, dtype=torch.float64)
+    path, val_mse, last = [], [], None
     for lam in L2_GRID:
-        def objective(th: torch.Tensor, rows: torch.Tensor, lam=lam):
-            return _cross_entropy(th, Xs[tr], onehot[rows], lam, K)
-
-        theta, grad_max, iters = lbfgs_rows(objective, theta, on_path.clone(), tol, max_iter)
-        W, b = _unpack(theta, K, d)
-        probs = torch.softmax(torch.einsum("td,nkd->ntk", Xs[va], W) + b[:, None], -1)
-        mse = (((probs * values[:, None]).sum(-1) - y_val) ** 2).mean(1)
-        better = on_path & (mse < best_mse)
-        on_path &= better  # a weaker penalty no longer helps this neuron on validation
-        best_mse[better], best_theta[better] = mse[better], theta[better]
-        for j in torch.nonzero(better).flatten().tolist():
-            info[j] = {"solver": "lbfgs", "converged": bool(grad_max[j] <= tol), "l2": lam,
-                       "grad_max": float(grad_max[j]), "iterations": int(iters[j])}
-        if not on_path.any():
-            break
-    W, b = _unpack(best_theta, K, d)
-    return W, b, info
-
-
-def _unpack(theta: torch.Tensor, K: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return theta[:, : K * d].view(-1, K, d), theta[:, K * d :]
+        if last is not None:  # predict the next solution: dθ/d log λ = −λ·H⁻¹·(a, 0) (the path's tangent)
+            lam0, H = last
+            L, bad = torch.linalg.cholesky_ex(H)
+            tangent = -lam0 * torch.cholesky_solve(F.pad(theta[:, :K], (0, K - 1))[:, :, None], L)[:, :, 0]
+            theta = theta + math.log(lam / lam0) * torch.where((bad == 0)[:, None], tangent, 0.0)
+        theta, grad_max, iters, H = newton_rows(
+            lambda th, rows, lam=lam: _ordinal_loss(th, s if rows is None else s[rows],
+                                                    lab if rows is None else lab[rows], lam, K), theta, tol, max_iter)
+        last = (lam, H)
+        a, b = _unpack(theta, K)
+        pred = torch.softmax(s_val[:, :, None] * a[:, None] + b[:, None], -1) @ values[:, :, None]
+        val_mse.append(((pred[..., 0] - y) ** 2).mean(1).numpy())
+        path.append((theta, grad_max, iters))
+    choice = _choose(np.stack(val_mse), baseline, strongest_first=True)
+    best = torch.stack([path[c][0][j] for j, c in enumerate(choice)])
+    info = [{"solver": "newton", "converged": bool(path[c][1][j] <= tol), "l2": L2_GRID[c],
+             "grad_max": float(path[c][1][j]), "iterations": int(path[c][2][j])} for j, c in enumerate(choice)]
+    return best, info
 
 
-def _cross_entropy(theta: torch.Tensor, X: torch.Tensor, onehot: torch.Tensor, lam: float, K: int):
-    """Per row: mean cross-entropy + λ/2·|W|², and its gradient (analytic: (softmax − onehot)ᵀX/T + λW)."""
-    W, b = _unpack(theta, K, X.shape[1])
-    logp = torch.log_softmax(torch.einsum("td,nkd->ntk", X, W) + b[:, None], -1)
-    T = X.shape[0]
-    f = -(onehot * logp).sum((1, 2)) / T + lam / 2 * (W**2).sum((1, 2))
-    G = (logp.exp() - onehot) / T
-    grad = torch.cat([(torch.einsum("ntk,td->nkd", G, X) + lam * W).flatten(1), G.sum(1)], 1)
-    return f, grad
+def _ordinal_loss(theta: torch.Tensor, s: torch.Tensor, lab: torch.Tensor, lam: float, K: int):
+    """Per row: the mean cross-entropy of out_k = a_k·s + b_k plus λ/2·|a|², its gradient and its Hessian
+    (analytic: with Q_t = diag(p_t) − p_t p_tᵀ, H = Σ_t Q_t ⊗ (s_t, 1)(s_t, 1)ᵀ / T, plus λ on the slopes).
+    Laid out rows × K × T, so every reduction over the K classes runs along contiguous texts."""
+    a, b = _unpack(theta, K)
+    T = s.shape[1]
+    z = torch.baddbmm(b[:, :, None], a[:, :, None], s[:, None, :])  # N × K × T
+    z = z.sub_(z.amax(1, keepdim=True))  # every text's largest logit 0
+    p = z.exp()
+    se = p.sum(1, keepdim=True)
+    # −log p_y per text, summed: small terms, no difference of large sums (f resolves 1e-16, as Armijo needs)
+    f = (torch.log(se) - z.gather(1, lab[:, None, :])).sum((1, 2)) / T + lam / 2 * (a**2).sum(1)
+    p.div_(se)
+    ps = p * s[:, None, :]
+    pss = ps * s[:, None, :]
+    Pt = p.transpose(1, 2)
+    Haa = torch.diag_embed(pss.sum(2)) - pss @ Pt
+    Hab = (torch.diag_embed(ps.sum(2)) - ps @ Pt)[:, :, 1:]
+    Hbb = (torch.diag_embed(p.sum(2)) - p @ Pt)[:, 1:, 1:]
+    H = torch.cat([torch.cat([Haa, Hab], 2), torch.cat([Hab.transpose(1, 2), Hbb], 2)], 1) / T
+    H[:, :K, :K] += lam * torch.eye(K, dtype=H.dtype)
+    G = p.scatter_add_(1, lab[:, None, :], -torch.ones_like(p[:, :1])).div_(T)  # (p − onehot) / T
+    grad = torch.cat([(G @ s[:, :, None])[:, :, 0] + lam * a, G.sum(2)[:, 1:]], 1)
+    return f, grad, H
 
 
-def lbfgs_rows(objective, theta: torch.Tensor, active: torch.Tensor, tol: float, max_iter: int, history: int = 20):
-    """Minimise N independent smooth objectives at once, one per row of `theta` (N × P):
-    `objective(theta[rows], rows) -> (f [n], grad [n × P])`. L-BFGS with each row's own curvature
-    history and its own backtracking (Armijo) step; a row stops once max|grad| ≤ tol (or no step
-    decreases it) and is not touched after — so each row ends where it would alone. Rows not `active`
-    are left as they are. Returns (theta, max|grad| per row, iterations per row)."""
-    N, P = theta.shape
-    theta, rows = theta.clone(), torch.arange(N)
-    f, g = theta.new_zeros(N), theta.new_zeros(N, P)
-    f[active], g[active] = objective(theta[active], rows[active])
-    S, Y = theta.new_zeros(history, N, P), theta.new_zeros(history, N, P)
-    rho = theta.new_zeros(history, N)
-    n_pairs, newest = torch.zeros(N, dtype=torch.long), torch.zeros(N, dtype=torch.long)
+def newton_rows(objective, theta: torch.Tensor, tol: float, max_iter: int):
+    """Minimise N independent smooth, strictly convex objectives at once, one per row of `theta` (N × P):
+    `objective(theta[rows], rows) -> (f [n], grad [n × P], H [n × P × P])` (rows None: every row). Damped
+    Newton: each row its own Cholesky step (the gradient where H is not numerically positive definite) and
+    its own Armijo backtracking from the full step (near the optimum, where f's decrease is below its
+    rounding, a full step that halves max|grad| is taken); a row stops once max|grad| ≤ tol (or no step
+    decreases it, at machine precision) and is not touched after — so each row ends where it would alone. Returns
+    (theta, max|grad| per row, Newton iterations per row, the Hessian at theta)."""
+    N = theta.shape[0]
+    theta = theta.clone()
+    f, g, H = objective(theta, None)
     iters = torch.zeros(N, dtype=torch.long)
+    active = g.abs().amax(1) > tol
     for _ in range(max_iter):
-        active &= g.abs().amax(1) > tol
-        if not active.any():
-            break
         a = torch.nonzero(active).flatten()
-        d = -_two_loop(g[a], S[:, a], Y[:, a], rho[:, a], n_pairs[a], newest[a])
+        if not len(a):
+            break
+        L, bad = torch.linalg.cholesky_ex(H[a])
+        d = -torch.cholesky_solve(g[a, :, None], L)[:, :, 0]
+        d[bad != 0] = -g[a][bad != 0]
         gd = (g[a] * d).sum(1)
-        restart = gd >= 0  # not a descent direction (numerical): the gradient, history dropped
-        d[restart], n_pairs[a[restart]] = -g[a][restart], 0
-        gd = torch.where(restart, -(g[a] ** 2).sum(1), gd)
-        t = torch.where(n_pairs[a] > 0, 1.0, torch.clamp(1.0 / g[a].abs().sum(1), max=1.0))
+        t = torch.ones(len(a), dtype=theta.dtype)
         moved = torch.zeros(len(a), dtype=torch.bool)
-        for _ in range(50):  # halve each row's step until it decreases f enough (Armijo)
+        for _ in range(60):  # halve each row's step until it decreases f enough (Armijo)
             look = torch.nonzero(~moved).flatten()
-            fc, gc = objective(theta[a[look]] + t[look, None] * d[look], a[look])
-            ok = fc <= f[a[look]] + 1e-4 * t[look] * gd[look]
-            acc, acc_rows = look[ok], a[look[ok]]
-            s_new = t[acc, None] * d[acc]
-            y_new = gc[ok] - g[acc_rows]
-            theta[acc_rows] += s_new
-            f[acc_rows], g[acc_rows] = fc[ok], gc[ok]
-            sy = (s_new * y_new).sum(1)
-            keep = sy > 1e-10 * (y_new * y_new).sum(1).sqrt() * s_new.norm(dim=1)
-            kr = acc_rows[keep]
-            newest[kr] = (newest[kr] + 1) % history
-            S[newest[kr], kr], Y[newest[kr], kr], rho[newest[kr], kr] = s_new[keep], y_new[keep], 1.0 / sy[keep]
-            n_pairs[kr] = torch.clamp(n_pairs[kr] + 1, max=history)
-            moved[acc] = True
+            rows = a[look]
+            step = theta[rows] + t[look, None] * d[look]
+            fc, gc, Hc = objective(step, None if len(rows) == N else rows)
+            ok = fc <= f[rows] + 1e-4 * t[look] * gd[look]
+            # at the optimum f's decrease falls below its rounding: a full step that shrinks the gradient
+            # and does not raise f beyond rounding is taken
+            ok |= (t[look] == 1) & (gc.abs().amax(1) < g[rows].abs().amax(1) / 2) & \
+                (fc <= f[rows] + 1e-14 * (1 + f[rows].abs()))
+            acc = rows[ok]
+            theta[acc], f[acc], g[acc], H[acc] = step[ok], fc[ok], gc[ok], Hc[ok]
+            moved[look[ok]] = True
             if moved.all():
                 break
-            t = torch.where(moved, t, t / 2)
+            t[look[~ok]] /= 2
         iters[a[moved]] += 1
         active[a[~moved]] = False  # no decrease at machine precision: as converged as it gets
-    return theta, g.abs().amax(1), iters
-
-
-def _two_loop(g, S, Y, rho, n_pairs, newest):
-    """L-BFGS's two-loop recursion for every row at once (H·g, H the row's inverse-Hessian estimate)."""
-    m, n = S.shape[0], g.shape[0]
-    cols = torch.arange(n)
-    q, saved = g.clone(), []
-    for k in range(m):
-        idx, valid = (newest - k) % m, k < n_pairs
-        alpha = torch.where(valid, rho[idx, cols] * (S[idx, cols] * q).sum(1), 0.0)
-        q -= alpha[:, None] * Y[idx, cols]
-        saved.append((idx, valid, alpha))
-    s0, y0 = S[newest, cols], Y[newest, cols]
-    gamma = torch.where(n_pairs > 0, (s0 * y0).sum(1) / (y0 * y0).sum(1).clamp_min(1e-300), 1.0)
-    r = gamma[:, None] * q
-    for idx, valid, alpha in reversed(saved):
-        beta = torch.where(valid, rho[idx, cols] * (Y[idx, cols] * r).sum(1), 0.0)
-        r += torch.where(valid, alpha - beta, 0.0)[:, None] * S[idx, cols]
-    return r
+        active &= g.abs().amax(1) > tol
+    return theta, g.abs().amax(1), iters, H
 
 
 def train_model(surface: Surface, start: int, inputs, head: LinearHead, hmap: HeadMap, y: np.ndarray,

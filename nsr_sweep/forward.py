@@ -46,42 +46,6 @@ class TrialModel:
         got = {**got_early, **got}
         return self.head(got[self.read_hook]).cpu(), {n: got[n].double().cpu() for n in reads}
 
-    def jacobian(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """The head's features at the answer position (n × d_f) and their derivative with respect to every
-        neuron of the layer at the target position, at the texts' own activations (n × d_f × d_mlp):
-        one forward carrying the activations as a leaf, one backward per feature. Cached per surface, layer
-        and texts: it does not depend on the head, so every probe of the layer shares it."""
-        cache = self.surface.__dict__.setdefault("_jacobians", {})  # lives (and dies) with the surface
-        key = (self.layer, self.hook, self.read_hook, np.asarray(idx).tobytes())
-        if key not in cache:
-            cache[key] = self._jacobian(idx)
-            while len(cache) > 2:  # batches are per layer: the last two (a GPT-2 layer's is ~0.6 GB)
-                cache.pop(next(iter(cache)))
-        return cache[key]
-
-    def _jacobian(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        from .cache import neuron_hook
-
-        s, name = self.surface, neuron_hook(self.layer, self.hook)
-        _, got = self.run(idx, None, reads=(name,))
-        acts = got[name].float().to(s.device).requires_grad_()  # the layer's neurons at the target position
-        pos = {self.read_hook: torch.as_tensor(self.answer_pos[idx])}
-        early = self._split([self.read_hook])[0]
-        x, before = self._prefix_of(idx, early, pos)
-        if early:  # read before block L: no patch there reaches it
-            f = before[self.read_hook].float().cpu()
-            return f, torch.zeros(len(idx), f.shape[1], acts.shape[1])
-        target = torch.as_tensor(self.target_pos[idx], device=s.device)
-        with torch.enable_grad(), s.patch(self.layer, self.hook, target, slice(None), acts), \
-                s.reading([self.read_hook], pos) as read:
-            s.ln_final(s.run(x, self.layer))
-            f = read[self.read_hook]
-            if not f.requires_grad:  # read inside block L before its MLP: the patch cannot reach it
-                return f.detach().cpu(), torch.zeros(len(idx), f.shape[1], acts.shape[1])
-            J = torch.stack([torch.autograd.grad(f[:, k].sum(), acts, retain_graph=True)[0]
-                             for k in range(f.shape[1])], 1)  # rows are texts: each row's gradient is its own
-        return f.detach().cpu(), J.detach().cpu()
-
     def _prefix_of(self, idx: np.ndarray, early: list[str], pos: dict) -> tuple[torch.Tensor, dict]:
         """The residual entering block L for texts `idx` (and the `early` points), computed once."""
         key = np.asarray(idx).tobytes() + repr(early).encode()

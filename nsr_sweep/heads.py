@@ -1,4 +1,4 @@
-"""Heads: how a head's raw outputs map to a prediction in activation units (DESIGN.md §1).
+"""Heads: how a head's raw outputs map to a prediction in activation units (docs/science.md).
 
 - regression: one number; trained on the train-standardised target, pred = μ + σ·out.
 - classification: K logits; bins are train-split quantiles, a bin's value is the mean train

@@ -1,16 +1,18 @@
 """The local Ray cluster a launch starts: closed to the network, a private token, nothing left behind.
 
 Ray 2.60's gRPC servers (GCS, raylet, every worker) and its agents bind all interfaces whatever
-`--node-ip-address` says. So on Linux the driver first moves itself into a network namespace of its
-own with only loopback, up: every Ray port, the agents' `/metrics` included, lives there and
-nothing outside the launch can connect. Ray sees loopback as the node's address and binds
+`--node-ip-address` says. So on Linux a local launch runs in a child process (`spawn_isolated`) that
+enters a network namespace of its own, with only loopback up, before it imports anything that starts
+threads — root or not (a user namespace maps a non-root user's own uid; the kernel grants it only to a
+single-threaded process). Every Ray port, the agents' `/metrics` included, lives there and nothing
+outside the launch can connect; the calling process keeps its network. Ray sees loopback as the node's address and binds
 127.0.0.1. The dashboard is reached through one listener on the host's loopback that forwards to
 it (and the dashboard asks for Ray's token). Models and `hf:` corpora are fetched before the move.
 
 A reaper process watches the driver through a pipe. When the driver is gone (or closed the pipe
 after `ray.shutdown`) it kills every process of the cluster: the driver's descendants as last seen,
-everything in the launch's namespace, everything holding a file in its Ray temp dir; then it
-deletes the temp dir. A launch also reaps what an earlier launch whose reaper died left behind.
+everything in the launch's namespace, every Ray binary or Python process of this interpreter holding a
+file in its Ray temp dir (never another program reading a Ray log); then it deletes the temp dir. A launch also reaps what an earlier launch whose reaper died left behind.
 
     python -m nsr_sweep.localray reap TEMP_DIR DRIVER_PID   (started by `start_reaper`, not by hand)
 """
@@ -95,14 +97,20 @@ class DashboardForward:
     Bound before the move (so it belongs to the host's network); its accepting thread starts after the
     move, so the connections it opens reach the namespace's loopback."""
 
-    def __init__(self, host: str, port: int = 8265):
+    def __init__(self, host: str, port: int = 8265, sock: socket.socket | None = None):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        try:
-            self.sock = socket.create_server((host, port), family=family)
-        except OSError:  # taken (another sweep's dashboard): any free port
-            self.sock = socket.create_server((host, 0), family=family)
-        self.host = host
+        if sock is None:
+            try:
+                sock = socket.create_server((host, port), family=family)
+            except OSError:  # taken (another sweep's dashboard): any free port
+                sock = socket.create_server((host, 0), family=family)
+        self.sock, self.host = sock, host
         self.port = self.sock.getsockname()[1]
+
+    @classmethod
+    def adopt(cls, fd: int, host: str) -> "DashboardForward":
+        """The listener a parent process bound on the host's network, passed down as a file descriptor."""
+        return cls(host, sock=socket.socket(fileno=fd))
 
     @property
     def url(self) -> str:
@@ -275,9 +283,22 @@ def _cluster(known: dict[int, int | None], netns: str | None, temp_dir: Path) ->
         out.update(kids)
     prefix = str(temp_dir.resolve())
     for pid in tree.get("all", []):
-        if (netns and net_namespace(pid) == netns) or _holds_file_under(pid, prefix):
+        if (netns and net_namespace(pid) == netns) or (_is_ray_process(pid) and _holds_file_under(pid, prefix)):
             out.add(pid)
     return {p for p in out if _state(p) not in (None, "Z")}
+
+
+RAY_BINARIES = ("raylet", "gcs_server")
+
+
+def _is_ray_process(pid: int) -> bool:
+    """One of the launch's own kinds of process — Ray's binaries or this Python — never a user's `tail -f` of a
+    Ray log (which holds a file in the temp dir too)."""
+    try:
+        exe = os.path.realpath(f"/proc/{pid}/exe")
+    except OSError:
+        return False
+    return os.path.basename(exe) in RAY_BINARIES or exe == os.path.realpath(sys.executable)
 
 
 def _children_map() -> dict:
@@ -332,12 +353,65 @@ def _holds_file_under(pid: int, prefix: str) -> bool:
     return False
 
 
+# -- the launch's own process ------------------------------------------------------------------
+
+PR_SET_PDEATHSIG = 1
+NOT_ISOLATED = ("warning: Ray's ports are not isolated: this machine refuses the launch a network namespace of its "
+                "own ({why}); Ray's gRPC servers listen on all interfaces. Keep it behind a firewall, or ask its "
+                "administrator to allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1, "
+                "user.max_user_namespaces > 0); --ray-network host silences this")
+
+
+def spawn_isolated(options: dict, forward: DashboardForward | None) -> int:
+    """Run the launch in a child process that enters its own network namespace before it imports anything
+    that starts threads (the kernel grants a user namespace only to a single-threaded process). The child
+    dies with this process (PR_SET_PDEATHSIG); the dashboard listener, bound here on the host's network, is
+    passed to it. Returns the child's exit code."""
+    fds = (forward.sock.fileno(),) if forward is not None else ()
+    args = {**options, "parent": os.getpid(), "forward_fd": fds[0] if fds else None,
+            "forward_host": forward.host if forward is not None else None}
+    child = subprocess.Popen([sys.executable, "-m", "nsr_sweep.localray", "launch", json.dumps(args)], pass_fds=fds)
+    while True:
+        try:
+            return child.wait()
+        except KeyboardInterrupt:  # the child got the same Ctrl-C: let it record the interruption
+            continue
+
+
+def _launch_child(args: dict) -> int:
+    """The launch's own process: die with the parent, isolate the network (or say why not), then launch."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != args["parent"]:  # the parent died before the line above
+        return 1
+    isolated, why = False, None
+    if sys.platform == "linux":
+        try:
+            isolate_network()
+            isolated = True
+        except OSError as e:
+            why = e
+    else:
+        why = "network namespaces are Linux-only"
+    forward = DashboardForward.adopt(args["forward_fd"], args["forward_host"]) if args["forward_fd"] is not None \
+        else None
+    from .cli import run_isolated_launch  # the heavy imports start threads: only now
+
+    return run_isolated_launch(args, isolated, None if isolated else str(why), forward)
+
+
 # -- starting the cluster ----------------------------------------------------------------------
 
 
 def prefetch(spec) -> None:
-    """What workers inside the namespace would download: the models are resolved by the validation pass;
-    an `hf:` corpus is read once here so the workers find it in the datasets cache."""
+    """What the launch inside the namespace would download, fetched before it starts: hub models (into the
+    local Hugging Face cache, where the namespace finds them; nothing when offline) and an `hf:` corpus
+    (into the datasets cache)."""
+    from .models import bundled_models, resolve_model_dir
+
+    for name in (spec.model.name, spec.cross_model):
+        if name and name not in bundled_models() and not Path(name).expanduser().is_dir():
+            resolve_model_dir(name, need_weights=False)  # downloads when the hub is reachable and allowed
     if spec.corpus.source.startswith("hf:"):
         from .corpus import _read_hf
 
@@ -367,42 +441,38 @@ class LocalCluster:
             pass
 
 
-def start_local_ray(cpus: int, *, dashboard: bool, dashboard_host: str, network: str, echo=print) -> LocalCluster:
-    """`ray.init` of a new local cluster in this launch's own temp dir (and namespace). On any failure
-    what was started is stopped before the error goes on."""
+def start_local_ray(cpus: int, *, dashboard: bool, dashboard_host: str, network: str, isolated: bool = False,
+                    not_isolated: str | None = None, forward: DashboardForward | None = None,
+                    echo=print) -> LocalCluster:
+    """`ray.init` of a new local cluster in this launch's own temp dir — in this process's own network
+    namespace when `isolated` (`spawn_isolated` made it; `not_isolated` says why it could not). On any
+    failure what was started is stopped before the error goes on."""
     if network not in NETWORK_MODES:
         raise NsrError(f"--ray-network {network!r}: allowed {', '.join(NETWORK_MODES)}")
+    if network != "host" and not isolated:
+        if network == "isolated":
+            raise NsrError(f"--ray-network isolated: cannot make a network namespace ({not_isolated}); "
+                           "use --ray-network host behind a firewall")
+        echo(NOT_ISOLATED.format(why=not_isolated))
+        if forward is not None:  # Ray's own dashboard takes the host's port instead
+            forward.close()
+            forward = None
     reap_stale()
     temp_dir = ray_temp_root() / secrets.token_hex(4)
     write_owner(temp_dir)
-    local = LocalCluster(start_reaper(temp_dir),
-                         DashboardForward(dashboard_host) if dashboard and network != "host" else None)
+    local = LocalCluster(start_reaper(temp_dir), forward if dashboard else None)
     try:
-        _start(local, temp_dir, cpus, dashboard, dashboard_host, network, echo)
+        _start(local, temp_dir, cpus, dashboard, dashboard_host, isolated, echo)
     except BaseException:
         local.stop()
         raise
     return local
 
 
-def _start(local: LocalCluster, temp_dir: Path, cpus: int, dashboard: bool, dashboard_host: str, network: str,
+def _start(local: LocalCluster, temp_dir: Path, cpus: int, dashboard: bool, dashboard_host: str, isolated: bool,
            echo) -> None:
     import ray
 
-    isolated = False
-    if network != "host":
-        try:
-            isolate_network()
-            isolated = True
-        except OSError as e:
-            if network == "isolated":
-                raise NsrError(f"--ray-network isolated: cannot make a network namespace ({e}); "
-                               "use --ray-network host behind a firewall") from None
-            if local.forward is not None:  # Ray's own dashboard takes the host's port instead
-                local.forward.close()
-                local.forward = None
-            echo(f"warning: Ray's ports are not isolated ({e}): its gRPC servers listen on all interfaces; "
-                 "keep this machine behind a firewall, or run as root to isolate them")
     if isolated:
         write_owner(temp_dir, isolated=True)  # now with the namespace: a later launch can reap it
         os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"  # fetched already; no network here
@@ -421,5 +491,7 @@ def _start(local: LocalCluster, temp_dir: Path, cpus: int, dashboard: bool, dash
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "reap":
         _reap(Path(sys.argv[2]), int(sys.argv[3]))
+    elif len(sys.argv) == 3 and sys.argv[1] == "launch":
+        sys.exit(_launch_child(json.loads(sys.argv[2])))
     else:
-        sys.exit("usage: python -m nsr_sweep.localray reap TEMP_DIR DRIVER_PID")
+        sys.exit("usage: python -m nsr_sweep.localray reap TEMP_DIR DRIVER_PID  (or launch ARGS: from spawn_isolated)")

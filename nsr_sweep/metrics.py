@@ -1,4 +1,4 @@
-"""The metric set of DESIGN.md §1, computed on the test split, in float64, from (pred, actual)."""
+"""The metric set of docs/science.md, computed on the test split, in float64, from (pred, actual)."""
 
 from __future__ import annotations
 

@@ -15,12 +15,12 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from .errors import NsrError
-from .surface import Surface, architecture, check_architecture
+
+if TYPE_CHECKING:
+    import torch
 
 MODELS_DIR = Path(__file__).parent / "models"
 BUNDLED = "nsr-tiny"
@@ -118,6 +118,8 @@ def _random_hf_model(name: str, seed: int):
             f"'openai-community/gpt2' and bundled models [{', '.join(bundled_models())}] are known"
         )
     config._attn_implementation = "eager"
+    import torch
+
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     model.config.architectures = model.config.architectures or [type(model).__name__]  # GPT2Config() names none
@@ -135,7 +137,15 @@ def _load_tokenizer(path: Path | None):
     return tok
 
 
+def load_tokenizer(name: str):
+    """A model's tokenizer alone (no weights), or None for a hub model not in the local cache."""
+    path = resolve_model_dir(name, need_weights=False)
+    return None if path is None else _load_tokenizer(path if _has_tokenizer(path) else None)
+
+
 def weights_hash(model: torch.nn.Module) -> str:
+    import torch
+
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
@@ -155,6 +165,8 @@ class BaseModel:
         else:
             self.path = resolve_model_dir(spec.name)
             check_weights_file(self.path)
+            from .surface import check_architecture
+
             check_architecture(_config_architecture(self.path), spec.name)
             self.hf = AutoModelForCausalLM.from_pretrained(self.path, attn_implementation="eager")
         # a random-init model without local tokenizer files borrows nsr-tiny's (ids stay in range)
@@ -164,7 +176,11 @@ class BaseModel:
         if len(self.tokenizer) > self.hf.config.vocab_size:
             raise NsrError(f"tokenizer has {len(self.tokenizer)} tokens but model {spec.name!r} only {self.hf.config.vocab_size}")
         self.hf.to(spec.device).eval().requires_grad_(False)
+        import torch
+
         self.device = torch.device(spec.device)
+        from .surface import Surface, architecture
+
         self.surface = Surface(self.hf, architecture(self.hf.config))
 
     # -- shape -------------------------------------------------------------------------
@@ -257,6 +273,8 @@ def model_shape(name: str) -> dict:
                     "parallel": False, "n_ctx": 1024}
         raise model_not_found(name)
     c = json.loads((path / "config.json").read_text())
+    from .surface import check_architecture
+
     family = check_architecture((c.get("architectures") or [None])[0], name)
     d_model = c.get("n_embd") or c.get("hidden_size")
     return {"family": family, "parallel": family == "neox" and c.get("use_parallel_residual", True),

@@ -2,10 +2,11 @@
 
     validate ─▶ lock results/<name>/ ─▶ ray.init ─▶ model workers (one model load each)
       ─▶ worker 0 builds/loads the cache ─▶ object store (once) ─▶ every worker, zero-copy
-      ─▶ Tune (one Optuna study per group) ─▶ trial dirs + tables/trials.parquet as trials finish
+      ─▶ Tune (one Optuna study per group; units of probes) ─▶ records + tables/trials.parquet as trials finish
 
-Our own record of finished trials is the trial directories (`metrics.json` is written last), so
-`--resume` after a SIGKILL reruns nothing that finished, whatever Tune's state says.
+Our own record of finished trials is in the results directory (`records`: a trial's `metrics.json`, a
+unit's `probes/records/<unit>.parquet`, each written last), so `--resume` after a SIGKILL reruns nothing
+that finished, whatever Tune's state says.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .config import NeuronSelect, SweepSpec, load_sweep
 from .errors import NsrError, redacted
+from .records import finished_rows, trial_row, write_record
 from .results import write_json
-from .search import GroupedSearch, n_samples, study_storage
 from .sweepdir import (
     RECORD,
     STUDIES,
@@ -36,9 +38,8 @@ from .sweepdir import (
     trial_dir,
     trial_id,
     update_state,
-    write_record,
 )
-from .tables import finished_rows, trial_row, write_trials_table
+from .tables import write_trials_table
 
 # -- the grid --------------------------------------------------------------------------------
 
@@ -86,7 +87,7 @@ def dry_run_text(spec: SweepSpec) -> str:
     groups = expand(spec, {L: list(range(per_layer)) for L in spec.layers})
     trials: Counter[tuple] = Counter()
     for g in groups:
-        trials[(g["head"], g["freeze"], g["control"] or "")] += n_samples(spec, g)
+        trials[(g["head"], g["freeze"], g["control"] or "")] += _n_samples(spec, g)
     real = sum(v for (_, _, c), v in trials.items() if not c)
     n_real = sum(1 for g in groups if not g["control"])
     lines = [f"sweep {spec.name}: model {spec.model.name} ({spec.model.init}, processing {spec.model.processing})",
@@ -120,7 +121,8 @@ def dry_run_text(spec: SweepSpec) -> str:
 # -- Ray -------------------------------------------------------------------------------------
 
 
-def init_ray(spec: SweepSpec, address: str | None, dashboard: bool, dashboard_host: str, network: str, echo):
+def init_ray(spec: SweepSpec, address: str | None, dashboard: bool, dashboard_host: str, network: str, echo,
+             isolation: Isolation | None = None):
     """Join a cluster — (dashboard URL, None) — or start a local one, closed (see localray) —
     (its dashboard URL, the LocalCluster that stops it). A cluster's workers get the driver's HF_*,
     NSR_* and TRANSFORMERS_* settings (Ray's runtime_env); a local cluster's inherit them."""
@@ -135,14 +137,22 @@ def init_ray(spec: SweepSpec, address: str | None, dashboard: bool, dashboard_ho
         ctx = ray.init(address=address, log_to_driver=False, configure_logging=True, logging_level=logging.ERROR,
                        runtime_env={"env_vars": forwarded_env()})
         return getattr(ctx, "dashboard_url", None), None
-    from .localray import prefetch, start_local_ray
+    from .localray import start_local_ray
     from .workers import cpu_count
 
-    if network != "host":
-        prefetch(spec)
+    iso = isolation or Isolation()
     local = start_local_ray(cpu_count(), dashboard=dashboard, dashboard_host=dashboard_host, network=network,
-                            echo=echo)
+                            isolated=iso.isolated, not_isolated=iso.why, forward=iso.forward, echo=echo)
     return local.url, local
+
+
+@dataclass
+class Isolation:
+    """Where a local launch's process stands (`localray.spawn_isolated` made it): in its own network namespace,
+    or why not; and the dashboard listener its parent bound on the host's network."""
+    isolated: bool = False
+    why: str | None = "the launch was not started in a process of its own"
+    forward: Any = None
 
 
 def plan_workers(spec: SweepSpec) -> tuple[int, str, int]:
@@ -216,12 +226,9 @@ class SweepProgress:
         rows = []
         for bundle in ray.get(self.inbox.take.remote()):
             try:
-                row = write_bundle(self.sweep_dir, bundle)
+                rows += write_bundle(self.sweep_dir, bundle)
             except OSError as e:
-                self.unwritten[bundle["trial_id"]] = f"{type(e).__name__}: {e}"
-                continue
-            if row is not None:
-                rows.append(row)
+                self.unwritten.update((t, f"{type(e).__name__}: {e}") for t in bundle["trial_ids"])
         self._record(rows)
         return rows
 
@@ -257,24 +264,41 @@ class SweepProgress:
         self.running -= 1
         self.collect()  # a batch member that finished before its batch failed keeps its record
         error = _error_text(trial)
-        rows = []
+        done = {r["trial_id"] for r in self.rows}
+        failed = []
         for config in trial.config.get("members", [trial.config]):
-            d = trial_dir(self.sweep_dir, config["trial_id"])
-            if (d / RECORD).is_file():
+            if config["trial_id"] in done or (trial_dir(self.sweep_dir, config["trial_id"]) / RECORD).is_file():
                 continue
             if any(sign in error for sign in LOST_SIGNS):
                 self.lost[config["trial_id"]] = error
-                continue
-            try:
-                write_record(d, trial_id=config["trial_id"], sample=config["sample"], spec=dict(config),
-                             status="failed", reason=error, metrics={}, history=[])
-            except OSError as e:
-                self.unwritten[config["trial_id"]] = f"{type(e).__name__}: {e}"
-                continue
-            rows.append(trial_row(config, "failed", {}, error))
+            else:
+                failed.append(config)
+        rows = self._write_failed(failed, error, trial.config["trial_id"] if "members" in trial.config else None)
         self._record(rows)
         if rows:
             self._line(rows, trial.config)
+
+    def _write_failed(self, configs: list[dict], error: str, unit: str | None) -> list[dict]:
+        """Failed records for trials that raised on every retry: one unit file for a unit's probes, else a
+        record per trial."""
+        if not configs:
+            return []
+        try:
+            if unit is not None:
+                from .config import trial_spec
+                from .records import unit_files, write_files
+                from .trial import TrialResult
+
+                done = [(TrialResult(trial_spec(c), "failed", reason=error), c["trial_id"], c["sample"]) for c in configs]
+                write_files(self.sweep_dir, unit_files(done, unit))
+            else:
+                c = configs[0]
+                write_record(trial_dir(self.sweep_dir, c["trial_id"]), trial_id=c["trial_id"], sample=c["sample"],
+                             spec=dict(c), status="failed", reason=error, metrics={}, history=[])
+        except (OSError, NsrError) as e:
+            self.unwritten.update((c["trial_id"], f"{type(e).__name__}: {e}") for c in configs)
+            return []
+        return [trial_row(c, "failed", {}, error) for c in configs]
 
     def _line(self, rows: list[dict], config: dict) -> None:
         counts = Counter(r.get("status") for r in self.rows)
@@ -383,6 +407,9 @@ def preflight(sweep_file: str, address: str | None = None, cache_root: str | Non
     for a local cluster, whose disk and devices are this machine's — the cache root and the device."""
     spec = load_sweep(sweep_file)
     _check_writable(Path(out_root) / spec.name, "--out")
+    from .sweep import check_cross_model
+
+    check_cross_model(spec)
     if address or os.environ.get("RAY_ADDRESS"):
         return spec  # a cluster's workers have their own disks and devices: they check them
     from .cache import default_root
@@ -408,7 +435,7 @@ def _check_writable(path: Path, what: str) -> None:
 def launch(sweep_file: str, *, out_root: str = "results", address: str | None = None, resume: bool = False,
            dashboard: bool = True, dashboard_host: str = "127.0.0.1", cache_root: str | None = None,
            network: str = "auto", storage: str | None = None, optuna_storage: str | None = None,
-           trackers: Trackers | None = None, echo=print) -> Path:
+           trackers: Trackers | None = None, echo=print, isolation: Isolation | None = None) -> Path:
     """Run a sweep into `out_root/<name>/`. Raises NsrError (after the report is built) when trials are missing."""
     t_start = time.time()
     spec = preflight(sweep_file, address, cache_root, out_root)  # every input error surfaces here, before Ray starts
@@ -420,6 +447,8 @@ def launch(sweep_file: str, *, out_root: str = "results", address: str | None = 
     claim(sweep_dir, spec, resume)
     local = None
     try:
+        from .search import study_storage  # Optuna and Ray load only once a launch goes ahead
+
         studies = study_storage(optuna_storage or str(sweep_dir / STUDIES))
         callbacks = trackers.callbacks(sweep_dir, spec.name)
         before = read_state(sweep_dir)  # a resume keeps its start and its uid (study names carry it: never shared)
@@ -428,7 +457,7 @@ def launch(sweep_file: str, *, out_root: str = "results", address: str | None = 
                              started=before.get("started", t_start), resumed=(sweep_dir / TRIALS).is_dir(),
                              optuna_storage=redacted(optuna_storage) or STUDIES, storage=storage,
                              error=None, n_missing=None, missing=None, missing_reason=None)  # a resume starts clean
-        url, local = init_ray(spec, address, dashboard, dashboard_host, network, echo)
+        url, local = init_ray(spec, address, dashboard, dashboard_host, network, echo, isolation)
         return _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start, storage, studies, callbacks)
     except BaseException as e:  # recorded, so the directory never reads "running" after its launch is gone
         if read_state(sweep_dir).get("status") == "running":
@@ -438,6 +467,26 @@ def launch(sweep_file: str, *, out_root: str = "results", address: str | None = 
         if local is not None:  # a local cluster: shut down and its leftovers reaped before the lock goes
             local.stop()
         release(sweep_dir)
+
+
+def isolate_here(options: dict, echo=print) -> bool:
+    """Whether this `launch` starts a local cluster in a network namespace of its own (Linux, no cluster
+    address, --ray-network not host, no remote URI to reach): then what needs the network (an `hf:` corpus) is
+    fetched here, and the launch goes on in a child (`localray.spawn_isolated`). The whole validation pass runs
+    here first, so a bad sweep file is refused by this process, before any child starts."""
+    import sys
+
+    if sys.platform != "linux" or options["address"] or os.environ.get("RAY_ADDRESS"):
+        return False
+    spec = preflight(options["sweep_file"], None, options["cache_root"], options["out_root"])
+    network = _network_for(options["network"], [absolute_storage(options["storage"]), options["mlflow"]], None, echo)
+    if network == "host":
+        options["network"] = "host"
+        return False
+    from .localray import prefetch
+
+    prefetch(spec)  # the child will have no network: what needs it is fetched here
+    return True
 
 
 def absolute_storage(storage: str | None) -> str | None:
@@ -498,7 +547,10 @@ def _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start, storage,
     _gauge("nsr_sweep_cache_tokens_per_second", spec.name, meta["tokens_per_second"])
     neurons = resolve_neurons(spec, cache)
     groups = expand(spec, neurons)
-    searcher = GroupedSearch(spec, groups, rows, storage=studies, prefix=f"{spec.name}-{state['uid']}")
+    from .search import GroupedSearch, unit_size
+
+    searcher = GroupedSearch(spec, groups, rows, storage=studies, prefix=f"{spec.name}-{state['uid']}",
+                             unit_neurons=unit_size(spec, neurons, n_workers))
     total = len(rows) + searcher.n_remaining
     skipped = len(spec.skipped_combos()) * sum(len(v) for v in neurons.values())
     expected = expected_trials(spec, groups)
@@ -528,7 +580,7 @@ def _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start, storage,
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=searcher.n_remaining,
                                         reuse_actors=True,
-                                        max_concurrent_trials=2 * n_workers,  # one queued per worker hides Tune's latency
+                                        max_concurrent_trials=spec.resources.max_concurrent or 2 * n_workers,
                                         metric=spec.search.metric, mode=spec.search.mode),
             run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=spec.max_failures),
@@ -571,7 +623,13 @@ def _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start, storage,
 
 def expected_trials(spec: SweepSpec, groups: list[dict]) -> set[str]:
     """Every trial id the sweep owes: each group's samples."""
-    return {trial_id(g, s) for g in groups for s in range(n_samples(spec, g))}
+    return {trial_id(g, s) for g in groups for s in range(_n_samples(spec, g))}
+
+
+def _n_samples(spec: SweepSpec, group: dict) -> int:
+    from .search import n_samples
+
+    return n_samples(spec, group)
 
 
 def missing_reason(missing: list[str], unwritten: dict[str, str], lost: dict[str, str]) -> str:

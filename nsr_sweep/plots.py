@@ -112,11 +112,11 @@ def depth_curves(best: pd.DataFrame, path: Path) -> Path | None:
     combos = _combos(best)
     b = _with_combo(best)
     for ax, m in zip(axes[0], metrics):
-        for c in combos:
-            g = b[b["combo"] == c].groupby("layer")[m].agg(["mean", "std", "count"]).dropna(subset=["mean"])
-            half = 1.96 * g["std"].fillna(0) / np.sqrt(g["count"])  # 95% interval of the mean over neurons
-            ax.errorbar(g.index, g["mean"], yerr=half, marker="o", capsize=3, label=c)
-        ax.set(xlabel="layer", ylabel=f"mean {m} over neurons (95% CI)", title=f"{m} vs depth")
+        for c in combos:  # the spread over neurons (intervals of the mean: the self-vs-outsiders figure)
+            q = b[b["combo"] == c].groupby("layer")[m].quantile([0.25, 0.5, 0.75]).unstack().dropna()
+            ax.errorbar(q.index, q[0.5], yerr=np.abs(np.stack([q[0.5] - q[0.25], q[0.75] - q[0.5]])), marker="o",
+                        capsize=3, label=c)
+        ax.set(xlabel="layer", ylabel=f"{m}: median over neurons (bars: quartiles)", title=f"{m} vs depth")
         ax.set_xticks(sorted(best["layer"].unique()))
     axes[0][0].legend(fontsize=7)
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.14, top=0.9, wspace=0.3)
@@ -232,7 +232,8 @@ def controls_beside_trials(df: pd.DataFrame, path: Path) -> Path | None:
 
 
 def self_vs_outsiders(layers: pd.DataFrame, path: Path) -> Path | None:
-    """Per head/freeze: mean r over neurons against layer for self, cross-model and input-only (t intervals)."""
+    """Per head/freeze: mean r over neurons against layer for self, cross-model and input-only (95% intervals that
+    leave each shared test text out of every neuron at once)."""
     if layers.empty:
         return None
     combos = _combos(layers)
@@ -260,6 +261,41 @@ def self_vs_outsiders(layers: pd.DataFrame, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def gap_distributions(comp: pd.DataFrame, path: Path) -> Path | None:
+    """Per head/freeze and layer, the distribution over neurons of the gaps self − cross-model and
+    self − input-only in test r; a neuron whose gap survives the multiple-comparison control is a dot."""
+    gaps = [g for g in ("gap_cross_r", "gap_input_only_r") if g in comp and comp[g].notna().any()]
+    if comp.empty or not gaps:
+        return None
+    combos = _combos(comp)
+    layers = sorted(comp["layer"].unique())
+    fig, axes = plt.subplots(1, len(combos), figsize=(max(5.0, 0.9 * len(layers) * len(gaps) + 2) * len(combos), 4),
+                             squeeze=False, sharey=True)
+    b = _with_combo(comp)
+    width = 0.8 / len(gaps)
+    for ax, c in zip(axes[0], combos):
+        for j, gcol in enumerate(gaps):
+            for i, L in enumerate(layers):
+                sel = b[(b["combo"] == c) & (b["layer"] == L)]
+                v = sel[gcol].dropna().to_numpy()
+                if not len(v):
+                    continue
+                x = i + (j - (len(gaps) - 1) / 2) * width
+                bp = ax.boxplot([v], positions=[x], widths=width * 0.9, patch_artist=True, showfliers=False)
+                bp["boxes"][0].set_facecolor(f"C{j + 1}")
+                hit = sel[(sel[f"{gcol}_q"] <= 0.05)][gcol].dropna()
+                ax.scatter(np.full(len(hit), x), hit, s=6, color="k", alpha=0.5, zorder=3)
+        for j, gcol in enumerate(gaps):
+            ax.plot([], [], color=f"C{j + 1}", lw=6, label={"gap_cross_r": "self − cross-model",
+                                                            "gap_input_only_r": "self − input-only"}[gcol])
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_xticks(range(len(layers)), [f"L{L}" for L in layers])
+        ax.set(title=c, ylabel="gap in test r, per neuron")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def report_figures(df: pd.DataFrame, best: pd.DataFrame, fig_dir: Path, spec) -> list[tuple[Path, str]]:
     if best.empty:
         return []
@@ -269,7 +305,7 @@ def report_figures(df: pd.DataFrame, best: pd.DataFrame, fig_dir: Path, spec) ->
         if p:
             out.append((p, f"Heatmap of {m} over neurons × head/freeze (best trial per group)."))
     candidates = [
-        (depth_curves(best, fig_dir / "depth_curves.png"), "Metrics against layer, per head/freeze (mean over neurons, 95% CI): how deep self-report works."),
+        (depth_curves(best, fig_dir / "depth_curves.png"), "Metrics against layer, per head/freeze (median over neurons, bars: quartiles): how deep self-report works."),
         (distributions(best, fig_dir / "distributions.png"), "Per layer, the spread over neurons of test r and of the patch slope."),
         (r_vs_patch(best, fig_dir / "r_vs_patch_slope.png"), "Correlation against patching slope: reads the neuron / recomputes it / fails."),
         (offset_vs_drift(best, fig_dir / "offset_vs_drift.png"), "Offset against drift: a constant gap explained by the fine-tuned neuron moving."),

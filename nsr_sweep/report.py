@@ -1,17 +1,22 @@
 """`nsr-sweep report DIR`: the tables and pictures researchers decide from, and one HTML file.
 
-Everything is computed from `tables/trials.parquet`, itself rebuilt from the trial directories,
-so a report on a running or partial sweep shows what has finished and lists what failed.
+Everything is computed from `tables/trials.parquet`, itself rebuilt from the trial records
+(`records`: trial directories and the probes' Parquet datasets), and the stored test predictions, so a
+report on a running or partial sweep shows what has finished and lists what failed.
 
     tables/trials.parquet        one row per trial and control
     tables/best.parquet          the best trial per (layer, neuron, head, freeze) by the sweep metric
     tables/pivot_<metric>.{parquet,csv}   neuron × (head, freeze), best trials
     tables/per_layer.{parquet,csv}        mean / median of each metric per layer × head × freeze
-    tables/comparison.{parquet,csv}       per neuron: self vs cross-model vs input-only, gaps, 95% intervals
-    tables/comparison_by_layer.{parquet,csv}  the same per layer × head × freeze, intervals over neurons
+    tables/comparison.{parquet,csv}       per neuron: self vs cross-model vs input-only, gaps with 95% intervals,
+                                          p-values and Benjamini–Hochberg q-values
+    tables/comparison_by_layer.{parquet,csv}  the same per layer × head × freeze: means over neurons with
+                                          intervals over the shared test texts; neurons whose gap survives
+    tables/patch_estimate.{parquet,csv}   how the first-order patch estimate agrees with exact patching
     tables/summary.md            the pivots and the per-layer summary as Markdown
-    figures/*.png                heatmaps, depth curves, r vs patch slope, offset vs drift, cosines, controls
-    report.html                  self-contained (images embedded), works offline
+    figures/*.png                self vs outsiders, gap distributions, heatmaps, depth curves, r vs patch slope,
+                                 offset vs drift, cosines, controls
+    report.html                  self-contained (images embedded), from templates/report.html.j2; works offline
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .compare import by_layer, comparison
+from .compare import Q, compare
 from .results import atomic_write
 
 PIVOT_METRICS = ["pearson_r", "mse", "offset", "patch_slope", "drift", "skill"]
@@ -75,6 +80,9 @@ def patch_agreement(df: pd.DataFrame) -> pd.DataFrame:
     if both.empty:
         return pd.DataFrame()
     both["control"] = both["control"].fillna("-")
+    both = both[~both["control"].isin(["cross_model", "input_only", "random_model", "early_features"])]  # 0 by construction
+    if both.empty:
+        return pd.DataFrame()
 
     def agree(g: pd.DataFrame) -> pd.Series:
         est, exact = g["patch_slope_est"].to_numpy(float), g["patch_slope"].to_numpy(float)
@@ -101,8 +109,9 @@ def _write_table(df: pd.DataFrame, base: Path) -> None:
 
 
 def load_trials(sweep_dir: Path):
+    from .records import finished_rows
     from .sweepdir import resolved_spec
-    from .tables import finished_rows, write_trials_table
+    from .tables import write_trials_table
 
     spec = resolved_spec(sweep_dir)
     df = write_trials_table(sweep_dir, finished_rows(sweep_dir), spec.search.metric, spec.search.mode)
@@ -126,25 +135,33 @@ def build_report(sweep_dir: Path | str, echo=print) -> Path:
         _write_table(p, tables / f"pivot_{m}")
     layers = per_layer(best)
     _write_table(layers, tables / "per_layer")
-    comp = comparison(sweep_dir, df)
-    comp_layers = by_layer(comp)
+    comp, comp_layers = compare(sweep_dir, df)
     _write_table(comp, tables / "comparison")
     _write_table(comp_layers, tables / "comparison_by_layer")
     agreement = patch_agreement(df)
+    if len(agreement):
+        agreement.insert(0, "hook", spec.target.hook)
     _write_table(agreement, tables / "patch_estimate")
     summary = [f"# {spec.name}: summary\n", f"Best trial per group by `{spec.search.metric}` ({spec.search.mode}).\n"]
     for m, p in pivots.items():
         summary += [f"\n## {m} (neuron × head/freeze)\n\n", _md(p)]
-    summary += ["\n## Self vs cross-model vs input-only, per layer (mean over neurons, 95% CI)\n\n", _md(comp_layers),
+    summary += ["\n## Self vs cross-model vs input-only, per layer (mean over neurons, 95% CI over the shared test "
+                "texts)\n\n", _md(comp_layers),
                 "\n## Per layer (best trials)\n\n", _md(layers),
                 "\n## Patching: first-order estimate vs exact (probes with both)\n\n", _md(agreement)]
     atomic_write(tables / "summary.md", lambda tmp: tmp.write_text("".join(summary)))
 
     figures = plots.report_figures(df, best, sweep_dir / "figures", spec)
-    answer = plots.self_vs_outsiders(comp_layers, sweep_dir / "figures" / "self_vs_outsiders.png")
+    answer = [(p, c) for p, c in (
+        (plots.self_vs_outsiders(comp_layers, sweep_dir / "figures" / "self_vs_outsiders.png"),
+         "Self vs cross-model vs input-only against depth: mean test r over the layer's neurons, 95% intervals over "
+         "the shared test texts."),
+        (plots.gap_distributions(comp, sweep_dir / "figures" / "gap_distributions.png"),
+         "Per layer, the distribution over neurons of the gaps self − outsider in test r (box: quartiles; dots: "
+         f"neurons whose gap survives Benjamini–Hochberg at q = {Q}).")) if p]
     running = run_state(sweep_dir) == "running"
-    page = render_html(spec, df, best, pivots, layers, figures, state, running, sweep_dir, comp_layers, comp, answer,
-                       agreement)
+    page = render_html(Report(spec, df, best, pivots, layers, figures, state, running, sweep_dir, comp_layers, comp,
+                              answer, agreement))
     out = sweep_dir / "report.html"
     atomic_write(out, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     echo(f"report: {out} ({out.stat().st_size / 1e6:.1f} MB, {len(df)} trials, {time.perf_counter() - t0:.1f} s)")
@@ -182,19 +199,28 @@ def _fmt(v) -> str:
 
 
 MAX_HTML_ROWS = 200
-"""A longer table shows its top and bottom rows (by test r where it has one); the Parquet tables hold all."""
+"""A longer table shows its top and bottom rows by the numeric column that ranks it; the Parquet tables hold all."""
 
 
-def _table(df: pd.DataFrame, cls: str = "", left: int = 1, charts: frozenset[str] = frozenset()) -> str:
-    """An HTML table; a trial id with a diagnostics chart (in `charts`) links to it."""
+def _table(df: pd.DataFrame, cls: str = "", left: int = 1, charts: frozenset[str] = frozenset(),
+           rank: str | None = None) -> str:
+    """An HTML table; a trial id with a diagnostics chart (in `charts`) links to it. Over MAX_HTML_ROWS rows,
+    the highest and lowest by `rank` (a numeric column; else by layer and neuron) are shown."""
     if df.empty:
         return "<p class='muted'>No finished trials yet.</p>"
     if len(df) > MAX_HTML_ROWS:  # an every-neuron sweep: the extremes here, everything in tables/
-        ranked = df.sort_values("pearson_r", ascending=False, na_position="last") if "pearson_r" in df else df
         k = MAX_HTML_ROWS // 2
-        note = (f"<p class='muted'>{len(df)} rows: the {k} {'highest and lowest by test r' if 'pearson_r' in df else 'first and last'}"
-                " are shown; the whole table is in <code>tables/</code> (Parquet and CSV).</p>")
-        return note + _table(pd.concat([ranked.head(k), ranked.tail(k)]), cls, left, charts)
+        if rank is not None and rank in df:
+            ranked = df.sort_values(rank, ascending=False, na_position="last", kind="stable")
+            note = f"the {k} highest and {k} lowest by <code>{html.escape(rank)}</code>"
+            shown = pd.concat([ranked.head(k), ranked.dropna(subset=[rank]).tail(k)]).drop_duplicates()
+        else:
+            keys = [c for c in ("layer", "neuron") if c in df]
+            ranked = df.sort_values(keys, kind="stable") if keys else df
+            note = f"the first and last {k} by {' and '.join(keys) or 'row'}"
+            shown = pd.concat([ranked.head(k), ranked.tail(k)])
+        return (f"<p class='muted'>{len(df)} rows: {note} are shown; the whole table is in <code>tables/</code> "
+                "(Parquet and CSV).</p>" + _table(shown, cls, left, charts))
     head = "".join(f"<th class='{'l' if i < left else ''}'>{html.escape(str(c))}</th>" for i, c in enumerate(df.columns))
     rows = []
     for rec in df.itertuples(index=False):
@@ -215,7 +241,7 @@ def _img(path: Path) -> str:
 
 def answer_table(comp_layers: pd.DataFrame) -> pd.DataFrame:
     """The first screen: per layer and head/freeze, r of self / cross-model / input-only and the gaps, as
-    'value [lo, hi]' strings."""
+    'value [lo, hi]' strings, and how many neurons' gaps survive the multiple-comparison control."""
     if comp_layers.empty:
         return comp_layers
     out = comp_layers[["layer", "head", "freeze", "n_neurons"]].copy()
@@ -223,6 +249,12 @@ def answer_table(comp_layers: pd.DataFrame) -> pd.DataFrame:
                        ("gap_cross_r", "self − cross"), ("gap_input_only_r", "self − input-only")):
         out[label] = [_ci(v, lo, hi) for v, lo, hi in zip(comp_layers[col], comp_layers[f"{col}_lo"],
                                                           comp_layers[f"{col}_hi"])]
+    for other, label in (("cross", "cross-model"), ("input_only", "input-only")):
+        c = f"gap_{other}_r"
+        out[f"gap > 0 vs {label}"] = [f"{p} of {n}" if n else "—" for p, n in
+                                      zip(comp_layers[f"n_{c}_positive"], comp_layers[f"n_{c}_tested"])]
+        out[f"gap < 0 vs {label}"] = [f"{m}" if n else "—" for m, n in
+                                      zip(comp_layers[f"n_{c}_negative"], comp_layers[f"n_{c}_tested"])]
     return out
 
 
@@ -232,95 +264,109 @@ def _ci(v: float, lo: float, hi: float) -> str:
     return f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]" if np.isfinite(lo) else f"{v:+.3f}"
 
 
-def render_html(spec, df, best, pivots, layers, figures, state, running, sweep_dir, comp_layers, comp, answer,
-                agreement) -> str:
+def survivors(comp: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
+    """Neurons with a gap that survives Benjamini–Hochberg (either outsider), and the gap column that ranks them."""
+    if comp.empty:
+        return comp, None
+    gaps = [g for g in ("gap_cross_r", "gap_input_only_r") if comp[g].notna().any()]
+    if not gaps:
+        return comp.iloc[:0], None
+    hit = comp[np.logical_or.reduce([comp[f"{g}_q"] <= Q for g in gaps])]
+    cols = ["layer", "neuron", "head", "freeze", "self_r"] + [c for g in gaps for c in
+                                                             (g.replace("gap_", ""), g, f"{g}_lo", f"{g}_hi", f"{g}_q")]
+    return hit[[c for c in dict.fromkeys(cols) if c in hit]], gaps[0]
+
+
+class Report:
+    """What report.html shows, gathered once (the template decides where)."""
+
+    def __init__(self, spec, df, best, pivots, layers, figures, state, running, sweep_dir, comp_layers, comp, answer,
+                 agreement):
+        self.spec, self.df, self.best, self.pivots, self.layers = spec, df, best, pivots, layers
+        self.figures, self.state, self.running, self.sweep_dir = figures, state, running, sweep_dir
+        self.comp_layers, self.comp, self.answer, self.agreement = comp_layers, comp, answer, agreement
+
+
+SECTIONS = [("answer", "Does the model know its neuron better than an outsider?"),
+            ("reads", "Reads the neuron, or recomputes it?"), ("overview", "What was swept"),
+            ("headline", "Headline: best trial per neuron × head/freeze"), ("figures", "Figures"),
+            ("layers", "Per-layer summary"), ("pivots", "Pivots"), ("controls", "Controls"), ("failures", "Failures"),
+            ("trials", "All trials")]
+
+
+def _overview(r: Report) -> list[tuple[str, str]]:
+    spec, state, df = r.spec, r.state, r.df
     started, finished = state.get("started"), state.get("finished")
     took = (finished or time.time()) - started if started else None
     counts = df["status"].value_counts().to_dict() if len(df) else {}
+    t = state.get("timings") or {}
+    return [
+        ("sweep", spec.name),
+        ("state", "running" if r.running else ("interrupted" if state.get("status") == "running"
+                                               else state.get("status", "unknown"))),
+        ("model", f"{spec.model.name} ({spec.model.init}, processing {spec.model.processing})"),
+        ("corpus", f"{spec.corpus.source}: {spec.corpus.n_texts} texts ≤ {spec.corpus.max_tokens} tokens "
+                   f"(seed {spec.corpus.seed})"),
+        ("target", f"blocks.L.mlp.hook_{spec.target.hook}, {spec.target.position} token; features {spec.features.hook}"),
+        ("layers", ", ".join(map(str, spec.layers))),
+        ("neurons", ", ".join(f"L{k}: {_neurons_text(v)}" for k, v in (state.get("neurons") or {}).items())),
+        ("heads × freeze", ", ".join(combo_label(h, f) for h, f in spec.combos())),
+        ("search", f"{spec.search.algorithm}, {spec.search.num_samples} samples per group, metric {spec.search.metric}"),
+        ("controls", ", ".join(spec.control_names) + (f" (cross_model: {spec.cross_model})" if spec.cross_model else "")
+         if spec.controls else "none"),
+        ("trials", f"{len(df)} finished of {state.get('n_expected', '?')} "
+                   f"({', '.join(f'{v} {k}' for k, v in counts.items())})"),
+        ("took", (f"{took / 60:.1f} min" + (f" (cache {t.get('cache_s')} s, trials {t.get('trials_wall_s')} s)"
+                                            if t else "")) if took else "?"),
+        ("workers", f"{state.get('workers')} on {state.get('device')}; base model loaded {state.get('model_loads')}×"),
+    ]
+
+
+def _neurons_text(v: list) -> str:
+    return f"{len(v)} neurons ({v[0]}…{v[-1]})" if len(v) > 12 else str(v)
+
+
+def render_html(r: Report) -> str:
+    """report.html from its template (`templates/report.html.j2`), one self-contained file."""
+    import jinja2
+    from markupsafe import Markup
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("nsr_sweep", "templates"), autoescape=True)
+    df, best, comp, spec = r.df, r.best, r.comp, r.spec
     real = real_trials(df) if len(df) else df
     controls = df[df["control"].notna()] if len(df) and "control" in df else pd.DataFrame()
     failed = df[df["status"].isin(["failed", "damaged"])] if len(df) else pd.DataFrame()
-    sections = [("answer", "Does the model know its neuron better than an outsider?"),
-                ("reads", "Reads the neuron, or recomputes it?"), ("overview", "What was swept"),
-                ("headline", "Headline: best trial per neuron × head/freeze"),
-                ("figures", "Figures"), ("layers", "Per-layer summary"), ("pivots", "Pivots"),
-                ("controls", "Controls"), ("failures", "Failures"), ("trials", "All trials")]
-    toc = "".join(f"<li><a href='#{k}'>{v}</a></li>" for k, v in sections)
-    charts = frozenset(p.parent.name for p in (Path(sweep_dir) / "trials").glob("*/diagnostics.png"))
-    t = state.get("timings") or {}
-    overview = {
-        "sweep": spec.name, "state": "running" if running else
-        ("interrupted" if state.get("status") == "running" else state.get("status", "unknown")),
-        "model": f"{spec.model.name} ({spec.model.init}, processing {spec.model.processing})",
-        "corpus": f"{spec.corpus.source}: {spec.corpus.n_texts} texts ≤ {spec.corpus.max_tokens} tokens (seed {spec.corpus.seed})",
-        "target": f"blocks.L.mlp.hook_{spec.target.hook}, {spec.target.position} token; features {spec.features.hook}",
-        "layers": ", ".join(map(str, spec.layers)),
-        "neurons": ", ".join(f"L{k}: {v}" for k, v in (state.get("neurons") or {}).items()),
-        "heads × freeze": ", ".join(combo_label(h, f) for h, f in spec.combos()),
-        "search": f"{spec.search.algorithm}, {spec.search.num_samples} samples per group, metric {spec.search.metric}",
-        "controls": ", ".join(spec.control_names) + (f" (cross_model: {spec.cross_model})" if spec.cross_model else "")
-                    if spec.controls else "none",
-        "trials": f"{len(df)} finished of {state.get('n_expected', '?')} ({', '.join(f'{v} {k}' for k, v in counts.items())})",
-        "took": f"{took / 60:.1f} min" + (f" (cache {t.get('cache_s')} s, trials {t.get('trials_wall_s')} s)" if t else "") if took else "?",
-        "workers": f"{state.get('workers')} on {state.get('device')}; base model loaded {state.get('model_loads')}×",
-    }
-    ov = "".join(f"<tr><td>{html.escape(k)}</td><td class='l'>{html.escape(str(v))}</td></tr>" for k, v in overview.items())
-    headline_cols = [c for c in ["layer", "neuron", "head", "freeze", "pearson_r", "skill", "mse", "offset",
-                                 "patch_slope", "drift", "identity_r", "cos_win", "cos_wout", "trial_id"] if c in best]
-    figs = "".join(f"<figure>{_img(p)}<figcaption>{html.escape(caption)}</figcaption></figure>" for p, caption in figures
-                   if p.stem not in FIRST_FIGURES)
-    piv = "".join(f"<h3>{m}</h3>{_table(p, left=2)}" for m, p in pivots.items())
-    ctl_cols = [c for c in ["trial_id", "control", "layer", "neuron", "head", "freeze", "pearson_r", "skill",
-                            "patch_slope"] if c in controls]
-    fail_cols = [c for c in ["trial_id", "status", "layer", "neuron", "head", "freeze", "error"] if c in failed]
-    trial_cols = [c for c in ["trial_id", "control", "status", "best", "lr", "epochs", "pearson_r", "skill", "mse",
-                              "patch_slope", "drift", "seconds"] if c in real]
-    banner = "<p class='bad'><b>This sweep is still running</b>: the report shows the trials finished so far.</p>" if running else ""
-    if not running and state.get("n_missing"):
-        banner = (f"<p class='bad'><b>{state['n_missing']} of {state.get('n_expected', '?')} trials are missing</b>: "
-                  f"{html.escape(state.get('missing_reason') or '')}. Every table below lacks them; "
-                  "<code>nsr-sweep launch &lt;sweep file&gt; --resume</code> reruns them.</p>")
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>nsr-sweep report: {html.escape(spec.name)}</title>
-<style>{CSS}</style></head><body>
-<h1>Neuron self-report sweep: {html.escape(spec.name)}</h1>{banner}
-<h2 id="answer">Does the model know its neuron better than an outsider?</h2>
-<p>Per layer and head/freeze, the mean test correlation over neurons of <b>self</b> (this model predicting its own
-neuron), <b>cross-model</b> (another model, <code>{html.escape(str(spec.cross_model or "not run"))}</code>, trained the same
-way to predict this model's neuron on the same texts) and <b>input-only</b> (ridge on the text's tokens, no
-transformer), with 95% intervals over neurons. A positive self − cross gap whose interval excludes 0 is evidence of
-privileged access; self ≈ input-only means the text alone explains the report. Cross-model rows exist for freeze
-<code>none</code> and <code>all</code> (the other model has no target layer).</p>
-<div id="answer-table">{_table(answer_table(comp_layers), left=3)}</div>
-{f"<figure>{_img(answer)}<figcaption>Self vs cross-model vs input-only against depth (mean r over neurons, 95% CI).</figcaption></figure>" if answer else ""}
-<h3>Per neuron</h3><p>Gaps with paired bootstrap 95% intervals over the test texts
-(<code>tables/comparison.parquet</code>).</p>
-{_table(comp[[c for c in comp.columns if not c.endswith("_trial")]] if len(comp) else comp, left=4)}
-<nav><h2 id="toc">Contents</h2><ul>{toc}</ul></nav>
-<h2 id="reads">Reads the neuron, or recomputes it?</h2>
-{"".join(f"<figure>{_img(p)}<figcaption>{html.escape(c)}</figcaption></figure>" for p, c in figures
-         if p.stem in FIRST_FIGURES) or "<p class='muted'>No figures yet.</p>"}
-<h3>Exact patching and its first-order estimate</h3><p>Probes get <code>patch_slope_est</code>, the mean
-d prediction / d activation at each text's own activation (through the layer's Jacobian, shared by every probe of
-the layer); exact patching (<code>patch_slope</code>, a fit over a grid of values) runs for every trial run alone and
-for <code>analysis.exact_patch_neurons</code> of each batch. Where both exist (<code>tables/patch_estimate.parquet</code>):</p>
-{_table(agreement, left=3) if len(agreement) else "<p class='muted'>No probe has both yet.</p>"}
-<h2 id="overview">What was swept</h2><table class="kv">{ov}</table>
-<h2 id="headline">Headline: best trial per neuron × head/freeze</h2>
-<p>Best of each group's hyperparameter samples by <code>{spec.search.metric}</code>; metrics on the test split.
-<code>patch_slope</code> near 1 means the prediction moves with the neuron (it reads it); near 0 with high r means it
-recomputes the neuron from context. Trial ids link to their diagnostics charts (trials run one at a time have one; batched probes do not).</p>
-<div id="headline-table">{_table(best[headline_cols] if len(best) else best, cls='headline', left=4, charts=charts)}</div>
-<h2 id="figures">Figures</h2>{figs or "<p class='muted'>No figures yet.</p>"}
-<h2 id="layers">Per-layer summary</h2><p>Mean and median over the best trials of each neuron: how deep in the network self-report works.</p>{_table(layers, left=3)}
-<h2 id="pivots">Pivots</h2>{piv}
-<h2 id="controls">Controls</h2><p>Controls separate self-report from recomputation: <code>shuffled</code> (permuted targets),
-<code>random_model</code> (features of a randomly initialised model), <code>early_features</code> (the residual before the layer),
-<code>cross_model</code> (another model), <code>input_only</code> (the text alone).</p>
-{_table(controls[ctl_cols].sort_values(["control", "trial_id"]) if len(controls) else controls, left=6)}
-<h2 id="failures">Failures</h2>{_table(failed[fail_cols], left=6) if len(failed) else "<p class='muted'>None.</p>"}
-<h2 id="trials">All trials</h2>{_table(real[trial_cols] if len(real) else real, left=2, charts=charts)}
-<script>{SORT_JS}</script>
-<p class="muted">Generated by nsr-sweep on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from {html.escape(str(sweep_dir))}.</p>
-</body></html>
-"""
+    charts = frozenset(p.parent.name for p in (Path(r.sweep_dir) / "trials").glob("*/diagnostics.png"))
+    cols = lambda frame, names: frame[[c for c in names if c in frame]] if len(frame) else frame  # noqa: E731
+    hit, rank = survivors(comp)
+    gap_rank = "gap_cross_r" if len(comp) and comp["gap_cross_r"].notna().any() else "gap_input_only_r"
+    fig = lambda figs: [{"img": Markup(_img(p)), "caption": c} for p, c in figs]  # noqa: E731
+    html_ = lambda x: Markup(x)  # noqa: E731 - tables rendered by _table escape their own cells
+    return env.get_template("report.html.j2").render(
+        spec=spec, css=Markup(CSS), sort_js=Markup(SORT_JS), q=Q, running=r.running,
+        missing=r.state.get("n_missing"), expected=r.state.get("n_expected", "?"),
+        missing_reason=r.state.get("missing_reason") or "",
+        answer_table=html_(_table(answer_table(r.comp_layers), left=3)), answer_figures=fig(r.answer),
+        survivors=html_(_table(hit, left=4, rank=rank) if len(hit) else
+                        "<p class='muted'>None: no neuron's gap survives the control (or no outsider ran).</p>"),
+        per_neuron=html_(_table(cols(comp, [c for c in comp.columns if not c.endswith("_trial")]), left=4,
+                                rank=gap_rank)),
+        sections=SECTIONS, reads_figures=fig([(p, c) for p, c in r.figures if p.stem in FIRST_FIGURES]),
+        agreement=html_(_table(r.agreement, left=4) if len(r.agreement) else
+                        "<p class='muted'>No probe has both yet.</p>"),
+        overview=_overview(r),
+        headline=html_(_table(cols(best, ["layer", "neuron", "head", "freeze", "pearson_r", "skill", "mse", "offset",
+                                          "patch_slope", "drift", "identity_r", "cos_win", "cos_wout", "trial_id"]),
+                              cls="headline", left=4, charts=charts, rank="pearson_r")),
+        figures=fig([(p, c) for p, c in r.figures if p.stem not in FIRST_FIGURES]),
+        per_layer=html_(_table(r.layers, left=3)),
+        pivots=[(m, html_(_table(p, left=2, rank=p.columns[2] if p.shape[1] > 2 else None))) for m, p in r.pivots.items()],
+        controls=html_(_table(cols(controls, ["trial_id", "control", "layer", "neuron", "head", "freeze", "pearson_r",
+                                              "skill", "patch_slope"]), left=6, rank="pearson_r")),
+        failures=html_(_table(cols(failed, ["trial_id", "status", "layer", "neuron", "head", "freeze", "error"]), left=6)
+                       if len(failed) else "<p class='muted'>None.</p>"),
+        trials=html_(_table(cols(real, ["trial_id", "control", "status", "best", "lr", "epochs", "pearson_r", "skill",
+                                        "mse", "patch_slope", "drift", "seconds"]), left=2, charts=charts,
+                            rank="pearson_r")),
+        generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), sweep_dir=str(r.sweep_dir),
+    )

@@ -1,7 +1,8 @@
 """One Optuna study per (layer, neuron, head, freeze) group, inside a single Tune run.
 
-Exact frozen-base probes have nothing to search: the groups of one layer, head and control are
-handed out together as one batch (`members` in the config) that a worker fits in one call.
+Exact frozen-base probes have nothing to search: the groups of a chunk of one layer's neurons — every
+head and control — are handed out together as one unit of work (`members` in the config) that a worker
+fits and patches in one call.
 
 Tune takes one search algorithm per run; a sweep needs an independent hyperparameter search
 per group. `GroupedSearch` keeps one study per group and hands out samples round-robin by
@@ -16,7 +17,6 @@ import hashlib
 import math
 from typing import Literal
 
-import numpy as np
 import optuna
 from ray.tune.search import Searcher
 
@@ -55,24 +55,27 @@ def group_key(g: dict) -> tuple:
 
 
 def batch_key(spec: SweepSpec, g: dict) -> tuple | None:
-    """Groups with the same key run as one batch: exact frozen-base probes with nothing searched, of one
-    layer, head and control (`trial.run_trials` fits them together). None: the group runs alone."""
-    if g["freeze"] != "none" or spec.training.solver != "exact" or n_samples(spec, g) != 1 or \
-            spec.resources.batch_neurons == 1:
+    """Groups with the same key may share a unit of work: exact frozen-base probes with nothing searched, of
+    one layer (`trial.run_trials` fits every head and control of a chunk of its neurons together). None: the
+    group runs alone."""
+    if g["freeze"] != "none" or spec.training.solver != "exact" or n_samples(spec, g) != 1:
         return None
-    return (g["layer"], g["head"], g.get("control") or "", g.get("cross_model") or "")
+    return (g["layer"],)
 
 
-def exact_subset(n: int, k: int) -> set[int]:
-    """The members of a batch of n that are patched exactly: k evenly spread (first and last included)."""
-    return set(np.linspace(0, n - 1, k).round().astype(int).tolist()) if k and n else set()
+def unit_size(spec: SweepSpec, neurons: dict[int, list[int]], workers: int, per_worker: int = 4) -> int:
+    """Neurons per unit of work: enough units that every worker stays busy (≥ `per_worker` units each, the
+    layers split evenly), at most `resources.batch_neurons`."""
+    most = max((len(v) for v in neurons.values()), default=1)
+    chunks = max(1, math.ceil(per_worker * workers / max(1, len(neurons))))
+    return max(1, min(spec.resources.batch_neurons, math.ceil(most / chunks)))
 
 
-def batch_id(members: list[dict]) -> str:
-    """`L<layer>-<head>-none[-<control>]-N<first>..<last>-batch` (a name no trial directory has)."""
-    first, last = members[0], members[-1]
-    ctl = f"-{first['control']}" if first.get("control") else ""
-    return f"L{first['layer']}-{first['head']}-none{ctl}-N{first['neuron']}..{last['neuron']}-batch"
+def unit_id(members: list[dict]) -> str:
+    """`L<layer>-N<first>..<last>-<hash>` (the hash of its trial ids: a unit planned again names itself the same)."""
+    ns = [m["neuron"] for m in members]
+    digest = hashlib.sha256("\n".join(sorted(m["trial_id"] for m in members)).encode()).hexdigest()[:8]
+    return f"L{members[0]['layer']}-N{min(ns)}..{max(ns)}-{digest}"
 
 
 def study_storage(location: str) -> optuna.storages.BaseStorage:
@@ -91,8 +94,14 @@ def study_storage(location: str) -> optuna.storages.BaseStorage:
 
 class GroupedSearch(Searcher):
     def __init__(self, spec: SweepSpec, groups: list[dict], finished: list[dict],
-                 storage: optuna.storages.BaseStorage | None = None, prefix: str | None = None):
+                 storage: optuna.storages.BaseStorage | None = None, prefix: str | None = None,
+                 unit_neurons: int | None = None):
         super().__init__(metric=spec.search.metric, mode=spec.search.mode)
+        self.unit_neurons = unit_neurons or spec.resources.batch_neurons
+        order: dict[int, dict[int, None]] = {}  # per layer, its neurons in the grid's order
+        for g in groups:
+            order.setdefault(g["layer"], {})[g["neuron"]] = None
+        self.chunk = {(L, n): i // self.unit_neurons for L, ns in order.items() for i, n in enumerate(ns)}
         self.spec, self.groups, self.storage = spec, groups, storage
         self.prefix = prefix or spec.name  # studies are named <prefix>/<group id>
         self.dists = {k: distribution(v) for k, v in spec.search.space.items()}
@@ -164,22 +173,23 @@ class GroupedSearch(Searcher):
         if not self.queue:
             return Searcher.FINISHED
         sample, group = self.queue.pop(0)
-        key = batch_key(self.spec, group)
-        if key is not None:  # it and the queued groups of its batch, as one unit of work
-            idx = [i for i, (_, g) in enumerate(self.queue) if batch_key(self.spec, g) == key][: self.spec.resources.batch_neurons - 1]
+        key = self._unit(group)
+        if key is not None:  # it and the queued groups of its unit (every head and control of a chunk of neurons)
+            idx = [i for i, (_, g) in enumerate(self.queue) if self._unit(g) == key]
             mates, taken = [self.queue[i] for i in idx], set(idx)
             self.queue = [q for i, q in enumerate(self.queue) if i not in taken]
             members = [self._config(s, g, {}) for s, g in [(sample, group), *mates]]
-            exact = exact_subset(len(members), self.spec.analysis.exact_patch_neurons)
-            for i, m in enumerate(members):
-                m["exact_patch"] = i in exact
-            return {"trial_id": batch_id(members), "sample": 0, "members": members}
+            return {"trial_id": unit_id(members), "sample": 0, "members": members}
         study = self._study(group_key(group))
         ot = study.ask(self.dists)
         config = self._config(sample, group, ot.params)
         ot.set_user_attr("trial_id", config["trial_id"])  # a resumed launch matches studies to records by it
         self.live[tune_trial_id] = (study, ot)
         return config
+
+    def _unit(self, group: dict) -> tuple | None:
+        key = batch_key(self.spec, group)
+        return None if key is None else (*key, self.chunk[(group["layer"], group["neuron"])])
 
     def _config(self, sample: int, group: dict, params: dict) -> dict:
         """A trial's whole config: training defaults, its group, its sampled parameters, id and seed."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .records import finished_rows
 from .sweepdir import read_state, run_state
-from .tables import finished_rows, trials_frame
+from .tables import trials_frame
 
 
 def sweep_status(sweep_dir: Path) -> dict:

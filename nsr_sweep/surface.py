@@ -169,15 +169,19 @@ class Surface:
             x = x + self.pos_embed(torch.arange(ids.shape[1], device=ids.device))[None]
         return x
 
-    def run(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """The residual x [B, T, d] entering block `start` through blocks start…stop-1 (causal)."""
+    def run(self, x: torch.Tensor, start: int = 0, stop: int | None = None,
+            positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The residual x [B, T, d] entering block `start` through blocks start…stop-1 (causal). With
+        `positions` (B), x holds alternatives of one position per text instead of a sequence (the
+        attention `nsr_sweep.patching` routes them through supplies the earlier positions)."""
         stop = self.n_layers if stop is None else stop
         if start >= stop:
             return x
         T = x.shape[1]
-        kw: dict = {"attention_mask": causal_mask(T, x.device, x.dtype)}
+        kw: dict = {"attention_mask": causal_mask(T, x.device, x.dtype) if positions is None else None}
         if self.rotary is not None:
-            position_ids = torch.arange(T, device=x.device)[None]
+            position_ids = torch.arange(T, device=x.device)[None] if positions is None else \
+                positions.to(x.device)[:, None].expand(-1, T)
             kw.update(position_ids=position_ids, position_embeddings=self.rotary(x, position_ids=position_ids))
         for blk in self.blocks[start:stop]:
             out = blk(x, **kw)

@@ -9,6 +9,7 @@ import numpy as np
 from .cache import ActivationCache
 from .config import SweepSpec
 from .corpus import load_corpus
+from .errors import NsrError
 from .models import BaseModel, ModelSpec, load_model
 
 
@@ -39,14 +40,52 @@ def build_cache(spec: SweepSpec, root: str | Path | None = None, progress: bool 
 
 def aligned_tokens(model: BaseModel, other: BaseModel, seqs: list[list[int]]) -> list[list[int]]:
     """The same texts in the other model's tokens: this model's (truncated) tokens decoded back to text,
-    then encoded by the other tokenizer (BOS first), so both models read exactly the same characters."""
-    from .cache import tokenize
+    then encoded by the other tokenizer (BOS first), so both models read exactly the same characters —
+    whole: a text longer than the other model's positions is refused (`check_cross_positions`)."""
+    got = realigned(model.tokenizer, other.tokenizer, seqs)
+    check_cross_positions(got, positions(other.hf.config), other.spec.name)
+    return got
 
-    bos = model.tokenizer.bos_token_id
-    texts = [model.tokenizer.decode(q[1:] if q and q[0] == bos else q, clean_up_tokenization_spaces=False)
-             for q in seqs]
-    limit = getattr(other.hf.config, "max_position_embeddings", None) or 8192
-    return tokenize(other, texts, int(limit))[0]
+
+def realigned(tok, other_tok, seqs: list[list[int]]) -> list[list[int]]:
+    from .cache import encode
+
+    bos = tok.bos_token_id
+    texts = [tok.decode(q[1:] if q and q[0] == bos else q, clean_up_tokenization_spaces=False) for q in seqs]
+    return encode(other_tok, texts, 1 << 30)[0]
+
+
+def positions(config) -> int:
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 8192
+
+
+def check_cross_positions(other_seqs: list[list[int]], limit: int, name: str) -> None:
+    """The other model must read every text whole, up to the target token: truncating its copy would hide
+    the very token the neuron is read at. So a text that does not fit is refused, with the count."""
+    over = [len(q) for q in other_seqs if len(q) > limit]
+    if over:
+        raise NsrError(f"controls: cross_model: {len(over)} of {len(other_seqs)} texts re-encoded by {name!r} are "
+                       f"longer than its {limit} positions (up to {max(over)} tokens), so it would not see the target "
+                       "token; lower corpus.max_tokens")
+
+
+def check_cross_model(spec: SweepSpec) -> None:
+    """Before Ray starts: the corpus, re-encoded by the cross_model's tokenizer, fits its positions (tokenizers
+    and configs only; a hub model not cached locally is checked where it is loaded)."""
+    from transformers import AutoConfig
+
+    from .cache import encode
+    from .models import load_tokenizer, resolve_model_dir
+
+    if spec.cross_model is None:
+        return
+    tok, other = load_tokenizer(spec.model.name), load_tokenizer(spec.cross_model)
+    path = resolve_model_dir(spec.cross_model, need_weights=False)
+    if tok is None or other is None or path is None:
+        return
+    c = spec.corpus
+    seqs = encode(tok, load_corpus(c.source, n_texts=c.n_texts, seed=c.seed).texts, c.max_tokens)[0]
+    check_cross_positions(realigned(tok, other, seqs), positions(AutoConfig.from_pretrained(path)), spec.cross_model)
 
 
 def cross_model_inputs(model: BaseModel, other: BaseModel, seqs: list[list[int]], hook: str) -> dict:
@@ -55,8 +94,8 @@ def cross_model_inputs(model: BaseModel, other: BaseModel, seqs: list[list[int]]
     from .forward import read_points
 
     other_seqs = aligned_tokens(model, other, seqs)
-    positions = np.array([len(q) - 1 for q in other_seqs], np.int64)
-    feats = read_points(other.surface, other_seqs, positions, [hook], other.tokenizer.pad_token_id)[hook]
+    last = np.array([len(q) - 1 for q in other_seqs], np.int64)
+    feats = read_points(other.surface, other_seqs, last, [hook], other.tokenizer.pad_token_id)[hook]
     padded = np.full((len(other_seqs), max(len(q) for q in other_seqs)), -1, np.int64)
     for i, q in enumerate(other_seqs):
         padded[i, : len(q)] = q

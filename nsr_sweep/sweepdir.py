@@ -1,6 +1,7 @@
-"""The sweep directory's owner: its paths, lock, state file, resolved sweep file and trial records.
+"""The sweep directory's owner: its paths, lock, state file and resolved sweep file (the records inside it
+are `records`'s).
 
-    results/<name>/sweep.yaml · sweep_state.json · sweep.lock · runs.jsonl · optuna.log · trials/<trial_id>/metrics.json …
+    results/<name>/sweep.yaml · sweep_state.json · sweep.lock · runs.jsonl · optuna.log · trials/<trial_id>/ · probes/
 
 Neither Ray nor Optuna is imported here, so `nsr-sweep status` and `report` stay light.
 """
@@ -19,7 +20,7 @@ import yaml
 
 from .config import SweepSpec, dump_sweep, load_sweep
 from .errors import NsrError
-from .results import atomic_write, json_bytes, write_json
+from .results import atomic_write, write_json
 
 STATE = "sweep_state.json"
 LOCK = "sweep.lock"
@@ -27,6 +28,7 @@ RESOLVED = "sweep.yaml"
 RUNS = "runs.jsonl"
 TRIALS = "trials"
 RECORD = "metrics.json"  # a trial's record, written last: finished (ok or failed) once it exists
+PROBES = "probes"  # batched probes' records, predictions, patching points and heads: Parquet datasets (records.py)
 STUDIES = "optuna.log"  # every searched group's Optuna study (a JournalStorage file; `optuna-dashboard` opens it)
 
 
@@ -63,18 +65,6 @@ def resolved_spec(sweep_dir: Path) -> SweepSpec:
     if not (sweep_dir / RESOLVED).is_file():
         raise NsrError(f"{sweep_dir} is not a sweep directory (no {RESOLVED}): give results/<name>")
     return load_sweep(sweep_dir / RESOLVED, check_model=False)
-
-
-def record(*, trial_id: str, sample: int, spec: dict, status: str, reason: str | None, metrics: dict,
-           history: list) -> dict:
-    """The one schema of a trial record (metrics.json), finished or failed."""
-    return {"trial_id": trial_id, "sample": sample, "spec": spec, "status": status, "reason": reason,
-            "metrics": metrics, "history": history}
-
-
-def write_record(d: Path, **fields) -> Path:
-    """A record alone (a trial that failed before it produced anything else)."""
-    return write_json(Path(d) / RECORD, record(**fields))
 
 
 def log_run(sweep_dir: Path | str, trial_id: str, worker: dict) -> None:
@@ -195,7 +185,8 @@ def remove_partial_writes(sweep_dir: Path) -> list[Path]:
     if study_lock.is_symlink() or study_lock.exists():
         study_lock.unlink()
         gone.append(study_lock)
-    for d in (sweep_dir, sweep_dir / "tables", sweep_dir / TRIALS, *sweep_dir.glob(f"{TRIALS}/*/")):
+    for d in (sweep_dir, sweep_dir / "tables", sweep_dir / TRIALS, *sweep_dir.glob(f"{TRIALS}/*/"),
+              *sweep_dir.glob(f"{PROBES}/*/")):
         for p in d.iterdir() if d.is_dir() else []:
             if PARTIAL.match(p.name):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -207,7 +198,8 @@ def _check_same_sweep(sweep_dir: Path, spec: SweepSpec, resume: bool) -> None:
     """A directory that holds finished trials takes only --resume with the same sweep file; one where no
     trial has run yet (a launch that failed early) takes the fixed file."""
     resolved = sweep_dir / RESOLVED
-    if not resolved.is_file() or not any((sweep_dir / TRIALS).glob("*/" + RECORD)):
+    if not resolved.is_file() or not (any((sweep_dir / TRIALS).glob("*/" + RECORD)) or
+                                      any((sweep_dir / PROBES / "records").glob("*.parquet"))):
         return
     if not resume:
         raise NsrError(f"{sweep_dir} already holds sweep {spec.name!r}: pass --resume to finish it, "
@@ -248,57 +240,3 @@ def update_state(sweep_dir: Path, **kw) -> dict:
     state = {**read_state(sweep_dir), **kw}
     write_json(Path(sweep_dir) / STATE, state)
     return state
-
-
-def trial_files(result, trial_id: str, sample: int = 0, plot: bool = True) -> dict[str, bytes]:
-    """A trial's directory in memory: metrics.json (the record), head.safetensors, preds.parquet, patch.parquet,
-    diagnostics.png (if `plot`) and model/… (saved weights, if any)."""
-    import io
-    import tempfile
-    import time
-
-    from safetensors.torch import save
-
-    from .plots import diagnostics_png
-    from .trial import spec_dict
-
-    t0 = time.perf_counter()
-    s, files = result.spec, {}
-
-    def parquet(df) -> bytes:
-        buf = io.BytesIO()
-        df.to_parquet(buf, index=False)
-        return buf.getvalue()
-
-    if result.status == "ok":
-        files["preds.parquet"] = parquet(result.preds)
-        files["head.safetensors"] = save({k: v.detach().cpu().contiguous() for k, v in result.head.items()})
-        if result.patch is not None:
-            files["patch.parquet"] = parquet(result.patch)
-        if result.save_model is not None:
-            with tempfile.TemporaryDirectory(prefix="nsr-model-") as tmp:
-                result.save_model(tmp)
-                files.update({f"model/{p.relative_to(tmp).as_posix()}": p.read_bytes()
-                              for p in sorted(Path(tmp).rglob("*")) if p.is_file()})
-        if plot:
-            png = io.BytesIO()
-            diagnostics_png(result.preds, result.metrics, f"layer {s.layer} neuron {s.neuron} — {s.head} / freeze "
-                            f"{s.freeze}", png)
-            files["diagnostics.png"] = png.getvalue()
-    result.metrics["artefact_seconds"] = time.perf_counter() - t0
-    files[RECORD] = json_bytes(record(trial_id=trial_id, sample=sample, spec=spec_dict(s), status=result.status,
-                                      reason=result.reason, metrics=result.metrics, history=result.history))
-    return files
-
-
-def write_files(d: Path, files: dict[str, bytes]) -> Path:
-    """Each file atomically, the record last: its presence means the trial finished."""
-    for name in sorted(files, key=lambda n: n == RECORD):
-        data = files[name]
-        atomic_write(Path(d) / name, lambda tmp: tmp.write_bytes(data))
-    return Path(d)
-
-
-def save_trial(result, trial_dir: Path, trial_id: str | None = None, sample: int = 0, plot: bool = True) -> Path:
-    """A trial's files (`trial_files`) written to `trial_dir`; trial_id defaults to the directory's name."""
-    return write_files(trial_dir, trial_files(result, trial_id or Path(trial_dir).name, sample, plot))

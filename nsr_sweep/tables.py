@@ -1,55 +1,16 @@
-"""The trial table: one row per trial, built from the trial directories (the single source)."""
+"""The trial table: one row per trial, built from the trial records (`records.finished_rows`, the single source)."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pandas as pd
 
+from .records import HP_COLUMNS, ID_COLUMNS
 from .results import atomic_write
-from .sweepdir import RECORD, TRIALS, parse_trial_id
 
-ID_COLUMNS = ["trial_id", "layer", "neuron", "head", "freeze", "control", "cross_model", "sample", "seed"]
-HP_COLUMNS = ["solver", "lr", "epochs", "batch_size", "weight_decay", "patience", "n_bins"]
 STATUS_COLUMNS = ["status", "error", "seconds", "best"]
-
-
-def trial_row(config: dict, status: str, metrics: dict, error: str | None, **extra) -> dict:
-    row = {k: config.get(k) for k in ID_COLUMNS + HP_COLUMNS}
-    row.update({"status": status, "error": error})
-    row.update({k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
-                for k, v in sorted(metrics.items()) if k != "seconds"})
-    row.update(extra)
-    return row
-
-
-def read_trial_dir(d: Path) -> dict | None:
-    """The row of a finished trial (ok or failed), None while it has not finished, or — for a record that
-    cannot be read — a `damaged` row named after the directory (a reader never crashes on one bad file)."""
-    f = d / RECORD
-    if not f.is_file():
-        return None
-    try:
-        m = json.loads(f.read_text())
-        config = {**m["spec"], "trial_id": m.get("trial_id", d.name), "sample": m.get("sample", 0)}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return damaged_row(d.name, f"unreadable {RECORD}: {type(e).__name__}")
-    return trial_row(config, m["status"], m.get("metrics", {}), m.get("reason"),
-                     seconds=m.get("metrics", {}).get("seconds"))
-
-
-def damaged_row(trial_id: str, why: str) -> dict | None:
-    """A row for a trial whose record is damaged, its identity read from the trial id (None if that fails too)."""
-    config = parse_trial_id(trial_id)
-    return None if config is None else trial_row(config, "damaged", {}, why)
-
-
-def finished_rows(sweep_dir: Path) -> list[dict]:
-    trials = Path(sweep_dir) / TRIALS
-    rows = [read_trial_dir(d) for d in sorted(trials.iterdir())] if trials.is_dir() else []
-    return [r for r in rows if r is not None]
 
 
 GROUP = ["layer", "neuron", "head", "freeze", "control"]

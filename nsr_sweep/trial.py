@@ -11,6 +11,7 @@ Plain Python, no Ray: the sweep machinery calls exactly `run_trial`. It reads li
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,7 @@ from .forward import TrialModel, read_points, resid_after
 from .heads import HeadMap, LinearHead, digit_token_ids, frozen_head
 from .metrics import prediction_metrics
 from .models import BaseModel
+from .patching import LastPosition
 from .surface import Surface
 from .uncertainty import metric_intervals
 
@@ -82,70 +84,185 @@ def run_trial(cache: ActivationCache, model: BaseModel | None, spec: TrialSpec, 
 
 def run_trials(cache: ActivationCache, model: BaseModel | None, specs: list[TrialSpec], on_epoch=None,
                outsider: BaseModel | None = None) -> list[TrialResult]:
-    """Trials that share one fit: the frozen-base probes of many neurons of a layer (`batchable`), fitted
-    together — each neuron's probe, metrics and analyses are what `run_trial` gives it alone — or one
-    trial of any kind."""
+    """Trials that share their work: the frozen-base probes of one layer — any neurons, heads and controls —
+    fitted together and patched from one set of patched features (`run_probes`; each probe's numbers are
+    what it gets alone), or one unfrozen trial."""
+    if specs[0].freeze == "none":
+        return run_probes(cache, model, specs, on_epoch)
+    if len(specs) != 1:
+        raise NsrError("only frozen-base probes (freeze none) run together; an unfrozen trial runs alone")
     spec = specs[0]
-    if len(specs) > 1:
-        batchable(specs)
     if spec.control == "cross_model":
         if outsider is None:
             raise NsrError("control cross_model needs the other model (outsider)")
         cache, model = cross_view(cache), outsider
     else:
-        for s in specs:
-            s.check(model)
-    if spec.freeze == "none" and spec.feature_hook != cache.meta["spec"]["features"]:
-        raise NsrError(f"feature_hook {spec.feature_hook!r} is not the cache's features "
-                       f"({cache.meta['spec']['features']!r})")
-    for s in specs:
-        _injected_failure(s)
+        spec.check(model)
+    _injected_failure(spec)
     t0 = time.perf_counter()
-    reals = [np.asarray(cache.activations(s.layer, s.neuron), np.float64) for s in specs]
-    ys = [np.random.default_rng(s.seed).permutation(r) if s.control == "shuffled" else r for s, r in zip(specs, reals)]
+    real = np.asarray(cache.activations(spec.layer, spec.neuron), np.float64)
+    y = shuffled_target(real, spec) if spec.control == "shuffled" else real
     splits = split_indices(cache.n_texts, spec.splits, spec.split_seed)
     seqs, answer_pos, digit_ids = sequences(cache, spec, model)
     try:
-        fits: list[Fit | FloatingPointError] = (
-            probe_fits(cache, model, specs, np.stack(ys, 1), splits, on_epoch) if spec.freeze == "none"
-            else [fit_head(cache, model, spec, ys[0], splits, seqs, answer_pos, digit_ids, on_epoch)])
+        fit: Fit | FloatingPointError = fit_head(cache, model, spec, y, splits, seqs, answer_pos, digit_ids, on_epoch)
     except FloatingPointError as e:
-        fits = [e] * len(specs)
-    shared = (time.perf_counter() - t0) / len(specs)  # the joint fit, shared out
-    if len(specs) == 1:  # alone, an error goes up (and Tune retries the trial)
-        return [_finish(cache, model, spec, fits[0], reals[0], ys[0], splits, seqs, answer_pos, shared)]
-    return [_finish_member(cache, model, s, fit, real, y, splits, seqs, answer_pos, shared)
-            for s, fit, real, y in zip(specs, fits, reals, ys)]
+        fit = e
+    return [_finish(cache, model, spec, fit, real, y, splits, seqs, answer_pos, time.perf_counter() - t0)]
 
 
-def _finish_member(cache, model, spec: TrialSpec, *args) -> TrialResult:
-    """A batch member: its own error fails it alone, not the rest of the batch."""
+UNIT_KEYS = ("layer", "freeze", "feature_hook", "splits", "split_seed", "analyses", "patch_grid", "n_grid", "scales",
+             "patch_texts")
+"""What the probes of one unit of work share (they differ in neuron, head, control and seed)."""
+FIT_KEYS = ("head", "solver", "n_bins", "lr", "epochs", "batch_size", "weight_decay", "patience")
+"""Probes of a unit with the same values here, reading the same features, are one `fit_probes` call (one
+column per probe: a real probe and its shuffled control share one solve)."""
+
+
+def feature_source(spec: TrialSpec) -> tuple:
+    """Which features a probe reads: this model's (real and shuffled), or a control's stand-in."""
+    return ("model",) if spec.control in (None, "shuffled") else (spec.control, spec.cross_model)
+
+
+def batchable(specs: list[TrialSpec]) -> None:
+    """Only frozen-base probes of one layer, with the same splits and analyses, share a unit; only exact
+    solves (nothing to search) run more than one at a time."""
+    s = specs[0]
+    if s.freeze != "none" or (len(specs) > 1 and any(o.solver != "exact" for o in specs)):
+        raise NsrError("only frozen-base probes solved exactly (freeze none, solver exact) run as a batch")
+    for other in specs[1:]:
+        if any(getattr(other, k) != getattr(s, k) for k in UNIT_KEYS):
+            raise NsrError(f"a batch's trials share {', '.join(UNIT_KEYS)}")
+
+
+def shuffled_target(real: np.ndarray, spec: TrialSpec) -> np.ndarray:
+    """The shuffled control's target: the neuron's activations permuted once — one permutation per neuron
+    and split seed, the same for every head and search sample."""
+    return np.random.default_rng([spec.split_seed, spec.layer, spec.neuron, 0x5EED]).permutation(real)
+
+
+def run_probes(cache: ActivationCache, model: BaseModel | None, specs: list[TrialSpec], on_epoch=None
+               ) -> list[TrialResult]:
+    """Probes on cached features (freeze none) of one layer, fitted per (head, control) group in one solve,
+    then each probe's predictions, metrics and analyses; exact patching for every probe that reads this
+    model (`probe_patching`: the patched features of each neuron computed once, read by every probe of it)."""
+    batchable(specs)
+    spec = specs[0]
+    for s in specs:
+        if s.control not in ("cross_model", "input_only", "random_model", "early_features"):
+            s.check(model)
+        _injected_failure(s)
+    if any(s.control in (None, "shuffled") for s in specs) and spec.feature_hook != cache.meta["spec"]["features"]:
+        raise NsrError(f"feature_hook {spec.feature_hook!r} is not the cache's features "
+                       f"({cache.meta['spec']['features']!r})")
+    t0 = time.perf_counter()
+    splits = split_indices(cache.n_texts, spec.splits, spec.split_seed)
+    reals = [np.asarray(cache.activations(s.layer, s.neuron), np.float64) for s in specs]
+    ys = [shuffled_target(r, s) if s.control == "shuffled" else r for s, r in zip(specs, reals)]
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(specs):
+        groups.setdefault((feature_source(s), *(getattr(s, k) for k in FIT_KEYS)), []).append(i)
+    fits: list[Fit | FloatingPointError] = [FloatingPointError("not fitted")] * len(specs)
+    fit_seconds = [0.0] * len(specs)
+    for members in groups.values():
+        t = time.perf_counter()
+        got = probe_fits(cache, model, [specs[i] for i in members], np.stack([ys[i] for i in members], 1), splits,
+                         on_epoch if len(specs) == 1 else None)
+        for i, f in zip(members, got):
+            fits[i], fit_seconds[i] = f, (time.perf_counter() - t) / len(members)
+    results = [_member(len(specs) > 1, _finish_probe, cache, model, s, f, r, y, splits, sec)
+               for s, f, r, y, sec in zip(specs, fits, reals, ys, fit_seconds)]
+    _patch_probes(cache, model, specs, fits, results, reals, splits, len(specs) > 1)
+    share = (time.perf_counter() - t0) / len(specs)  # the unit's wall time, shared out
+    for r in results:
+        r.metrics["seconds"] = share
+    return results
+
+
+def _member(batched: bool, finish, cache, model, spec: TrialSpec, *args) -> TrialResult:
+    """A probe's own error fails it alone in a batch; alone, it goes up (and Tune retries the trial)."""
+    if not batched:
+        return finish(cache, model, spec, *args)
     try:
-        return _finish(cache, model, spec, *args)
+        return finish(cache, model, spec, *args)
     except Exception as e:  # noqa: BLE001 - recorded as this trial's reason
         return TrialResult(spec, "failed", reason=f"{type(e).__name__}: {e}"[:2000])
 
 
-BATCH_KEYS = ("layer", "head", "freeze", "control", "cross_model", "feature_hook", "solver", "n_bins", "splits",
-              "split_seed", "analyses", "patch_grid", "n_grid", "scales", "patch_texts")
-"""What the trials of one batch share (they differ in neuron and seed)."""
+def _finish_probe(cache, model, spec: TrialSpec, fit, real, y, splits, fit_seconds: float) -> TrialResult:
+    """A probe after its fit: predictions, metrics, and the analyses that need no forward pass."""
+    if isinstance(fit, FloatingPointError):
+        return TrialResult(spec, "failed", reason=str(fit))
+    preds = predictions(cache.n_texts, splits, y, real, fit)
+    metrics = trial_metrics(preds, fit.hmap.train_mean, real, shuffled=spec.control == "shuffled")
+    best = int(np.argmin([h["val_mse"] for h in fit.history]))
+    metrics.update({"epochs_run": len(fit.history), "best_epoch": best, "val_mse": fit.history[best]["val_mse"],
+                    "val_loss": fit.history[best]["val_loss"], "train_seconds": fit_seconds,
+                    "train_mean": fit.hmap.train_mean, **fit.solver})
+    if spec.analyses and spec.control in (None, "shuffled") and model is not None:
+        from .analyses import weight_columns
+
+        test = splits["test"]
+        metrics.update(weight_columns(cache, model.surface, fit.head.weight, spec.read_hook, spec, fit.hmap,
+                                      preds["readout"].to_numpy()[test], test, real))
+    elif spec.analyses:
+        from .analyses import unreachable_patch
+
+        metrics.update(unreachable_patch())  # another model's features, or the text's: the neuron cannot move them
+    return TrialResult(spec, "ok", metrics, preds=preds, head={**fit.head.state(), **fit.hmap.state()},
+                       history=fit.history)
 
 
-def batchable(specs: list[TrialSpec]) -> None:
-    """Only exact frozen-base probes of one layer, head and control fit together."""
-    s = specs[0]
-    if s.freeze != "none" or s.solver != "exact":
-        raise NsrError("only frozen-base probes solved exactly (freeze none, solver exact) run as a batch")
-    for other in specs[1:]:
-        if any(getattr(other, k) != getattr(s, k) for k in BATCH_KEYS):
-            raise NsrError(f"a batch's trials share {', '.join(BATCH_KEYS)}")
+def _patch_probes(cache, model, specs, fits, results, reals, splits, batched: bool) -> None:
+    """Exact patching (and its first-order estimate) for every fitted probe that reads this model's features."""
+    from .analyses import Probe, fit_patch, patch_grid, probe_patching
+
+    todo = [i for i, (s, r) in enumerate(zip(specs, results))
+            if r.status == "ok" and s.analyses and s.control in (None, "shuffled") and model is not None]
+    if not todo:
+        return
+    t0 = time.perf_counter()
+    spec = specs[todo[0]]
+    sample = splits["test"][: spec.patch_texts]
+    engine = last_position(model, [cache.tokens[i] for i in sample], spec.layer, cache.meta["spec"]["hook"],
+                           spec.feature_hook)
+    train = splits["train"]
+    grids = {specs[i].neuron: patch_grid(reals[i][train], spec.patch_grid, spec.n_grid, spec.scales) for i in todo}
+    probes = [Probe(specs[i].neuron, fits[i].head, fits[i].hmap) for i in todo]
+    points, estimates = probe_patching(engine, probes, grids, spec.patch_grid == "scale", sample)
+    share = (time.perf_counter() - t0) / len(todo)
+    for i, pts, est in zip(todo, points, estimates):
+        try:
+            results[i].metrics.update({**fit_patch(pts), "patch_slope_est": est, "patch_seconds": share})
+            results[i].patch = pts
+        except Exception as e:  # noqa: BLE001 - this probe alone
+            if not batched:
+                raise
+            results[i] = TrialResult(specs[i], "failed", reason=f"{type(e).__name__}: {e}"[:2000])
 
 
-def _finish(cache, model, spec: TrialSpec, fit, real, y, splits, seqs, answer_pos, shared: float) -> TrialResult:
-    """One trial after its fit: predictions, metrics, analyses."""
+def last_position(model: BaseModel, seqs: list[list[int]], layer: int, hook: str, read_hook: str):
+    """The patching engine for these texts, shared by the units of one worker that patch the same texts of the
+    same model at the same layer (a memo keyed by the model's weights and the texts' tokens)."""
+    from .patching import LastPosition
+
+    ident = tuple(model.identity.get(k) for k in ("name", "init", "seed", "weights_hash"))
+    key = (ident, layer, hook, read_hook, hashlib.sha256(repr(seqs).encode()).hexdigest())
+    if key not in _ENGINES:
+        _ENGINES[key] = LastPosition(model.surface, seqs, layer, hook, read_hook, model.tokenizer.pad_token_id)
+        while len(_ENGINES) > 2:  # units come layer by layer: the last two
+            _ENGINES.pop(next(iter(_ENGINES)))
+    return _ENGINES[key]
+
+
+_ENGINES: dict[tuple, LastPosition] = {}
+
+
+def _finish(cache, model, spec: TrialSpec, fit, real, y, splits, seqs, answer_pos, fit_seconds: float) -> TrialResult:
+    """An unfrozen trial after its fit: predictions, metrics, analyses."""
     t0 = time.perf_counter()
     if isinstance(fit, FloatingPointError):
-        return TrialResult(spec, "failed", reason=str(fit), metrics={"seconds": shared})
+        return TrialResult(spec, "failed", reason=str(fit), metrics={"seconds": fit_seconds})
     hook = cache.meta["spec"]["hook"]
     if spec.freeze == "all" and spec.control != "cross_model":
         assert model is not None and fit.surface is not None  # the neuron itself trained: re-read it, same texts, same position
@@ -157,19 +274,23 @@ def _finish(cache, model, spec: TrialSpec, fit, real, y, splits, seqs, answer_po
     metrics = trial_metrics(preds, fit.hmap.train_mean, real, shuffled=spec.control == "shuffled")
     best = int(np.argmin([h["val_mse"] for h in fit.history]))
     metrics.update({"epochs_run": len(fit.history), "best_epoch": best, "val_mse": fit.history[best]["val_mse"],
-                    "val_loss": fit.history[best]["val_loss"], "train_seconds": shared + time.perf_counter() - t0,
-                    **fit.solver})
+                    "val_loss": fit.history[best]["val_loss"], "train_seconds": fit_seconds + time.perf_counter() - t0,
+                    "train_mean": fit.hmap.train_mean, **fit.solver})
     points = None
     if spec.analyses and model is not None and fit.surface is not None and spec.control in (None, "shuffled"):
         from .analyses import analyse
 
         final = TrialModel(fit.surface, fit.head, spec.read_hook, seqs, answer_pos, cache.positions, spec.layer,
                            hook, spec.neuron, model.tokenizer.pad_token_id)
-        columns, points = analyse(cache, model.surface, final, fit.trained, spec, fit.hmap, preds, splits, real)
+        columns, points = analyse(cache, model.surface, final, spec, fit.hmap, preds, splits, real)
         metrics.update(columns)
-    metrics["seconds"] = shared + time.perf_counter() - t0
+    elif spec.analyses and spec.control == "cross_model":
+        from .analyses import unreachable_patch
+
+        metrics.update(unreachable_patch(probe=False))  # this model's neuron cannot move the other model
+    metrics["seconds"] = fit_seconds + time.perf_counter() - t0
     save: Callable | None = None
-    if fit.trained and spec.save_weights and fit.surface is not None and model is not None:
+    if spec.save_weights and fit.surface is not None and model is not None:
         hf, tok = fit.surface.to_hf(), model.tokenizer
         def save(path):
             hf.save_pretrained(path)
@@ -183,7 +304,10 @@ def probe_fits(cache: ActivationCache, model: BaseModel | None, specs: list[Tria
     """Probes on the cached features (freeze none), one per column of Y, fitted in one call."""
     spec = specs[0]
     features = control_features(cache, spec)
-    pf = fit_probes(features, Y, spec.head, spec, splits, on_epoch=on_epoch if len(specs) == 1 else None)
+    try:
+        pf = fit_probes(features, Y, spec.head, spec, splits, on_epoch=on_epoch)
+    except FloatingPointError as e:
+        return [e] * len(specs)
     X = torch.from_numpy(np.array(features, np.float32))  # a private copy: cache arrays are read-only views
     fits: list[Fit | FloatingPointError] = []
     for j in range(len(specs)):
@@ -242,6 +366,11 @@ def control_features(cache: ActivationCache, spec: TrialSpec) -> np.ndarray:
         return bag_of_tokens(cache.tokens)
     if spec.control == "early_features":  # the residual before block L cannot contain the neuron's output
         return cache.extra[f"resid_pre_L{spec.layer}"]
+    if spec.control == "cross_model" and spec.freeze == "none":  # another model's features of the same texts
+        if "cross_model_features" not in cache.extra:
+            raise NsrError("control cross_model needs the other model's features in the cache "
+                           "(add {cross_model: <model>} to the sweep's controls)")
+        return cache.extra["cross_model_features"]
     if spec.control == "random_model":  # the same architecture with random weights
         if "random_model_features" not in cache.extra:
             raise NsrError("control random_model needs the random model's features in the cache "
@@ -278,36 +407,46 @@ def cross_view(cache: ActivationCache) -> ActivationCache:
 
 
 def predictions(n: int, splits: dict, y: np.ndarray, actual_ft: np.ndarray, fit: Fit) -> pd.DataFrame:
-    preds = pd.DataFrame({
+    split = np.zeros(n, np.int8)
+    for code, name in enumerate(SPLITS):
+        split[splits[name]] = code
+    return pd.DataFrame({
         "text_id": np.arange(n, dtype=np.int64),
-        "split": pd.Categorical(np.full(n, "train", dtype=object), categories=list(SPLITS)),
+        "split": pd.Categorical.from_codes(split, categories=list(SPLITS)),
         "actual_orig": y, "actual_ft": np.asarray(actual_ft, np.float64),
         "pred": fit.hmap.predict(fit.out).numpy(), "readout": fit.hmap.readout(fit.out).numpy(),
     })
-    for name, idx in splits.items():
-        preds.loc[idx, "split"] = name
-    return preds
 
 
 def trial_metrics(preds: pd.DataFrame, train_mean: float, real: np.ndarray | None = None,
                   shuffled: bool = False) -> dict[str, float]:
-    """Test-split metrics against actual_orig (with bootstrap intervals for r and skill), and against
-    actual_ft (suffix `_ft`), plus drift.
+    """Test-split metrics against actual_orig (with intervals for r and skill), and against actual_ft (suffix
+    `_ft`), plus drift.
 
     `drift` = mean(actual_ft − the real neuron): for the shuffled control the real neuron, not the permuted
     target, so it is 0 whenever the neuron cannot change; its `_ft` metrics would mix the two and are null."""
-    test_mask = (preds["split"] == "test").to_numpy()
-    test, val = preds[test_mask], preds[preds["split"] == "val"]
-    m = prediction_metrics(test["pred"].to_numpy(), test["actual_orig"].to_numpy(), train_mean)
-    ft = prediction_metrics(test["pred"].to_numpy(), test["actual_ft"].to_numpy(), train_mean)
-    m.update(metric_intervals(test["pred"].to_numpy(), test["actual_orig"].to_numpy(), train_mean))
-    m.update({f"{k}_ft": (float("nan") if shuffled else v) for k, v in ft.items()})
-    real_test = test["actual_orig"].to_numpy() if real is None else np.asarray(real)[test_mask]
-    m["drift"] = float(np.mean(test["actual_ft"].to_numpy() - real_test))
-    v = prediction_metrics(val["pred"].to_numpy(), val["actual_orig"].to_numpy(), train_mean)
-    m.update({"val_pearson_r": v["pearson_r"], "val_skill": v["skill"]})
-    m["n_train"], m["n_val"], m["n_test"] = (int((preds["split"] == s).sum()) for s in SPLITS)
+    split = preds["split"].cat.codes.to_numpy()
+    test_mask = split == SPLITS.index("test")
+    pred, orig, ft_actual = (preds[c].to_numpy() for c in ("pred", "actual_orig", "actual_ft"))
+    m = prediction_metrics(pred[test_mask], orig[test_mask], train_mean)
+    same = np.array_equal(ft_actual[test_mask], orig[test_mask])  # the neuron did not move: the same numbers
+    ft = m if same or shuffled else prediction_metrics(pred[test_mask], ft_actual[test_mask], train_mean)
+    m.update(metric_intervals(pred[test_mask], orig[test_mask], train_mean))
+    m.update({f"{k}_ft": (float("nan") if shuffled else v) for k, v in list(ft.items()) if not k.endswith(("_lo", "_hi"))})
+    real_test = orig[test_mask] if real is None else np.asarray(real)[test_mask]
+    m["drift"] = float(np.mean(ft_actual[test_mask] - real_test))
+    val = split == SPLITS.index("val")
+    m["val_pearson_r"], m["val_skill"] = validation_scores(pred[val], orig[val], train_mean)
+    m["n_train"], m["n_val"], m["n_test"] = (int((split == i).sum()) for i in range(len(SPLITS)))
     return m
+
+
+def validation_scores(pred: np.ndarray, actual: np.ndarray, train_mean: float) -> tuple[float, float]:
+    """Validation r and skill (what a search ranks by), as `prediction_metrics` defines them."""
+    sd = np.std(pred) * np.std(actual)
+    r = float(np.corrcoef(pred, actual)[0, 1]) if sd > 0 else float("nan")
+    baseline = float(np.mean((train_mean - actual) ** 2))
+    return r, (1 - float(np.mean((pred - actual) ** 2)) / baseline if baseline > 0 else float("nan"))
 
 
 def _injected_failure(spec: TrialSpec) -> None:

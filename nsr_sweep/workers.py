@@ -30,6 +30,9 @@ class ModelWorker:
 
         check_version(link.version)  # before the model loads: a mismatched node fails at once, by name
         torch.set_num_threads(max(1, threads))
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(max(1, threads))  # numpy's BLAS too: workers sharing cores must not oversubscribe them
         self.link = link
         self.model = BaseModel(ModelSpec(**model_spec_kw))  # resident for the whole sweep
         if self.model.spec.device == "cuda":
@@ -123,27 +126,34 @@ class ModelWorker:
         result = run_trial(self.cache, self.model, spec, on_epoch=on_epoch, outsider=self._outsider(spec.cross_model))
         result.metrics["scheduler_stopped"] = bool(cut)  # training was cut short (a late stop changes nothing)
         self.stopping.discard(tid)
-        bundle = self._send([(result, tid, config.get("sample", 0))], plot=True)[0]
-        return {**bundle["row"], "worker": os.getpid()}
+        from .collect import pack_trial
+
+        bundle = pack_trial(result, tid, config.get("sample", 0), plot=True, storage=self.link.storage,
+                            sweep=self.link.sweep)
+        ray.get(self.link.inbox.put.remote([bundle]))  # arrived before the trial reports done
+        return {**bundle["rows"][0], "worker": os.getpid()}
 
     def _run_batch(self, config: dict) -> dict:
-        """Many neurons' probes fitted together (`run_trials`); each member gets its own record and row
-        (no per-trial chart: at this scale the report summarises). Returns a summary row for Tune."""
+        """A unit of probes (one layer, a chunk of neurons, every head and control) fitted and patched together
+        (`run_trials`); each probe gets its own record, as a row of the unit's Parquet files (no per-trial
+        chart: at this scale the report summarises). Returns a summary row for Tune."""
+        from .collect import pack_unit
         from .config import trial_spec
         from .trial import run_trials
 
-        arrived = ray.get(self.link.inbox.rows.remote([m["trial_id"] for m in config["members"]]))
-        members = [m for m in config["members"] if m["trial_id"] not in arrived]  # a retried batch: the rest
-        if not members:
+        members = config["members"]
+        arrived = ray.get(self.link.inbox.rows.remote([m["trial_id"] for m in members]))
+        if len(arrived) == len(members):  # a retried unit whose records already arrived
             return {"trial_id": config["trial_id"], "status": "ok", "n_members": 0, "worker": os.getpid()}
         specs = [trial_spec(m) for m in members]
         assert self.cache is not None, "set_cache first"
         self.running += 1
         try:
-            results = run_trials(self.cache, self.model, specs, outsider=self._outsider(specs[0].cross_model))
+            results = run_trials(self.cache, self.model, specs)
             for result in results:
                 result.metrics["scheduler_stopped"] = False
-            self._send([(r, m["trial_id"], m["sample"]) for m, r in zip(members, results)], plot=False)
+            bundle = pack_unit([(r, m["trial_id"], m["sample"]) for m, r in zip(members, results)], config["trial_id"])
+            ray.get(self.link.inbox.put.remote([bundle]))
         finally:
             self.running -= 1
         ok = [r.metrics for r in results if r.status == "ok"]
@@ -151,15 +161,6 @@ class ModelWorker:
                    for k in ("val_mse", "val_loss", "val_pearson_r", "val_skill", "pearson_r")}
         return {"trial_id": config["trial_id"], "status": "ok" if ok else "failed", "n_members": len(members),
                 "n_ok": len(ok), **summary, "worker": os.getpid()}
-
-    def _send(self, done: list[tuple], plot: bool) -> list[dict]:
-        """Pack each (result, trial id, sample) and hand them to the driver's inbox; returns the bundles."""
-        from .collect import pack_trial
-
-        bundles = [pack_trial(r, tid, sample, plot=plot, storage=self.link.storage, sweep=self.link.sweep)
-                   for r, tid, sample in done]
-        ray.get(self.link.inbox.put.remote(bundles))  # arrived before the trial reports done
-        return bundles
 
 
 RERUNS_ON_DEAD_WORKER = 2  # a trial that kills every worker it touches (OOM, a CUDA fault) stops here

@@ -104,23 +104,24 @@ def test_patch_hook_changes_only_the_target_neuron_at_the_target_position():
     assert torch.all(after[torch.arange(2), pos, 17] == 5.0)
 
 
-def test_patching_costs_one_batched_forward_per_grid_value():
+def test_exact_patching_reruns_only_the_last_position_above_the_layer():
+    """Patching the neuron at the last token moves nothing before it: one base forward of the patched texts
+    (blocks ≤ L see full sequences once), then blocks L+1… see one position per (text, grid value) — plus the
+    unpatched alternative and one pass for the first-order estimate's Jacobian."""
     model = load_model("nsr-tiny")
     cache = ActivationCache.build(model, load_corpus(n_texts=300), CacheSpec(layers=(1,)), progress=False)
-    calls = {0: [], 1: []}
-    hooks = [model.hf.transformer.h[L].register_forward_hook(lambda m, i, o, L=L: calls[L].append(i[0].shape[0]))
-             for L in (0, 1)]
+    calls = {L: [] for L in range(4)}
+    hooks = [model.hf.transformer.h[L].register_forward_hook(lambda m, i, o, L=L: calls[L].append(tuple(i[0].shape[:2])))
+             for L in range(4)]
     try:
         r = run_trial(cache, model, TrialSpec(layer=1, neuron=4, epochs=2, n_grid=5, patch_texts=40))
-        # blocks L…: the layer's Jacobian (its activations, then one forward carrying them as a leaf), then
-        # the unpatched baseline and one batched pass per grid value; blocks below L see no patch: run once
-        assert calls[1] == [40] * (2 + 1 + 5) and calls[0] == [40]
-        again = run_trial(cache, model, TrialSpec(layer=1, neuron=5, epochs=2, n_grid=5, patch_texts=40))
-        assert calls[1] == [40] * (2 + 1 + 5 + 1 + 5)  # the Jacobian is the layer's: computed once
     finally:
         for h in hooks:
             h.remove()
-    assert len(r.patch) == 5 * 40 and again.metrics["patch_slope_est"] != r.metrics["patch_slope_est"]
+    T = max(len(cache.tokens[i]) for i in r.patch["text_id"].unique())
+    assert calls[0] == calls[1] == [(40, T)]  # the base forward, once: no patch reaches blocks ≤ L
+    assert calls[2] == calls[3] == [(40, T), (40, 1 + 5), (40, 1)]  # base; 5 grid values + unpatched; Jacobian
+    assert len(r.patch) == 5 * 40 and r.patch["text_id"].nunique() == 40
 
 
 def test_the_patch_slope_estimate_is_the_autograd_derivative_of_a_plain_hf_forward():

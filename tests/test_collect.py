@@ -11,7 +11,8 @@ from nsr_sweep.collect import Inbox, pack_trial, write_bundle
 from nsr_sweep.corpus import load_corpus
 from nsr_sweep.errors import NsrError
 from nsr_sweep.models import load_model
-from nsr_sweep.sweepdir import RECORD, save_trial
+from nsr_sweep.records import save_trial
+from nsr_sweep.sweepdir import RECORD
 from nsr_sweep.trial import TrialSpec, run_trial
 from nsr_sweep.workers import check_version, forwarded_env, gpu_budget
 
@@ -33,13 +34,14 @@ def _weights(path) -> dict:
 
 def test_a_packed_trial_written_by_the_driver_is_the_directory_save_trial_writes(finetuned, tmp_path):
     """Every file byte for byte (the record but for its timing), the record last; written once, logged once."""
-    direct = save_trial(finetuned, tmp_path / "direct" / "L1-N3-regression-after_target-s0")
-    bundle = pack_trial(finetuned, "L1-N3-regression-after_target-s0", 0, plot=True, storage=None, sweep="s")
-    assert list(bundle["files"])[-1] == RECORD
+    tid = "L1-N3-regression-after_target-s0"
+    direct = save_trial(finetuned, tmp_path / "direct" / tid)
+    bundle = pack_trial(finetuned, tid, 0, plot=True, storage=None, sweep="s")
+    assert list(bundle["files"])[-1] == f"trials/{tid}/{RECORD}" and bundle["trial_ids"] == [tid]
     sweep_dir = tmp_path / "sweep"
-    row = write_bundle(sweep_dir, bundle)
-    got = sweep_dir / "trials" / "L1-N3-regression-after_target-s0"
-    assert row["trial_id"] == "L1-N3-regression-after_target-s0" and row["status"] == "ok"
+    rows = write_bundle(sweep_dir, bundle)
+    got = sweep_dir / "trials" / tid
+    assert [r["trial_id"] for r in rows] == [tid] and rows[0]["status"] == "ok"
     files = sorted(p.relative_to(direct).as_posix() for p in direct.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(got).as_posix() for p in got.rglob("*") if p.is_file())
     assert "model/model.safetensors" in files and "diagnostics.png" in files
@@ -50,30 +52,75 @@ def test_a_packed_trial_written_by_the_driver_is_the_directory_save_trial_writes
     for rec in (a, b):
         rec["metrics"].pop("artefact_seconds")
     assert a == b
-    assert write_bundle(sweep_dir, bundle) is None  # a retried trial's second arrival: kept once
+    assert write_bundle(sweep_dir, bundle) == []  # a retried trial's second arrival: kept once
     (got / RECORD).write_text("{truncated")  # damaged: the next arrival replaces it
-    assert write_bundle(sweep_dir, bundle)["status"] == "ok" and json.loads((got / RECORD).read_text())["status"] == "ok"
+    assert write_bundle(sweep_dir, bundle)[0]["status"] == "ok" and json.loads((got / RECORD).read_text())["status"] == "ok"
     runs = [json.loads(line) for line in (sweep_dir / "runs.jsonl").read_text().splitlines()]
-    assert [r["trial_id"] for r in runs] == ["L1-N3-regression-after_target-s0"] * 2 and runs[0]["pid"]
+    assert [r["trial_id"] for r in runs] == [tid] * 2 and runs[0]["pid"]
+
+
+def test_a_unit_is_rows_of_parquet_datasets_that_read_back_as_each_probe(tmp_path):
+    """A unit of batched probes travels as four files; written by the driver, each probe reads back — its record,
+    test predictions, patching points and head — equal to what run_trials produced."""
+    import numpy as np
+
+    from nsr_sweep.collect import pack_unit
+    from nsr_sweep.records import finished_rows, head_state, patch_points, probe_record, test_predictions
+    from nsr_sweep.trial import run_trials
+
+    m = load_model("nsr-tiny")
+    cache = ActivationCache.build(m, load_corpus(n_texts=160), CacheSpec(layers=(1,), max_tokens=24), progress=False)
+    specs = [TrialSpec(layer=1, neuron=n, head=h, control=c, patch_texts=8, n_grid=3)
+             for n in (4, 9) for h in ("regression", "classification") for c in (None, "shuffled")]
+    specs.append(TrialSpec(layer=1, neuron=4, control="input_only", patch_texts=8, n_grid=3))
+    results = run_trials(cache, m, specs)
+    ids = [f"t{i}" for i in range(len(specs))]
+    bundle = pack_unit([(r, t, 0) for r, t in zip(results, ids)], "L1-N4..9-abcdef12")
+    assert list(bundle["files"])[-1] == "probes/records/L1-N4..9-abcdef12.parquet"
+    sweep_dir = tmp_path / "sweep"
+    rows = write_bundle(sweep_dir, bundle)
+    assert sorted(r["trial_id"] for r in rows) == sorted(ids) and write_bundle(sweep_dir, bundle) == []
+    assert sorted(r["trial_id"] for r in finished_rows(sweep_dir)) == sorted(ids)
+    preds = test_predictions(sweep_dir)
+    for t, r in zip(ids, results):
+        test = r.preds[r.preds["split"] == "test"]
+        got = preds[preds["trial_id"] == t].sort_values("text_id")
+        np.testing.assert_array_equal(got["pred"].to_numpy(), test["pred"].to_numpy())
+        np.testing.assert_array_equal(got["actual_orig"].to_numpy(), test["actual_orig"].to_numpy())
+        rec = probe_record(sweep_dir, t)
+        assert rec["spec"] == r.spec.model_dump(mode="json") and rec["metrics"]["pearson_r"] == r.metrics["pearson_r"]
+        pts = patch_points(sweep_dir, t)
+        if r.spec.control == "input_only":
+            assert pts is None and head_state(sweep_dir, t) is None  # token-count heads are not kept
+            continue
+        np.testing.assert_array_equal(pts["delta_pred"].to_numpy(), r.patch["delta_pred"].to_numpy())
+        head = head_state(sweep_dir, t)
+        assert set(head) == set(r.head) and all(torch.equal(head[k], r.head[k]) for k in head)
 
 
 def test_saved_weights_go_to_storage_and_the_record_names_where(finetuned, tmp_path):
     store = tmp_path / "store"
-    bundle = pack_trial(finetuned, "L1-N3-regression-after_target-s1", 1, plot=False, storage=str(store), sweep="s")
-    uri = json.loads(bundle["files"][RECORD])["metrics"]["model_uri"]
-    assert uri == f"{store}/s/trials/L1-N3-regression-after_target-s1/model"
-    assert not any(f.startswith("model/") for f in bundle["files"]) and "diagnostics.png" not in bundle["files"]
+    tid = "L1-N3-regression-after_target-s1"
+    bundle = pack_trial(finetuned, tid, 1, plot=False, storage=str(store), sweep="s")
+    uri = json.loads(bundle["files"][f"trials/{tid}/{RECORD}"])["metrics"]["model_uri"]
+    assert uri == f"{store}/s/trials/{tid}/model"
+    assert not any(f.startswith(f"trials/{tid}/model/") for f in bundle["files"])
+    assert f"trials/{tid}/diagnostics.png" not in bundle["files"]
     direct = save_trial(finetuned, tmp_path / "direct")
-    w, want = _weights(store / "s/trials/L1-N3-regression-after_target-s1/model"), _weights(direct / "model")
+    w, want = _weights(store / f"s/trials/{tid}/model"), _weights(direct / "model")
     assert w.keys() == want.keys() and all(torch.equal(w[k], want[k]) for k in w)
 
 
 def test_the_inbox_keeps_each_trial_once_and_hands_it_over_once():
     inbox = Inbox(finished=["a"])
-    assert inbox.put([{"trial_id": "a", "row": {}}, {"trial_id": "b", "row": {"r": 1}}]) == 1  # a finished earlier
-    assert inbox.put([{"trial_id": "b", "row": {"r": 2}}]) == 0  # b's retry arrives too: dropped
-    assert inbox.rows(["a", "b", "c"]) == {"a": {"trial_id": "a", "status": "ok"}, "b": {"r": 1}}
-    assert [b["trial_id"] for b in inbox.take()] == ["b"] and inbox.take() == []
+    one = lambda t, r: {"unit": None, "trial_ids": [t], "rows": [{"trial_id": t, **r}]}  # noqa: E731
+    assert inbox.put([one("a", {}), one("b", {"r": 1})]) == 1  # a finished earlier
+    assert inbox.put([one("b", {"r": 2})]) == 0  # b's retry arrives too: dropped
+    unit = {"unit": "u", "trial_ids": ["c", "d"], "rows": [{"trial_id": "c"}, {"trial_id": "d"}]}
+    assert inbox.put([unit]) == 1 and inbox.put([unit]) == 0
+    assert inbox.rows(["a", "b", "c", "x"]) == {"a": {"trial_id": "a", "status": "ok"}, "b": {"trial_id": "b", "r": 1},
+                                                "c": {"trial_id": "c"}}
+    assert [b["trial_ids"] for b in inbox.take()] == [["b"], ["c", "d"]] and inbox.take() == []
 
 
 def test_a_worker_with_another_version_refuses_to_start_and_names_both():

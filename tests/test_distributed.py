@@ -2,6 +2,7 @@
 worker can see (its own mount namespace with a tmpfs; see cluster_harness.py). Needs root, as CI has."""
 
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -12,6 +13,8 @@ import pandas as pd
 import pytest
 
 HARNESS = Path(__file__).with_name("cluster_harness.py")
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: it starts Ray nodes in their own pid and "
+                                "network namespaces and a driver in a private mount namespace (CI runs it as root)")
 
 SWEEP = """
 name: dist
@@ -54,16 +57,25 @@ def _check_results(sweep_dir: Path, n: int) -> pd.DataFrame:
     assert len(df) == n and df["trial_id"].is_unique and (df["status"] == "ok").all(), df[["trial_id", "error"]]
     runs = Counter(json.loads(line)["trial_id"] for line in (sweep_dir / "runs.jsonl").read_text().splitlines())
     assert sorted(runs) == sorted(df["trial_id"]) and set(runs.values()) == {1}  # every trial recorded once
-    for t in df["trial_id"]:
+    from nsr_sweep.records import head_state, probe_record, test_predictions
+
+    preds = test_predictions(sweep_dir)
+    for t, freeze in zip(df["trial_id"], df["freeze"]):
         d = sweep_dir / "trials" / t
-        assert all((d / f).is_file() for f in ("metrics.json", "head.safetensors", "preds.parquet", "diagnostics.png"))
+        if freeze == "none":  # a probe: a row of its unit's Parquet files, which travelled through Ray too
+            assert probe_record(sweep_dir, t)["status"] == "ok" and head_state(sweep_dir, t) is not None
+            assert (preds["trial_id"] == t).any() and not d.exists()
+        else:
+            assert all((d / f).is_file() for f in ("metrics.json", "head.safetensors", "preds.parquet",
+                                                    "diagnostics.png"))
     state = json.loads((sweep_dir / "sweep_state.json").read_text())
     assert state["status"] == "finished" and state["n_expected"] == n and state["n_missing"] == 0
     studies = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(sweep_dir / "optuna.log")))
-    for s in optuna.get_all_study_summaries(studies):  # what `optuna-dashboard results/dist/optuna.log` shows
-        done = [t for t in optuna.load_study(study_name=s.study_name, storage=studies).trials if t.state.name == "COMPLETE"]
-        n = 1 if s.study_name.endswith("-none") else 2  # an exact probe is solved once
-        assert len(done) == n and len({t.user_attrs["trial_id"] for t in done}) == n, s.study_name
+    names = [s.study_name for s in optuna.get_all_study_summaries(studies)]
+    assert names and all(name.endswith("-after_target") for name in names)  # an exact probe searches nothing
+    for name in names:  # what `optuna-dashboard results/dist/optuna.log` shows
+        done = [t for t in optuna.load_study(study_name=name, storage=studies).trials if t.state.name == "COMPLETE"]
+        assert len(done) == 2 and len({t.user_attrs["trial_id"] for t in done}) == 2, name
     assert (sweep_dir / "report.html").is_file()
     return df
 

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from nsr_sweep import localray
-from nsr_sweep.sweepdir import claim, release, remove_partial_writes
+from nsr_sweep.sweepdir import claim, lock_holder, release, remove_partial_writes
 
 SWEEP = """
 name: {name}
@@ -137,8 +137,8 @@ def test_the_token_file_is_created_private_and_an_open_one_is_tightened(tmp_path
 
 
 def test_a_launch_whose_driver_and_reaper_died_is_reaped_by_the_next(tmp_path):
-    """A process holding a file in a dead launch's Ray temp dir is killed and the dir deleted; a live
-    launch's dir is left alone."""
+    """A launch's process (this Python, or a Ray binary) holding a file in a dead launch's Ray temp dir is
+    killed and the dir deleted; a live launch's dir is left alone, and so is a user's `tail -f` of a Ray log."""
     dead, live = tmp_path / "dead0001", tmp_path / "live0001"
     for d, pid in ((dead, 999_999_999), (live, os.getpid())):
         d.mkdir()
@@ -146,14 +146,16 @@ def test_a_launch_whose_driver_and_reaper_died_is_reaped_by_the_next(tmp_path):
         (d / localray.OWNER).write_text(json.dumps({"pid": pid, "start": localray._start_time(pid),
                                                     "netns": localray.net_namespace()}))
         (d / "log").write_text("")
-    holders = [subprocess.Popen(["sh", "-c", f"exec 3<{d / 'log'}; exec sleep 60"]) for d in (dead, live)]
+    holders = [subprocess.Popen([sys.executable, "-c", f"import time; f = open({str(d / 'log')!r}); time.sleep(60)"])
+               for d in (dead, live)]
+    reader = subprocess.Popen(["tail", "-f", str(dead / "log")], stdout=subprocess.DEVNULL)  # a user reading a log
     bystander = subprocess.Popen(["sleep", "60"])  # same namespace, no file of the launch
-    time.sleep(0.3)
+    time.sleep(1.0)
     assert localray.reap_stale(tmp_path) == 1
     holders[0].wait(5)
     assert holders[0].returncode == -signal.SIGKILL and not dead.exists()
-    assert holders[1].poll() is None and live.is_dir() and bystander.poll() is None
-    for p in (holders[1], bystander):
+    assert holders[1].poll() is None and live.is_dir() and bystander.poll() is None and reader.poll() is None
+    for p in (holders[1], bystander, reader):
         p.kill()
 
 
@@ -267,6 +269,7 @@ def test_twenty_simultaneous_launch_pairs_each_run_exactly_one_and_any_kill_resu
         winner.kill()
         winner.wait()
         survivors.update(cluster)
+        _until(lambda: lock_holder(sweep_dir) is None, 5)  # its child, the driver, dies with it (and the lock)
         assert _status(sweep_dir)["state"] == "interrupted", i
     _until(lambda: not _alive(survivors), 10)
     assert _alive(survivors) == [], {p: survivors[p] for p in _alive(survivors)}
@@ -283,3 +286,20 @@ def test_twenty_simultaneous_launch_pairs_each_run_exactly_one_and_any_kill_resu
 
     ours = [sweep_dir, sweep_dir / "tables", sweep_dir / "trials", *sweep_dir.glob("trials/*/")]
     assert not [p for d in ours for p in d.iterdir() if PARTIAL.match(p.name)]  # no partial write left behind
+
+
+def test_where_namespaces_are_refused_the_warning_says_so_in_one_line(monkeypatch):
+    """The fallback of --ray-network auto (the kernel refused the launch's child a namespace): one line that says
+    why and what the user can do — never "run as root"; --ray-network isolated refuses to run instead."""
+    lines = []
+    monkeypatch.setattr(localray, "_start", lambda *a, **k: None)  # no Ray: only what is said before it starts
+    local = localray.start_local_ray(1, dashboard=False, dashboard_host="127.0.0.1", network="auto", isolated=False,
+                                     not_isolated="[Errno 1] unshare: Operation not permitted", echo=lines.append)
+    local.stop()
+    assert len(lines) == 1 and "\n" not in lines[0] and "Operation not permitted" in lines[0]
+    assert "firewall" in lines[0] and "unprivileged user namespaces" in lines[0] and "root to" not in lines[0]
+    from nsr_sweep.errors import NsrError
+
+    with pytest.raises(NsrError, match="--ray-network isolated: cannot make a network namespace"):
+        localray.start_local_ray(1, dashboard=False, dashboard_host="127.0.0.1", network="isolated", isolated=False,
+                                 not_isolated="refused", echo=lines.append)

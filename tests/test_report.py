@@ -15,9 +15,10 @@ from nsr_sweep.cli import main
 from nsr_sweep.config import dump_sweep, parse_sweep
 from nsr_sweep.models import load_model
 from nsr_sweep.orchestrate import expand
+from nsr_sweep.records import save_trial
 from nsr_sweep.results import write_json
 from nsr_sweep.sweep import build_cache
-from nsr_sweep.sweepdir import LOCK, STATE, save_trial, trial_id
+from nsr_sweep.sweepdir import LOCK, STATE, trial_id
 from nsr_sweep.trial import TrialSpec, run_trial
 
 SPEC = {"name": "rep", "model": "nsr-tiny", "corpus": {"n_texts": 300, "max_tokens": 32}, "layers": [1, 2],
@@ -107,10 +108,16 @@ def test_comparison_agrees_with_the_trials_and_recomputes_from_predictions(sweep
         assert row.gap_cross_r_lo <= row.gap_cross_r <= row.gap_cross_r_hi
         assert row.self_r_lo <= row.self_r <= row.self_r_hi
     layers = pd.read_parquet(sweep_dir / "tables" / "comparison_by_layer.parquet")
+    from scipy.stats import false_discovery_control
+
     for row in layers.itertuples():
         sel = comp[(comp.layer == row.layer) & (comp["head"] == row.head)]
         assert row.gap_input_only_r == pytest.approx(sel.gap_input_only_r.mean())
         assert row.gap_input_only_r_lo < row.gap_input_only_r < row.gap_input_only_r_hi and row.n_neurons == 2
+        for g in ("gap_cross_r", "gap_input_only_r"):  # Benjamini–Hochberg over the layer's neurons, as scipy does it
+            np.testing.assert_allclose(sel[f"{g}_q"], false_discovery_control(sel[f"{g}_p"]), rtol=1e-12)
+            assert getattr(row, f"n_{g}_positive") == int(((sel[f"{g}_q"] <= 0.05) & (sel[g] > 0)).sum())
+            assert getattr(row, f"n_{g}_tested") == 2
 
 
 def test_report_leads_with_self_vs_outsiders(sweep_dir):

@@ -20,7 +20,7 @@ from nsr_sweep.cli import main
 from nsr_sweep.config import TrialSpec
 from nsr_sweep.corpus import load_corpus
 from nsr_sweep.models import load_model
-from nsr_sweep.sweepdir import save_trial
+from nsr_sweep.records import save_trial
 from nsr_sweep.trial import run_trial, sequences
 
 
@@ -283,7 +283,7 @@ def test_freeze_all_projections_are_each_in_their_own_model(family_caches, tmp_p
     r = run_trial(cache, m, spec)
     d = save_trial(r, tmp_path / "t")
     test = r.preds[r.preds.split == "test"]
-    readout = test.readout.to_numpy()
+    w, b = r.head["weight"][0].double(), r.head["bias"][0].double()
     for suffix, model in (("", hf_model(m.path)), ("_ft", hf_model(d / "model"))):
         blocks, final = hf_blocks(model)
         mlp = blocks[1].mlp
@@ -291,13 +291,15 @@ def test_freeze_all_projections_are_each_in_their_own_model(family_caches, tmp_p
         h.read("act", mlp.down_proj, "in")
         h.read("mlp_in", blocks[1].post_attention_layernorm, "out")
         h.read("resid", final, "in")
+        h.read("feat", final, "out")
         rows = []
         with torch.no_grad():
             for i in test.text_id:
                 model(torch.tensor([cache.tokens[i]]))
                 p = cache.positions[i]
-                rows.append([h.seen[k][0, p].double() for k in ("act", "mlp_in", "resid")])
+                rows.append([h.seen[k][0, p].double() for k in ("act", "mlp_in", "resid", "feat")])
         h.close()
+        readout = np.array([float(r_[3] @ w + b) for r_ in rows])  # the frozen head's readout in this model
         act = np.array([r_[0][4].item() for r_ in rows])
         mlp_in = torch.stack([r_[1] for r_ in rows])
         resid = torch.stack([r_[2] for r_ in rows])

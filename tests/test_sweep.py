@@ -132,7 +132,8 @@ def test_bundled_sweep_files_are_valid():
         load_sweep(REPO / "sweeps" / f, check_model=False)
     every = load_sweep(REPO / "sweeps" / "every-neuron.yaml")
     text = dry_run_text(every)
-    assert "≤4096 groups, ≤4096 trials" in text and "controls shuffled: ≤4096 more groups" in text
+    assert "≤4096 groups, ≤4096 trials" in text
+    assert "controls shuffled, cross_model, input_only (cross_model: nsr-tiny-seed1): ≤10240 more groups" in text
     q = load_sweep(REPO / "sweeps" / "quickstart.yaml")
     assert q.model.name == "nsr-tiny" and len(q.layers) == 2 and len(q.combos()) == 8
     assert sum(n.k for n in q.neurons) >= 2 and q.cross_model == "nsr-tiny-seed1" and "input_only" in q.control_names
@@ -216,23 +217,25 @@ def test_a_trial_left_running_without_a_record_is_told_failed(tmp_path):
         study_storage("nosuchdb://x")
 
 
-def test_exact_probe_groups_are_handed_out_as_layer_batches():
-    """Exact frozen-base probes (nothing searched) of one layer, head and control go out as one config with
-    `members`, minus what already finished; every other group goes out alone, through its study."""
-    spec = parse_sweep(with_(neurons=[3, 4, 5], freeze=["none", "all"], controls=["shuffled"],
+def test_exact_probe_groups_are_handed_out_as_units_of_neuron_chunks():
+    """Exact frozen-base probes (nothing searched) of a chunk of one layer's neurons — every head and control —
+    go out as one config with `members`, minus what already finished; every other group goes out alone,
+    through its study."""
+    spec = parse_sweep(with_(neurons=[3, 4, 5], freeze=["none", "all"], controls=["shuffled", "input_only"],
                              search={"num_samples": 2, "space": {"lr": {"loguniform": [1e-4, 1e-2]}}}))
     groups = expand(spec, {1: [3, 4, 5]})
     done = [{**groups[0], "trial_id": "L1-N3-regression-none-s0", "sample": 0, "status": "ok", "val_mse": 0.5}]
-    s = GroupedSearch(spec, groups, done)
+    s = GroupedSearch(spec, groups, done, unit_neurons=2)
     configs = []
     while (c := s.suggest(f"t{len(configs)}")) != "FINISHED":
         configs.append(c)
     batches = [c for c in configs if "members" in c]
-    assert sorted([m["trial_id"] for m in b["members"]] for b in batches) == [
-        ["L1-N3-regression-none-shuffled-s0", "L1-N4-regression-none-shuffled-s0", "L1-N5-regression-none-shuffled-s0"],
-        ["L1-N4-regression-none-s0", "L1-N5-regression-none-s0"]]
+    assert sorted(sorted(m["trial_id"] for m in b["members"]) for b in batches) == [
+        ["L1-N3-regression-none-input_only-s0", "L1-N3-regression-none-shuffled-s0",
+         "L1-N4-regression-none-input_only-s0", "L1-N4-regression-none-s0", "L1-N4-regression-none-shuffled-s0"],
+        ["L1-N5-regression-none-input_only-s0", "L1-N5-regression-none-s0", "L1-N5-regression-none-shuffled-s0"]]
     ids = sorted(b["trial_id"] for b in batches)
-    assert ids == ["L1-regression-none-N4..5-batch", "L1-regression-none-shuffled-N3..5-batch"]
+    assert [i.rsplit("-", 1)[0] for i in ids] == ["L1-N3..4", "L1-N5..5"]
     assert all(parse_trial_id(i) is None for i in ids)
     alone = [c["trial_id"] for c in configs if "members" not in c]
     assert len(alone) == 3 * 2 * 2 and all("-all-" in t for t in alone)  # (neuron, control) × 2 samples
@@ -290,10 +293,17 @@ def _check_complete(sweep_dir: Path, expected: int) -> pd.DataFrame:
     state = json.loads((sweep_dir / "sweep_state.json").read_text())
     assert state["status"] == "finished" and state["model_loads"] == state["workers"] == 2
     assert df.groupby(["layer", "neuron", "head", "freeze", "control"], dropna=False)["best"].sum().eq(1).all()
+    from nsr_sweep.records import head_state, probe_record, test_predictions
+
+    preds = test_predictions(sweep_dir)
     for t, freeze in zip(df["trial_id"], df["freeze"]):
         d = sweep_dir / "trials" / t
-        assert all((d / f).is_file() for f in ("metrics.json", "head.safetensors", "preds.parquet"))
-        assert (d / "diagnostics.png").is_file() == (freeze != "none")  # batched probes have no per-trial chart
+        if freeze == "none":  # a batched probe: rows of its unit's Parquet files, no directory, no chart
+            assert not d.exists() and probe_record(sweep_dir, t)["status"] == "ok"
+        else:
+            assert all((d / f).is_file() for f in ("metrics.json", "head.safetensors", "preds.parquet"))
+            assert (d / "diagnostics.png").is_file()
+        assert (preds["trial_id"] == t).any() and head_state(sweep_dir, t) is not None
     return df
 
 
@@ -315,13 +325,15 @@ def test_end_to_end_sweep_on_local_ray(tmp_path):
     assert yaml.safe_load((sweep_dir / "sweep.yaml").read_text())["name"] == "e2e"
     keys = json.loads((sweep_dir / "cache_keys.json").read_text())
     assert keys[0]["identity"][0]["pre_max_abs_err"] < 1e-4
-    # the trackers saw every Tune trial: 24 fine-tuned ones and 4 layer batches (real, shuffled, early, random)
-    assert len({p.parent for p in (sweep_dir / "tune").rglob("events.out.tfevents.*")}) == 28
+    # the trackers saw every Tune trial: 24 fine-tuned ones and the probe units (every head and control of a
+    # chunk of the layer's 3 neurons: 2 workers × 4 units each want chunks of 1 neuron)
+    assert len(list((sweep_dir / "probes" / "records").glob("*.parquet"))) == 3
+    assert len({p.parent for p in (sweep_dir / "tune").rglob("events.out.tfevents.*")}) == 27
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{sweep_dir / 'mlruns' / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["e2e"], output_format="list")
-    assert len(runs) == 28 and all("val_mse" in run.data.metrics for run in runs)
+    assert len(runs) == 27 and all("val_mse" in run.data.metrics for run in runs)
 
     st = CliRunner().invoke(main, ["status", str(sweep_dir), "--json"])
     assert st.exit_code == 0
@@ -394,8 +406,8 @@ resources: {workers: 2}
 
 @pytest.mark.slow
 def test_neurons_all_runs_each_layers_probes_as_batches_with_a_row_per_neuron(tmp_path):
-    """`neurons: all` on nsr-tiny's layer 1: 512 probes and 512 shuffled probes run as two batches, and
-    every neuron still has its own row, record and artefacts, each run exactly once."""
+    """`neurons: all` on nsr-tiny's layer 1: 512 probes and 512 shuffled probes run as units of 64 neurons
+    (2 workers × 4 units each), and every neuron still has its own row, record and artefacts, each run once."""
     sweep_dir = _launched(tmp_path, EVERY)
     df = pd.read_parquet(sweep_dir / "tables" / "trials.parquet")
     assert len(df) == 1024 and (df["status"] == "ok").all() and df["trial_id"].is_unique
@@ -403,9 +415,20 @@ def test_neurons_all_runs_each_layers_probes_as_batches_with_a_row_per_neuron(tm
     assert (df["solver"] == "ridge").all() and df["pearson_r"].notna().all()
     runs = Counter(json.loads(line)["trial_id"] for line in (sweep_dir / "runs.jsonl").read_text().splitlines())
     assert set(runs.values()) == {1} and len(runs) == 1024
-    d = sweep_dir / "trials" / "L1-N300-regression-none-s0"
-    assert (d / "preds.parquet").is_file() and (d / "head.safetensors").is_file()
-    assert not (d / "diagnostics.png").exists()  # at this scale the report summarises
+    assert not (sweep_dir / "trials").exists()  # rows of Parquet datasets, one file per unit and kind
+    units = sorted(p.stem for p in (sweep_dir / "probes" / "records").glob("*.parquet"))
+    assert len(units) == 8 and all(len(list((sweep_dir / "probes" / k).iterdir())) == 8 for k in ("preds", "heads"))
+    from nsr_sweep.metrics import prediction_metrics
+    from nsr_sweep.records import test_predictions
+
+    sample = df.sample(40, random_state=0)  # every number recomputable from what is stored
+    preds = test_predictions(sweep_dir, sample["trial_id"])
+    for row in sample.itertuples():
+        p = preds[preds["trial_id"] == row.trial_id]
+        m = prediction_metrics(p["pred"].to_numpy(), p["actual_orig"].to_numpy(), row.train_mean)
+        assert len(p) == row.n_test
+        for k in ("pearson_r", "mse", "offset", "skill"):
+            assert m[k] == pytest.approx(getattr(row, k), rel=1e-9, abs=1e-12), (row.trial_id, k)
     state = json.loads((sweep_dir / "sweep_state.json").read_text())
     assert state["status"] == "finished" and state["n_expected"] == 1024
 

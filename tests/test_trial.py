@@ -17,7 +17,7 @@ from nsr_sweep.fit import fit_probes
 from nsr_sweep.heads import HeadMap, digit_token_ids
 from nsr_sweep.metrics import prediction_metrics
 from nsr_sweep.models import load_model
-from nsr_sweep.sweepdir import save_trial
+from nsr_sweep.records import save_trial
 from nsr_sweep.trial import run_trial, split_indices
 
 
@@ -157,8 +157,23 @@ def test_every_valid_combination_beats_the_train_mean_on_nsr_tiny(tiny_cache, he
     for k in ("patch_slope", "identity_r", "proj_readout_r", "proj_wout_r", "cos_win", "cos_wout",
               "cos_win_z_neurons", "cos_wout_z_random", "cos_win_wout"):
         assert np.isfinite(m[k]), k
-    assert m["proj_readout_r"] == pytest.approx(np.corrcoef(
-        r.preds[r.preds.split == "test"].readout, r.preds[r.preds.split == "test"].actual_orig)[0, 1], abs=1e-9)
+    test = r.preds[r.preds.split == "test"]
+    ft_readout = np.corrcoef(test.readout, test.actual_ft)[0, 1]  # the final model's readout, its own neuron
+    if freeze == "none":
+        assert m["proj_readout_r"] == pytest.approx(ft_readout, abs=1e-9)
+    else:  # one model at a time: the fine-tuned readout against the fine-tuned neuron, and …
+        # (its neuron re-read by a forward of the final model: float32 batching moves it by ~1e-8)
+        assert m["proj_readout_r_ft"] == pytest.approx(ft_readout, abs=1e-6)
+        if head != "token":  # … the frozen head on the original model's features (a plain HF forward) against the original
+            w, b = r.head["weight"].double(), r.head["bias"].double()
+            values = r.head.get("bin_values", torch.ones(1, dtype=torch.float64)).double()
+            reads = []
+            for i in test.text_id:
+                with torch.no_grad():
+                    f = model.hf(torch.tensor([cache.tokens[i]]), output_hidden_states=True).hidden_states[-1][0, -1]
+                out = f.double() @ w.T + b
+                reads.append(float(out[0]) if head == "regression" else float(out @ (values - values.mean())))
+            assert m["proj_readout_r"] == pytest.approx(np.corrcoef(reads, test.actual_orig)[0, 1], abs=1e-6)
     assert np.isfinite(m.get("resid_change_along_head_r", np.nan)) == (freeze != "none")
     assert len(r.patch) == 7 * 60 and r.patch["pred_base"].notna().all()
 
@@ -184,7 +199,8 @@ def test_early_features_control_reads_the_residual_before_the_layer(tiny_cache):
     model, cache, neuron = tiny_cache
     spec = TrialSpec(layer=2, neuron=neuron, epochs=4, lr=1e-2, control="early_features")
     r = run_trial(cache, model, spec)
-    assert r.status == "ok" and "patch_slope" not in r.metrics  # a control of the features, not of the model
+    assert r.status == "ok" and "cos_win" not in r.metrics  # a control of the features, not of the model …
+    assert r.metrics["patch_slope"] == 0.0 and r.patch is None  # … read before the neuron: nothing can move them
     with pytest.raises(ValueError, match="needs freeze none"):
         TrialSpec(layer=2, neuron=1, freeze="all", control="early_features")
     with pytest.raises(NsrError, match="random model's features"):
@@ -219,8 +235,9 @@ def test_after_target_starts_from_the_cached_residual(tiny_cache):
 
 
 def test_exact_ridge_equals_numpy_at_the_lambda_validation_chooses(linear_data):
-    """solve_ridge = numpy's ridge (bias unpenalised) at the λ of RIDGE_GRID with the least validation MSE."""
-    from nsr_sweep.fit import RIDGE_GRID
+    """solve_ridge = numpy's ridge (bias unpenalised) at the λ of RIDGE_GRID with the least validation MSE
+    (validation MSEs within TIE × the baseline's of the least are a tie: the smallest such λ)."""
+    from nsr_sweep.fit import RIDGE_GRID, TIE
 
     X, Y = linear_data
     Y = Y + np.random.default_rng(3).normal(size=Y.shape) * np.array([0.1, 3.0, 30.0])
@@ -235,8 +252,8 @@ def test_exact_ridge_equals_numpy_at_the_lambda_validation_chooses(linear_data):
         return lambda Z: (Z - X[tr].mean(0)) @ w + y[tr].mean()
 
     for j in range(Y.shape[1]):
-        val = [np.mean((ridge(Y[:, j], rel * scale)(X[va]) - Y[va, j]) ** 2) for rel in RIDGE_GRID]
-        best = int(np.argmin(val))
+        val = np.array([np.mean((ridge(Y[:, j], rel * scale)(X[va]) - Y[va, j]) ** 2) for rel in RIDGE_GRID])
+        best = int(np.argmax(val <= val.min() + TIE * np.mean((Y[tr, j].mean() - Y[va, j]) ** 2)))
         assert fit.info[j]["l2_relative"] == RIDGE_GRID[best] and fit.info[j]["converged"]
         pred = fit.maps[j].predict(torch.as_tensor(X @ fit.weight[j].double().numpy().T + fit.bias[j].double().numpy()))
         np.testing.assert_allclose(pred.numpy(), ridge(Y[:, j], RIDGE_GRID[best] * scale)(X), atol=1e-4)

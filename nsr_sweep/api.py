@@ -1,0 +1,255 @@
+"""The Python API (`import nsr_sweep`): the CLI's behaviour, returning objects a notebook works with.
+
+    spec = nsr_sweep.load_sweep("sweeps/quickstart.yaml")      # or a dict: the same validation as the CLI
+    cache = nsr_sweep.build_cache(spec)                           # ActivationCache (built once, then loaded)
+    r = nsr_sweep.run_trial(cache, nsr_sweep.TrialSpec(layer=1, neuron=3))   # TrialResult: .metrics, .preds, .head
+    res = nsr_sweep.launch(spec_dict_or_path, out="results")      # the same run as `nsr-sweep launch`
+    res = nsr_sweep.open_results("results/quickstart")            # Results: DataFrames, .trial(id)
+
+`launch` runs `nsr-sweep launch` in a child process, so the calling process (a notebook kernel) keeps
+its network namespace, environment and threads: Ray, the isolation and the offline hub all live and
+die in the child.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .errors import NsrError
+
+
+def load_sweep(sweep: str | Path | dict, *, check_model: bool = True):
+    """A validated `SweepSpec` from a sweep file or a dict: the CLI's validation pass (fields, the model's
+    config, the corpus source, the cross-model's positions), before anything is loaded."""
+    from .config import load_sweep as load_file
+    from .config import parse_sweep
+
+    if isinstance(sweep, dict):
+        spec = parse_sweep(sweep, source="sweep")
+        if check_model:
+            spec.check_model()
+    else:
+        spec = load_file(sweep, check_model=check_model)
+    if check_model:
+        from .sweep import check_cross_model
+
+        check_cross_model(spec)
+    return spec
+
+
+def build_cache(spec, *, root: str | Path | None = None, progress: bool = True):
+    """The sweep's `ActivationCache` (built once per model × corpus × layers, then loaded from `root`)."""
+    from .sweep import build_cache as build
+
+    return build(load_sweep(spec) if isinstance(spec, (str, Path, dict)) else spec, root=root, progress=progress)
+
+
+def run_trial(cache, spec, model=None, *, outsider=None):
+    """One trial without Ray (`TrialResult`: `.metrics` dict, `.preds` DataFrame, `.head` tensors, `.patch`).
+    `model` defaults to the cache's own model (loaded once per process); a cross_model trial loads its other
+    model the same way."""
+    from .models import ModelSpec, load_model
+    from .trial import run_trial as run
+
+    if model is None:
+        ident = cache.meta["model"]
+        model = load_model(ModelSpec(name=ident["name"], init=ident["init"], seed=ident.get("seed") or 0))
+    if outsider is None and spec.control == "cross_model" and spec.freeze != "none":
+        outsider = load_model(spec.cross_model)
+    return run(cache, model, spec, outsider=outsider)
+
+
+def launch(sweep: str | Path | dict, out: str | Path = "results", *, resume: bool = False, quiet: bool = False,
+           **options) -> Results:
+    """Run a sweep exactly as `nsr-sweep launch` does — in a child process, which leaves this one as it found
+    it — and open its results. `options` are the CLI's, in Python form: address, dashboard (bool),
+    dashboard_host, cache_root, ray_network, storage, optuna_storage, tensorboard (bool), mlflow (URI or "").
+    A launch that ends with missing trials or bad input raises NsrError with the CLI's message."""
+    with tempfile.TemporaryDirectory(prefix="nsr-launch-") as tmp:
+        if isinstance(sweep, dict):
+            import yaml
+
+            path = Path(tmp) / "sweep.yaml"
+            path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+        else:
+            path = Path(sweep)
+        cmd = [sys.executable, "-m", "nsr_sweep.cli", "launch", str(path), "--out", str(out), *_flags(options)]
+        if resume:
+            cmd.append("--resume")
+        proc = subprocess.Popen(cmd, stdout=None if not quiet else subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        _, err = proc.communicate()
+    if proc.returncode != 0:
+        lines = [line for line in err.splitlines() if line.startswith("error: ")]
+        raise NsrError(lines[-1][len("error: "):] if lines else f"nsr-sweep launch exited {proc.returncode}: "
+                       f"{err.strip()[-2000:]}")
+    name = load_sweep(sweep, check_model=False).name
+    return open_results(Path(out) / name)
+
+
+LAUNCH_OPTIONS = ("address", "dashboard", "dashboard_host", "cache_root", "ray_network", "storage", "optuna_storage",
+                  "tensorboard", "mlflow")
+
+
+def _flags(options: dict) -> list[str]:
+    """Python keyword options → the CLI's flags (True turns a flag on; None or False leaves the default)."""
+    unknown = sorted(set(options) - set(LAUNCH_OPTIONS))
+    if unknown:
+        raise NsrError(f"launch: unknown option {unknown[0]!r}; allowed: {', '.join(LAUNCH_OPTIONS)}")
+    flags = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if key == "dashboard":
+            flags.append("--dashboard" if value else "--no-dashboard")
+        elif value is True or (key == "mlflow" and value == ""):
+            flags.append(flag)
+        elif value is not None and value is not False:
+            flags += [flag, str(value)]
+    return flags
+
+
+def open_results(path: str | Path) -> Results:
+    """A sweep's results directory as DataFrames and trial records, whatever the storage layout underneath."""
+    from .sweepdir import resolved_spec
+
+    path = Path(path)
+    resolved_spec(path)  # a clear error for a directory that is not a sweep's
+    return Results(path)
+
+
+class Results:
+    """A results directory: `.trials`, `.best`, `.comparison`, `.comparison_by_layer` (DataFrames equal to the
+    Parquet tables), `.state` (dict), `.report_path`, and `.trial(trial_id)`."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"Results({str(self.path)!r}: {self.state.get('status', '?')}, {len(self.trials)} trials)"
+
+    def _table(self, name: str) -> pd.DataFrame:
+        f = self.path / "tables" / f"{name}.parquet"
+        if not f.is_file():
+            if name == "trials":
+                return self._trials_from_records()
+            raise NsrError(f"{f} does not exist yet: `nsr-sweep report {self.path}` builds the tables")
+        return pd.read_parquet(f)
+
+    def _trials_from_records(self) -> pd.DataFrame:
+        from .records import finished_rows
+        from .sweepdir import resolved_spec
+        from .tables import trials_frame
+
+        spec = resolved_spec(self.path)
+        return trials_frame(finished_rows(self.path), spec.search.metric, spec.search.mode)
+
+    @cached_property
+    def trials(self) -> pd.DataFrame:
+        """One row per trial and control (tables/trials.parquet; docs/results.md lists the columns)."""
+        return self._table("trials")
+
+    @cached_property
+    def best(self) -> pd.DataFrame:
+        return self._table("best")
+
+    @cached_property
+    def comparison(self) -> pd.DataFrame:
+        """Per neuron × head/freeze: self vs cross-model vs input-only, gaps, intervals, p- and q-values."""
+        return self._table("comparison")
+
+    @cached_property
+    def comparison_by_layer(self) -> pd.DataFrame:
+        return self._table("comparison_by_layer")
+
+    @property
+    def state(self) -> dict:
+        from .sweepdir import read_state
+
+        return read_state(self.path)
+
+    @property
+    def report_path(self) -> Path | None:
+        f = self.path / "report.html"
+        return f if f.is_file() else None
+
+    def trial(self, trial_id: str) -> TrialRecord:
+        """One trial's record, predictions, patching points, head and saved model — a directory or a unit's rows."""
+        from .records import RECORD, probe_record
+        from .sweepdir import trial_dir
+
+        f = trial_dir(self.path, trial_id) / RECORD
+        rec = json.loads(f.read_text()) if f.is_file() else probe_record(self.path, trial_id)
+        if rec is None:
+            raise NsrError(f"trial {trial_id!r} is not in {self.path} (see .trials['trial_id'])")
+        return TrialRecord(self.path, trial_id, rec)
+
+
+@dataclass
+class TrialRecord:
+    """A finished trial as stored: `.metrics`, `.spec`, `.status`, `.history`, `.preds`, `.patch`, `.head`,
+    `.model_path`."""
+
+    sweep_dir: Path
+    trial_id: str
+    record: dict
+
+    @property
+    def metrics(self) -> dict:
+        return self.record["metrics"]
+
+    @property
+    def spec(self) -> dict:
+        return self.record["spec"]
+
+    @property
+    def status(self) -> str:
+        return self.record["status"]
+
+    @property
+    def history(self) -> list:
+        return self.record.get("history", [])
+
+    @cached_property
+    def preds(self) -> pd.DataFrame:
+        """text_id, actual_orig, actual_ft, pred, readout (and split): every split for a trial run alone, the test
+        split for a batched probe (the one its metrics use)."""
+        from .records import test_predictions
+        from .sweepdir import trial_dir
+
+        f = trial_dir(self.sweep_dir, self.trial_id) / "preds.parquet"
+        if f.is_file():
+            return pd.read_parquet(f)
+        p = test_predictions(self.sweep_dir, [self.trial_id]).drop(columns="trial_id")
+        return p.assign(split="test").sort_values("text_id").reset_index(drop=True)
+
+    @cached_property
+    def patch(self) -> pd.DataFrame | None:
+        from .records import patch_points
+
+        return patch_points(self.sweep_dir, self.trial_id)
+
+    @cached_property
+    def head(self) -> dict[str, Any] | None:
+        """The head's tensors: weight, bias, and mu/sigma (regression) or bin_edges/bin_values (binned)."""
+        from .records import head_state
+
+        return head_state(self.sweep_dir, self.trial_id)
+
+    @property
+    def model_path(self) -> str | Path | None:
+        """The fine-tuned model (an HF-format directory, or the --storage URI it was uploaded to), or None."""
+        from .sweepdir import trial_dir
+
+        local = trial_dir(self.sweep_dir, self.trial_id) / "model"
+        if (local / "config.json").is_file():
+            return local
+        return self.metrics.get("model_uri")
