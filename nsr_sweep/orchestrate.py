@@ -253,7 +253,9 @@ class SweepProgress:
         """A trial (or a batch) is complete, also when a scheduler stopped it (its record may come later)."""
         self.running -= 1
         self.collect()
-        rows = [self.by_id[m["trial_id"]] for m in config.get("members", [config]) if m["trial_id"] in self.by_id]
+        from .search import members_of
+
+        rows = [self.by_id[m["trial_id"]] for m in members_of(config) if m["trial_id"] in self.by_id]
         if rows:
             self._line(rows, config)
 
@@ -266,7 +268,9 @@ class SweepProgress:
         error = _error_text(trial)
         done = {r["trial_id"] for r in self.rows}
         failed = []
-        for config in trial.config.get("members", [trial.config]):
+        from .search import members_of
+
+        for config in members_of(trial.config):
             if config["trial_id"] in done or (trial_dir(self.sweep_dir, config["trial_id"]) / RECORD).is_file():
                 continue
             if any(sign in error for sign in LOST_SIGNS):

@@ -66,8 +66,11 @@ def _spec_dict(result) -> dict:
 
 
 def _parquet(df: pd.DataFrame) -> bytes:
+    """Parquet with zstd; float columns byte-stream-split (lossless: a quarter smaller for predictions)."""
+    floats = [c for c in df.columns if pd.api.types.is_float_dtype(df[c])]
     buf = io.BytesIO()
-    df.to_parquet(buf, index=False, compression="zstd")
+    df.to_parquet(buf, index=False, compression="zstd", use_byte_stream_split=floats,
+                  use_dictionary=[c for c in df.columns if c not in floats])
     return buf.getvalue()
 
 

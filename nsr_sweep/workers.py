@@ -139,9 +139,10 @@ class ModelWorker:
         chart: at this scale the report summarises). Returns a summary row for Tune."""
         from .collect import pack_unit
         from .config import trial_spec
+        from .search import members_of
         from .trial import run_trials
 
-        members = config["members"]
+        members = members_of(config)
         arrived = ray.get(self.link.inbox.rows.remote([m["trial_id"] for m in members]))
         if len(arrived) == len(members):  # a retried unit whose records already arrived
             return {"trial_id": config["trial_id"], "status": "ok", "n_members": 0, "worker": os.getpid()}

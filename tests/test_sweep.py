@@ -19,7 +19,7 @@ from nsr_sweep.cli import main
 from nsr_sweep.config import load_sweep, parse_sweep
 from nsr_sweep.errors import NsrError
 from nsr_sweep.orchestrate import dry_run_text, expand
-from nsr_sweep.search import GroupedSearch, n_samples
+from nsr_sweep.search import GroupedSearch, members_of, n_samples
 from nsr_sweep.sweepdir import parse_trial_id
 
 REPO = Path(__file__).resolve().parents[1]
@@ -230,7 +230,7 @@ def test_exact_probe_groups_are_handed_out_as_units_of_neuron_chunks():
     while (c := s.suggest(f"t{len(configs)}")) != "FINISHED":
         configs.append(c)
     batches = [c for c in configs if "members" in c]
-    assert sorted(sorted(m["trial_id"] for m in b["members"]) for b in batches) == [
+    assert sorted(sorted(m["trial_id"] for m in members_of(b)) for b in batches) == [
         ["L1-N3-regression-none-input_only-s0", "L1-N3-regression-none-shuffled-s0",
          "L1-N4-regression-none-input_only-s0", "L1-N4-regression-none-s0", "L1-N4-regression-none-shuffled-s0"],
         ["L1-N5-regression-none-input_only-s0", "L1-N5-regression-none-s0", "L1-N5-regression-none-shuffled-s0"]]
@@ -239,7 +239,9 @@ def test_exact_probe_groups_are_handed_out_as_units_of_neuron_chunks():
     assert all(parse_trial_id(i) is None for i in ids)
     alone = [c["trial_id"] for c in configs if "members" not in c]
     assert len(alone) == 3 * 2 * 2 and all("-all-" in t for t in alone)  # (neuron, control) × 2 samples
-    assert all(m["lr"] == spec.training.lr and m["seed"] for b in batches for m in b["members"])
+    assert all(m["lr"] == spec.training.lr and m["seed"] for b in batches for m in members_of(b))
+    assert all(m.keys() == members_of(batches[0])[0].keys() for b in batches for m in members_of(b))  # whole configs
+    assert all("lr" not in m and "trial_id" in m for b in batches for m in b["members"])  # shared keys held once
 
 
 def test_cluster_yaml_passes_rays_validation():
