@@ -40,13 +40,43 @@ class Corpus:
 
 
 def python_docs_passages() -> list[str]:
-    """Paragraphs of `pydoc_data.topics` and the stdlib's docstrings, read with `ast` (nothing imported); parsed
-    once per process (a few seconds: every standard-library file)."""
-    return list(_python_docs_passages())
+    """Paragraphs of `pydoc_data.topics` and the stdlib's docstrings, read with `ast` (nothing imported).
+
+    Parsing every standard-library file takes 5–9 s on 2 cores, so the passages are kept as JSON in the cache
+    root, keyed by this Python's version and standard library, and read from there by later processes (each
+    launch's workers, each test process); a process parses at most once."""
+    return list(_stored_passages())
 
 
 @functools.lru_cache(maxsize=1)
-def _python_docs_passages() -> tuple[str, ...]:
+def _stored_passages() -> tuple[str, ...]:
+    import pydoc_data.topics
+    import sys
+
+    from .results import atomic_write, cache_root
+
+    key = hashlib.sha256(f"{PASSAGES_FORMAT}\0{sys.version}\0{sysconfig.get_paths()['stdlib']}\0"
+                         f"{os.path.getsize(pydoc_data.topics.__file__)}".encode()).hexdigest()[:16]
+    path = cache_root() / f"python-docs-passages-{key}.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, list) and data and all(isinstance(t, str) for t in data):
+            return tuple(data)
+    except (OSError, ValueError):
+        pass  # not there yet, or damaged: parse
+    passages = _parse_python_docs()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(passages), encoding="utf-8"))
+    except OSError:
+        pass  # a read-only cache root: the next process parses again
+    return passages
+
+
+PASSAGES_FORMAT = 1  # bump when _parse_python_docs changes what it returns
+
+
+def _parse_python_docs() -> tuple[str, ...]:
     import pydoc_data.topics
 
     documents = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]

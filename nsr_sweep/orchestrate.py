@@ -416,7 +416,7 @@ def preflight(sweep_file: str, address: str | None = None, cache_root: str | Non
     check_cross_model(spec)
     if address or os.environ.get("RAY_ADDRESS"):
         return spec  # a cluster's workers have their own disks and devices: they check them
-    from .cache import default_root
+    from .results import cache_root as default_root
 
     _check_writable(Path(cache_root) if cache_root else default_root(), "--cache-root (or $NSR_CACHE_DIR)")
     if spec.resources.device == "cuda":
@@ -473,6 +473,11 @@ def launch(sweep_file: str, *, out_root: str = "results", address: str | None = 
         release(sweep_dir)
 
 
+def _tune_dirname(trial) -> str:
+    """tune/<our trial or unit id>-<Tune's id> (Tune's default spells out the config)."""
+    return f"{trial.config['trial_id']}-{trial.trial_id}"
+
+
 def isolate_here(options: dict, echo=print) -> bool:
     """Whether this `launch` starts a local cluster in a network namespace of its own (Linux, no cluster
     address, --ray-network not host, no remote URI to reach): then what needs the network (an `hf:` corpus) is
@@ -521,7 +526,8 @@ def _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start, storage,
     from .cache import ActivationCache
     from .collect import start_inbox
     from .sweep import model_spec, resolve_neurons
-    from .workers import WorkerLink, start_pool, start_workers, trial_function
+    from .trainable import trial_function
+    from .workers import WorkerLink, start_pool, start_workers
 
     t_ray = time.time()
     if url:
@@ -583,7 +589,7 @@ def _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start, storage,
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=searcher.n_remaining,
-                                        reuse_actors=True,
+                                        reuse_actors=True, trial_dirname_creator=_tune_dirname,
                                         max_concurrent_trials=spec.resources.max_concurrent or 2 * n_workers,
                                         metric=spec.search.metric, mode=spec.search.mode),
             run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=0,

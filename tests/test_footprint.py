@@ -249,6 +249,8 @@ def test_twenty_simultaneous_launch_pairs_each_run_exactly_one_and_any_kill_resu
     end a `--resume` finishes the sweep with every trial run exactly once."""
     import random
 
+    from nsr_sweep.status import sweep_status
+
     rng = random.Random(0)
     sweep = tmp_path / "s.yaml"
     sweep.write_text(SWEEP.format(name="race"))
@@ -270,7 +272,7 @@ def test_twenty_simultaneous_launch_pairs_each_run_exactly_one_and_any_kill_resu
         winner.wait()
         survivors.update(cluster)
         _until(lambda: lock_holder(sweep_dir) is None, 5)  # its child, the driver, dies with it (and the lock)
-        assert _status(sweep_dir)["state"] == "interrupted", i
+        assert (_status(sweep_dir) if i == 0 else sweep_status(sweep_dir))["state"] == "interrupted", i  # CLI once
     _until(lambda: not _alive(survivors), 10)
     assert _alive(survivors) == [], {p: survivors[p] for p in _alive(survivors)}
     assert max(_runs(sweep_dir).values(), default=1) == 1

@@ -32,6 +32,27 @@ def test_builtin_corpus_is_seeded_deduplicated_and_reported():
     assert r["n_read"] == r["n_available"] + r["n_dropped_duplicate"] + r["n_dropped_short"]
 
 
+def test_builtin_passages_are_parsed_once_and_read_back_from_the_cache_root(tmp_path, monkeypatch):
+    """The stdlib parse is kept in the cache root: a later process reads exactly what was parsed, and a damaged
+    file is parsed again (never trusted)."""
+    from nsr_sweep import corpus
+
+    monkeypatch.setenv("NSR_CACHE_DIR", str(tmp_path))
+    parsed = corpus._parse_python_docs()
+    corpus._stored_passages.cache_clear()
+    assert corpus.python_docs_passages() == list(parsed)  # parsed, then written
+    (stored,) = tmp_path.glob("python-docs-passages-*.json")
+    assert json.loads(stored.read_text()) == list(parsed)
+    corpus._stored_passages.cache_clear()
+    monkeypatch.setattr(corpus, "_parse_python_docs", lambda: pytest.fail("parsed again"))
+    assert corpus.python_docs_passages() == list(parsed)  # read back
+    stored.write_text('{"not": "a list"')
+    corpus._stored_passages.cache_clear()
+    monkeypatch.setattr(corpus, "_parse_python_docs", lambda: ("again",))
+    assert corpus.python_docs_passages() == ["again"]
+    corpus._stored_passages.cache_clear()
+
+
 def test_file_sources_agree(tmp_path):
     rows = [f"text number {i} about functions and classes" for i in range(40)]
     (tmp_path / "t.txt").write_text("\n".join(rows + rows[:5] + ["short"]) + "\n")
