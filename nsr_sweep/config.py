@@ -99,6 +99,11 @@ class TrainingCfg(Strict):
     """The token head's question after each text; placeholders {layer} and {neuron} only."""
     save_weights: bool = False
     """Unfrozen trials: save the final model as an HF-format directory (trials/<id>/model/)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Unfrozen trials: `bf16` runs the trained blocks' forward and backward under torch.autocast(bfloat16)
+    (weights, optimizer state, head and loss stay float32), at bf16's 3 significant digits in activations;
+    meant for GPUs with bf16 tensor cores (its speed-up is not measured yet). Evaluation, metrics and patching always run in float32. Probes
+    (freeze none) are exact solves in float64 and ignore it."""
 
     @field_validator("suffix")
     @classmethod
@@ -201,6 +206,9 @@ class ResourcesCfg(Strict):
     max_concurrent: int = Field(0, ge=0)
     """Most trials (or units of probes) running at once; 0: two per model worker (one queued hides Tune's latency)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    tf32: bool = False
+    """On CUDA, let float32 matrix products use TF32 tensor cores (Ampere and later), about 10 significant
+    bits in their inputs. Off by default: the exact numbers of the suite are float32's."""
     batch_neurons: int = Field(1024, ge=1, le=100000)
     """Most neurons in one unit of work: the exact frozen-base probes of a chunk of one layer's neurons, every
     head and control, fitted and patched together (units are sized smaller when that keeps every worker

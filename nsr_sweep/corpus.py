@@ -39,44 +39,28 @@ class Corpus:
         return h.hexdigest()[:16]
 
 
-def python_docs_passages() -> list[str]:
-    """Paragraphs of `pydoc_data.topics` and the stdlib's docstrings, read with `ast` (nothing imported).
+BUNDLED = Path(__file__).parent / "data" / "python-docs.parquet"
 
-    Parsing every standard-library file takes 5–9 s on 2 cores, so the passages are kept as JSON in the cache
-    root, keyed by this Python's version and standard library, and read from there by later processes (each
-    launch's workers, each test process); a process parses at most once."""
-    return list(_stored_passages())
+
+def python_docs_passages() -> list[str]:
+    """The passages of `builtin:python-docs`: paragraphs of Python 3.11's documentation topics and standard-
+    library docstrings, bundled with the package (`data/python-docs.parquet`, made by `parse_python_docs`),
+    so a sweep reads the same texts on every machine and Python version (parsing the installed standard
+    library gave 18,969 passages on 3.11.7 and 16,423 on 3.11.2) and no process spends seconds parsing."""
+    return list(_bundled_passages())
 
 
 @functools.lru_cache(maxsize=1)
-def _stored_passages() -> tuple[str, ...]:
-    import pydoc_data.topics
-    import sys
+def _bundled_passages() -> tuple[str, ...]:
+    import pyarrow.parquet as pq
 
-    from .results import atomic_write, cache_root
-
-    key = hashlib.sha256(f"{PASSAGES_FORMAT}\0{sys.version}\0{sysconfig.get_paths()['stdlib']}\0"
-                         f"{os.path.getsize(pydoc_data.topics.__file__)}".encode()).hexdigest()[:16]
-    path = cache_root() / f"python-docs-passages-{key}.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(data, list) and data and all(isinstance(t, str) for t in data):
-            return tuple(data)
-    except (OSError, ValueError):
-        pass  # not there yet, or damaged: parse
-    passages = _parse_python_docs()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(passages), encoding="utf-8"))
-    except OSError:
-        pass  # a read-only cache root: the next process parses again
-    return passages
+    return tuple(pq.read_table(BUNDLED, columns=["text"]).column("text").to_pylist())
 
 
-PASSAGES_FORMAT = 1  # bump when _parse_python_docs changes what it returns
-
-
-def _parse_python_docs() -> tuple[str, ...]:
+def parse_python_docs() -> tuple[str, ...]:
+    """How the bundled passages were made, on the Python named in the file's metadata: `pydoc_data.topics`
+    and the docstrings of every standard-library module, read with `ast` (nothing imported), split into
+    paragraphs with whitespace collapsed."""
     import pydoc_data.topics
 
     documents = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]

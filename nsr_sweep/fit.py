@@ -15,6 +15,7 @@ and restores its best epoch (an exact solve has one record).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -385,9 +386,12 @@ def train_model(surface: Surface, start: int, inputs, head: LinearHead, hmap: He
     trainable = net.trainable()
     target = hmap.encode(y)
 
-    def outputs(idx: np.ndarray) -> torch.Tensor:
-        final = net.ln_final(net.run(inputs(idx), start))
-        return head(final[torch.arange(len(idx)), torch.as_tensor(read_pos[idx])])
+    autocast = torch.autocast(surface.device.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16")
+
+    def outputs(idx: np.ndarray, train: bool = False) -> torch.Tensor:
+        with autocast if train else contextlib.nullcontext():  # evaluation always in float32
+            final = net.ln_final(net.run(inputs(idx), start))
+        return head(final[torch.arange(len(idx)), torch.as_tensor(read_pos[idx])].float())
 
     opt = torch.optim.AdamW(trainable.values(), lr=spec.lr, weight_decay=spec.weight_decay)
     gen = torch.Generator().manual_seed(spec.seed)
@@ -398,7 +402,7 @@ def train_model(surface: Surface, start: int, inputs, head: LinearHead, hmap: He
         order = tr[torch.randperm(len(tr), generator=gen).numpy()]
         for s in range(0, len(order), spec.batch_size):
             idx = order[s : s + spec.batch_size]
-            loss = hmap.loss(outputs(idx), target[idx].to(surface.device))
+            loss = hmap.loss(outputs(idx, train=True), target[idx].to(surface.device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite training loss at epoch {epoch}")
             opt.zero_grad(set_to_none=True)

@@ -540,7 +540,7 @@ def _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start, storage,
     link = WorkerLink(version=__version__, inbox=inbox, sweep=spec.name, storage=storage,
                       gpu_share=spec.resources.gpus_per_worker if device == "cuda" or
                       spec.resources.gpu_resource != "GPU" else 0.0, cuda=device == "cuda",
-                      trainable=any(f != "none" for _, f in spec.combos()))
+                      trainable=any(f != "none" for _, f in spec.combos()), tf32=spec.resources.tf32)
     echo(f"starting {n_workers} model worker(s) on {device}, {threads} thread(s) each …")
     workers, info = start_workers(n_workers, model_kw, link, spec.resources.gpu_resource, threads)
     echo(f"{n_workers} model worker(s) on {len({i['node'] for i in info})} node(s); building or loading the cache …")

@@ -36,6 +36,7 @@ class ModelWorker:
         self.model = BaseModel(ModelSpec(**model_spec_kw))  # resident for the whole sweep
         if self.model.spec.device == "cuda":
             check_gpu_share(self.model, link.gpu_share, trainable=link.trainable)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = link.tf32
         self.loads = 1
         self.other: BaseModel | None = None  # the cross_model control's model, loaded on first use
         self.cache: ActivationCache | None = None
@@ -257,6 +258,7 @@ class WorkerLink:
     storage: str | None = None
     gpu_share: float = 0.0  # the fraction of one GPU this worker reserves (resources.gpus_per_worker)
     cuda: bool = False  # the workers run on CUDA
+    tf32: bool = False  # resources.tf32: float32 matmuls on TF32 tensor cores (CUDA only)
     trainable: bool = False  # some trial fine-tunes the model (optimizer state on the GPU)
 
 

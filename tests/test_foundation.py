@@ -32,25 +32,27 @@ def test_builtin_corpus_is_seeded_deduplicated_and_reported():
     assert r["n_read"] == r["n_available"] + r["n_dropped_duplicate"] + r["n_dropped_short"]
 
 
-def test_builtin_passages_are_parsed_once_and_read_back_from_the_cache_root(tmp_path, monkeypatch):
-    """The stdlib parse is kept in the cache root: a later process reads exactly what was parsed, and a damaged
-    file is parsed again (never trusted)."""
+def test_builtin_passages_are_bundled_and_do_not_depend_on_the_installed_python(monkeypatch, tmp_path):
+    """builtin:python-docs reads the bundled passages: the same texts whatever standard library is installed
+    (here: none at all), and — on the Python that made the file — exactly what parsing its stdlib gives."""
+    import sys
+
+    import pyarrow.parquet as pq
+
     from nsr_sweep import corpus
 
-    monkeypatch.setenv("NSR_CACHE_DIR", str(tmp_path))
-    parsed = corpus._parse_python_docs()
-    corpus._stored_passages.cache_clear()
-    assert corpus.python_docs_passages() == list(parsed)  # parsed, then written
-    (stored,) = tmp_path.glob("python-docs-passages-*.json")
-    assert json.loads(stored.read_text()) == list(parsed)
-    corpus._stored_passages.cache_clear()
-    monkeypatch.setattr(corpus, "_parse_python_docs", lambda: pytest.fail("parsed again"))
-    assert corpus.python_docs_passages() == list(parsed)  # read back
-    stored.write_text('{"not": "a list"')
-    corpus._stored_passages.cache_clear()
-    monkeypatch.setattr(corpus, "_parse_python_docs", lambda: ("again",))
-    assert corpus.python_docs_passages() == ["again"]
-    corpus._stored_passages.cache_clear()
+    before = load_corpus(n_texts=300, seed=4)
+    corpus._bundled_passages.cache_clear()
+    monkeypatch.setattr(corpus.sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})  # an empty stdlib
+    after = load_corpus(n_texts=300, seed=4)
+    assert after.texts == before.texts and after.hash == before.hash
+    made_on = pq.read_schema(corpus.BUNDLED).metadata[b"python"].decode()
+    monkeypatch.undo()
+    assert made_on.startswith("3.11") and len(corpus.python_docs_passages()) == 18969
+    if sys.version.split()[0] == made_on:  # the file is what the documented recipe produces
+        assert corpus.parse_python_docs() == tuple(corpus.python_docs_passages())
+    else:
+        assert len(corpus.parse_python_docs()) > 10000  # the recipe still runs; this stdlib differs
 
 
 def test_file_sources_agree(tmp_path):

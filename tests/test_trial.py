@@ -214,6 +214,26 @@ def test_trials_are_seeded(tiny_cache):
     assert a.metrics["mse"] == b.metrics["mse"] and np.array_equal(a.preds.pred, b.preds.pred)
 
 
+def test_bf16_trains_under_autocast_and_evaluates_in_float32(tiny_cache):
+    """training.precision bf16: the trained blocks' forward and backward run in bfloat16 (the numbers move,
+    the probe still learns); the trial's predictions are a float32 evaluation of the model it trained."""
+    model, cache, neuron = tiny_cache
+    kw = dict(layer=2, neuron=neuron, freeze="after_target", epochs=2, lr=2e-3, batch_size=32, analyses=False)
+    fp32 = run_trial(cache, model, TrialSpec(**kw))
+    bf16 = run_trial(cache, model, TrialSpec(**kw, precision="bf16"))
+    assert bf16.status == "ok" and bf16.metrics["skill"] > 0, bf16.metrics
+    assert bf16.metrics["val_mse"] != fp32.metrics["val_mse"]  # bfloat16 rounding changed the training
+    assert abs(bf16.metrics["pearson_r"] - fp32.metrics["pearson_r"]) < 0.05
+    from nsr_sweep import load_sweep  # the sweep file's fields, validated as the CLI does
+
+    spec = load_sweep({"name": "p", "layers": [1], "neurons": [3], "heads": ["regression"], "freeze": ["all"],
+                       "training": {"precision": "bf16"}, "resources": {"tf32": True}})
+    assert spec.training.precision == "bf16" and spec.resources.tf32
+    with pytest.raises(NsrError, match="precision"):
+        load_sweep({"name": "p", "layers": [1], "neurons": [3], "heads": ["regression"], "freeze": ["all"],
+                    "training": {"precision": "fp16"}})
+
+
 def test_after_target_starts_from_the_cached_residual(tiny_cache):
     """Blocks L+1… applied to the cached residual after block L reproduce the cached features exactly."""
     model, cache, _ = tiny_cache
