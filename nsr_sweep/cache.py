@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,13 +38,17 @@ import torch
 from .corpus import Corpus
 from .errors import NsrError
 from .models import BaseModel
-from .results import atomic_dir, cache_root
+from .results import atomic_dir
 from .surface import norm_eps
 
 FORMAT_VERSION = 3
 HOOKS = ("post", "pre")
 DEFAULT_FEATURES = "ln_final.hook_out"  # what the unembedding reads: the final norm with its affine
 HOOK_NAME = re.compile(r"^(blocks\.\d+\.)?([a-z_0-9]+\.)*hook_[a-z_0-9]+$")
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("NSR_CACHE_DIR", Path.home() / ".cache" / "nsr-sweep" / "activations"))
 
 
 def neuron_hook(layer: int, hook: str) -> str:
@@ -231,7 +236,7 @@ class ActivationCache:
     ) -> "ActivationCache":
         """Load the cache for (model, corpus, spec) if it exists under `root`, else build and save it."""
         spec.check(model)
-        root = Path(root) if root is not None else cache_root()
+        root = Path(root) if root is not None else default_root()
         key = cls.key_for(model, corpus, spec)
         if (root / key / "meta.json").is_file():
             return cls.load(root / key)

@@ -416,7 +416,7 @@ def preflight(sweep_file: str, address: str | None = None, cache_root: str | Non
     check_cross_model(spec)
     if address or os.environ.get("RAY_ADDRESS"):
         return spec  # a cluster's workers have their own disks and devices: they check them
-    from .results import cache_root as default_root
+    from .cache import default_root
 
     _check_writable(Path(cache_root) if cache_root else default_root(), "--cache-root (or $NSR_CACHE_DIR)")
     if spec.resources.device == "cuda":

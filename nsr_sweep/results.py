@@ -9,12 +9,6 @@ from pathlib import Path
 from typing import Callable
 
 
-def cache_root() -> Path:
-    """Where activation caches (and the builtin corpus, parsed once) are kept: $NSR_CACHE_DIR, else
-    ~/.cache/nsr-sweep/activations (a launch's --cache-root overrides it for the activations)."""
-    return Path(os.environ.get("NSR_CACHE_DIR", Path.home() / ".cache" / "nsr-sweep" / "activations"))
-
-
 def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
     """Call `write(tmp)` on a temp path beside `path`, then rename it over `path`."""
     path = Path(path)
