@@ -22,7 +22,7 @@ def family_model(name: str) -> str:
         LlamaForCausalLM,
     )
 
-    from nsr_sweep.models import bundled_models
+    from nsr_sweep.core.models import bundled_models
 
     path = Path(tempfile.gettempdir()) / f"nsr-bench-{name}"
     if (path / "config.json").is_file():

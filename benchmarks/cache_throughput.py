@@ -22,9 +22,9 @@ import torch
 from _families import family_model
 from transformers import AutoModelForCausalLM
 
-from nsr_sweep.cache import ActivationCache, CacheSpec, pad_batch, tokenize
-from nsr_sweep.corpus import load_corpus
-from nsr_sweep.models import ModelSpec, load_model
+from nsr_sweep.core.cache import ActivationCache, CacheSpec, pad_batch, tokenize
+from nsr_sweep.core.corpus import load_corpus
+from nsr_sweep.core.models import ModelSpec, load_model
 
 
 @torch.no_grad()

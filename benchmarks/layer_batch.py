@@ -21,12 +21,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
-from nsr_sweep.cache import ActivationCache, CacheSpec
-from nsr_sweep.config import TrialSpec
-from nsr_sweep.corpus import load_corpus
-from nsr_sweep.models import load_model
-from nsr_sweep.records import save_trial, save_unit
-from nsr_sweep.trial import run_trial, run_trials
+from nsr_sweep.core.cache import ActivationCache, CacheSpec
+from nsr_sweep.core.corpus import load_corpus
+from nsr_sweep.core.models import load_model
+from nsr_sweep.core.spec import TrialSpec
+from nsr_sweep.core.trial import run_trial, run_trials
+from nsr_sweep.report.plots import trial_chart
+from nsr_sweep.results.records import save_trial, save_unit
 
 
 def main() -> None:
@@ -56,7 +57,8 @@ def main() -> None:
             sample = np.linspace(0, d_mlp - 1, args.sample).astype(int)
             t0 = time.perf_counter()
             for n in sample:
-                save_trial(run_trial(cache, model, spec(int(n))), out / f"t-{head}-{control}-{n}")
+                result = run_trial(cache, model, spec(int(n)))
+                save_trial(result, out / f"t-{head}-{control}-{n}", chart=trial_chart(result))
             alone = len(sample) / (time.perf_counter() - t0)
             print(f"{head:<15} {control or '-':<9} {batch:>10.1f} {alone:>14.2f} {batch / alone:>6.1f}")
 

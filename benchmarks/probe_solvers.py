@@ -20,12 +20,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-from nsr_sweep.cache import ActivationCache, CacheSpec
-from nsr_sweep.config import TrialSpec
-from nsr_sweep.corpus import load_corpus
-from nsr_sweep.fit import fit_probes
-from nsr_sweep.models import load_model
-from nsr_sweep.trial import run_trial, split_indices
+from nsr_sweep.core.cache import ActivationCache, CacheSpec
+from nsr_sweep.core.corpus import load_corpus
+from nsr_sweep.core.fit import fit_probes
+from nsr_sweep.core.models import load_model
+from nsr_sweep.core.spec import TrialSpec
+from nsr_sweep.core.trial import run_trial, split_indices
 
 
 def main() -> None:

@@ -60,7 +60,7 @@ def run_launch(sweep_file: Path, out: Path) -> tuple[float, dict]:
 def naive_trial(trial: dict, texts: list[str], model_dir: str, max_tokens: int) -> float:
     from transformer_lens.model_bridge import TransformerBridge
 
-    from nsr_sweep.trial import TrialSpec, fit_probes, split_indices
+    from nsr_sweep.core.trial import TrialSpec, fit_probes, split_indices
 
     t0 = time.perf_counter()
     bridge = TransformerBridge.boot_transformers(model_dir, device="cpu")  # loaded again for every trial
@@ -83,8 +83,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
 
-    from nsr_sweep.corpus import load_corpus
-    from nsr_sweep.models import bundled_models
+    from nsr_sweep.core.corpus import load_corpus
+    from nsr_sweep.core.models import bundled_models
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from _families import family_model
 
-from nsr_sweep.cache import ActivationCache, CacheSpec, pad_batch
-from nsr_sweep.config import TrialSpec
-from nsr_sweep.corpus import load_corpus
-from nsr_sweep.fit import fit_probes
-from nsr_sweep.models import ModelSpec, load_model
-from nsr_sweep.trial import run_trial, split_indices
+from nsr_sweep.core.cache import ActivationCache, CacheSpec, pad_batch
+from nsr_sweep.core.corpus import load_corpus
+from nsr_sweep.core.fit import fit_probes
+from nsr_sweep.core.models import ModelSpec, load_model
+from nsr_sweep.core.spec import TrialSpec
+from nsr_sweep.core.trial import run_trial, split_indices
 
 
 def step_seconds(model, cache, layer: int, after: bool, batch: int, steps: int) -> float:

@@ -8,8 +8,8 @@ The Python API (docs/python.md): `load_sweep`, `build_cache`, `TrialSpec`, `run_
 __version__ = "0.1.0"
 
 _EXPORTS = {"load_sweep": "api", "build_cache": "api", "run_trial": "api", "launch": "api", "open_results": "api",
-            "Results": "api", "TrialRecord": "api", "TrialSpec": "config", "SweepSpec": "config",
-            "TrialResult": "trial"}
+            "Results": "api", "TrialRecord": "api", "TrialSpec": "core.spec", "SweepSpec": "core.spec",
+            "TrialResult": "core.trial"}
 __all__ = ["load_sweep", "build_cache", "TrialSpec", "run_trial", "launch", "open_results", "Results", "TrialRecord",
            "TrialResult", "SweepSpec", "__version__"]
 

@@ -24,31 +24,25 @@ from typing import Any
 
 import pandas as pd
 
-from .errors import NsrError
+from .core.errors import NsrError
 
 
 def load_sweep(sweep: str | Path | dict, *, check_model: bool = True):
     """A validated `SweepSpec` from a sweep file or a dict: the CLI's validation pass (fields, the model's
     config, the corpus source, the cross-model's positions), before anything is loaded."""
-    from .config import load_sweep as load_file
-    from .config import parse_sweep
+    if not check_model:
+        from .core.spec import load_sweep as load_file
+        from .core.spec import parse_sweep
 
-    if isinstance(sweep, dict):
-        spec = parse_sweep(sweep, source="sweep")
-        if check_model:
-            spec.check_model()
-    else:
-        spec = load_file(sweep, check_model=check_model)
-    if check_model:
-        from .sweep import check_cross_model
+        return parse_sweep(sweep, source="sweep") if isinstance(sweep, dict) else load_file(sweep)
+    from .sweep.validate import checked_sweep
 
-        check_cross_model(spec)
-    return spec
+    return checked_sweep(sweep)
 
 
 def build_cache(spec, *, root: str | Path | None = None, progress: bool = True):
     """The sweep's `ActivationCache` (built once per model × corpus × layers, then loaded from `root`)."""
-    from .sweep import build_cache as build
+    from .sweep.inputs import build_cache as build
 
     return build(load_sweep(spec) if isinstance(spec, (str, Path, dict)) else spec, root=root, progress=progress)
 
@@ -57,8 +51,8 @@ def run_trial(cache, spec, model=None, *, outsider=None):
     """One trial without Ray (`TrialResult`: `.metrics` dict, `.preds` DataFrame, `.head` tensors, `.patch`).
     `model` defaults to the cache's own model (loaded once per process); a cross_model trial loads its other
     model the same way."""
-    from .models import ModelSpec, load_model
-    from .trial import run_trial as run
+    from .core.models import ModelSpec, load_model
+    from .core.trial import run_trial as run
 
     if model is None:
         ident = cache.meta["model"]
@@ -119,7 +113,7 @@ def _flags(options: dict) -> list[str]:
 
 def open_results(path: str | Path) -> Results:
     """A sweep's results directory as DataFrames and trial records, whatever the storage layout underneath."""
-    from .sweepdir import resolved_spec
+    from .results.layout import resolved_spec
 
     path = Path(path)
     resolved_spec(path)  # a clear error for a directory that is not a sweep's
@@ -145,9 +139,9 @@ class Results:
         return pd.read_parquet(f)
 
     def _trials_from_records(self) -> pd.DataFrame:
-        from .records import finished_rows
-        from .sweepdir import resolved_spec
-        from .tables import trials_frame
+        from .results.layout import resolved_spec
+        from .results.records import finished_rows
+        from .results.tables import trials_frame
 
         spec = resolved_spec(self.path)
         return trials_frame(finished_rows(self.path), spec.search.metric, spec.search.mode)
@@ -172,7 +166,7 @@ class Results:
 
     @property
     def state(self) -> dict:
-        from .sweepdir import read_state
+        from .results.layout import read_state
 
         return read_state(self.path)
 
@@ -183,8 +177,8 @@ class Results:
 
     def trial(self, trial_id: str) -> TrialRecord:
         """One trial's record, predictions, patching points, head and saved model — a directory or a unit's rows."""
-        from .records import RECORD, probe_record
-        from .sweepdir import trial_dir
+        from .results.layout import trial_dir
+        from .results.records import RECORD, probe_record
 
         f = trial_dir(self.path, trial_id) / RECORD
         rec = json.loads(f.read_text()) if f.is_file() else probe_record(self.path, trial_id)
@@ -222,8 +216,8 @@ class TrialRecord:
     def preds(self) -> pd.DataFrame:
         """text_id, actual_orig, actual_ft, pred, readout (and split): every split for a trial run alone, the test
         split for a batched probe (the one its metrics use)."""
-        from .records import test_predictions
-        from .sweepdir import trial_dir
+        from .results.layout import trial_dir
+        from .results.records import test_predictions
 
         f = trial_dir(self.sweep_dir, self.trial_id) / "preds.parquet"
         if f.is_file():
@@ -233,21 +227,21 @@ class TrialRecord:
 
     @cached_property
     def patch(self) -> pd.DataFrame | None:
-        from .records import patch_points
+        from .results.records import patch_points
 
         return patch_points(self.sweep_dir, self.trial_id)
 
     @cached_property
     def head(self) -> dict[str, Any] | None:
         """The head's tensors: weight, bias, and mu/sigma (regression) or bin_edges/bin_values (binned)."""
-        from .records import head_state
+        from .results.records import head_state
 
         return head_state(self.sweep_dir, self.trial_id)
 
     @property
     def model_path(self) -> str | Path | None:
         """The fine-tuned model (an HF-format directory, or the --storage URI it was uploaded to), or None."""
-        from .sweepdir import trial_dir
+        from .results.layout import trial_dir
 
         local = trial_dir(self.sweep_dir, self.trial_id) / "model"
         if (local / "config.json").is_file():

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from pathlib import Path
 
 import click
 
-from .errors import NsrError
+from .core.errors import NsrError
 
 
 def friendly(fn):
@@ -38,7 +37,7 @@ def main():
 @friendly
 def models(as_json):
     """List the bundled models (they work offline)."""
-    from .models import bundled_models, model_shape
+    from .core.models import bundled_models, model_shape
 
     rows = [{"name": n, "path": str(p), **model_shape(n)} for n, p in bundled_models().items()]
     if as_json:
@@ -51,7 +50,7 @@ def models(as_json):
 
 def _checked_shape(model: str, layer: int, neuron: int | None = None, max_tokens: int | None = None) -> None:
     """Layer/neuron/max_tokens against config.json: fail before any weights are loaded."""
-    from .models import model_shape
+    from .core.models import model_shape
 
     shape = model_shape(model)
     if shape and max_tokens is not None and shape.get("n_ctx") and not 2 <= max_tokens <= shape["n_ctx"]:
@@ -64,7 +63,7 @@ def _checked_shape(model: str, layer: int, neuron: int | None = None, max_tokens
 
 
 def _read_texts(path: str) -> list[str]:
-    from .corpus import _read_lines
+    from .core.corpus import _read_lines
 
     p = Path(path)
     if not p.is_file():
@@ -91,10 +90,10 @@ def activations(model, layer, neuron, texts_file, hook, max_tokens, processing, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .cache import ActivationCache, CacheSpec
-    from .corpus import Corpus
-    from .models import ModelSpec, load_model
-    from .results import atomic_write
+    from .core.cache import ActivationCache, CacheSpec
+    from .core.corpus import Corpus
+    from .core.files import atomic_write
+    from .core.models import ModelSpec, load_model
 
     _checked_shape(model, layer, neuron, max_tokens)
     texts = _read_texts(texts_file)
@@ -126,9 +125,9 @@ def activations(model, layer, neuron, texts_file, hook, max_tokens, processing, 
 @friendly
 def neurons(model, layer, k, by, source, n_texts, max_tokens, hook, seed, as_json):
     """Rank the neurons of a layer on the corpus (the cache is built or loaded)."""
-    from .cache import ActivationCache, CacheSpec
-    from .corpus import load_corpus
-    from .models import ModelSpec, load_model
+    from .core.cache import ActivationCache, CacheSpec
+    from .core.corpus import load_corpus
+    from .core.models import ModelSpec, load_model
 
     _checked_shape(model, layer, max_tokens=max_tokens)
     corpus = load_corpus(source, n_texts=n_texts, seed=seed)
@@ -154,11 +153,10 @@ def cache():
 @friendly
 def cache_build(sweep_file, root):
     """Build (or load) the activation cache a sweep needs."""
-    from .config import load_sweep
-    from .sweep import build_cache, check_cross_model
+    from .sweep.inputs import build_cache
+    from .sweep.validate import checked_sweep
 
-    spec = load_sweep(sweep_file)
-    check_cross_model(spec)
+    spec = checked_sweep(sweep_file)
     cache = build_cache(spec, root=root)
     m = cache.meta
     click.echo(f"cache {m['key']}: {m['n_texts']} texts, {m['n_tokens']} tokens, layers {sorted(cache.acts)} "
@@ -191,8 +189,8 @@ def cache_build(sweep_file, root):
 def launch(sweep_file, out_root, address, resume, dry_run, dashboard, dashboard_host, cache_root, network, storage,
            optuna_storage, tensorboard, mlflow):
     """Run a sweep: Ray model workers, Tune + Optuna trials, results/<name>/."""
-    from .orchestrate import Trackers, dry_run_text, isolate_here, preflight
-    from .orchestrate import launch as run_launch
+    from .sweep.launch import Trackers, dry_run_text, isolate_here, preflight
+    from .sweep.launch import launch as run_launch
 
     if dry_run:
         click.echo(dry_run_text(preflight(sweep_file, address, cache_root, out_root)))
@@ -201,7 +199,7 @@ def launch(sweep_file, out_root, address, resume, dry_run, dashboard, dashboard_
                    dashboard_host=dashboard_host, cache_root=cache_root, network=network, storage=storage,
                    optuna_storage=optuna_storage, tensorboard=tensorboard, mlflow=mlflow)
     if isolate_here(options, echo=click.echo):  # a local cluster, closed: launched from a child process of its own
-        from .localray import DashboardForward, spawn_isolated
+        from .sweep.localray import DashboardForward, spawn_isolated
 
         forward = DashboardForward(dashboard_host) if dashboard else None
         sys.exit(spawn_isolated(options, forward))
@@ -211,33 +209,12 @@ def launch(sweep_file, out_root, address, resume, dry_run, dashboard, dashboard_
     click.echo(f"results: {sweep_dir}")
 
 
-def run_isolated_launch(args: dict, isolated: bool, why: str | None, forward) -> int:
-    """The launch inside the child process `localray.spawn_isolated` started (after it entered its namespace)."""
-    from .orchestrate import Isolation, Trackers
-    from .orchestrate import launch as run_launch
-
-    if isolated:  # what needs the network was fetched by the parent: nothing here reaches it
-        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
-    try:
-        sweep_dir = run_launch(args["sweep_file"], out_root=args["out_root"], address=None, resume=args["resume"],
-                               dashboard=args["dashboard"], dashboard_host=args["dashboard_host"],
-                               cache_root=args["cache_root"], network=args["network"], storage=args["storage"],
-                               optuna_storage=args["optuna_storage"],
-                               trackers=Trackers(args["tensorboard"], args["mlflow"]), echo=click.echo,
-                               isolation=Isolation(isolated, why, forward))
-    except NsrError as e:
-        click.echo(f"error: {e}", err=True)
-        return 2
-    click.echo(f"results: {sweep_dir}")
-    return 0
-
-
 @main.command()
 @click.argument("sweep_dir")
 @friendly
 def report(sweep_dir):
     """Tables, figures and report.html of a sweep directory (running, partial or finished)."""
-    from .report import build_report
+    from .report.build import build_report
 
     build_report(Path(sweep_dir), echo=click.echo)
 
@@ -248,7 +225,7 @@ def report(sweep_dir):
 @friendly
 def status(sweep_dir, as_json):
     """Counts by status, best trials and elapsed time of a sweep directory."""
-    from .status import format_status, sweep_status
+    from .results.status import format_status, sweep_status
 
     st = sweep_status(Path(sweep_dir))
     click.echo(json.dumps(st, indent=2, default=str) if as_json else format_status(st))

@@ -42,7 +42,7 @@ def raylet_pid(port: int) -> int | None:
 
 
 def cluster(cfg: dict) -> None:
-    from nsr_sweep.localray import isolate_network
+    from nsr_sweep.sweep.localray import isolate_network
 
     isolate_network()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_health_check_period_ms": "500",

@@ -9,7 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from nsr_sweep.models import bundled_models  # noqa: E402
+from nsr_sweep.core.models import bundled_models  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -79,6 +79,6 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def texts():
-    from nsr_sweep.corpus import load_corpus
+    from nsr_sweep.core.corpus import load_corpus
 
     return load_corpus(n_texts=120, seed=1).texts

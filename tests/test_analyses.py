@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import save_tiny_gpt2
 
-from nsr_sweep import analyses as A
-from nsr_sweep.cache import ActivationCache, CacheSpec, pad_batch
-from nsr_sweep.corpus import load_corpus
-from nsr_sweep.models import load_model
-from nsr_sweep.trial import TrialSpec, run_trial
+from nsr_sweep.core import analyses as A
+from nsr_sweep.core.cache import ActivationCache, CacheSpec, pad_batch
+from nsr_sweep.core.corpus import load_corpus
+from nsr_sweep.core.models import load_model
+from nsr_sweep.core.trial import TrialSpec, run_trial
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_random_direction_null_has_the_expected_spread():
 
 
 def test_readout_direction_of_binned_heads():
-    from nsr_sweep.heads import HeadMap
+    from nsr_sweep.core.heads import HeadMap
 
     h = HeadMap("classification", np.arange(100.0), n_bins=4)
     W = torch.eye(4, 6, dtype=torch.float64)

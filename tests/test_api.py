@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import nsr_sweep
-from nsr_sweep.errors import NsrError
+from nsr_sweep.core.errors import NsrError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ server = socket.socket(); server.bind(("127.0.0.1", 0)); server.listen(1)  # the
 socket.create_connection(server.getsockname(), timeout=5).close(); server.close()
 try:
     nsr_sweep.launch({**sweep, "layers": [9]}, out=out, quiet=True)
-except nsr_sweep.errors.NsrError as e:  # bad input: the CLI's one-line message, raised
+except nsr_sweep.core.errors.NsrError as e:  # bad input: the CLI's one-line message, raised
     assert "layers: 9 is out of range" in str(e), e
 else:
     raise AssertionError("a bad sweep launched")

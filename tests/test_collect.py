@@ -6,15 +6,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nsr_sweep.cache import ActivationCache, CacheSpec
-from nsr_sweep.collect import Inbox, pack_trial, write_bundle
-from nsr_sweep.corpus import load_corpus
-from nsr_sweep.errors import NsrError
-from nsr_sweep.models import load_model
-from nsr_sweep.records import save_trial
-from nsr_sweep.sweepdir import RECORD
-from nsr_sweep.trial import TrialSpec, run_trial
-from nsr_sweep.workers import check_version, forwarded_env, gpu_budget
+from nsr_sweep.core.cache import ActivationCache, CacheSpec
+from nsr_sweep.core.corpus import load_corpus
+from nsr_sweep.core.errors import NsrError
+from nsr_sweep.core.models import load_model
+from nsr_sweep.core.trial import TrialSpec, run_trial
+from nsr_sweep.report.plots import trial_chart
+from nsr_sweep.results.layout import RECORD
+from nsr_sweep.results.records import save_trial
+from nsr_sweep.sweep.transport import Inbox, pack_trial, write_bundle
+from nsr_sweep.sweep.workers import check_version, forwarded_env, gpu_budget
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def _weights(path) -> dict:
 def test_a_packed_trial_written_by_the_driver_is_the_directory_save_trial_writes(finetuned, tmp_path):
     """Every file byte for byte (the record but for its timing), the record last; written once, logged once."""
     tid = "L1-N3-regression-after_target-s0"
-    direct = save_trial(finetuned, tmp_path / "direct" / tid)
+    direct = save_trial(finetuned, tmp_path / "direct" / tid, chart=trial_chart(finetuned))  # the worker draws it
     bundle = pack_trial(finetuned, tid, 0, plot=True, storage=None, sweep="s")
     assert list(bundle["files"])[-1] == f"trials/{tid}/{RECORD}" and bundle["trial_ids"] == [tid]
     sweep_dir = tmp_path / "sweep"
@@ -64,9 +65,9 @@ def test_a_unit_is_rows_of_parquet_datasets_that_read_back_as_each_probe(tmp_pat
     test predictions, patching points and head — equal to what run_trials produced."""
     import numpy as np
 
-    from nsr_sweep.collect import pack_unit
-    from nsr_sweep.records import finished_rows, head_state, patch_points, probe_record, test_predictions
-    from nsr_sweep.trial import run_trials
+    from nsr_sweep.core.trial import run_trials
+    from nsr_sweep.results.records import finished_rows, head_state, patch_points, probe_record, test_predictions
+    from nsr_sweep.sweep.transport import pack_unit
 
     m = load_model("nsr-tiny")
     cache = ActivationCache.build(m, load_corpus(n_texts=160), CacheSpec(layers=(1,), max_tokens=24), progress=False)

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from nsr_sweep.cache import ActivationCache, CacheSpec
-from nsr_sweep.config import TrialSpec, parse_sweep
-from nsr_sweep.corpus import load_corpus
-from nsr_sweep.errors import NsrError
-from nsr_sweep.fit import fit_probes, solve_logistic, train_model
-from nsr_sweep.models import load_model
-from nsr_sweep.sweep import aligned_tokens, cross_model_inputs
-from nsr_sweep.trial import bag_of_tokens, run_trial, run_trials, split_indices
+from nsr_sweep.core.cache import ActivationCache, CacheSpec
+from nsr_sweep.core.corpus import load_corpus
+from nsr_sweep.core.errors import NsrError
+from nsr_sweep.core.fit import fit_probes, solve_logistic, train_model
+from nsr_sweep.core.models import load_model
+from nsr_sweep.core.spec import TrialSpec, parse_sweep
+from nsr_sweep.core.trial import bag_of_tokens, run_trial, run_trials, split_indices
+from nsr_sweep.sweep.inputs import aligned_tokens, cross_model_inputs
 
 VAL_KEYS = {"epoch", "val_mse", "val_loss", "val_pearson_r", "val_skill"}
 
@@ -116,8 +116,8 @@ def test_aligned_tokens_read_the_same_characters(tiny, sibling, small):
 def test_a_text_the_other_model_cannot_read_whole_is_refused_before_ray():
     """Re-encoded by nsr-tiny-seed1, a few of the 2,000 default texts at 256 tokens pass its 256 positions: the
     other model would not see the target token, so the sweep is refused (with the count), never truncated."""
-    from nsr_sweep.cache import encode
-    from nsr_sweep.sweep import check_cross_model, realigned
+    from nsr_sweep.core.cache import encode
+    from nsr_sweep.sweep.inputs import check_cross_model, realigned
 
     def spec(max_tokens):
         return parse_sweep({"name": "x", "layers": [1], "neurons": [3], "heads": ["regression"], "freeze": ["none"],
@@ -170,7 +170,7 @@ def test_cross_model_accompanies_none_and_all_only():
     spec = parse_sweep({"name": "x", "layers": [1], "neurons": [3], "heads": ["regression", "token"],
                         "freeze": ["none", "after_target", "all"],
                         "controls": [{"cross_model": "nsr-tiny-seed1"}, "input_only"]})
-    from nsr_sweep.orchestrate import expand
+    from nsr_sweep.sweep.launch import expand
 
     groups = expand(spec, {1: [3]})
     cross = {(g["head"], g["freeze"]) for g in groups if g["control"] == "cross_model"}
@@ -212,7 +212,7 @@ def test_logistic_probe_converges_to_scipys_optimum():
     from scipy.optimize import minimize
     from scipy.special import logsumexp, softmax
 
-    from nsr_sweep.fit import L2_GRID, RIDGE_GRID, TIE
+    from nsr_sweep.core.fit import L2_GRID, RIDGE_GRID, TIE
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(600, 6)) * np.array([1, 10, 0.1, 1, 1, 3])

@@ -57,7 +57,7 @@ def _check_results(sweep_dir: Path, n: int) -> pd.DataFrame:
     assert len(df) == n and df["trial_id"].is_unique and (df["status"] == "ok").all(), df[["trial_id", "error"]]
     runs = Counter(json.loads(line)["trial_id"] for line in (sweep_dir / "runs.jsonl").read_text().splitlines())
     assert sorted(runs) == sorted(df["trial_id"]) and set(runs.values()) == {1}  # every trial recorded once
-    from nsr_sweep.records import head_state, probe_record, test_predictions
+    from nsr_sweep.results.records import head_state, probe_record, test_predictions
 
     preds = test_predictions(sweep_dir)
     for t, freeze in zip(df["trial_id"], df["freeze"]):

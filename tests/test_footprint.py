@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from nsr_sweep import localray
-from nsr_sweep.sweepdir import claim, lock_holder, release, remove_partial_writes
+from nsr_sweep.results.layout import claim, lock_holder, release, remove_partial_writes
+from nsr_sweep.sweep import localray
 
 SWEEP = """
 name: {name}
@@ -160,7 +160,7 @@ def test_a_launch_whose_driver_and_reaper_died_is_reaped_by_the_next(tmp_path):
 
 
 def test_a_killed_launchs_partial_writes_are_removed_by_the_next_claim(tmp_path):
-    from nsr_sweep.config import parse_sweep
+    from nsr_sweep.core.spec import parse_sweep
 
     d = tmp_path / "t"
     (d / "tables").mkdir(parents=True)
@@ -249,7 +249,7 @@ def test_twenty_simultaneous_launch_pairs_each_run_exactly_one_and_any_kill_resu
     end a `--resume` finishes the sweep with every trial run exactly once."""
     import random
 
-    from nsr_sweep.status import sweep_status
+    from nsr_sweep.results.status import sweep_status
 
     rng = random.Random(0)
     sweep = tmp_path / "s.yaml"
@@ -284,7 +284,7 @@ def test_twenty_simultaneous_launch_pairs_each_run_exactly_one_and_any_kill_resu
     runs = _runs(sweep_dir)
     assert sorted(runs) == sorted(df["trial_id"]) and set(runs.values()) == {1}
     assert _status(sweep_dir)["state"] == "finished"
-    from nsr_sweep.sweepdir import PARTIAL
+    from nsr_sweep.results.layout import PARTIAL
 
     ours = [sweep_dir, sweep_dir / "tables", sweep_dir / "trials", *sweep_dir.glob("trials/*/")]
     assert not [p for d in ours for p in d.iterdir() if PARTIAL.match(p.name)]  # no partial write left behind
@@ -300,7 +300,7 @@ def test_where_namespaces_are_refused_the_warning_says_so_in_one_line(monkeypatc
     local.stop()
     assert len(lines) == 1 and "\n" not in lines[0] and "Operation not permitted" in lines[0]
     assert "firewall" in lines[0] and "unprivileged user namespaces" in lines[0] and "root to" not in lines[0]
-    from nsr_sweep.errors import NsrError
+    from nsr_sweep.core.errors import NsrError
 
     with pytest.raises(NsrError, match="--ray-network isolated: cannot make a network namespace"):
         localray.start_local_ray(1, dashboard=False, dashboard_host="127.0.0.1", network="isolated", isolated=False,

@@ -12,12 +12,12 @@ import torch
 from click.testing import CliRunner
 from conftest import save_tiny_gpt2
 
-from nsr_sweep import models as models_mod
-from nsr_sweep.cache import ActivationCache, CacheSpec, check_identity, pad_batch, tokenize
 from nsr_sweep.cli import main
-from nsr_sweep.corpus import Corpus, load_corpus
-from nsr_sweep.errors import NsrError
-from nsr_sweep.models import ModelSpec, load_model
+from nsr_sweep.core import models as models_mod
+from nsr_sweep.core.cache import ActivationCache, CacheSpec, check_identity, pad_batch, tokenize
+from nsr_sweep.core.corpus import Corpus, load_corpus
+from nsr_sweep.core.errors import NsrError
+from nsr_sweep.core.models import ModelSpec, load_model
 
 # -- corpus --------------------------------------------------------------------------------
 
@@ -39,7 +39,7 @@ def test_builtin_passages_are_bundled_and_do_not_depend_on_the_installed_python(
 
     import pyarrow.parquet as pq
 
-    from nsr_sweep import corpus
+    from nsr_sweep.core import corpus
 
     before = load_corpus(n_texts=300, seed=4)
     corpus._bundled_passages.cache_clear()

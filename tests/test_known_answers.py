@@ -21,13 +21,13 @@ import pytest
 import torch
 from scipy import stats
 
-from nsr_sweep.cache import ActivationCache, CacheSpec
-from nsr_sweep.config import TrialSpec
-from nsr_sweep.corpus import load_corpus
-from nsr_sweep.fit import RANK_CUTOFF, _ridge, fit_probes
-from nsr_sweep.heads import HeadMap
-from nsr_sweep.models import load_model
-from nsr_sweep.trial import split_indices
+from nsr_sweep.core.cache import ActivationCache, CacheSpec
+from nsr_sweep.core.corpus import load_corpus
+from nsr_sweep.core.fit import RANK_CUTOFF, _ridge, fit_probes
+from nsr_sweep.core.heads import HeadMap
+from nsr_sweep.core.models import load_model
+from nsr_sweep.core.spec import TrialSpec
+from nsr_sweep.core.trial import split_indices
 
 N_GRID, PATCH_TEXTS = 7, 64  # the defaults: patch_grid quantiles, n_grid 7, patch_texts 64
 
@@ -221,7 +221,7 @@ def test_ridge_drops_the_layernorm_direction_for_every_neuron():
     np.testing.assert_allclose(W64 - np.outer(W64 @ v, v), W64, rtol=0, atol=1e-9 * np.linalg.norm(W64, axis=1).max())
     assert np.max(np.abs(W64 @ v) / np.linalg.norm(W64, axis=1)) < 1e-9
     # λ: numpy's ridge at every candidate, the tie rule applied here
-    from nsr_sweep.fit import RIDGE_GRID, TIE
+    from nsr_sweep.core.fit import RIDGE_GRID, TIE
 
     mu, sd = Y[tr].mean(0), Y[tr].std(0)
     Zc = (Y[tr] - mu) / sd

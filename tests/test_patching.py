@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import FAMILIES, save_tiny
 
-from nsr_sweep.analyses import patch_grid
-from nsr_sweep.cache import ActivationCache, CacheSpec, tokenize
-from nsr_sweep.corpus import load_corpus
-from nsr_sweep.models import load_model
-from nsr_sweep.patching import LastPosition
-from nsr_sweep.trial import TrialSpec, run_trials, split_indices
+from nsr_sweep.core.analyses import patch_grid
+from nsr_sweep.core.cache import ActivationCache, CacheSpec, tokenize
+from nsr_sweep.core.corpus import load_corpus
+from nsr_sweep.core.models import load_model
+from nsr_sweep.core.patching import LastPosition
+from nsr_sweep.core.trial import TrialSpec, run_trials, split_indices
 
 MLP = {  # the HF modules around the neuron: (block list, the module whose output is hook_pre, whose input is hook_post)
     "gpt2": ("transformer.h", "mlp.c_fc", "mlp.c_proj"),

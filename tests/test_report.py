@@ -12,14 +12,14 @@ import pytest
 from click.testing import CliRunner
 
 from nsr_sweep.cli import main
-from nsr_sweep.config import dump_sweep, parse_sweep
-from nsr_sweep.models import load_model
-from nsr_sweep.orchestrate import expand
-from nsr_sweep.records import save_trial
-from nsr_sweep.results import write_json
-from nsr_sweep.sweep import build_cache
-from nsr_sweep.sweepdir import LOCK, STATE, trial_id
-from nsr_sweep.trial import TrialSpec, run_trial
+from nsr_sweep.core.files import write_json
+from nsr_sweep.core.models import load_model
+from nsr_sweep.core.spec import dump_sweep, parse_sweep
+from nsr_sweep.core.trial import TrialSpec, run_trial
+from nsr_sweep.results.layout import LOCK, STATE, trial_id
+from nsr_sweep.results.records import save_trial
+from nsr_sweep.sweep.inputs import build_cache
+from nsr_sweep.sweep.launch import expand
 
 SPEC = {"name": "rep", "model": "nsr-tiny", "corpus": {"n_texts": 300, "max_tokens": 32}, "layers": [1, 2],
         "neurons": [3, 5], "heads": ["regression", "classification"], "freeze": ["none"],

@@ -15,13 +15,13 @@ from conftest import FAMILIES
 from safetensors.torch import load_file
 from scipy import stats
 
-from nsr_sweep.cache import ActivationCache, CacheSpec, pad_batch
 from nsr_sweep.cli import main
-from nsr_sweep.config import TrialSpec
-from nsr_sweep.corpus import load_corpus
-from nsr_sweep.models import load_model
-from nsr_sweep.records import save_trial
-from nsr_sweep.trial import run_trial, sequences
+from nsr_sweep.core.cache import ActivationCache, CacheSpec, pad_batch
+from nsr_sweep.core.corpus import load_corpus
+from nsr_sweep.core.models import load_model
+from nsr_sweep.core.spec import TrialSpec
+from nsr_sweep.core.trial import run_trial, sequences
+from nsr_sweep.results.records import save_trial
 
 
 def hf_model(path):
@@ -31,7 +31,7 @@ def hf_model(path):
 
 
 def hf_blocks(hf):
-    """Independent of nsr_sweep.surface: each family's module names, written out by hand."""
+    """Independent of nsr_sweep.core.surface: each family's module names, written out by hand."""
     for owner, blocks, final in (("transformer", "h", "ln_f"), ("gpt_neox", "layers", "final_layer_norm"),
                                  ("model", "layers", "norm")):
         if hasattr(hf, owner):
@@ -200,8 +200,8 @@ def test_after_target_at_the_last_layer_trains_the_final_norm(family_caches, tmp
 
 def _patch_slope_by_hand(hf, cache, spec, head, values_fn, layer_hook: str, feature):
     """Δpred/Δact over (text, grid value) with plain HF forwards: patch, then read the feature."""
-    from nsr_sweep.analyses import patch_grid
-    from nsr_sweep.trial import split_indices
+    from nsr_sweep.core.analyses import patch_grid
+    from nsr_sweep.core.trial import split_indices
 
     splits = split_indices(cache.n_texts, spec.splits, spec.split_seed)
     sample = splits["test"][: spec.patch_texts]
@@ -338,7 +338,7 @@ def test_effective_cosines_use_the_norm_gain_and_centring(family_caches):
 
 
 def test_status_and_report_import_neither_ray_nor_optuna():
-    code = ("import sys, nsr_sweep.status, nsr_sweep.report; "
+    code = ("import sys, nsr_sweep.results.status, nsr_sweep.report.build; "
             "print(sorted(m for m in ('ray', 'optuna') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

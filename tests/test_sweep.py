@@ -16,11 +16,11 @@ import yaml
 from click.testing import CliRunner
 
 from nsr_sweep.cli import main
-from nsr_sweep.config import load_sweep, parse_sweep
-from nsr_sweep.errors import NsrError
-from nsr_sweep.orchestrate import dry_run_text, expand
-from nsr_sweep.search import GroupedSearch, members_of, n_samples
-from nsr_sweep.sweepdir import parse_trial_id
+from nsr_sweep.core.errors import NsrError
+from nsr_sweep.core.spec import load_sweep, parse_sweep
+from nsr_sweep.results.layout import parse_trial_id
+from nsr_sweep.sweep.launch import dry_run_text, expand
+from nsr_sweep.sweep.search import GroupedSearch, members_of, n_samples
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {"name": "t", "model": "nsr-tiny", "layers": [1], "neurons": [3], "heads": ["regression"], "freeze": ["none"]}
@@ -129,7 +129,7 @@ def test_a_valid_sweep_file_has_defaults_and_expands():
 
 def test_bundled_sweep_files_are_valid():
     for f in ("quickstart.yaml", "layer8.yaml", "every-neuron.yaml", "every-neuron-gpt2.yaml"):
-        load_sweep(REPO / "sweeps" / f, check_model=False)
+        load_sweep(REPO / "sweeps" / f)
     every = load_sweep(REPO / "sweeps" / "every-neuron.yaml")
     text = dry_run_text(every)
     assert "≤4096 groups, ≤4096 trials" in text
@@ -161,7 +161,7 @@ def test_studies_persist_and_a_resume_reloads_them_without_telling_twice(tmp_pat
     told, tells a trial the first left running its record (or FAIL), and adds only what the storage lacks."""
     import optuna
 
-    from nsr_sweep.search import study_storage
+    from nsr_sweep.sweep.search import study_storage
 
     spec = parse_sweep(with_(search={"num_samples": 3, "space": {"lr": {"loguniform": [1e-4, 1e-2]}}},
                              training={"solver": "adamw"}, neurons=[3, 4]))
@@ -199,7 +199,7 @@ def test_a_trial_left_running_without_a_record_is_told_failed(tmp_path):
     """Also in a group that has no record at all (its only trial was running when the launch died)."""
     import optuna
 
-    from nsr_sweep.search import study_storage
+    from nsr_sweep.sweep.search import study_storage
 
     spec = parse_sweep(with_(search={"num_samples": 2, "space": {"lr": {"loguniform": [1e-4, 1e-2]}}},
                              training={"solver": "adamw"}, neurons=[3, 4]))
@@ -295,7 +295,7 @@ def _check_complete(sweep_dir: Path, expected: int) -> pd.DataFrame:
     state = json.loads((sweep_dir / "sweep_state.json").read_text())
     assert state["status"] == "finished" and state["model_loads"] == state["workers"] == 2
     assert df.groupby(["layer", "neuron", "head", "freeze", "control"], dropna=False)["best"].sum().eq(1).all()
-    from nsr_sweep.records import head_state, probe_record, test_predictions
+    from nsr_sweep.results.records import head_state, probe_record, test_predictions
 
     preds = test_predictions(sweep_dir)
     for t, freeze in zip(df["trial_id"], df["freeze"]):
@@ -420,8 +420,8 @@ def test_neurons_all_runs_each_layers_probes_as_batches_with_a_row_per_neuron(tm
     assert not (sweep_dir / "trials").exists()  # rows of Parquet datasets, one file per unit and kind
     units = sorted(p.stem for p in (sweep_dir / "probes" / "records").glob("*.parquet"))
     assert len(units) == 8 and all(len(list((sweep_dir / "probes" / k).iterdir())) == 8 for k in ("preds", "heads"))
-    from nsr_sweep.metrics import prediction_metrics
-    from nsr_sweep.records import test_predictions
+    from nsr_sweep.core.metrics import prediction_metrics
+    from nsr_sweep.results.records import test_predictions
 
     sample = df.sample(40, random_state=0)  # every number recomputable from what is stored
     preds = test_predictions(sweep_dir, sample["trial_id"])
@@ -542,11 +542,11 @@ resources: {{workers: 2}}
 def _run_here(sweep_text: str) -> pd.DataFrame:
     """A sweep's trials run in this process (no Ray): the grid, each trial's config as the search builds it,
     the exact probes of a layer together as a worker runs a unit, and each trial's row of the trial table."""
-    from nsr_sweep.config import trial_spec
-    from nsr_sweep.models import load_model
-    from nsr_sweep.records import trial_row
-    from nsr_sweep.sweep import build_cache, model_spec
-    from nsr_sweep.trial import run_trial, run_trials
+    from nsr_sweep.core.models import load_model
+    from nsr_sweep.core.spec import trial_spec
+    from nsr_sweep.core.trial import run_trial, run_trials
+    from nsr_sweep.results.records import trial_row
+    from nsr_sweep.sweep.inputs import build_cache, model_spec
 
     spec = parse_sweep(yaml.safe_load(sweep_text))
     model = load_model(model_spec(spec))
@@ -606,7 +606,7 @@ def test_a_model_directory_without_safetensors_is_refused_before_ray(tmp_path, t
 
 
 def _claim_and_hold(sweep_dir: str, go: float, out) -> None:
-    from nsr_sweep.sweepdir import claim
+    from nsr_sweep.results.layout import claim
 
     spec = parse_sweep(with_())
     while time.time() < go:  # both processes start claiming at the same instant
@@ -638,8 +638,8 @@ def test_two_simultaneous_launches_never_both_claim_a_directory(tmp_path):
 
 def test_a_stale_or_damaged_lock_is_not_a_running_sweep(tmp_path):
     """A launch that died (no live holder) reads `interrupted`, and the next launch takes the directory over."""
-    from nsr_sweep.results import write_json
-    from nsr_sweep.sweepdir import LOCK, STATE, claim, lock_holder, release, run_state
+    from nsr_sweep.core.files import write_json
+    from nsr_sweep.results.layout import LOCK, STATE, claim, lock_holder, release, run_state
 
     d = tmp_path / "s"
     d.mkdir()
@@ -655,8 +655,8 @@ def test_a_stale_or_damaged_lock_is_not_a_running_sweep(tmp_path):
 
 
 def test_a_launch_that_fails_after_it_started_is_recorded_failed_and_the_fixed_file_is_accepted(tmp_path, monkeypatch):
-    from nsr_sweep import orchestrate
-    from nsr_sweep.sweepdir import read_state, run_state
+    from nsr_sweep.results.layout import read_state, run_state
+    from nsr_sweep.sweep import launch as orchestrate
 
     f = tmp_path / "s.yaml"
     f.write_text(yaml.safe_dump(with_()))
@@ -720,7 +720,7 @@ def test_inputs_only_the_machine_can_check_are_refused_before_ray(tmp_path, monk
 
 
 def test_trial_ids_read_back_to_their_group():
-    from nsr_sweep.sweepdir import parse_trial_id, trial_id
+    from nsr_sweep.results.layout import parse_trial_id, trial_id
 
     spec = parse_sweep(with_(heads=["regression", "token"], freeze=["none", "after_target", "all"],
                              controls=["shuffled", {"cross_model": "nsr-tiny-seed1"}, "input_only"]))

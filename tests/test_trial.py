@@ -9,16 +9,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nsr_sweep.cache import ActivationCache, CacheSpec
-from nsr_sweep.config import TrialSpec
-from nsr_sweep.corpus import load_corpus
-from nsr_sweep.errors import NsrError
-from nsr_sweep.fit import fit_probes
-from nsr_sweep.heads import HeadMap, digit_token_ids
-from nsr_sweep.metrics import prediction_metrics
-from nsr_sweep.models import load_model
-from nsr_sweep.records import save_trial
-from nsr_sweep.trial import run_trial, split_indices
+from nsr_sweep.core.cache import ActivationCache, CacheSpec
+from nsr_sweep.core.corpus import load_corpus
+from nsr_sweep.core.errors import NsrError
+from nsr_sweep.core.fit import fit_probes
+from nsr_sweep.core.heads import HeadMap, digit_token_ids
+from nsr_sweep.core.metrics import prediction_metrics
+from nsr_sweep.core.models import load_model
+from nsr_sweep.core.spec import TrialSpec
+from nsr_sweep.core.trial import run_trial, split_indices
+from nsr_sweep.report.plots import trial_chart
+from nsr_sweep.results.records import save_trial
 
 
 def synthetic_cache(acts: np.ndarray, features: np.ndarray) -> ActivationCache:
@@ -177,7 +178,7 @@ def test_every_valid_combination_beats_the_train_mean_on_nsr_tiny(tiny_cache, he
     assert np.isfinite(m.get("resid_change_along_head_r", np.nan)) == (freeze != "none")
     assert len(r.patch) == 7 * 60 and r.patch["pred_base"].notna().all()
 
-    d = save_trial(r, tmp_path / "trial")
+    d = save_trial(r, tmp_path / "trial", chart=trial_chart(r))
     saved = json.loads((d / "metrics.json").read_text())
     preds = pd.read_parquet(d / "preds.parquet")
     assert list(preds.columns) == ["text_id", "split", "actual_orig", "actual_ft", "pred", "readout"]
@@ -257,7 +258,7 @@ def test_after_target_starts_from_the_cached_residual(tiny_cache):
 def test_exact_ridge_equals_numpy_at_the_lambda_validation_chooses(linear_data):
     """solve_ridge = numpy's ridge (bias unpenalised) at the λ of RIDGE_GRID with the least validation MSE
     (validation MSEs within TIE × the baseline's of the least are a tie: the smallest such λ)."""
-    from nsr_sweep.fit import RIDGE_GRID, TIE
+    from nsr_sweep.core.fit import RIDGE_GRID, TIE
 
     X, Y = linear_data
     Y = Y + np.random.default_rng(3).normal(size=Y.shape) * np.array([0.1, 3.0, 30.0])

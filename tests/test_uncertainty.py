@@ -48,7 +48,7 @@ import numpy as np
 import pytest
 from scipy import special, stats
 
-from nsr_sweep.uncertainty import (
+from nsr_sweep.core.uncertainty import (
     bh_adjusted,
     bh_reject,
     gap_interval,

@@ -1,8 +1,8 @@
 """Sweep files: a typed, validated description of a sweep (pydantic), checked before Ray starts.
 
 Every error names the field, the bad value and what is allowed. `load_sweep` reads YAML with
-a size-, depth- and alias-limited `yaml.SafeLoader`; `SweepSpec.check_model` checks layers/neurons against the model's
-config.json without loading weights.
+a size-, depth- and alias-limited `yaml.SafeLoader`. Values only: what depends on the model (layers and neurons
+against its config.json, hook names its surface knows) is checked by the validation pass, `sweep.validate`.
 """
 
 from __future__ import annotations
@@ -47,10 +47,21 @@ class TargetCfg(Strict):
     position: Literal["last"] = "last"
 
 
+HOOK_NAME = re.compile(r"^(blocks\.\d+\.)?([a-z_0-9]+\.)*hook_[a-z_0-9]+$")  # a TransformerLens hook name
+
+
 class FeaturesCfg(Strict):
     hook: str = "ln_final.hook_out"
     """What a frozen-base probe (freeze none) reads: a TransformerLens hook name the model surface knows.
     Unfrozen trials always read `ln_final.hook_out`, the unembedding's input, so the final norm trains."""
+
+    @field_validator("hook")
+    @classmethod
+    def _hook_name(cls, v):
+        if not HOOK_NAME.match(v) or "hook_mlp_out" in v:
+            raise ValueError(f"{v!r} is not a TransformerLens hook name (e.g. blocks.3.ln2.hook_normalized, "
+                             "ln_final.hook_out, blocks.3.hook_resid_post)")
+        return v
 
 
 class NeuronSelect(Strict):
@@ -321,51 +332,6 @@ class SweepSpec(Strict):
     def skipped_combos(self) -> list[tuple[str, str]]:
         return [(h, f) for h in self.heads for f in self.freeze if not valid_combo(h, f)]
 
-    def check_model(self) -> dict:
-        """Layers, neurons and feature-hook layer against the model's config.json (no weights loaded)."""
-        from .models import check_loadable, model_shape
-
-        shape = model_shape(self.model.name)  # raises NsrError for an unknown model
-        if self.model.init == "pretrained":
-            check_loadable(self.model.name)
-        if not shape:
-            return shape
-        n_layers, d_mlp = shape["n_layers"], shape["d_mlp"]
-        for L in self.layers:
-            if L >= n_layers:
-                raise NsrError(f"layers: {L} is out of range for {self.model.name}: allowed 0..{n_layers - 1}")
-        for n in self.neurons:
-            if isinstance(n, int) and n >= d_mlp:
-                raise NsrError(f"neurons: {n} is out of range for {self.model.name}: allowed 0..{d_mlp - 1} (d_mlp)")
-            if isinstance(n, NeuronSelect) and n.k is not None and n.k > d_mlp:
-                raise NsrError(f"neurons: select k={n.k} exceeds d_mlp={d_mlp} of {self.model.name}")
-        from .surface import check_hook
-
-        check_hook(self.features.hook, shape["family"], shape["parallel"], n_layers)
-        if shape.get("n_ctx") and self.corpus.max_tokens > shape["n_ctx"]:
-            raise NsrError(f"corpus.max_tokens {self.corpus.max_tokens} exceeds the {shape['n_ctx']} positions of "
-                           f"{self.model.name}")
-        from .corpus import check_source
-
-        check_source(self.corpus.source)
-        if self.cross_model is not None:
-            try:
-                other = model_shape(self.cross_model)
-                check_loadable(self.cross_model)
-                check_hook(self.features.hook, other["family"], other["parallel"], other["n_layers"])
-            except NsrError as e:
-                raise NsrError(f"controls: cross_model: {e}") from None
-        return shape
-
-    def cache_spec(self):
-        from .cache import CacheSpec
-
-        return CacheSpec(
-            layers=tuple(self.layers), hook=self.target.hook, position=self.target.position,
-            features=self.features.hook, max_tokens=self.corpus.max_tokens,
-            store_resid="after_target" in self.freeze,
-        )
-
 
 class TrialSpec(TrainingCfg):
     """One trial, as the worker runs it: built from the sweep, validated again on the worker (no key dropped).
@@ -454,10 +420,6 @@ def parse_sweep(data: Any, *, source: str = "sweep") -> SweepSpec:
         spec = SweepSpec.model_validate(data)
     except ValidationError as e:
         raise NsrError(f"{source}: {_format_error(e)}") from None
-    try:
-        spec.cache_spec()
-    except NsrError as e:
-        raise NsrError(f"{source}: {e}") from None
     return spec
 
 
@@ -515,18 +477,13 @@ def read_yaml(path: Path) -> Any:
     return data
 
 
-def load_sweep(path: str | Path, *, check_model: bool = True) -> SweepSpec:
+def load_sweep(path: str | Path) -> SweepSpec:
+    """A sweep file's values checked against the schema (the model-dependent checks are the validation pass's:
+    `sweep.validate`)."""
     path = Path(path)
     if not path.is_file():
         raise NsrError(f"sweep file {path} does not exist")
-    data = read_yaml(path)
-    spec = parse_sweep(data, source=str(path))
-    if check_model:
-        try:
-            spec.check_model()
-        except NsrError as e:
-            raise NsrError(f"{path}: {e}") from None
-    return spec
+    return parse_sweep(read_yaml(path), source=str(path))
 
 
 def dump_sweep(spec: SweepSpec) -> str:

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import TrialSpec
 from .heads import HeadMap, LinearHead
 from .metrics import prediction_metrics
+from .spec import TrialSpec
 from .surface import Surface
 
 

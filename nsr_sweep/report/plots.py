@@ -13,6 +13,15 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
+def trial_chart(result) -> bytes:
+    """A finished trial's diagnostics.png, as bytes (drawn by the worker that ran it)."""
+    import io
+
+    s, png = result.spec, io.BytesIO()
+    diagnostics_png(result.preds, result.metrics, f"layer {s.layer} neuron {s.neuron} — {s.head} / freeze {s.freeze}", png)
+    return png.getvalue()
+
+
 def diagnostics_png(preds: pd.DataFrame, metrics: dict, title: str, path: Path | BinaryIO) -> None:
     """The 4-panel chart: pred vs actual (y = x), error histogram, both distributions, error vs actual."""
     test = preds[preds["split"] == "test"]

@@ -17,15 +17,15 @@ from typing import Any
 import numpy as np
 import ray
 
-from .cache import ActivationCache
-from .errors import NsrError
+from ..core.cache import ActivationCache
+from ..core.errors import NsrError
 
 
 class ModelWorker:
     def __init__(self, model_spec_kw: dict, threads: int, link: WorkerLink):
         import torch
 
-        from .models import BaseModel, ModelSpec
+        from ..core.models import BaseModel, ModelSpec
 
         check_version(link.version)  # before the model loads: a mismatched node fails at once, by name
         torch.set_num_threads(max(1, threads))
@@ -46,8 +46,8 @@ class ModelWorker:
 
     def describe(self) -> dict:
         """Where this worker runs and what it was given (the driver records it in sweep_state.json)."""
-        from . import __version__
-        from .collect import worker_identity
+        from .. import __version__
+        from .transport import worker_identity
 
         secret = ("TOKEN", "SECRET", "KEY", "PASSWORD")  # named, never copied into a shared state file
         return {**worker_identity(), "version": __version__, "device": self.model.spec.device,
@@ -55,8 +55,8 @@ class ModelWorker:
 
     def build_cache(self, sweep_dict: dict, cache_root: str | None) -> dict:
         """Build or load the sweep's cache; the returned arrays go to the object store (owned by the caller)."""
-        from .config import SweepSpec
-        from .sweep import build_cache
+        from ..core.spec import SweepSpec
+        from .inputs import build_cache
 
         cache = build_cache(SweepSpec.model_validate(sweep_dict), root=cache_root, progress=False, model=self.model)
         return cache.to_arrays()
@@ -70,7 +70,7 @@ class ModelWorker:
         if name is None:
             return None
         if self.other is None or self.other.spec.name != name:
-            from .models import BaseModel, ModelSpec
+            from ..core.models import BaseModel, ModelSpec
 
             self.other = BaseModel(ModelSpec(name=name, device=self.model.spec.device))
         return self.other
@@ -95,7 +95,7 @@ class ModelWorker:
     def run(self, config: dict) -> dict:
         """Run one trial (or a batch: `members`), send its records to the driver's inbox, return its row for
         Tune (a batch: a summary). A trial whose record already arrived (a retry) is not run again."""
-        from .config import trial_spec
+        from ..core.spec import trial_spec
 
         if "members" in config:
             return self._run_batch(config)
@@ -112,7 +112,7 @@ class ModelWorker:
             self.epochs.pop(tid, None)
 
     def _run(self, spec, tid: str, config: dict) -> dict:
-        from .trial import run_trial
+        from ..core.trial import run_trial
 
         cut = []
 
@@ -126,7 +126,7 @@ class ModelWorker:
         result = run_trial(self.cache, self.model, spec, on_epoch=on_epoch, outsider=self._outsider(spec.cross_model))
         result.metrics["scheduler_stopped"] = bool(cut)  # training was cut short (a late stop changes nothing)
         self.stopping.discard(tid)
-        from .collect import pack_trial
+        from .transport import pack_trial
 
         bundle = pack_trial(result, tid, config.get("sample", 0), plot=True, storage=self.link.storage,
                             sweep=self.link.sweep)
@@ -137,10 +137,10 @@ class ModelWorker:
         """A unit of probes (one layer, a chunk of neurons, every head and control) fitted and patched together
         (`run_trials`); each probe gets its own record, as a row of the unit's Parquet files (no per-trial
         chart: at this scale the report summarises). Returns a summary row for Tune."""
-        from .collect import pack_unit
-        from .config import trial_spec
+        from ..core.spec import trial_spec
+        from ..core.trial import run_trials
         from .search import members_of
-        from .trial import run_trials
+        from .transport import pack_unit
 
         members = members_of(config)
         arrived = ray.get(self.link.inbox.rows.remote([m["trial_id"] for m in members]))
@@ -242,7 +242,7 @@ class WorkerPool:
 
 
 def start_pool(workers: list):
-    from .collect import on_this_node
+    from .transport import on_this_node
 
     pool = ray.remote(num_cpus=0)(WorkerPool)  # type: ignore[call-overload]
     return pool.options(scheduling_strategy=on_this_node()).remote(workers)
@@ -297,7 +297,7 @@ def forwarded_env() -> dict[str, str]:
 
 def check_version(driver: str) -> None:
     """A worker runs the driver's nsr-sweep version, or refuses to start (results would mix two codes)."""
-    from . import __version__
+    from .. import __version__
 
     if __version__ != driver:
         import socket

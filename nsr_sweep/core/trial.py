@@ -22,7 +22,6 @@ import pandas as pd
 import torch
 
 from .cache import ActivationCache, neuron_hook
-from .config import TrialSpec, split_sizes
 from .errors import NsrError
 from .fit import fit_probes, train_model
 from .forward import TrialModel, read_points, resid_after
@@ -30,6 +29,7 @@ from .heads import HeadMap, LinearHead, digit_token_ids, frozen_head
 from .metrics import prediction_metrics
 from .models import BaseModel
 from .patching import LastPosition
+from .spec import TrialSpec, split_sizes
 from .surface import Surface
 from .uncertainty import metric_intervals
 

@@ -18,18 +18,21 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from .records import write_files
-from .sweepdir import PROBES, TRIALS, log_run, trial_dir
+from ..results.layout import PROBES, TRIALS, log_run, trial_dir
+from ..results.records import write_files
 
 
 def pack_trial(result, trial_id: str, sample: int, *, plot: bool, storage: str | None, sweep: str) -> dict:
     """A finished trial's directory as {path under the results directory: bytes}, its row for Tune, who ran it."""
-    from .records import trial_files, trial_row
+    from ..results.records import trial_files, trial_row
 
     if storage and result.save_model is not None:  # uploaded from here; the record says where
         uri = upload_dir(result.save_model, storage, f"{sweep}/{TRIALS}/{trial_id}/model")
         result = replace(result, save_model=None, metrics={**result.metrics, "model_uri": uri})
-    files = {f"{TRIALS}/{trial_id}/{k}": v for k, v in trial_files(result, trial_id, sample, plot).items()}
+    from ..report.plots import trial_chart
+
+    chart = trial_chart(result) if plot and result.status == "ok" else None
+    files = {f"{TRIALS}/{trial_id}/{k}": v for k, v in trial_files(result, trial_id, sample, chart).items()}
     config = {**result.spec.model_dump(mode="json"), "trial_id": trial_id, "sample": sample}
     row = trial_row(config, result.status, result.metrics, result.reason, seconds=result.metrics.get("seconds"))
     return {"unit": None, "trial_ids": [trial_id], "files": files, "rows": [row], "worker": worker_identity()}
@@ -37,7 +40,7 @@ def pack_trial(result, trial_id: str, sample: int, *, plot: bool, storage: str |
 
 def pack_unit(done: list[tuple], unit: str) -> dict:
     """A unit of batched probes — `done` holds (result, trial id, sample) — as its Parquet files and rows."""
-    from .records import unit_files
+    from ..results.records import unit_files
 
     files = unit_files(done, unit)
     import pandas as pd
@@ -72,7 +75,7 @@ def write_bundle(sweep_dir: Path, bundle: dict) -> list[dict]:
     """Write a trial's (or a unit's) files under the driver's results directory, the record last; log each
     trial's run. Returns the rows written — none when the record is already there (a retried trial whose
     first run had arrived is kept once; a damaged record is replaced)."""
-    from .records import finished_rows, read_trial_dir, unit_records
+    from ..results.records import finished_rows, read_trial_dir, unit_records
 
     if bundle["unit"] is None:
         tid = bundle["trial_ids"][0]

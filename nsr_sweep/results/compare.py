@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .records import test_predictions
-from .uncertainty import bh_adjusted, gap_tests, layer_mean_intervals, metric_interval_arrays
+from ..core.uncertainty import bh_adjusted, gap_tests, layer_mean_intervals, metric_interval_arrays
 
 KEY = ["layer", "neuron", "head", "freeze"]
 METRICS = ("pearson_r", "skill")

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import secrets
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -23,11 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from .config import NeuronSelect, SweepSpec, load_sweep
-from .errors import NsrError, redacted
-from .records import finished_rows, trial_row, write_record
-from .results import write_json
-from .sweepdir import (
+from ..core.errors import NsrError, redacted
+from ..core.files import write_json
+from ..core.spec import NeuronSelect, SweepSpec
+from ..results.layout import (
     RECORD,
     STUDIES,
     TRIALS,
@@ -39,7 +39,9 @@ from .sweepdir import (
     trial_id,
     update_state,
 )
-from .tables import write_trials_table
+from ..results.records import finished_rows, trial_row, write_record
+from ..results.tables import write_trials_table
+from .validate import _check_writable, preflight
 
 # -- the grid --------------------------------------------------------------------------------
 
@@ -52,7 +54,7 @@ def expand(spec: SweepSpec, neurons: dict[int, list[int]]) -> list[dict]:
     freeze none and all groups (the other model has no target layer); `input_only` is one ridge
     regression on the text's tokens per (layer, neuron), the same comparator for every head.
     """
-    from .config import CROSS_FREEZES
+    from ..core.spec import CROSS_FREEZES
 
     a = spec.analysis
     common = {"feature_hook": spec.features.hook, "patch_grid": a.patch_grid, "n_grid": a.n_grid,
@@ -77,7 +79,7 @@ def expand(spec: SweepSpec, neurons: dict[int, list[int]]) -> list[dict]:
 
 def dry_run_text(spec: SweepSpec) -> str:
     """The grid `expand` would make (with ≤k neurons per selector), counted per (head, freeze) and control."""
-    from .models import model_shape
+    from ..core.models import model_shape
 
     d_mlp = model_shape(spec.model.name).get("d_mlp") if any(isinstance(n, NeuronSelect) and n.k is None
                                                             for n in spec.neurons) else None
@@ -106,7 +108,9 @@ def dry_run_text(spec: SweepSpec) -> str:
                      f"≤{len(groups) - n_real} more groups, ≤{n_ctl} more trials")
     lines.append(f"  skipped invalid combinations: {len(skipped)}"
                  + (f" ({', '.join(f'{h}+{f}' for h, f in skipped)}: token needs a trainable model)" if skipped else ""))
-    cs = spec.cache_spec()
+    from .inputs import cache_spec
+
+    cs = cache_spec(spec)
     lines.append(f"  cache to build or load: 1 ({spec.corpus.source}, {spec.corpus.n_texts} texts ≤ "
                  f"{cs.max_tokens} tokens, layers {list(cs.layers)}, hook_{cs.hook}, features {cs.features}"
                  f"{', residual after each layer' if cs.store_resid else ''})")
@@ -221,7 +225,7 @@ class SweepProgress:
         and the sweep's final count reports the trial missing)."""
         import ray
 
-        from .collect import write_bundle
+        from .transport import write_bundle
 
         rows = []
         for bundle in ray.get(self.inbox.take.remote()):
@@ -289,9 +293,9 @@ class SweepProgress:
             return []
         try:
             if unit is not None:
-                from .config import trial_spec
-                from .records import unit_files, write_files
-                from .trial import TrialResult
+                from ..core.spec import trial_spec
+                from ..core.trial import TrialResult
+                from ..results.records import unit_files, write_files
 
                 done = [(TrialResult(trial_spec(c), "failed", reason=error), c["trial_id"], c["sample"]) for c in configs]
                 write_files(self.sweep_dir, unit_files(done, unit))
@@ -405,37 +409,6 @@ class Trackers:
         return out
 
 
-def preflight(sweep_file: str, address: str | None = None, cache_root: str | None = None,
-              out_root: str = "results") -> SweepSpec:
-    """The whole validation pass (`launch` and `--dry-run`): the sweep file and model, the results root, and —
-    for a local cluster, whose disk and devices are this machine's — the cache root and the device."""
-    spec = load_sweep(sweep_file)
-    _check_writable(Path(out_root) / spec.name, "--out")
-    from .sweep import check_cross_model
-
-    check_cross_model(spec)
-    if address or os.environ.get("RAY_ADDRESS"):
-        return spec  # a cluster's workers have their own disks and devices: they check them
-    from .cache import default_root
-
-    _check_writable(Path(cache_root) if cache_root else default_root(), "--cache-root (or $NSR_CACHE_DIR)")
-    if spec.resources.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise NsrError("resources.device is cuda but this machine has no CUDA device; use auto or cpu")
-    return spec
-
-
-def _check_writable(path: Path, what: str) -> None:
-    """The nearest existing ancestor of `path` must be a writable directory."""
-    p = path.resolve()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
-        raise NsrError(f"{what}: {path} is not writable ({p} is {'not a directory' if not p.is_dir() else 'read-only'})")
-
-
 def launch(sweep_file: str, *, out_root: str = "results", address: str | None = None, resume: bool = False,
            dashboard: bool = True, dashboard_host: str = "127.0.0.1", cache_root: str | None = None,
            network: str = "auto", storage: str | None = None, optuna_storage: str | None = None,
@@ -522,11 +495,11 @@ def _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start, storage,
     import ray
     from ray import tune
 
-    from . import __version__
-    from .cache import ActivationCache
-    from .collect import start_inbox
-    from .sweep import model_spec, resolve_neurons
+    from .. import __version__
+    from ..core.cache import ActivationCache
+    from .inputs import model_spec, resolve_neurons
     from .trainable import trial_function
+    from .transport import start_inbox
     from .workers import WorkerLink, start_pool, start_workers
 
     t_ray = time.time()
@@ -620,7 +593,7 @@ def _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start, storage,
         local.stop()  # leftovers killed, Ray's temp dir deleted, before the report is built
     else:
         ray.shutdown()
-    from .report import build_report
+    from ..report.build import build_report
 
     t_report = time.time()
     build_report(sweep_dir, echo=echo)
@@ -671,3 +644,28 @@ def _gauge(name: str, sweep: str, value: float) -> None:
 
     g = Gauge(name, description=name.replace("_", " "), tag_keys=("sweep",))
     g.set(value, tags={"sweep": sweep})
+
+
+# -- the launch's own process (localray.spawn_isolated) ------------------------------------------
+
+
+def _echo(text: str) -> None:
+    print(text, flush=True)
+
+
+def run_isolated_launch(args: dict, isolated: bool, why: str | None, forward) -> int:
+    """The launch inside the child process `localray.spawn_isolated` started (after it entered its namespace)."""
+    if isolated:  # what needs the network was fetched by the parent: nothing here reaches it
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    try:
+        sweep_dir = launch(args["sweep_file"], out_root=args["out_root"], address=None, resume=args["resume"],
+                               dashboard=args["dashboard"], dashboard_host=args["dashboard_host"],
+                               cache_root=args["cache_root"], network=args["network"], storage=args["storage"],
+                               optuna_storage=args["optuna_storage"],
+                               trackers=Trackers(args["tensorboard"], args["mlflow"]), echo=_echo,
+                               isolation=Isolation(isolated, why, forward))
+    except NsrError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    _echo(f"results: {sweep_dir}")
+    return 0

@@ -173,7 +173,7 @@ class Surface:
             positions: torch.Tensor | None = None) -> torch.Tensor:
         """The residual x [B, T, d] entering block `start` through blocks start…stop-1 (causal). With
         `positions` (B), x holds alternatives of one position per text instead of a sequence (the
-        attention `nsr_sweep.patching` routes them through supplies the earlier positions)."""
+        attention `nsr_sweep.core.patching` routes them through supplies the earlier positions)."""
         stop = self.n_layers if stop is None else stop
         if start >= stop:
             return x

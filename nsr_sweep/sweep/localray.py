@@ -14,7 +14,7 @@ after `ray.shutdown`) it kills every process of the cluster: the driver's descen
 everything in the launch's namespace, every Ray binary or Python process of this interpreter holding a
 file in its Ray temp dir (never another program reading a Ray log); then it deletes the temp dir. A launch also reaps what an earlier launch whose reaper died left behind.
 
-    python -m nsr_sweep.localray reap TEMP_DIR DRIVER_PID   (started by `start_reaper`, not by hand)
+    python -m nsr_sweep.sweep.localray reap TEMP_DIR DRIVER_PID   (started by `start_reaper`, not by hand)
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import NsrError
+from ..core.errors import NsrError
 
 NETWORK_MODES = ("auto", "isolated", "host")
 OWNER = "nsr-owner.json"  # in each launch's Ray temp dir: the driver's pid and start time, its namespace
@@ -187,14 +187,14 @@ def ensure_private_token() -> Path | None:
 
 def start_reaper(temp_dir: Path) -> subprocess.Popen:
     """The watcher of this driver; close its stdin (or die) and it reaps the cluster."""
-    return subprocess.Popen([sys.executable, "-m", "nsr_sweep.localray", "reap", str(temp_dir), str(os.getpid())],
+    return subprocess.Popen([sys.executable, "-m", "nsr_sweep.sweep.localray", "reap", str(temp_dir), str(os.getpid())],
                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # a Ctrl-C to the launch does not reach it
 
 
 def write_owner(temp_dir: Path, isolated: bool = False) -> None:
     """Who owns the temp dir: the driver (pid and start time), and its namespace once it has its own."""
-    from .results import write_json
+    from ..core.files import write_json
 
     temp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     write_json(temp_dir / OWNER, {"pid": os.getpid(), "start": _start_time(os.getpid()),
@@ -370,7 +370,7 @@ def spawn_isolated(options: dict, forward: DashboardForward | None) -> int:
     fds = (forward.sock.fileno(),) if forward is not None else ()
     args = {**options, "parent": os.getpid(), "forward_fd": fds[0] if fds else None,
             "forward_host": forward.host if forward is not None else None}
-    child = subprocess.Popen([sys.executable, "-m", "nsr_sweep.localray", "launch", json.dumps(args)], pass_fds=fds)
+    child = subprocess.Popen([sys.executable, "-m", "nsr_sweep.sweep.localray", "launch", json.dumps(args)], pass_fds=fds)
     while True:
         try:
             return child.wait()
@@ -395,7 +395,7 @@ def _launch_child(args: dict) -> int:
         why = "network namespaces are Linux-only"
     forward = DashboardForward.adopt(args["forward_fd"], args["forward_host"]) if args["forward_fd"] is not None \
         else None
-    from .cli import run_isolated_launch  # the heavy imports start threads: only now
+    from .launch import run_isolated_launch  # the heavy imports start threads: only now
 
     return run_isolated_launch(args, isolated, None if isolated else str(why), forward)
 
@@ -407,13 +407,13 @@ def prefetch(spec) -> None:
     """What the launch inside the namespace would download, fetched before it starts: hub models (into the
     local Hugging Face cache, where the namespace finds them; nothing when offline) and an `hf:` corpus
     (into the datasets cache)."""
-    from .models import bundled_models, resolve_model_dir
+    from ..core.models import bundled_models, resolve_model_dir
 
     for name in (spec.model.name, spec.cross_model):
         if name and name not in bundled_models() and not Path(name).expanduser().is_dir():
             resolve_model_dir(name, need_weights=False)  # downloads when the hub is reachable and allowed
     if spec.corpus.source.startswith("hf:"):
-        from .corpus import _read_hf
+        from ..core.corpus import _read_hf
 
         _read_hf(spec.corpus.source[3:])
 
@@ -494,4 +494,4 @@ if __name__ == "__main__":
     elif len(sys.argv) == 3 and sys.argv[1] == "launch":
         sys.exit(_launch_child(json.loads(sys.argv[2])))
     else:
-        sys.exit("usage: python -m nsr_sweep.localray reap TEMP_DIR DRIVER_PID  (or launch ARGS: from spawn_isolated)")
+        sys.exit("usage: python -m nsr_sweep.sweep.localray reap TEMP_DIR DRIVER_PID  (or launch ARGS: from spawn_isolated)")

@@ -6,16 +6,23 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import ActivationCache
-from .config import SweepSpec
-from .corpus import load_corpus
-from .errors import NsrError
-from .models import BaseModel, ModelSpec, load_model
+from ..core.cache import ActivationCache, CacheSpec
+from ..core.corpus import load_corpus
+from ..core.errors import NsrError
+from ..core.models import BaseModel, ModelSpec, load_model
+from ..core.spec import SweepSpec
 
 
 def model_spec(spec: SweepSpec, device: str = "cpu") -> ModelSpec:
     m = spec.model
     return ModelSpec(name=m.name, init=m.init, processing=m.processing, seed=m.seed, device=device)
+
+
+def cache_spec(spec: SweepSpec) -> CacheSpec:
+    """What the sweep's activation cache holds."""
+    return CacheSpec(layers=tuple(spec.layers), hook=spec.target.hook, position=spec.target.position,
+                     features=spec.features.hook, max_tokens=spec.corpus.max_tokens,
+                     store_resid="after_target" in spec.freeze)
 
 
 def build_cache(spec: SweepSpec, root: str | Path | None = None, progress: bool = True,
@@ -24,12 +31,12 @@ def build_cache(spec: SweepSpec, root: str | Path | None = None, progress: bool 
     model = model or load_model(model_spec(spec))
     c = spec.corpus
     corpus = load_corpus(c.source, n_texts=c.n_texts, seed=c.seed)
-    cache = ActivationCache.build(model, corpus, spec.cache_spec(), root=root,
+    cache = ActivationCache.build(model, corpus, cache_spec(spec), root=root,
                                   batch_size=spec.batch_size_cache, progress=progress)
     if "random_model" in spec.control_names:  # the control's features: same architecture, random weights
         m = model.spec
         random = BaseModel(ModelSpec(name=m.name, init="random", seed=spec.seed + 1, device=m.device))
-        rc = ActivationCache.build(random, corpus, spec.cache_spec(), root=root,
+        rc = ActivationCache.build(random, corpus, cache_spec(spec), root=root,
                                    batch_size=spec.batch_size_cache, progress=progress)
         cache.extra["random_model_features"] = rc.features
     if spec.cross_model is not None:
@@ -48,7 +55,7 @@ def aligned_tokens(model: BaseModel, other: BaseModel, seqs: list[list[int]]) ->
 
 
 def realigned(tok, other_tok, seqs: list[list[int]]) -> list[list[int]]:
-    from .cache import encode
+    from ..core.cache import encode
 
     bos = tok.bos_token_id
     texts = [tok.decode(q[1:] if q and q[0] == bos else q, clean_up_tokenization_spaces=False) for q in seqs]
@@ -74,8 +81,8 @@ def check_cross_model(spec: SweepSpec) -> None:
     and configs only; a hub model not cached locally is checked where it is loaded)."""
     from transformers import AutoConfig
 
-    from .cache import encode
-    from .models import load_tokenizer, resolve_model_dir
+    from ..core.cache import encode
+    from ..core.models import load_tokenizer, resolve_model_dir
 
     if spec.cross_model is None:
         return
@@ -91,7 +98,7 @@ def check_cross_model(spec: SweepSpec) -> None:
 def cross_model_inputs(model: BaseModel, other: BaseModel, seqs: list[list[int]], hook: str) -> dict:
     """The cross_model control's inputs: the other model's tokens (−1-padded) and its features at each
     text's last token."""
-    from .forward import read_points
+    from ..core.forward import read_points
 
     other_seqs = aligned_tokens(model, other, seqs)
     last = np.array([len(q) - 1 for q in other_seqs], np.int64)

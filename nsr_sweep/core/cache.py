@@ -9,7 +9,7 @@ at each text's target position (its last real token):
     final norm — for the analyses;
   - optionally `resid[L]`: the residual after block L at every position (the `after_target` start).
 
-Everything is read in one forward through the model surface (`nsr_sweep.surface`), with native
+Everything is read in one forward through the model surface (`nsr_sweep.core.surface`), with native
 forward hooks on the modules TransformerLens' adapter names: no unembedding is computed. Every
 build checks, on a sample, the neuron identity of the model's family (`check_identity`) and
 records the errors in the metadata.
@@ -37,14 +37,14 @@ import torch
 
 from .corpus import Corpus
 from .errors import NsrError
+from .files import atomic_dir
 from .models import BaseModel
-from .results import atomic_dir
+from .spec import HOOK_NAME
 from .surface import norm_eps
 
 FORMAT_VERSION = 3
 HOOKS = ("post", "pre")
 DEFAULT_FEATURES = "ln_final.hook_out"  # what the unembedding reads: the final norm with its affine
-HOOK_NAME = re.compile(r"^(blocks\.\d+\.)?([a-z_0-9]+\.)*hook_[a-z_0-9]+$")
 
 
 def default_root() -> Path:

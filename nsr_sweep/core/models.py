@@ -3,7 +3,7 @@
 `load_model` resolves a bundled name (`nsr-tiny`), a local HF-format directory or a hub
 name (from the local Hugging Face cache first; the network only when allowed), and returns a
 `BaseModel` holding the plain `transformers` model (eager attention), its tokenizer, and its
-`surface` (`nsr_sweep.surface`): the one view of the weights that every stage reads, trains and
+`surface` (`nsr_sweep.core.surface`): the one view of the weights that every stage reads, trains and
 patches through, with module names from TransformerLens 4's architecture adapter. Weights are
 never processed (no LayerNorm folding): weight analyses state their basis instead.
 """
@@ -22,7 +22,7 @@ from .errors import NsrError
 if TYPE_CHECKING:
     import torch
 
-MODELS_DIR = Path(__file__).parent / "models"
+MODELS_DIR = Path(__file__).parents[1] / "models"
 BUNDLED = "nsr-tiny"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 PROCESSING = ("none",)

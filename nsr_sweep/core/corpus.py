@@ -39,7 +39,7 @@ class Corpus:
         return h.hexdigest()[:16]
 
 
-BUNDLED = Path(__file__).parent / "data" / "python-docs.parquet"
+BUNDLED = Path(__file__).parents[1] / "data" / "python-docs.parquet"
 
 
 def python_docs_passages() -> list[str]:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from .config import SweepSpec, dump_sweep, load_sweep
-from .errors import NsrError
-from .results import atomic_write, write_json
+from ..core.spec import SweepSpec, dump_sweep, load_sweep
+from ..core.errors import NsrError
+from ..core.files import atomic_write, write_json
 
 STATE = "sweep_state.json"
 LOCK = "sweep.lock"
@@ -64,7 +64,7 @@ def resolved_spec(sweep_dir: Path) -> SweepSpec:
     """The sweep a results directory holds, or an error saying it is not one."""
     if not (sweep_dir / RESOLVED).is_file():
         raise NsrError(f"{sweep_dir} is not a sweep directory (no {RESOLVED}): give results/<name>")
-    return load_sweep(sweep_dir / RESOLVED, check_model=False)
+    return load_sweep(sweep_dir / RESOLVED)
 
 
 def log_run(sweep_dir: Path | str, trial_id: str, worker: dict) -> None:
@@ -205,7 +205,7 @@ def _check_same_sweep(sweep_dir: Path, spec: SweepSpec, resume: bool) -> None:
         raise NsrError(f"{sweep_dir} already holds sweep {spec.name!r}: pass --resume to finish it, "
                        "or choose another name")
     try:  # with every default filled in, as this version fills them (a field added since is no change)
-        before = yaml.safe_load(dump_sweep(load_sweep(resolved, check_model=False)))
+        before = yaml.safe_load(dump_sweep(load_sweep(resolved)))
     except NsrError:
         before = {}
     after = yaml.safe_load(dump_sweep(spec))

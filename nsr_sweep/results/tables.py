@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from .records import HP_COLUMNS, ID_COLUMNS
-from .results import atomic_write
+from ..core.files import atomic_write
 
 STATUS_COLUMNS = ["status", "error", "seconds", "best"]
 

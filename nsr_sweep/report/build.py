@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .compare import Q, compare
-from .results import atomic_write
+from ..core.files import atomic_write
+from ..results.compare import Q, compare
 
 PIVOT_METRICS = ["pearson_r", "mse", "offset", "patch_slope", "drift", "skill"]
 LAYER_METRICS = ["pearson_r", "spearman_rho", "r2", "mse", "offset", "skill", "std_ratio", "patch_slope",
@@ -109,9 +109,9 @@ def _write_table(df: pd.DataFrame, base: Path) -> None:
 
 
 def load_trials(sweep_dir: Path):
-    from .records import finished_rows
-    from .sweepdir import resolved_spec
-    from .tables import write_trials_table
+    from ..results.layout import resolved_spec
+    from ..results.records import finished_rows
+    from ..results.tables import write_trials_table
 
     spec = resolved_spec(sweep_dir)
     df = write_trials_table(sweep_dir, finished_rows(sweep_dir), spec.search.metric, spec.search.mode)
@@ -120,8 +120,8 @@ def load_trials(sweep_dir: Path):
 
 def build_report(sweep_dir: Path | str, echo=print) -> Path:
     """Tables, figures and report.html for a sweep directory (running, partial or finished)."""
+    from ..results.layout import read_state, run_state
     from . import plots
-    from .sweepdir import read_state, run_state
 
     t0 = time.perf_counter()
     sweep_dir = Path(sweep_dir).resolve()
@@ -331,7 +331,7 @@ def render_html(r: Report) -> str:
     import jinja2
     from markupsafe import Markup
 
-    env = jinja2.Environment(loader=jinja2.PackageLoader("nsr_sweep", "templates"), autoescape=True)
+    env = jinja2.Environment(loader=jinja2.PackageLoader("nsr_sweep.report", "templates"), autoescape=True)
     df, best, comp, spec = r.df, r.best, r.comp, r.spec
     real = real_trials(df) if len(df) else df
     controls = df[df["control"].notna()] if len(df) and "control" in df else pd.DataFrame()

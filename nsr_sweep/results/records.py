@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .results import atomic_write, json_bytes, write_json
-from .sweepdir import PROBES, RECORD, TRIALS, parse_trial_id
+from ..core.files import atomic_write, json_bytes, write_json
+from .layout import PROBES, RECORD, TRIALS, parse_trial_id
 
 ID_COLUMNS = ["trial_id", "layer", "neuron", "head", "freeze", "control", "cross_model", "sample", "seed"]
 HP_COLUMNS = ["solver", "lr", "epochs", "batch_size", "weight_decay", "patience", "n_bins"]
@@ -77,16 +77,16 @@ def _parquet(df: pd.DataFrame) -> bytes:
 # -- a trial alone: a directory ----------------------------------------------------------------
 
 
-def trial_files(result, trial_id: str, sample: int = 0, plot: bool = True) -> dict[str, bytes]:
+def trial_files(result, trial_id: str, sample: int = 0, chart: bytes | None = None) -> dict[str, bytes]:
     """A trial's directory in memory: metrics.json (the record), head.safetensors, preds.parquet, patch.parquet,
-    diagnostics.png (if `plot`) and model/… (saved weights, if any); the record last."""
+    diagnostics.png (`chart`, the PNG the worker drew: results code draws nothing) and model/… (saved weights, if any); the record last."""
     import tempfile
     import time
 
     from safetensors.torch import save
 
     t0 = time.perf_counter()
-    s, files = result.spec, {}
+    files: dict[str, bytes] = {}
     if result.status == "ok":
         files["preds.parquet"] = _parquet(result.preds)
         files["head.safetensors"] = save({k: v.detach().cpu().contiguous() for k, v in result.head.items()})
@@ -97,22 +97,18 @@ def trial_files(result, trial_id: str, sample: int = 0, plot: bool = True) -> di
                 result.save_model(tmp)
                 files.update({f"model/{p.relative_to(tmp).as_posix()}": p.read_bytes()
                               for p in sorted(Path(tmp).rglob("*")) if p.is_file()})
-        if plot:
-            from .plots import diagnostics_png
-
-            png = io.BytesIO()
-            diagnostics_png(result.preds, result.metrics, f"layer {s.layer} neuron {s.neuron} — {s.head} / freeze "
-                            f"{s.freeze}", png)
-            files["diagnostics.png"] = png.getvalue()
+        if chart is not None:
+            files["diagnostics.png"] = chart
     result.metrics["artefact_seconds"] = time.perf_counter() - t0
     files[RECORD] = json_bytes(record(trial_id=trial_id, sample=sample, spec=_spec_dict(result), status=result.status,
                                       reason=result.reason, metrics=result.metrics, history=result.history))
     return files
 
 
-def save_trial(result, trial_dir: Path, trial_id: str | None = None, sample: int = 0, plot: bool = True) -> Path:
+def save_trial(result, trial_dir: Path, trial_id: str | None = None, sample: int = 0,
+               chart: bytes | None = None) -> Path:
     """A trial's files (`trial_files`) written to `trial_dir`; trial_id defaults to the directory's name."""
-    return write_files(trial_dir, trial_files(result, trial_id or Path(trial_dir).name, sample, plot))
+    return write_files(trial_dir, trial_files(result, trial_id or Path(trial_dir).name, sample, chart))
 
 
 # -- a unit of probes: rows of Parquet datasets ----------------------------------------------------

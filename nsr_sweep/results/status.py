@@ -6,12 +6,12 @@ import time
 from pathlib import Path
 
 from .records import finished_rows
-from .sweepdir import read_state, run_state
+from .layout import read_state, run_state
 from .tables import trials_frame
 
 
 def sweep_status(sweep_dir: Path) -> dict:
-    from .sweepdir import resolved_spec
+    from .layout import resolved_spec
 
     spec = resolved_spec(sweep_dir)
     state = read_state(sweep_dir)

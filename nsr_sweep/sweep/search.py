@@ -20,8 +20,8 @@ from typing import Literal
 import optuna
 from ray.tune.search import Searcher
 
-from .config import Dist, SweepSpec
-from .sweepdir import group_id, trial_id
+from ..core.spec import Dist, SweepSpec
+from ..results.layout import group_id, trial_id
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 FAILED = optuna.trial.TrialState.FAIL
@@ -95,7 +95,7 @@ def unit_id(members: list[dict]) -> str:
 
 def study_storage(location: str) -> optuna.storages.BaseStorage:
     """Where the studies live: a database URL (sqlite:///…, postgresql://…, mysql://…) or a JournalStorage file."""
-    from .errors import NsrError, redacted
+    from ..core.errors import NsrError, redacted
 
     try:
         if "://" in location:
