@@ -48,8 +48,7 @@ def main() -> None:
     for head in ("regression", "classification"):
         for control in (None, "shuffled"):
             def spec(n: int) -> TrialSpec:
-                return TrialSpec(layer=args.layer, neuron=n, head=head, control=control, seed=n,
-                                 analyses=args.analyses)
+                return TrialSpec(layer=args.layer, neuron=n, head=head, control=control, sample=n, analysis={"enabled": args.analyses})
             t0 = time.perf_counter()
             results = run_trials(cache, model, [spec(n) for n in range(d_mlp)])
             save_unit([(r, f"t{r.spec.neuron}", 0) for r in results], out, f"b-{head}-{control}")

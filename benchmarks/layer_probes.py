@@ -27,7 +27,7 @@ from nsr_sweep.core.corpus import load_corpus
 from nsr_sweep.core.fit import fit_probes
 from nsr_sweep.core.models import load_model
 from nsr_sweep.core.spec import TrialSpec
-from nsr_sweep.core.trial import split_indices
+from nsr_sweep.core.trial import recipe, split_indices
 
 
 def main() -> None:
@@ -53,13 +53,13 @@ def main() -> None:
     for head in ("regression", "classification"):
         for control in ("real", "shuffled"):
             Y = real if control == "real" else np.random.default_rng(0).permutation(real)
-            spec = TrialSpec(layer=args.layer, neuron=0, head=head, feature_hook=args.features)
+            spec = TrialSpec(layer=args.layer, neuron=0, head=head, features={"hook": args.features})
             t0 = time.perf_counter()
-            together = fit_probes(cache.features, Y, head, spec, splits)
+            together = fit_probes(cache.features, Y, head, recipe(spec), splits)
             t_together = time.perf_counter() - t0
             sample = np.linspace(0, Y.shape[1] - 1, args.sample).astype(int)
             t0 = time.perf_counter()
-            alone = [fit_probes(cache.features, Y[:, [j]], head, spec, splits) for j in sample]
+            alone = [fit_probes(cache.features, Y[:, [j]], head, recipe(spec), splits) for j in sample]
             t_alone = time.perf_counter() - t0
             diff = max(float((a.maps[0].predict(a.head(0)(X)) - together.maps[j].predict(together.head(j)(X))).abs().max())
                        for a, j in zip(alone, sample))

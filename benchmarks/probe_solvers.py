@@ -25,7 +25,7 @@ from nsr_sweep.core.corpus import load_corpus
 from nsr_sweep.core.fit import fit_probes
 from nsr_sweep.core.models import load_model
 from nsr_sweep.core.spec import TrialSpec
-from nsr_sweep.core.trial import run_trial, split_indices
+from nsr_sweep.core.trial import recipe, run_trial, split_indices
 
 
 def main() -> None:
@@ -46,8 +46,7 @@ def main() -> None:
                 for solver in ("exact", "adamw"):
                     rows = []
                     for n in args.neurons:
-                        spec = TrialSpec(layer=2, neuron=n, head=head, solver=solver, feature_hook=feature,
-                                         control=control)
+                        spec = TrialSpec(layer=2, neuron=n, head=head, control=control, features={"hook": feature}, training={"solver": solver})
                         t0 = time.perf_counter()
                         m = run_trial(cache, model, spec).metrics
                         t_trial = time.perf_counter() - t0
@@ -55,7 +54,7 @@ def main() -> None:
                         y = cache.activations(2, n).astype(np.float64)
                         if control == "shuffled":  # as run_trial permutes it
                             y = np.random.default_rng(spec.seed).permutation(y)
-                        fit_probes(cache.features, y[:, None], head, spec, splits)
+                        fit_probes(cache.features, y[:, None], head, recipe(spec), splits)
                         rows.append((m["pearson_r"], m["patch_slope"], t_trial, time.perf_counter() - t0))
                     r, slope, tt, tf = np.median(np.array(rows), 0)
                     print(f"{feature:<24} {head:<15} {control or '-':<9} {solver:<7} {r:>8.4f} {slope:>8.4f} "

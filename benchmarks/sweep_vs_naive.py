@@ -60,7 +60,7 @@ def run_launch(sweep_file: Path, out: Path) -> tuple[float, dict]:
 def naive_trial(trial: dict, texts: list[str], model_dir: str, max_tokens: int) -> float:
     from transformer_lens.model_bridge import TransformerBridge
 
-    from nsr_sweep.core.trial import TrialSpec, fit_probes, split_indices
+    from nsr_sweep.core.trial import TrialSpec, fit_probes, recipe, split_indices
 
     t0 = time.perf_counter()
     bridge = TransformerBridge.boot_transformers(model_dir, device="cpu")  # loaded again for every trial
@@ -71,8 +71,8 @@ def naive_trial(trial: dict, texts: list[str], model_dir: str, max_tokens: int) 
             _, cache = bridge.run_with_cache(tokens)
             acts.append(cache[f"blocks.{trial['layer']}.mlp.hook_post"][0, -1, trial["neuron"]].item())
             feats.append(cache["ln_final.hook_normalized"][0, -1].numpy())
-    spec = TrialSpec(layer=trial["layer"], neuron=trial["neuron"], head=trial["head"], lr=trial["lr"], epochs=20)
-    fit_probes(np.stack(feats), np.array(acts)[:, None], trial["head"], spec, split_indices(len(texts)))
+    spec = TrialSpec(layer=trial["layer"], neuron=trial["neuron"], head=trial["head"], training={"lr": trial["lr"], "epochs": 20})
+    fit_probes(np.stack(feats), np.array(acts)[:, None], trial["head"], recipe(spec), split_indices(len(texts)))
     return time.perf_counter() - t0
 
 

@@ -26,7 +26,7 @@ from nsr_sweep.core.corpus import load_corpus
 from nsr_sweep.core.fit import fit_probes
 from nsr_sweep.core.models import ModelSpec, load_model
 from nsr_sweep.core.spec import TrialSpec
-from nsr_sweep.core.trial import run_trial, split_indices
+from nsr_sweep.core.trial import recipe, run_trial, split_indices
 
 
 def step_seconds(model, cache, layer: int, after: bool, batch: int, steps: int) -> float:
@@ -75,16 +75,15 @@ def main() -> None:
     model = load_model(ModelSpec(name=family_model(args.model), init=args.init, device=args.device))
     cache = ActivationCache.compute(model, load_corpus(n_texts=args.n_texts),
                                     CacheSpec(layers=(args.layer,), store_resid=True), progress=False)
-    spec = TrialSpec(layer=args.layer, neuron=0, epochs=20, patience=20, lr=1e-2, analyses=False,
-                     feature_hook=cache.meta["spec"]["features"])
+    spec = TrialSpec(layer=args.layer, neuron=0, features={"hook": cache.meta["spec"]["features"]}, training={"epochs": 20, "patience": 20, "lr": 1e-2}, analysis={"enabled": False})
     per_trial = {}
     for analyses in (False, True):
         t0 = time.perf_counter()
         for n in range(5):
-            run_trial(cache, model, spec.model_copy(update={"neuron": n, "analyses": analyses}))
+            run_trial(cache, model, spec.model_copy(update={"neuron": n, "analysis": spec.analysis.model_copy(update={"enabled": analyses})}))
         per_trial[analyses] = (time.perf_counter() - t0) / 5
     t0 = time.perf_counter()
-    fit_probes(cache.features, np.asarray(cache.acts[args.layer], np.float64), "regression", spec,
+    fit_probes(cache.features, np.asarray(cache.acts[args.layer], np.float64), "regression", recipe(spec),
                split_indices(cache.n_texts))
     per_neuron_batched = (time.perf_counter() - t0) / model.d_mlp
 

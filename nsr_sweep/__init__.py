@@ -5,7 +5,7 @@ The Python API (docs/python.md): `load_sweep`, `build_cache`, `TrialSpec`, `run_
 `import nsr_sweep` (and the CLI) stay light.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {"load_sweep": "api", "build_cache": "api", "run_trial": "api", "launch": "api", "open_results": "api",
             "Results": "api", "TrialRecord": "api", "TrialSpec": "core.spec", "SweepSpec": "core.spec",

@@ -189,8 +189,10 @@ def cache_build(sweep_file, root):
 def launch(sweep_file, out_root, address, resume, dry_run, dashboard, dashboard_host, cache_root, network, storage,
            optuna_storage, tensorboard, mlflow):
     """Run a sweep: Ray model workers, Tune + Optuna trials, results/<name>/."""
-    from .sweep.launch import Trackers, dry_run_text, isolate_here, preflight
+    from .sweep.grid import dry_run_text
+    from .sweep.launch import Trackers, isolate_here
     from .sweep.launch import launch as run_launch
+    from .sweep.validate import preflight
 
     if dry_run:
         click.echo(dry_run_text(preflight(sweep_file, address, cache_root, out_root)))

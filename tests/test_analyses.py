@@ -30,7 +30,7 @@ def test_a_head_reading_the_neuron_itself_has_patch_slope_one(big):
     (AdamW from zero reaches r = 0.9998 on the same data with weight 0.08 on the neuron: it spreads
     weight over near-collinear neurons. High r without the neuron is the very case patching exposes.)"""
     model, cache, neuron = big
-    r = run_trial(cache, model, TrialSpec(layer=2, neuron=neuron, feature_hook="blocks.2.mlp.hook_post"))
+    r = run_trial(cache, model, TrialSpec(layer=2, neuron=neuron, features={"hook": "blocks.2.mlp.hook_post"}))
     m = r.metrics
     assert r.status == "ok" and m["n_test"] >= 500
     assert m["pearson_r"] > 0.999
@@ -42,8 +42,7 @@ def test_a_head_reading_the_neuron_itself_has_patch_slope_one(big):
 
 def test_shuffled_control_reads_nothing(big):
     model, cache, neuron = big
-    r = run_trial(cache, model, TrialSpec(layer=2, neuron=neuron, lr=1e-2, epochs=10, control="shuffled",
-                                          feature_hook="blocks.2.mlp.hook_post"))
+    r = run_trial(cache, model, TrialSpec(layer=2, neuron=neuron, control="shuffled", features={"hook": "blocks.2.mlp.hook_post"}, training={"lr": 1e-2, "epochs": 10}))
     m = r.metrics
     assert m["n_test"] >= 500 and abs(m["pearson_r"]) < 0.15 and abs(m["patch_slope"]) < 0.1
 
@@ -53,10 +52,10 @@ def test_identity_r_is_one_for_hook_pre(which, tmp_path_factory):
     name = "nsr-tiny" if which == "nsr-tiny" else str(save_tiny_gpt2(tmp_path_factory.mktemp("rln"), seed=3))
     model = load_model(name)
     cache = ActivationCache.build(model, load_corpus(n_texts=300), CacheSpec(layers=(1,), hook="pre"), progress=False)
-    r = run_trial(cache, model, TrialSpec(layer=1, neuron=11, epochs=2, lr=1e-2))
+    r = run_trial(cache, model, TrialSpec(layer=1, neuron=11, training={"epochs": 2, "lr": 1e-2}))
     assert r.metrics["identity_r"] >= 0.99999
     post = ActivationCache.build(model, load_corpus(n_texts=300), CacheSpec(layers=(1,)), progress=False)
-    assert run_trial(post, model, TrialSpec(layer=1, neuron=11, epochs=2, lr=1e-2)).metrics["identity_r"] < 0.99999
+    assert run_trial(post, model, TrialSpec(layer=1, neuron=11, training={"epochs": 2, "lr": 1e-2})).metrics["identity_r"] < 0.99999
 
 
 def test_random_direction_null_has_the_expected_spread():
@@ -114,7 +113,7 @@ def test_exact_patching_reruns_only_the_last_position_above_the_layer():
     hooks = [model.hf.transformer.h[L].register_forward_hook(lambda m, i, o, L=L: calls[L].append(tuple(i[0].shape[:2])))
              for L in range(4)]
     try:
-        r = run_trial(cache, model, TrialSpec(layer=1, neuron=4, epochs=2, n_grid=5, patch_texts=40))
+        r = run_trial(cache, model, TrialSpec(layer=1, neuron=4, training={"epochs": 2}, analysis={"n_grid": 5, "patch_texts": 40}))
     finally:
         for h in hooks:
             h.remove()
@@ -131,7 +130,7 @@ def test_the_patch_slope_estimate_is_the_autograd_derivative_of_a_plain_hf_forwa
     cache = ActivationCache.build(model, load_corpus(n_texts=300), CacheSpec(layers=(1,)), progress=False)
     hf = model.hf
     for head in ("regression", "classification"):
-        spec = TrialSpec(layer=1, neuron=9, head=head, patch_texts=16, n_grid=3)
+        spec = TrialSpec(layer=1, neuron=9, head=head, analysis={"patch_texts": 16, "n_grid": 3})
         r = run_trial(cache, model, spec)
         sample = r.preds.index[r.preds["split"] == "test"][:16].to_numpy()
         w, b = r.head["weight"].double(), r.head["bias"].double()
@@ -166,7 +165,7 @@ def test_features_the_patch_cannot_reach_have_slope_and_estimate_exactly_zero(fe
     model = load_model("nsr-tiny")
     cache = ActivationCache.build(model, load_corpus(n_texts=200), CacheSpec(layers=(1,), features=features),
                                   progress=False)
-    m = run_trial(cache, model, TrialSpec(layer=1, neuron=4, feature_hook=features, patch_texts=8, n_grid=3)).metrics
+    m = run_trial(cache, model, TrialSpec(layer=1, neuron=4, features={"hook": features}, analysis={"patch_texts": 8, "n_grid": 3})).metrics
     assert m["patch_slope_est"] == 0.0 and m["patch_slope"] == 0.0
 
 

@@ -77,7 +77,7 @@ def test_the_public_names_are_listed_and_load_lazily():
     out = subprocess.run([sys.executable, "-c", "import sys, nsr_sweep; print('torch' in sys.modules)"],
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"  # `import nsr_sweep` (and the CLI) stay light
-    assert importlib.import_module("nsr_sweep").TrialSpec(layer=1, neuron=2).lr == 1e-3  # the sweep file's default
+    assert importlib.import_module("nsr_sweep").TrialSpec(layer=1, neuron=2).training.lr == 1e-3  # the sweep file's default
 
 
 def test_load_sweep_is_the_cli_validation_pass(tmp_path):

@@ -23,8 +23,7 @@ def finetuned(family_dirs):
     m = load_model(str(family_dirs["gpt2"]))
     cache = ActivationCache.build(m, load_corpus(n_texts=160), CacheSpec(layers=(1,), max_tokens=24, store_resid=True),
                                   progress=False)
-    r = run_trial(cache, m, TrialSpec(layer=1, neuron=3, freeze="after_target", epochs=1, lr=1e-2, save_weights=True,
-                                      analyses=False))
+    r = run_trial(cache, m, TrialSpec(layer=1, neuron=3, freeze="after_target", training={"epochs": 1, "lr": 1e-2, "save_weights": True}, analysis={"enabled": False}))
     assert r.status == "ok", r.reason
     return r
 
@@ -71,9 +70,9 @@ def test_a_unit_is_rows_of_parquet_datasets_that_read_back_as_each_probe(tmp_pat
 
     m = load_model("nsr-tiny")
     cache = ActivationCache.build(m, load_corpus(n_texts=160), CacheSpec(layers=(1,), max_tokens=24), progress=False)
-    specs = [TrialSpec(layer=1, neuron=n, head=h, control=c, patch_texts=8, n_grid=3)
+    specs = [TrialSpec(layer=1, neuron=n, head=h, control=c, analysis={"patch_texts": 8, "n_grid": 3})
              for n in (4, 9) for h in ("regression", "classification") for c in (None, "shuffled")]
-    specs.append(TrialSpec(layer=1, neuron=4, control="input_only", patch_texts=8, n_grid=3))
+    specs.append(TrialSpec(layer=1, neuron=4, control="input_only", analysis={"patch_texts": 8, "n_grid": 3}))
     results = run_trials(cache, m, specs)
     ids = [f"t{i}" for i in range(len(specs))]
     bundle = pack_unit([(r, t, 0) for r, t in zip(results, ids)], "L1-N4..9-abcdef12")
@@ -150,3 +149,51 @@ def test_a_gpu_share_too_small_for_the_model_is_refused_with_the_least_share_tha
     gpu_budget(8 * gib, 80 * gib, 2.0, trainable=False)  # a worker reserving two GPUs still uses one
     with pytest.raises(NsrError, match="more than a whole 80 GiB GPU"):
         gpu_budget(30 * gib, 80 * gib, 2.0, trainable=True)
+
+
+def test_the_pool_tells_a_failed_trial_from_a_lost_one_by_the_exceptions_type():
+    """The trial's own code raising (a RayTaskError) is a failure, recorded as such with the cause; a dead actor,
+    node or object (also wrapped in a RayTaskError), or every worker gone, is lost — by type, not by text (the
+    messages here say nothing of either)."""
+    import asyncio
+
+    import ray.exceptions as E
+
+    from nsr_sweep.sweep.workers import RERUNS_ON_DEAD_WORKER, WorkerPool
+
+    class Worker:
+        def __init__(self, raises):
+            self.raises, self.calls = raises, 0
+            self.run = self  # `worker.run.remote(config)`, as on an actor handle
+
+        async def remote(self, config):
+            self.calls += 1
+            if self.raises is not None:
+                raise self.raises
+            return {"trial_id": config["trial_id"], "status": "ok"}
+
+    def outcome(workers, tid="t"):
+        pool = WorkerPool(workers)
+
+        async def go():
+            try:
+                await pool.run({"trial_id": tid})
+            except Exception as e:  # noqa: BLE001 - the pool re-raises what it classified
+                return type(e)
+        raised = asyncio.run(go())
+        return pool.outcome(tid), raised, pool.alive
+
+    cause = ValueError("no words about workers here")
+    (how, why), raised, alive = outcome([Worker(E.RayTaskError("run", "tb", cause))])
+    assert how == "failed" and why == "ValueError: no words about workers here" and alive == {0}
+    (how, why), raised, alive = outcome([Worker(E.RayTaskError("run", "tb", E.ActorDiedError()))])
+    assert how == "lost" and why.startswith("ActorDiedError")
+    dying = [Worker(E.ActorDiedError()) for _ in range(RERUNS_ON_DEAD_WORKER + 2)]
+    (how, why), raised, alive = outcome(dying)
+    assert how == "lost" and why.startswith("ActorDiedError") and [w.calls for w in dying] == [1, 1, 1, 0]
+    assert alive == {3}  # the dead were dropped; the last one never ran it
+    (how, why), raised, alive = outcome([Worker(E.ActorDiedError())])  # the only worker died: none left to rerun on
+    assert how == "lost" and "every model worker is gone" in why and alive == set()
+    (how, why), raised, alive = outcome([Worker(E.NodeDiedError("n"))] + [Worker(None)])
+    assert how == "ok" and raised is None  # rerun on the live worker
+    assert outcome([Worker(None)], "other")[0] == ("ok", "") and WorkerPool([]).outcome("never") == ("unseen", "")

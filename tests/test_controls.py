@@ -16,7 +16,7 @@ from nsr_sweep.core.errors import NsrError
 from nsr_sweep.core.fit import fit_probes, solve_logistic, train_model
 from nsr_sweep.core.models import load_model
 from nsr_sweep.core.spec import TrialSpec, parse_sweep
-from nsr_sweep.core.trial import bag_of_tokens, run_trial, run_trials, split_indices
+from nsr_sweep.core.trial import bag_of_tokens, recipe, run_trial, run_trials, split_indices
 from nsr_sweep.sweep.inputs import aligned_tokens, cross_model_inputs
 
 VAL_KEYS = {"epoch", "val_mse", "val_loss", "val_pearson_r", "val_skill"}
@@ -50,12 +50,11 @@ def test_a_probe_on_the_neurons_own_layer_finds_it_and_reads_it(tiny, corpus):
     cache = _cache(tiny, corpus, layers=(2,), features="blocks.2.mlp.hook_post")
     neurons = [40, 7] + [n for n, _ in cache.top_neurons(2, "variance", 3)]
     for n in neurons:
-        m = run_trial(cache, tiny, TrialSpec(layer=2, neuron=n, feature_hook="blocks.2.mlp.hook_post")).metrics
+        m = run_trial(cache, tiny, TrialSpec(layer=2, neuron=n, features={"hook": "blocks.2.mlp.hook_post"})).metrics
         assert m["pearson_r"] > 0.999 and abs(m["patch_slope"] - 1) < 0.02, (n, m["pearson_r"], m["patch_slope"])
         assert m["solver"] == "ridge" and m["converged"] is True
         assert m["patch_slope_lo"] <= m["patch_slope"] <= m["patch_slope_hi"]
-        s = run_trial(cache, tiny, TrialSpec(layer=2, neuron=n, feature_hook="blocks.2.mlp.hook_post",
-                                             control="shuffled")).metrics
+        s = run_trial(cache, tiny, TrialSpec(layer=2, neuron=n, control="shuffled", features={"hook": "blocks.2.mlp.hook_post"})).metrics
         assert abs(s["pearson_r"]) < 0.1 and abs(s["patch_slope"]) < 0.05, (n, s["pearson_r"], s["patch_slope"])
 
 
@@ -64,7 +63,7 @@ def test_an_exactly_linear_target_is_predicted_exactly(tiny, corpus):
     """hook_pre = LN2(x)·W_in + b: a probe on blocks.1.ln2.hook_normalized has r > 0.9999 at default settings."""
     cache = _cache(tiny, corpus, layers=(1,), hook="pre", features="blocks.1.ln2.hook_normalized")
     for n in [40, 7, 300]:
-        m = run_trial(cache, tiny, TrialSpec(layer=1, neuron=n, feature_hook="blocks.1.ln2.hook_normalized")).metrics
+        m = run_trial(cache, tiny, TrialSpec(layer=1, neuron=n, features={"hook": "blocks.1.ln2.hook_normalized"})).metrics
         assert m["pearson_r"] > 0.9999, (n, m["pearson_r"])
 
 
@@ -91,7 +90,7 @@ def small(tiny):
 def test_shuffled_rows_refer_to_the_real_neuron(tiny, small, freeze):
     """drift exactly 0, identity_r equal to the real trial's, patching based at the real activation, _ft null."""
     cache, n = small
-    kw = dict(layer=2, neuron=n, freeze=freeze, epochs=2, batch_size=32, patch_texts=16)
+    kw = dict(layer=2, neuron=n, freeze=freeze, training={"epochs": 2, "batch_size": 32}, analysis={"patch_texts": 16})
     real = run_trial(cache, tiny, TrialSpec(**kw))
     shuf = run_trial(cache, tiny, TrialSpec(**kw, control="shuffled"))
     acts = cache.activations(2, n)
@@ -149,8 +148,7 @@ def test_cross_model_features_are_the_other_models_final_residual(tiny, sibling,
 def test_cross_model_trial_predicts_this_models_neuron_with_the_other_model(tiny, sibling, small, head, freeze):
     cache, n = small
     cache.extra.update(cross_model_inputs(tiny, sibling, cache.tokens, "ln_final.hook_out"))
-    spec = TrialSpec(layer=2, neuron=n, head=head, freeze=freeze, control="cross_model", cross_model="nsr-tiny-seed1",
-                     epochs=1, batch_size=32)
+    spec = TrialSpec(layer=2, neuron=n, head=head, freeze=freeze, control="cross_model", cross_model="nsr-tiny-seed1", training={"epochs": 1, "batch_size": 32})
     if freeze == "all":  # it fine-tunes the other model; a probe reads its cached features
         with pytest.raises(NsrError, match="needs the other model"):
             run_trial(cache, tiny, spec)
@@ -161,7 +159,7 @@ def test_cross_model_trial_predicts_this_models_neuron_with_the_other_model(tiny
     assert r.metrics["patch_slope"] == 0.0 and r.patch is None  # … and patching this one cannot move it
     if freeze == "none":  # a probe on the sibling's features: equal to one fitted here by hand
         fit = fit_probes(cache.extra["cross_model_features"], cache.activations(2, n)[:, None].astype(np.float64),
-                         head, spec, split_indices(cache.n_texts))
+                         head, recipe(spec), split_indices(cache.n_texts))
         pred = fit.maps[0].predict(fit.head(0)(torch.as_tensor(cache.extra["cross_model_features"])))
         np.testing.assert_allclose(r.preds["pred"], pred.numpy(), atol=1e-6)
 
@@ -170,14 +168,14 @@ def test_cross_model_accompanies_none_and_all_only():
     spec = parse_sweep({"name": "x", "layers": [1], "neurons": [3], "heads": ["regression", "token"],
                         "freeze": ["none", "after_target", "all"],
                         "controls": [{"cross_model": "nsr-tiny-seed1"}, "input_only"]})
-    from nsr_sweep.sweep.launch import expand
+    from nsr_sweep.sweep.grid import expand
 
     groups = expand(spec, {1: [3]})
-    cross = {(g["head"], g["freeze"]) for g in groups if g["control"] == "cross_model"}
+    cross = {(g.head, g.freeze) for g in groups if g.control == "cross_model"}
     assert cross == {("regression", "none"), ("regression", "all"), ("token", "all")}
-    assert all(g["cross_model"] == "nsr-tiny-seed1" for g in groups if g["control"] == "cross_model")
-    text = [g for g in groups if g["control"] == "input_only"]
-    assert [(g["head"], g["freeze"]) for g in text] == [("regression", "none")]
+    assert all(g.cross_model == "nsr-tiny-seed1" for g in groups if g.control == "cross_model")
+    text = [g for g in groups if g.control == "input_only"]
+    assert [(g.head, g.freeze) for g in text] == [("regression", "none")]
     with pytest.raises(ValueError, match="freeze in none, all"):
         TrialSpec(layer=1, neuron=3, freeze="after_target", control="cross_model", cross_model="nsr-tiny-seed1")
 
@@ -267,9 +265,9 @@ def test_probes_fitted_together_equal_each_fitted_alone(small):
     X = torch.as_tensor(cache.features, dtype=torch.float32)
     robust = ("solver", "l2", "l2_relative", "readout_l2_relative", "rank")
     for head in ("regression", "classification"):
-        together = fit_probes(cache.features, Y, head, TrialSpec(layer=2, neuron=0, head=head), splits)
+        together = fit_probes(cache.features, Y, head, recipe(TrialSpec(layer=2, neuron=0, head=head)), splits)
         for j in (0, 5, 11):
-            alone = fit_probes(cache.features, Y[:, [j]], head, TrialSpec(layer=2, neuron=j, head=head), splits)
+            alone = fit_probes(cache.features, Y[:, [j]], head, recipe(TrialSpec(layer=2, neuron=j, head=head)), splits)
             a = alone.maps[0].predict(alone.head(0)(X))
             t = together.maps[j].predict(together.head(j)(X))
             assert float((a - t).abs().max()) <= 1e-6, (head, j)
@@ -283,9 +281,9 @@ def test_a_unit_gives_each_probe_its_alone_result(tiny, small):
     """run_trials on a unit — several neurons of a layer, both heads, real and shuffled, input-only — every
     metric, prediction and patching point of every probe equal (≤ 1e-6) to run_trial on that probe alone."""
     cache, _ = small
-    specs = [TrialSpec(layer=2, neuron=n, head=h, control=c, seed=100 + n, patch_texts=12, n_grid=3)
+    specs = [TrialSpec(layer=2, neuron=n, head=h, control=c, sample=100 + n, analysis={"patch_texts": 12, "n_grid": 3})
              for n in (3, 300, 511) for h in ("regression", "classification") for c in (None, "shuffled")]
-    specs.append(TrialSpec(layer=2, neuron=40, control="input_only", patch_texts=12, n_grid=3))
+    specs.append(TrialSpec(layer=2, neuron=40, control="input_only", analysis={"patch_texts": 12, "n_grid": 3}))
     together = run_trials(cache, tiny, specs)
     for spec, t in zip(specs, together):
         alone = run_trial(cache, tiny, spec)
@@ -304,7 +302,7 @@ def test_a_unit_gives_each_probe_its_alone_result(tiny, small):
         else:
             np.testing.assert_allclose(t.patch["delta_pred"], alone.patch["delta_pred"], rtol=1e-6, atol=1e-9)
     with pytest.raises(NsrError, match="share"):
-        run_trials(cache, tiny, [specs[0], TrialSpec(layer=2, neuron=5, head="regression", patch_texts=13)])
+        run_trials(cache, tiny, [specs[0], TrialSpec(layer=2, neuron=5, head="regression", analysis={"patch_texts": 13})])
 
 
 def test_a_neuron_with_non_finite_targets_fails_alone_in_its_batch(small):
@@ -312,9 +310,9 @@ def test_a_neuron_with_non_finite_targets_fails_alone_in_its_batch(small):
     Y = np.asarray(cache.acts[2][:, :3], np.float64).copy()
     Y[5, 1] = np.nan
     splits = split_indices(cache.n_texts)
-    fit = fit_probes(cache.features, Y, "regression", TrialSpec(layer=2, neuron=0), splits)
+    fit = fit_probes(cache.features, Y, "regression", recipe(TrialSpec(layer=2, neuron=0)), splits)
     assert fit.failed[1] and fit.failed[0] is None and fit.failed[2] is None
-    alone = fit_probes(cache.features, Y[:, [2]], "regression", TrialSpec(layer=2, neuron=2), splits)
+    alone = fit_probes(cache.features, Y[:, [2]], "regression", recipe(TrialSpec(layer=2, neuron=2)), splits)
     assert torch.allclose(alone.weight[0], fit.weight[2], rtol=1e-5, atol=1e-7)
 
 
@@ -324,10 +322,9 @@ def test_every_validation_record_carries_every_val_metric(tiny, small):
     splits = split_indices(cache.n_texts)
     for head in ("regression", "classification"):
         for solver in ("exact", "adamw"):
-            hist = fit_probes(cache.features, y, head, TrialSpec(layer=2, neuron=n, head=head, solver=solver,
-                                                                  epochs=2), splits).history[0]
+            hist = fit_probes(cache.features, y, head, recipe(TrialSpec(layer=2, neuron=n, head=head, training={"solver": solver, "epochs": 2})), splits).history[0]
             assert hist and all(set(h) == VAL_KEYS for h in hist)
-    r = run_trial(cache, tiny, TrialSpec(layer=2, neuron=n, freeze="after_target", epochs=2, analyses=False))
+    r = run_trial(cache, tiny, TrialSpec(layer=2, neuron=n, freeze="after_target", training={"epochs": 2}, analysis={"enabled": False}))
     assert len(r.history) == 2 and all(set(h) == VAL_KEYS for h in r.history)
     assert train_model  # the unfrozen path above is train_model's
 

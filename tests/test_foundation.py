@@ -105,9 +105,9 @@ def test_hub_name_loads_offline_from_the_hf_cache(tmp_path, monkeypatch):
     import huggingface_hub.constants as c
 
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(hub))
-    m = models_mod.BaseModel(ModelSpec("someorg/tiny-gpt2"))
+    m = models_mod.LoadedModel(ModelSpec("someorg/tiny-gpt2"))
     assert Path(m.path) == snap and m.n_layers == 2
-    direct = models_mod.BaseModel(ModelSpec(str(snap)))
+    direct = models_mod.LoadedModel(ModelSpec(str(snap)))
     assert m.weights_hash == direct.weights_hash
 
 
@@ -123,9 +123,9 @@ def test_directory_without_tokenizer_is_an_error(tmp_path):
 
 
 def test_random_init_is_seeded_and_differs_from_pretrained(tiny_dir):
-    a = models_mod.BaseModel(ModelSpec(str(tiny_dir), init="random", seed=1))
-    b = models_mod.BaseModel(ModelSpec(str(tiny_dir), init="random", seed=1))
-    c = models_mod.BaseModel(ModelSpec(str(tiny_dir), init="random", seed=2))
+    a = models_mod.LoadedModel(ModelSpec(str(tiny_dir), init="random", seed=1))
+    b = models_mod.LoadedModel(ModelSpec(str(tiny_dir), init="random", seed=1))
+    c = models_mod.LoadedModel(ModelSpec(str(tiny_dir), init="random", seed=2))
     p = load_model(str(tiny_dir))
     assert a.weights_hash == b.weights_hash != c.weights_hash != p.weights_hash
 
@@ -154,7 +154,7 @@ def test_padded_batch_equals_per_text_runs(texts):
 
 
 def test_neuron_identity_with_random_layernorm(tiny_dir, texts):
-    m = models_mod.BaseModel(ModelSpec(str(tiny_dir)))
+    m = models_mod.LoadedModel(ModelSpec(str(tiny_dir)))
     ln = m.hf.transformer.h[1].ln_2
     assert ln.weight.std() > 0.2 and ln.bias.abs().mean() > 0.1  # the affine is far from identity
     seqs, _ = tokenize(m, texts[:12], 48)
@@ -164,7 +164,7 @@ def test_neuron_identity_with_random_layernorm(tiny_dir, texts):
 
 def test_identity_check_catches_the_missing_affine(tiny_dir, texts):
     """Control: feeding the normalised residual without LN2's affine to W_in is visibly wrong."""
-    m = models_mod.BaseModel(ModelSpec(str(tiny_dir)))
+    m = models_mod.LoadedModel(ModelSpec(str(tiny_dir)))
     seqs, _ = tokenize(m, texts[:8], 48)
     ids, mask = pad_batch(seqs, m.tokenizer.pad_token_id, "cpu")
     got = m.surface.read(ids, ["blocks.1.ln2.hook_normalized", "blocks.1.mlp.hook_pre"], None)
@@ -269,7 +269,7 @@ def no_model_loading(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr(models_mod.BaseModel, "__init__", refuse)
+    monkeypatch.setattr(models_mod.LoadedModel, "__init__", refuse)
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -27,7 +27,7 @@ from nsr_sweep.core.fit import RANK_CUTOFF, _ridge, fit_probes
 from nsr_sweep.core.heads import HeadMap
 from nsr_sweep.core.models import load_model
 from nsr_sweep.core.spec import TrialSpec
-from nsr_sweep.core.trial import split_indices
+from nsr_sweep.core.trial import recipe, split_indices
 
 N_GRID, PATCH_TEXTS = 7, 64  # the defaults: patch_grid quantiles, n_grid 7, patch_texts 64
 
@@ -92,8 +92,8 @@ def layer_known_answers(X: np.ndarray, Y: np.ndarray, spec: TrialSpec, splits: d
     X64, tr, te = np.asarray(X, np.float64), splits["train"], splits["test"]
     texts = te[:PATCH_TEXTS]
     perm = np.random.default_rng(shuffle_seed).permutation(len(Y))  # one seeded permutation of the texts
-    real = fit_probes(X, Y, "classification", spec, splits)
-    shuf = fit_probes(X, Y[perm], "classification", spec, splits)
+    real = fit_probes(X, Y, "classification", recipe(spec), splits)
+    shuf = fit_probes(X, Y[perm], "classification", recipe(spec), splits)
     rows = []
     for j in range(Y.shape[1]):
         y = Y[:, j]
@@ -162,7 +162,7 @@ def test_every_classification_probe_of_a_layer_reads_its_neuron():
     Y = np.asarray(cache.acts[2], np.float64)
     np.testing.assert_array_equal(np.asarray(cache.features, np.float64), Y)  # feature n is neuron n
     splits = split_indices(cache.n_texts)
-    spec = TrialSpec(layer=2, neuron=0, head="classification", feature_hook="blocks.2.mlp.hook_post")
+    spec = TrialSpec(layer=2, neuron=0, head="classification", features={"hook": "blocks.2.mlp.hook_post"})
     df = layer_known_answers(cache.features, Y, spec, splits)
     assert len(df) == 512
     assert_known_answers(df, len(splits["test"]), slope_share=0.97)
@@ -212,7 +212,7 @@ def test_ridge_drops_the_layernorm_direction_for_every_neuron():
     _, s, Vt = np.linalg.svd(Xc, full_matrices=False)
     assert s[-1] / s[0] < 1e-7 < s[-2] / s[0]
     v = Vt[-1]  # the degenerate direction
-    fit = fit_probes(cache.features, Y, "regression", TrialSpec(layer=2, neuron=0), splits)
+    fit = fit_probes(cache.features, Y, "regression", recipe(TrialSpec(layer=2, neuron=0)), splits)
     assert all(i["rank"] == 127 for i in fit.info)
     W32 = fit.weight[:, 0].double().numpy()
     assert np.max(np.abs(W32 @ v) / np.linalg.norm(W32, axis=1)) < 1e-7  # float32 storage

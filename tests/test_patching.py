@@ -88,7 +88,7 @@ def test_every_probe_of_a_batch_has_the_full_reforward_patch_slope(hook):
     model = load_model("nsr-tiny")
     cache = ActivationCache.build(model, load_corpus(n_texts=400, seed=5), CacheSpec(layers=(1,), hook=hook),
                                   progress=False)
-    kw = dict(layer=1, n_grid=4, patch_texts=12)
+    kw = dict(layer=1, analysis={"n_grid": 4, "patch_texts": 12})
     specs = [TrialSpec(neuron=n, head=h, control=c, **kw) for n in (3, 77, 200, 501)
              for h in ("regression", "classification") for c in (None, "shuffled")]
     results = run_trials(cache, model, specs)

@@ -16,10 +16,10 @@ from nsr_sweep.core.files import write_json
 from nsr_sweep.core.models import load_model
 from nsr_sweep.core.spec import dump_sweep, parse_sweep
 from nsr_sweep.core.trial import TrialSpec, run_trial
-from nsr_sweep.results.layout import LOCK, STATE, trial_id
+from nsr_sweep.results.layout import LOCK, STATE
 from nsr_sweep.results.records import save_trial
+from nsr_sweep.sweep.grid import expand
 from nsr_sweep.sweep.inputs import build_cache
-from nsr_sweep.sweep.launch import expand
 
 SPEC = {"name": "rep", "model": "nsr-tiny", "corpus": {"n_texts": 300, "max_tokens": 32}, "layers": [1, 2],
         "neurons": [3, 5], "heads": ["regression", "classification"], "freeze": ["none"],
@@ -37,14 +37,14 @@ def sweep_dir(tmp_path_factory):
     groups = expand(spec, {1: [3, 5], 2: [3, 5]})
     for g in groups:
         for sample, lr in enumerate((3e-3, 2e-2)):
-            tid = trial_id(g, sample)
+            tid = g.at(sample).trial_id
             if tid == "L2-N5-classification-none-s1":
                 write_json(d / "trials" / tid / "metrics.json", {
                     "trial_id": tid, "sample": sample, "status": "failed", "reason": "non-finite training loss at epoch 0",
-                    "spec": {**{k: g[k] for k in ("layer", "neuron", "head", "freeze", "control")}, "lr": lr}, "metrics": {}})
+                    "spec": {**g.model_dump(include={"layer", "neuron", "head", "freeze", "control"}), "lr": lr}, "metrics": {}})
                 continue
-            kw = {k: g[k] for k in ("layer", "neuron", "head", "freeze", "control", "n_grid")}
-            spec_t = TrialSpec(**kw, cross_model=g.get("cross_model"), lr=lr, epochs=3, seed=sample, patch_texts=32)
+            spec_t = TrialSpec(**g.at(sample).model_dump(), training={"lr": lr, "epochs": 3},
+                               analysis={"n_grid": spec.analysis.n_grid, "patch_texts": 32})
             save_trial(run_trial(cache, model, spec_t, outsider=sibling), d / "trials" / tid, tid, sample)
     (d / "sweep.yaml").write_text(dump_sweep(spec))
     write_json(d / STATE, {"name": "rep", "status": "running", "started": 1.0e9, "n_expected": len(groups) * 2 + 4,

@@ -164,8 +164,7 @@ def test_token_pred_is_the_saved_models_own_answer(family_caches, family_dirs, t
     from transformer_lens.model_bridge import TransformerBridge
 
     m, cache = family_caches[family]
-    spec = TrialSpec(layer=1, neuron=3, head="token", freeze="all", epochs=2, batch_size=16, lr=1e-3,
-                     save_weights=True, analyses=False)
+    spec = TrialSpec(layer=1, neuron=3, head="token", freeze="all", training={"epochs": 2, "batch_size": 16, "lr": 1e-3, "save_weights": True}, analysis={"enabled": False})
     r = run_trial(cache, m, spec)
     d = save_trial(r, tmp_path / "trial")
     ft = hf_model(d / "model")
@@ -189,8 +188,7 @@ def test_after_target_at_the_last_layer_trains_the_final_norm(family_caches, tmp
     last = m.n_layers - 1
     cache2 = ActivationCache.build(m, load_corpus(n_texts=160), CacheSpec(layers=(last,), max_tokens=24,
                                                                           store_resid=True), progress=False)
-    r = run_trial(cache2, m, TrialSpec(layer=last, neuron=2, freeze="after_target", epochs=2, lr=1e-2,
-                                       save_weights=True, analyses=False))
+    r = run_trial(cache2, m, TrialSpec(layer=last, neuron=2, freeze="after_target", training={"epochs": 2, "lr": 1e-2, "save_weights": True}, analysis={"enabled": False}))
     assert r.status == "ok", r.reason
     saved = hf_model(save_trial(r, tmp_path / "t") / "model")
     base = hf_model(m.path)
@@ -203,10 +201,11 @@ def _patch_slope_by_hand(hf, cache, spec, head, values_fn, layer_hook: str, feat
     from nsr_sweep.core.analyses import patch_grid
     from nsr_sweep.core.trial import split_indices
 
-    splits = split_indices(cache.n_texts, spec.splits, spec.split_seed)
-    sample = splits["test"][: spec.patch_texts]
+    splits = split_indices(cache.n_texts, spec.splits.fractions, spec.seed)
+    sample = splits["test"][: spec.analysis.patch_texts]
     acts = np.asarray(cache.acts[spec.layer])[:, spec.neuron]
-    grid = patch_grid(acts[splits["train"]], spec.patch_grid, spec.n_grid, spec.scales)
+    a = spec.analysis
+    grid = patch_grid(acts[splits["train"]], a.patch_grid, a.n_grid, a.scales)
     ids, _ = pad_batch([cache.tokens[i] for i in sample], 0, "cpu")
     pos = torch.as_tensor(cache.positions[sample])
     rows = torch.arange(len(sample))
@@ -258,7 +257,7 @@ def test_patching_reaches_every_accepted_feature_hook(family_dirs, feature):
     m = load_model(str(d))
     cache = ActivationCache.build(m, load_corpus(n_texts=200), CacheSpec(layers=(1,), features=feature,
                                                                         max_tokens=24), progress=False)
-    spec = TrialSpec(layer=1, neuron=7, feature_hook=feature, patch_texts=24)
+    spec = TrialSpec(layer=1, neuron=7, features={"hook": feature}, analysis={"patch_texts": 24})
     r = run_trial(cache, m, spec)
     head = {k: v for k, v in r.head.items()}
     hf = hf_model(d)
@@ -278,8 +277,7 @@ def test_patching_reaches_every_accepted_feature_hook(family_dirs, feature):
 def test_freeze_all_projections_are_each_in_their_own_model(family_caches, tmp_path):
     """Original columns: the original neuron in the original model; _ft: the fine-tuned neuron in the saved model."""
     m, cache = family_caches["llama"]
-    spec = TrialSpec(layer=1, neuron=4, head="regression", freeze="all", epochs=3, batch_size=16, lr=3e-3,
-                     save_weights=True, patch_texts=16)
+    spec = TrialSpec(layer=1, neuron=4, head="regression", freeze="all", training={"epochs": 3, "batch_size": 16, "lr": 3e-3, "save_weights": True}, analysis={"patch_texts": 16})
     r = run_trial(cache, m, spec)
     d = save_trial(r, tmp_path / "t")
     test = r.preds[r.preds.split == "test"]
@@ -324,7 +322,7 @@ def readout_direction(r):
 def test_effective_cosines_use_the_norm_gain_and_centring(family_caches):
     """cos_win_eff = cos(centre(γ_f ⊙ d), centre(γ_2 ⊙ W_in[:, n])) for a probe after the final LayerNorm."""
     m, cache = family_caches["gpt2"]
-    r = run_trial(cache, m, TrialSpec(layer=2, neuron=6, patch_texts=8))
+    r = run_trial(cache, m, TrialSpec(layer=2, neuron=6, analysis={"patch_texts": 8}))
     hf = m.hf
     d = r.head["weight"][0].double()
     gf, g2 = hf.transformer.ln_f.weight.double(), hf.transformer.h[2].ln_2.weight.double()

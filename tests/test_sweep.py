@@ -17,13 +17,24 @@ from click.testing import CliRunner
 
 from nsr_sweep.cli import main
 from nsr_sweep.core.errors import NsrError
-from nsr_sweep.core.spec import load_sweep, parse_sweep
-from nsr_sweep.results.layout import parse_trial_id
-from nsr_sweep.sweep.launch import dry_run_text, expand
-from nsr_sweep.sweep.search import GroupedSearch, members_of, n_samples
+from nsr_sweep.core.spec import GridPoint, load_sweep, parse_sweep, parse_trial_id
+from nsr_sweep.results.records import spec_columns, spec_json
+from nsr_sweep.sweep.grid import batch_of, dry_run_text, expand, n_samples
+from nsr_sweep.sweep.search import GroupedSearch
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {"name": "t", "model": "nsr-tiny", "layers": [1], "neurons": [3], "heads": ["regression"], "freeze": ["none"]}
+
+
+def one(config):
+    """The one trial a (non-unit) Tune config holds, as the worker rebuilds it."""
+    (spec,) = batch_of(config).specs()
+    return spec
+
+
+def row_of(config, **kw) -> dict:
+    """The trial-table row a finished trial of this config would leave (its identity and hyperparameters)."""
+    return {**spec_columns(spec_json(one(config))), **kw}
 
 
 def with_(**kw):
@@ -120,7 +131,7 @@ def test_a_valid_sweep_file_has_defaults_and_expands():
     assert spec.combos() == [("regression", "none"), ("regression", "all"), ("token", "all")]
     assert spec.skipped_combos() == [("token", "none")]
     groups = expand(spec, {0: [1, 5], 2: [1, 5]})
-    assert len(groups) == 2 * 2 * 3 and {g["feature_hook"] for g in groups} == {"ln_final.hook_out"}
+    assert len(groups) == 2 * 2 * 3 and all(isinstance(g, GridPoint) and g.sample == 0 for g in groups)
     text = dry_run_text(spec)
     # regression/none is an exact probe, solved once; the 8 unfrozen groups take 4 samples each
     assert "skipped invalid combinations: 1 (token+none" in text and "≤12 groups, ≤36 trials" in text
@@ -143,16 +154,16 @@ def test_grouped_search_skips_finished_samples_and_tells_optuna():
     spec = parse_sweep(with_(search={"num_samples": 3, "space": {"lr": {"loguniform": [1e-4, 1e-2]}}},
                              heads=["regression", "classification"], training={"solver": "adamw"}))
     groups = expand(spec, {1: [3]})
-    done = [{**groups[0], "trial_id": "L1-N3-regression-none-s1", "sample": 1, "status": "ok", "val_mse": 0.5,
-             "lr": 1e-3}]
+    done = [{**groups[0].model_dump(), "trial_id": "L1-N3-regression-none-s1", "sample": 1, "status": "ok",
+             "val_mse": 0.5, "lr": 1e-3}]
     s = GroupedSearch(spec, groups, done)
     assert s.n_remaining == 5
     configs = [s.suggest(f"t{i}") for i in range(5)]
     assert s.suggest("t5") == "FINISHED"
     ids = [c["trial_id"] for c in configs]
     assert "L1-N3-regression-none-s1" not in ids and len(set(ids)) == 5
-    assert [c["sample"] for c in configs] == [0, 0, 1, 2, 2]  # first samples of every group go first
-    assert all(1e-4 <= c["lr"] <= 1e-2 for c in configs)
+    assert [one(c).sample for c in configs] == [0, 0, 1, 2, 2]  # first samples of every group go first
+    assert all(1e-4 <= one(c).training.lr <= 1e-2 and c["params"]["lr"] == one(c).training.lr for c in configs)
     assert len(s.studies[(1, 3, "regression", "none", "")].trials) == 1 + 2
 
 
@@ -173,8 +184,8 @@ def test_studies_persist_and_a_resume_reloads_them_without_telling_twice(tmp_pat
     for i, c in enumerate(configs[:3]):  # the 4th is still running when the launch dies
         value = 0.1 * (i + 1)
         first.on_trial_complete(f"t{i}", {"val_mse": value})
-        rows.append({**c, "status": "ok", "val_mse": value})
-    rows.append({**configs[3], "status": "ok", "val_mse": 0.9})  # its record landed, the tell did not
+        rows.append(row_of(c, status="ok", val_mse=value))
+    rows.append(row_of(configs[3], status="ok", val_mse=0.9))  # its record landed, the tell did not
     summaries = optuna.get_all_study_summaries(study_storage(log))  # what optuna-dashboard reads, mid-sweep
     assert sorted(x.study_name for x in summaries) == ["t/L1-N3-regression-none", "t/L1-N4-regression-none"]
     assert sum(x.n_trials for x in summaries) == 4
@@ -208,8 +219,8 @@ def test_a_trial_left_running_without_a_record_is_told_failed(tmp_path):
     first = GroupedSearch(spec, groups, [], storage=study_storage(log))
     c0, c1, c2 = first.suggest("t0"), first.suggest("t1"), first.suggest("t2")  # N3 s0, N4 s0, N3 s1
     first.on_trial_complete("t0", {"val_mse": 0.3})
-    second = GroupedSearch(spec, groups, [{**c0, "status": "ok", "val_mse": 0.3}], storage=study_storage(log))
-    assert sorted((g["neuron"], s) for s, g in second.queue) == [(3, 1), (4, 0), (4, 1)]  # those run again
+    second = GroupedSearch(spec, groups, [row_of(c0, status="ok", val_mse=0.3)], storage=study_storage(log))
+    assert sorted((g.neuron, s) for s, g in second.queue) == [(3, 1), (4, 0), (4, 1)]  # those run again
     states = {t.user_attrs["trial_id"]: t.state.name for name in ("t/L1-N3-regression-none", "t/L1-N4-regression-none")
               for t in optuna.load_study(study_name=name, storage=study_storage(log)).trials}
     assert states == {c0["trial_id"]: "COMPLETE", c1["trial_id"]: "FAIL", c2["trial_id"]: "FAIL"}
@@ -219,29 +230,30 @@ def test_a_trial_left_running_without_a_record_is_told_failed(tmp_path):
 
 def test_exact_probe_groups_are_handed_out_as_units_of_neuron_chunks():
     """Exact frozen-base probes (nothing searched) of a chunk of one layer's neurons — every head and control —
-    go out as one config with `members`, minus what already finished; every other group goes out alone,
-    through its study."""
+    go out as one unit (a TrialBatch with its settings once), minus what already finished; every other group goes
+    out alone, through its study."""
     spec = parse_sweep(with_(neurons=[3, 4, 5], freeze=["none", "all"], controls=["shuffled", "input_only"],
                              search={"num_samples": 2, "space": {"lr": {"loguniform": [1e-4, 1e-2]}}}))
     groups = expand(spec, {1: [3, 4, 5]})
-    done = [{**groups[0], "trial_id": "L1-N3-regression-none-s0", "sample": 0, "status": "ok", "val_mse": 0.5}]
+    done = [{**groups[0].model_dump(), "trial_id": "L1-N3-regression-none-s0", "status": "ok", "val_mse": 0.5}]
     s = GroupedSearch(spec, groups, done, unit_neurons=2)
     configs = []
     while (c := s.suggest(f"t{len(configs)}")) != "FINISHED":
         configs.append(c)
-    batches = [c for c in configs if "members" in c]
-    assert sorted(sorted(m["trial_id"] for m in members_of(b)) for b in batches) == [
+    batches = [c for c in configs if batch_of(c).unit is not None]
+    assert sorted(sorted(m.trial_id for m in batch_of(b).specs()) for b in batches) == [
         ["L1-N3-regression-none-input_only-s0", "L1-N3-regression-none-shuffled-s0",
          "L1-N4-regression-none-input_only-s0", "L1-N4-regression-none-s0", "L1-N4-regression-none-shuffled-s0"],
         ["L1-N5-regression-none-input_only-s0", "L1-N5-regression-none-s0", "L1-N5-regression-none-shuffled-s0"]]
     ids = sorted(b["trial_id"] for b in batches)
     assert [i.rsplit("-", 1)[0] for i in ids] == ["L1-N3..4", "L1-N5..5"]
     assert all(parse_trial_id(i) is None for i in ids)
-    alone = [c["trial_id"] for c in configs if "members" not in c]
+    alone = [c["trial_id"] for c in configs if batch_of(c).unit is None]
     assert len(alone) == 3 * 2 * 2 and all("-all-" in t for t in alone)  # (neuron, control) × 2 samples
-    assert all(m["lr"] == spec.training.lr and m["seed"] for b in batches for m in members_of(b))
-    assert all(m.keys() == members_of(batches[0])[0].keys() for b in batches for m in members_of(b))  # whole configs
-    assert all("lr" not in m and "trial_id" in m for b in batches for m in b["members"])  # shared keys held once
+    assert all(m.training == spec.training and m.seed == spec.seed for b in batches for m in batch_of(b).specs())
+    held = [json.loads(b["batch"]) for b in batches]  # the settings once, each member its place in the grid
+    assert all(set(h) == {"unit", "settings", "points"} and all(set(p) == set(GridPoint.model_fields) for p in h["points"])
+               for h in held)
 
 
 def test_cluster_yaml_passes_rays_validation():
@@ -543,7 +555,6 @@ def _run_here(sweep_text: str) -> pd.DataFrame:
     """A sweep's trials run in this process (no Ray): the grid, each trial's config as the search builds it,
     the exact probes of a layer together as a worker runs a unit, and each trial's row of the trial table."""
     from nsr_sweep.core.models import load_model
-    from nsr_sweep.core.spec import trial_spec
     from nsr_sweep.core.trial import run_trial, run_trials
     from nsr_sweep.results.records import trial_row
     from nsr_sweep.sweep.inputs import build_cache, model_spec
@@ -552,16 +563,14 @@ def _run_here(sweep_text: str) -> pd.DataFrame:
     model = load_model(model_spec(spec))
     cache = build_cache(spec, progress=False, model=model)
     search = GroupedSearch(spec, expand(spec, {L: [3] for L in spec.layers}), [])
-    configs = []
-    while (c := search.suggest(f"t{len(configs)}")) != "FINISHED":
-        configs.extend(members_of(c))
-    probes = [c for c in configs if c["freeze"] == "none"]  # a unit holds one layer's probes
-    results = [r for L in spec.layers for r in run_trials(cache, model, [trial_spec(c) for c in probes if c["layer"] == L])]
-    probes = [c for L in spec.layers for c in probes if c["layer"] == L]
-    results += [run_trial(cache, model, trial_spec(c)) for c in configs if c["freeze"] != "none"]
-    rows = [trial_row(c, r.status, r.metrics, r.reason) for c, r in
-            zip(probes + [c for c in configs if c["freeze"] != "none"], results)]
-    return pd.DataFrame(rows)
+    specs = []
+    while (c := search.suggest(f"t{len(specs)}")) != "FINISHED":
+        specs.extend(batch_of(c).specs())
+    probes = [s for L in spec.layers for s in specs if s.freeze == "none" and s.layer == L]  # a unit: one layer's
+    results = [r for L in spec.layers for r in run_trials(cache, model, [s for s in probes if s.layer == L])]
+    unfrozen = [s for s in specs if s.freeze != "none"]
+    results += [run_trial(cache, model, s) for s in unfrozen]
+    return pd.DataFrame([trial_row(spec_json(s), r.status, r.metrics, r.reason) for s, r in zip(probes + unfrozen, results)])
 
 
 @pytest.mark.slow
@@ -720,12 +729,78 @@ def test_inputs_only_the_machine_can_check_are_refused_before_ray(tmp_path, monk
 
 
 def test_trial_ids_read_back_to_their_group():
-    from nsr_sweep.results.layout import parse_trial_id, trial_id
-
     spec = parse_sweep(with_(heads=["regression", "token"], freeze=["none", "after_target", "all"],
                              controls=["shuffled", {"cross_model": "nsr-tiny-seed1"}, "input_only"]))
     for g in expand(spec, {1: [3, 12]}):
-        got = parse_trial_id(trial_id(g, 2))
-        assert got == {"trial_id": trial_id(g, 2), **{k: g[k] for k in ("layer", "neuron", "head", "freeze",
-                                                                       "control")}, "sample": 2}
+        got = parse_trial_id(g.at(2).trial_id)
+        assert got == {"trial_id": g.at(2).trial_id, **g.model_dump(include={"layer", "neuron", "head", "freeze",
+                                                                              "control"}), "sample": 2}
     assert parse_trial_id("not-a-trial") is None
+
+
+FIELDS = {  # every field a trial runs with, each away from its default
+    "seed": 11,
+    "training": {"lr": 3e-3, "epochs": 7, "batch_size": 17, "weight_decay": 0.01, "patience": 5, "n_bins": 6,
+                 "solver": "adamw", "suffix": " Q {layer}/{neuron}:", "save_weights": True, "precision": "bf16"},
+    "features": {"hook": "blocks.1.mlp.hook_post"},
+    "splits": {"train": 0.6, "val": 0.25, "test": 0.15},
+    "analysis": {"patch_grid": "scale", "n_grid": 5, "scales": [0.0, 1.0, 3.0], "patch_texts": 20, "enabled": False,
+                 "exact_patch_neurons": 3},
+}
+GRID = {"layers", "neurons", "heads", "freeze", "controls"}  # each trial holds one of them: its place in the grid
+INPUTS = {"model", "corpus", "target", "batch_size_cache"}  # what the worker's model and cache are built from
+RUNNING = {"name", "search", "resources", "max_failures"}  # how trials are scheduled, not what a trial is
+
+
+def _leaves(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def test_every_sweep_file_field_reaches_the_trialspec_a_worker_runs(tmp_path):
+    """A sweep file with every trial field away from its default: each TrialSpec a worker rebuilds from what Tune
+    holds (the config through a JSON round trip, as Tune stores it) has every one of them under the sweep file's
+    name, with its value — the searched lr as sampled, the rest as written. Every other field of a sweep file is
+    accounted for: the trial's place in the grid, the inputs the worker's model and cache are built from, or how
+    trials are scheduled. An unknown field is refused before Ray starts."""
+    from nsr_sweep.core.spec import SweepSpec, TrialSettings
+    from nsr_sweep.sweep.inputs import cache_spec, model_spec
+
+    assert set(SweepSpec.model_fields) == set(TrialSettings.model_fields) | GRID | INPUTS | RUNNING
+    spec = parse_sweep(with_(**FIELDS, layers=[1], neurons=[3, 4], heads=["regression", "token"],
+                             freeze=["after_target", "all"], controls=["shuffled", {"cross_model": "nsr-tiny-seed1"}],
+                             search={"num_samples": 2, "space": {"lr": {"loguniform": [1e-4, 1e-2]}}},
+                             model={"name": "nsr-tiny", "init": "random", "seed": 4},
+                             corpus={"n_texts": 100, "max_tokens": 24, "seed": 3}, target={"hook": "pre"}))
+    search = GroupedSearch(spec, expand(spec, {1: [3, 4]}), [])
+    specs = []
+    while (c := search.suggest(f"t{len(specs)}")) != "FINISHED":
+        c = json.loads(json.dumps(c))  # Tune keeps configs as JSON-able values
+        for s in batch_of(c).specs():
+            specs.append(s)
+            assert s.training.lr == c["params"]["lr"] and 1e-4 <= s.training.lr <= 1e-2  # the sampled value
+    want = _leaves({k: v for k, v in FIELDS.items()})
+    for s in specs:
+        got = _leaves(s.model_dump(include=set(FIELDS)))
+        assert set(got) == set(want)  # every field by its sweep-file name, none renamed or added
+        assert {k: v for k, v in got.items() if k != "training.lr"} == {k: v for k, v in want.items() if k != "training.lr"}
+    places = {(s.layer, s.neuron, s.head, s.freeze, s.control, s.cross_model, s.sample) for s in specs}
+    assert places == {(1, n, h, f, c, "nsr-tiny-seed1" if c == "cross_model" else None, sample) for n in (3, 4)
+                      for h in ("regression", "token") for f in ("after_target", "all")
+                      for c in (None, "shuffled", "cross_model") if not (c == "cross_model" and f == "after_target")
+                      for sample in (0, 1)}
+    cs, ms = cache_spec(spec), model_spec(spec)  # the inputs: the worker's cache and model
+    assert (cs.hook, cs.position, cs.max_tokens, cs.features) == ("pre", "last", 24, "blocks.1.mlp.hook_post")
+    assert (ms.name, ms.init, ms.seed) == ("nsr-tiny", "random", 4)
+
+    import ray
+
+    from nsr_sweep.sweep.launch import launch
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(with_(training={"lrr": 1e-3})))
+    with pytest.raises(NsrError, match=r"training\.lrr: unknown key"):
+        launch(str(bad), out_root=str(tmp_path / "res"))
+    assert not ray.is_initialized() and not (tmp_path / "res").exists()

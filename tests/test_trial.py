@@ -17,7 +17,7 @@ from nsr_sweep.core.heads import HeadMap, digit_token_ids
 from nsr_sweep.core.metrics import prediction_metrics
 from nsr_sweep.core.models import load_model
 from nsr_sweep.core.spec import TrialSpec
-from nsr_sweep.core.trial import run_trial, split_indices
+from nsr_sweep.core.trial import recipe, run_trial, split_indices
 from nsr_sweep.report.plots import trial_chart
 from nsr_sweep.results.records import save_trial
 
@@ -40,7 +40,7 @@ def linear_data():
 def test_exact_linear_target_is_recovered(linear_data):
     X, Y = linear_data
     cache = synthetic_cache(Y, X)
-    r = run_trial(cache, None, TrialSpec(layer=0, neuron=0, lr=3e-2, epochs=60, patience=60, batch_size=256))
+    r = run_trial(cache, None, TrialSpec(layer=0, neuron=0, training={"lr": 3e-2, "epochs": 60, "patience": 60, "batch_size": 256}))
     m = r.metrics
     assert r.status == "ok" and m["pearson_r"] > 0.999
     assert abs(m["offset"]) < 1e-3 * Y[:, 0].std()
@@ -50,7 +50,7 @@ def test_exact_linear_target_is_recovered(linear_data):
 def test_permuted_targets_give_no_correlation(linear_data):
     X, Y = linear_data
     y = np.random.default_rng(1).permutation(Y[:, 0])
-    r = run_trial(synthetic_cache(y[:, None], X), None, TrialSpec(layer=0, neuron=0, lr=1e-2, epochs=20))
+    r = run_trial(synthetic_cache(y[:, None], X), None, TrialSpec(layer=0, neuron=0, training={"lr": 1e-2, "epochs": 20}))
     assert r.metrics["n_test"] >= 500 and abs(r.metrics["pearson_r"]) < 0.15
 
 
@@ -58,7 +58,7 @@ def test_classification_predictions_stay_inside_the_train_range(linear_data):
     X, Y = linear_data
     y = np.maximum(Y[:, 1], 0) ** 2  # skewed with ties at zero: empty quantile bins happen
     r = run_trial(synthetic_cache(y[:, None], X), None,
-                  TrialSpec(layer=0, neuron=0, head="classification", n_bins=12, lr=1e-2, epochs=10))
+                  TrialSpec(layer=0, neuron=0, head="classification", training={"n_bins": 12, "lr": 1e-2, "epochs": 10}))
     train = r.preds[r.preds.split == "train"].actual_orig
     assert r.preds.pred.between(train.min(), train.max()).all()
     assert r.metrics["skill"] > 0.5
@@ -78,10 +78,10 @@ def test_batched_probe_fit_equals_one_at_a_time(linear_data):
     Y = Y + np.random.default_rng(2).normal(size=Y.shape)
     splits = split_indices(len(X), seed=0)
     for head, solver in [(h, s) for h in ("regression", "classification") for s in ("exact", "adamw")]:
-        spec = TrialSpec(layer=0, neuron=0, head=head, lr=1e-2, epochs=8, patience=2, solver=solver)
-        together = fit_probes(X, Y, head, spec, splits)
+        spec = TrialSpec(layer=0, neuron=0, head=head, training={"lr": 1e-2, "epochs": 8, "patience": 2, "solver": solver})
+        together = fit_probes(X, Y, head, recipe(spec), splits)
         for j in range(Y.shape[1]):
-            alone = fit_probes(X, Y[:, j : j + 1], head, spec, splits)
+            alone = fit_probes(X, Y[:, j : j + 1], head, recipe(spec), splits)
             torch.testing.assert_close(together.weight[j], alone.weight[0], atol=1e-5, rtol=0)
             torch.testing.assert_close(together.bias[j], alone.bias[0], atol=1e-5, rtol=0)
             assert len(together.history[j]) == len(alone.history[0])
@@ -91,7 +91,7 @@ def test_non_finite_loss_fails_the_trial_with_its_reason(linear_data):
     X, Y = linear_data
     for solver in ("adamw", "exact"):
         r = run_trial(synthetic_cache(Y * 1e30, X * 1e38), None,
-                      TrialSpec(layer=0, neuron=0, lr=10, epochs=3, solver=solver))
+                      TrialSpec(layer=0, neuron=0, training={"lr": 10, "epochs": 3, "solver": solver}))
         assert r.status == "failed" and "non-finite" in r.reason
 
 
@@ -138,8 +138,7 @@ def test_every_valid_combination_beats_the_train_mean_on_nsr_tiny(tiny_cache, he
     lr, epochs, batch = {"none": (1e-2, 4, 32), "after_target": (2e-3, 4, 32)}.get(freeze, (2e-3, 4, 32))
     if head == "token":  # the frozen digit unembedding needs more steering
         lr, epochs, batch = (5e-3 if freeze == "after_target" else 1e-3), 6, 16
-    spec = TrialSpec(layer=2, neuron=neuron, head=head, freeze=freeze, epochs=epochs, batch_size=batch, lr=lr,
-                     save_weights=freeze != "none")
+    spec = TrialSpec(layer=2, neuron=neuron, head=head, freeze=freeze, training={"epochs": epochs, "batch_size": batch, "lr": lr, "save_weights": freeze != "none"})
     r = run_trial(cache, model, spec)
     assert r.status == "ok", r.reason
     assert r.metrics["skill"] > 0, r.metrics
@@ -198,19 +197,19 @@ def test_every_valid_combination_beats_the_train_mean_on_nsr_tiny(tiny_cache, he
 
 def test_early_features_control_reads_the_residual_before_the_layer(tiny_cache):
     model, cache, neuron = tiny_cache
-    spec = TrialSpec(layer=2, neuron=neuron, epochs=4, lr=1e-2, control="early_features")
+    spec = TrialSpec(layer=2, neuron=neuron, control="early_features", training={"epochs": 4, "lr": 1e-2})
     r = run_trial(cache, model, spec)
     assert r.status == "ok" and "cos_win" not in r.metrics  # a control of the features, not of the model …
     assert r.metrics["patch_slope"] == 0.0 and r.patch is None  # … read before the neuron: nothing can move them
     with pytest.raises(ValueError, match="needs freeze none"):
         TrialSpec(layer=2, neuron=1, freeze="all", control="early_features")
     with pytest.raises(NsrError, match="random model's features"):
-        run_trial(cache, model, TrialSpec(layer=2, neuron=neuron, epochs=1, control="random_model"))
+        run_trial(cache, model, TrialSpec(layer=2, neuron=neuron, control="random_model", training={"epochs": 1}))
 
 
 def test_trials_are_seeded(tiny_cache):
     model, cache, neuron = tiny_cache
-    spec = TrialSpec(layer=2, neuron=neuron, head="classification", freeze="after_target", epochs=2)
+    spec = TrialSpec(layer=2, neuron=neuron, head="classification", freeze="after_target", training={"epochs": 2})
     a, b = run_trial(cache, model, spec), run_trial(cache, model, spec)
     assert a.metrics["mse"] == b.metrics["mse"] and np.array_equal(a.preds.pred, b.preds.pred)
 
@@ -219,9 +218,10 @@ def test_bf16_trains_under_autocast_and_evaluates_in_float32(tiny_cache):
     """training.precision bf16: the trained blocks' forward and backward run in bfloat16 (the numbers move,
     the probe still learns); the trial's predictions are a float32 evaluation of the model it trained."""
     model, cache, neuron = tiny_cache
-    kw = dict(layer=2, neuron=neuron, freeze="after_target", epochs=2, lr=2e-3, batch_size=32, analyses=False)
-    fp32 = run_trial(cache, model, TrialSpec(**kw))
-    bf16 = run_trial(cache, model, TrialSpec(**kw, precision="bf16"))
+    kw = dict(layer=2, neuron=neuron, freeze="after_target", analysis={"enabled": False})
+    train = dict(epochs=2, lr=2e-3, batch_size=32)
+    fp32 = run_trial(cache, model, TrialSpec(**kw, training=train))
+    bf16 = run_trial(cache, model, TrialSpec(**kw, training={**train, "precision": "bf16"}))
     assert bf16.status == "ok" and bf16.metrics["skill"] > 0, bf16.metrics
     assert bf16.metrics["val_mse"] != fp32.metrics["val_mse"]  # bfloat16 rounding changed the training
     assert abs(bf16.metrics["pearson_r"] - fp32.metrics["pearson_r"]) < 0.05
@@ -263,7 +263,7 @@ def test_exact_ridge_equals_numpy_at_the_lambda_validation_chooses(linear_data):
     X, Y = linear_data
     Y = Y + np.random.default_rng(3).normal(size=Y.shape) * np.array([0.1, 3.0, 30.0])
     splits = split_indices(len(X), seed=0)
-    fit = fit_probes(X, Y, "regression", TrialSpec(layer=0, neuron=0), splits)
+    fit = fit_probes(X, Y, "regression", recipe(TrialSpec(layer=0, neuron=0)), splits)
     tr, va = splits["train"], splits["val"]
     Xc = X[tr] - X[tr].mean(0)
     scale = np.linalg.svd(Xc, compute_uv=False)[0] ** 2

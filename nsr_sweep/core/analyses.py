@@ -288,11 +288,11 @@ def analyse(cache, base, final, spec, hmap, preds: pd.DataFrame, splits: dict, r
                            wf["W_pre"][:, n], wf["b_pre"][n], got["ln_final.hook_in"].numpy(), wf["W_out"][n],
                            suffix="_ft"))
     out.update(_residual_change(base, final, direction, test, real))
-    sample = test[: spec.patch_texts]
+    sample = test[: spec.analysis.patch_texts]
     actual_ft = preds["actual_ft"].to_numpy()
-    grid = patch_grid(actual_ft[splits["train"]], spec.patch_grid, spec.n_grid, spec.scales)  # the final model's neuron
+    grid = patch_grid(actual_ft[splits["train"]], spec.analysis.patch_grid, spec.analysis.n_grid, spec.analysis.scales)  # the final model's neuron
     points = run_patching(lambda v: hmap.predict(final.run(sample, v)[0]).numpy(), sample, actual_ft[sample], grid,
-                          scale=spec.patch_grid == "scale")
+                          scale=spec.analysis.patch_grid == "scale")
     out.update(fit_patch(points))
     return out, points
 

@@ -28,7 +28,6 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -38,8 +37,8 @@ import torch
 from .corpus import Corpus
 from .errors import NsrError
 from .files import atomic_dir
-from .models import BaseModel
-from .spec import HOOK_NAME
+from .models import LoadedModel
+from .spec import HOOK_NAME, Position, TargetHook
 from .surface import norm_eps
 
 FORMAT_VERSION = 3
@@ -59,8 +58,8 @@ def neuron_hook(layer: int, hook: str) -> str:
 @dataclass(frozen=True)
 class CacheSpec:
     layers: tuple[int, ...]
-    hook: Literal["post", "pre"] = "post"
-    position: Literal["last"] = "last"
+    hook: TargetHook = "post"
+    position: Position = "last"
     features: str = DEFAULT_FEATURES
     max_tokens: int = 64
     store_resid: bool = False
@@ -81,7 +80,7 @@ class CacheSpec:
         if not 2 <= self.max_tokens <= 8192:
             raise NsrError(f"corpus.max_tokens {self.max_tokens} is out of range: allowed 2..8192")
 
-    def check(self, model: BaseModel) -> None:
+    def check(self, model: LoadedModel) -> None:
         for L in self.layers:
             model.check_layer(L)
         m = re.match(r"^blocks\.(\d+)\.", self.features)
@@ -93,7 +92,7 @@ class CacheSpec:
             raise NsrError(f"features.hook: {e}") from None
 
 
-def tokenize(model: BaseModel, texts: list[str], max_tokens: int) -> tuple[list[list[int]], int]:
+def tokenize(model: LoadedModel, texts: list[str], max_tokens: int) -> tuple[list[list[int]], int]:
     """BOS + text tokens, at most `max_tokens` in all (as TransformerLens prepends BOS); count truncated."""
     return encode(model.tokenizer, texts, max_tokens)
 
@@ -130,7 +129,7 @@ def mlp_input_hook(layer: int) -> str:
 
 
 @torch.no_grad()
-def check_identity(model: BaseModel, seqs: list[list[int]], layer: int) -> dict:
+def check_identity(model: LoadedModel, seqs: list[list[int]], layer: int) -> dict:
     """The neuron's definition recomputed by hand from the norm's input and the weights (docs/science.md).
 
     hook_pre == norm2(x)·W_pre[:, n] + b_pre[n] with norm2 written out (LayerNorm or RMSNorm, with its
@@ -217,7 +216,7 @@ class ActivationCache:
 
     # -- building ----------------------------------------------------------------------
     @staticmethod
-    def key_for(model: BaseModel, corpus: Corpus, spec: CacheSpec) -> str:
+    def key_for(model: LoadedModel, corpus: Corpus, spec: CacheSpec) -> str:
         ident = {k: model.identity[k] for k in ("name", "init", "seed", "weights_hash", "processing", "tokenizer")}
         blob = json.dumps({"v": FORMAT_VERSION, "model": ident, "corpus": corpus.hash, "spec": asdict(spec)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -225,7 +224,7 @@ class ActivationCache:
     @classmethod
     def build(
         cls,
-        model: BaseModel,
+        model: LoadedModel,
         corpus: Corpus,
         spec: CacheSpec,
         *,
@@ -247,7 +246,7 @@ class ActivationCache:
 
     @classmethod
     def compute(
-        cls, model: BaseModel, corpus: Corpus, spec: CacheSpec, *,
+        cls, model: LoadedModel, corpus: Corpus, spec: CacheSpec, *,
         batch_size: int = 64, progress: bool = True, identity_sample: int = 16,
     ) -> "ActivationCache":
         """Run the corpus through the model once (no disk): the numbers every stage reads."""

@@ -25,8 +25,23 @@ import torch.nn.functional as F
 
 from .heads import HeadMap, LinearHead
 from .metrics import prediction_metrics
-from .spec import TrialSpec
 from .surface import Surface
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to fit: the training hyperparameters and the seed of this fit's randomness (plain values: this module
+    knows no sweep file)."""
+
+    solver: str = "exact"  # exact | adamw (probes); unfrozen models always train with AdamW
+    n_bins: int = 10
+    lr: float = 1e-3
+    epochs: int = 20
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    patience: int = 3
+    precision: str = "fp32"  # fp32 | bf16 (autocast of an unfrozen model's training forward)
+    seed: int = 0
 
 
 @dataclass
@@ -42,21 +57,21 @@ class ProbeFit:
         return LinearHead(self.weight[j], self.bias[j])
 
 
-def fit_probes(features: np.ndarray, targets: np.ndarray, head: str, spec: TrialSpec,
+def fit_probes(features: np.ndarray, targets: np.ndarray, head: str, recipe: Recipe,
                splits: dict[str, np.ndarray], on_epoch=None) -> ProbeFit:
     """Fit one linear head per column of `targets` (n_texts × N) at once: solved exactly (the default), or AdamW."""
-    if spec.solver == "exact":
+    if recipe.solver == "exact":
         if not np.isfinite(features).all():
             raise FloatingPointError("non-finite features: no probe can be solved")
         bad = ~np.isfinite(targets).all(0)
         if bad.any():  # those neurons fail alone; the rest of the layer is solved
-            return _without(bad, fit_probes(features, np.where(bad, 0.0, targets), head, spec, splits, on_epoch))
+            return _without(bad, fit_probes(features, np.where(bad, 0.0, targets), head, recipe, splits, on_epoch))
         fit = solve_ridge(features, targets, splits) if head == "regression" else \
-            solve_logistic(features, targets, head, spec.n_bins, splits)
+            solve_logistic(features, targets, head, recipe.n_bins, splits)
         if on_epoch is not None and len(fit.history) == 1:
             on_epoch(fit.history[0][-1])  # one record: a scheduler sees the solved probe
         return fit
-    return adamw_probes(features, targets, head, spec, splits, on_epoch)
+    return adamw_probes(features, targets, head, recipe, splits, on_epoch)
 
 
 def _without(bad: np.ndarray, fit: ProbeFit) -> ProbeFit:
@@ -72,30 +87,30 @@ def val_record(epoch: int, pred, y_val, train_mean: float, loss: float) -> dict:
             "val_skill": m["skill"]}
 
 
-def adamw_probes(features: np.ndarray, targets: np.ndarray, head: str, spec: TrialSpec,
+def adamw_probes(features: np.ndarray, targets: np.ndarray, head: str, recipe: Recipe,
                  splits: dict[str, np.ndarray], on_epoch=None) -> ProbeFit:
     """AdamW from zero, minibatches; the neurons share nothing (a sum of per-neuron means, elementwise
     AdamW), each early-stops on its own val MSE and keeps its own best epoch — N one-at-a-time fits."""
     X = torch.from_numpy(np.array(features, np.float32))  # a private copy: cache arrays are read-only views
     N = targets.shape[1]
     tr, va = splits["train"], splits["val"]
-    maps = [HeadMap(head, targets[tr, j], spec.n_bins) for j in range(N)]
+    maps = [HeadMap(head, targets[tr, j], recipe.n_bins) for j in range(N)]
     enc = torch.stack([m.encode(targets[:, j]) for j, m in enumerate(maps)])  # N × n_texts
     n_out = maps[0].n_out
     W = torch.zeros(N, n_out, X.shape[1], requires_grad=True)  # zero init: convex problem, seed-free
     b = torch.zeros(N, n_out, requires_grad=True)
-    opt = torch.optim.AdamW([W, b], lr=spec.lr, weight_decay=spec.weight_decay)
-    gen = torch.Generator().manual_seed(spec.seed)
+    opt = torch.optim.AdamW([W, b], lr=recipe.lr, weight_decay=recipe.weight_decay)
+    gen = torch.Generator().manual_seed(recipe.seed)
     best = torch.full((N,), math.inf, dtype=torch.float64)
     best_W, best_b = W.detach().clone(), b.detach().clone()
     stale = torch.zeros(N, dtype=torch.long)
     active = torch.ones(N, dtype=torch.bool)
     failed: list[str | None] = [None] * N
     history: list[list[dict]] = [[] for _ in range(N)]
-    for epoch in range(spec.epochs):
+    for epoch in range(recipe.epochs):
         order = torch.as_tensor(tr)[torch.randperm(len(tr), generator=gen)]
-        for start in range(0, len(order), spec.batch_size):
-            idx = order[start : start + spec.batch_size]
+        for start in range(0, len(order), recipe.batch_size):
+            idx = order[start : start + recipe.batch_size]
             out = torch.einsum("bd,nod->nbo", X[idx], W) + b[:, None]
             per_neuron = torch.stack([maps[j].loss(out[j], enc[j, idx]) for j in range(N)])
             bad = ~torch.isfinite(per_neuron.detach())
@@ -117,7 +132,7 @@ def adamw_probes(features: np.ndarray, targets: np.ndarray, head: str, spec: Tri
                 best_W[j], best_b[j] = W[j].detach(), b[j].detach()
             else:
                 stale[j] += 1
-                active[j] = stale[j] < spec.patience
+                active[j] = stale[j] < recipe.patience
         if not active.any():
             break
         if on_epoch is not None and N == 1 and not on_epoch(history[0][-1]):
@@ -376,7 +391,7 @@ def newton_rows(objective, theta: torch.Tensor, tol: float, max_iter: int):
 
 
 def train_model(surface: Surface, start: int, inputs, head: LinearHead, hmap: HeadMap, y: np.ndarray,
-                read_pos: np.ndarray, spec: TrialSpec, splits: dict[str, np.ndarray], on_epoch=None
+                read_pos: np.ndarray, recipe: Recipe, splits: dict[str, np.ndarray], on_epoch=None
                 ) -> tuple[Surface, list[dict]]:
     """Train a copy of blocks start… and the final norm so that `head` on the final norm's output predicts y.
 
@@ -386,22 +401,22 @@ def train_model(surface: Surface, start: int, inputs, head: LinearHead, hmap: He
     trainable = net.trainable()
     target = hmap.encode(y)
 
-    autocast = torch.autocast(surface.device.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16")
+    autocast = torch.autocast(surface.device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16")
 
     def outputs(idx: np.ndarray, train: bool = False) -> torch.Tensor:
         with autocast if train else contextlib.nullcontext():  # evaluation always in float32
             final = net.ln_final(net.run(inputs(idx), start))
         return head(final[torch.arange(len(idx)), torch.as_tensor(read_pos[idx])].float())
 
-    opt = torch.optim.AdamW(trainable.values(), lr=spec.lr, weight_decay=spec.weight_decay)
-    gen = torch.Generator().manual_seed(spec.seed)
+    opt = torch.optim.AdamW(trainable.values(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    gen = torch.Generator().manual_seed(recipe.seed)
     tr, va = splits["train"], splits["val"]
     best, stale, history = math.inf, 0, []
     best_state = {k: v.detach().clone() for k, v in trainable.items()}
-    for epoch in range(spec.epochs):
+    for epoch in range(recipe.epochs):
         order = tr[torch.randperm(len(tr), generator=gen).numpy()]
-        for s in range(0, len(order), spec.batch_size):
-            idx = order[s : s + spec.batch_size]
+        for s in range(0, len(order), recipe.batch_size):
+            idx = order[s : s + recipe.batch_size]
             loss = hmap.loss(outputs(idx, train=True), target[idx].to(surface.device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite training loss at epoch {epoch}")
@@ -419,7 +434,7 @@ def train_model(surface: Surface, start: int, inputs, head: LinearHead, hmap: He
             best_state = {k: v.detach().clone() for k, v in trainable.items()}
         else:
             stale += 1
-            if stale >= spec.patience:
+            if stale >= recipe.patience:
                 break
         if on_epoch is not None and not on_epoch(history[-1]):
             break  # a scheduler (ASHA) stopped this trial: keep its best epoch so far

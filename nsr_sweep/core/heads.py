@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import NsrError
+from .spec import HEADS
 
-HEADS = ("regression", "classification", "token")
 DIGITS = "0123456789"
 
 

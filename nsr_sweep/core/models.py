@@ -2,7 +2,7 @@
 
 `load_model` resolves a bundled name (`nsr-tiny`), a local HF-format directory or a hub
 name (from the local Hugging Face cache first; the network only when allowed), and returns a
-`BaseModel` holding the plain `transformers` model (eager attention), its tokenizer, and its
+`LoadedModel` holding the plain `transformers` model (eager attention), its tokenizer, and its
 `surface` (`nsr_sweep.core.surface`): the one view of the weights that every stage reads, trains and
 patches through, with module names from TransformerLens 4's architecture adapter. Weights are
 never processed (no LayerNorm folding): weight analyses state their basis instead.
@@ -15,9 +15,10 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from .errors import NsrError
+from .spec import Init, Processing
 
 if TYPE_CHECKING:
     import torch
@@ -36,8 +37,8 @@ def bundled_models() -> dict[str, Path]:
 @dataclass(frozen=True)
 class ModelSpec:
     name: str = BUNDLED
-    init: Literal["pretrained", "random"] = "pretrained"
-    processing: Literal["none"] = "none"
+    init: Init = "pretrained"
+    processing: Processing = "none"
     device: str = "cpu"
     seed: int = 0  # for init: random
 
@@ -153,7 +154,7 @@ def weights_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-class BaseModel:
+class LoadedModel:
     """A base model resident in memory: the plain HF model, its surface, tokenizer and identity."""
 
     def __init__(self, spec: ModelSpec):
@@ -232,15 +233,15 @@ class BaseModel:
             raise NsrError(f"{field} {neuron!r} is out of range for {self.spec.name}: allowed 0..{self.d_mlp - 1} (d_mlp)")
 
 
-_RESIDENT: dict[ModelSpec, BaseModel] = {}
+_RESIDENT: dict[ModelSpec, LoadedModel] = {}
 
 
-def load_model(spec: ModelSpec | str, **kw) -> BaseModel:
+def load_model(spec: ModelSpec | str, **kw) -> LoadedModel:
     """Load (once per process) the base model described by `spec`."""
     if isinstance(spec, str):
         spec = ModelSpec(name=spec, **kw)
     if spec not in _RESIDENT:
-        _RESIDENT[spec] = BaseModel(spec)
+        _RESIDENT[spec] = LoadedModel(spec)
     return _RESIDENT[spec]
 
 

@@ -7,21 +7,37 @@ against its config.json, hook names its surface knows) is checked by the validat
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import NsrError
 
-HEADS = ("regression", "classification", "token")
-FREEZES = ("none", "after_target", "all")
-SELECTORS = ("top_variance", "top_kurtosis", "top_max")
-METRICS = ("val_mse", "val_pearson_r", "val_loss", "val_skill")
+Head = Literal["regression", "classification", "token"]
+Freeze = Literal["none", "after_target", "all"]
+NamedControl = Literal["shuffled", "random_model", "early_features", "input_only"]
+"""The controls a sweep file names by name; `{cross_model: <model>}` is the one with a value."""
+Control = Literal[NamedControl, "cross_model"]
+Metric = Literal["val_mse", "val_pearson_r", "val_loss", "val_skill"]
+Selector = Literal["top_variance", "top_kurtosis", "top_max", "all"]
+TargetHook = Literal["post", "pre"]
+Position = Literal["last"]
+Init = Literal["pretrained", "random"]
+Processing = Literal["none"]  # weights as trained; `compat` (LayerNorm folding) was removed
+HEADS: tuple[str, ...] = get_args(Head)
+FREEZES: tuple[str, ...] = get_args(Freeze)
+CONTROLS: tuple[str, ...] = get_args(Control)
+METRICS: tuple[str, ...] = get_args(Metric)
 SCALE_FREE = ("val_pearson_r", "val_skill")  # comparable across neurons, whose activations have other units
 HYPERPARAMETERS = ("lr", "epochs", "batch_size", "weight_decay", "n_bins", "patience")
+GROUP_COLUMNS = ("layer", "neuron", "head", "freeze", "control")
+"""A group: the trials of one (layer, neuron, head, freeze, control) that differ only in their search sample."""
+CELL_COLUMNS = GROUP_COLUMNS[:4]
+"""A cell: the (layer, neuron, head, freeze) that a real group and its controls share."""
 
 
 class Strict(BaseModel):
@@ -30,8 +46,8 @@ class Strict(BaseModel):
 
 class ModelCfg(Strict):
     name: str = "nsr-tiny"
-    init: Literal["pretrained", "random"] = "pretrained"
-    processing: Literal["none"] = "none"  # weights as trained; `compat` (LayerNorm folding) was removed
+    init: Init = "pretrained"
+    processing: Processing = "none"
     seed: int = 0
 
 
@@ -43,8 +59,8 @@ class CorpusCfg(Strict):
 
 
 class TargetCfg(Strict):
-    hook: Literal["post", "pre"] = "post"
-    position: Literal["last"] = "last"
+    hook: TargetHook = "post"
+    position: Position = "last"
 
 
 HOOK_NAME = re.compile(r"^(blocks\.\d+\.)?([a-z_0-9]+\.)*hook_[a-z_0-9]+$")  # a TransformerLens hook name
@@ -65,7 +81,7 @@ class FeaturesCfg(Strict):
 
 
 class NeuronSelect(Strict):
-    select: Literal["top_variance", "top_kurtosis", "top_max", "all"]
+    select: Selector
     """Rank the layer's neurons on the cache (variance, kurtosis or max activation) and take the top k —
     or take every neuron of the layer (`all`; `neurons: all` is short for `[{select: all}]`)."""
     k: Optional[int] = Field(None, ge=1, le=100000)
@@ -90,6 +106,10 @@ class SplitsCfg(Strict):
         if abs(self.train + self.val + self.test - 1) > 1e-6:
             raise ValueError(f"train + val + test must be 1, got {self.train + self.val + self.test:g}")
         return self
+
+    @property
+    def fractions(self) -> tuple[float, float, float]:
+        return (self.train, self.val, self.test)
 
 
 class TrainingCfg(Strict):
@@ -175,7 +195,7 @@ class Dist(Strict):
 class SearchCfg(Strict):
     algorithm: Literal["optuna", "random"] = "optuna"
     num_samples: int = Field(4, ge=1, le=100000)
-    metric: Literal["val_mse", "val_pearson_r", "val_loss", "val_skill"] = "val_mse"
+    metric: Metric = "val_mse"
     mode: Literal["min", "max"] = "min"
     scheduler: Literal["none", "asha"] = "none"  # asha: Tune's ASHA stops weak trials between epochs
     grace_period: int = Field(1, ge=1)  # epochs before ASHA may stop a trial
@@ -257,15 +277,15 @@ class SweepSpec(Strict):
         if isinstance(v, list):  # a selector's own error, not the int branch's "should be a valid integer"
             return [NeuronSelect.model_validate(n) if isinstance(n, dict) else n for n in v]
         return v
-    heads: list[Literal["regression", "classification", "token"]] = Field(min_length=1)
-    freeze: list[Literal["none", "after_target", "all"]] = Field(min_length=1)
+    heads: list[Head] = Field(min_length=1)
+    freeze: list[Freeze] = Field(min_length=1)
     features: FeaturesCfg = FeaturesCfg()
     splits: SplitsCfg = SplitsCfg()
     training: TrainingCfg = TrainingCfg()
     search: SearchCfg = SearchCfg()
     resources: ResourcesCfg = ResourcesCfg()
     analysis: AnalysisCfg = AnalysisCfg()
-    controls: list[Union[Literal["shuffled", "random_model", "early_features", "input_only"], CrossModelCfg]] = \
+    controls: list[Union[NamedControl, CrossModelCfg]] = \
         Field(default_factory=list)
     """Control trials beside the real ones (docs/science.md): shuffled, random_model, early_features,
     input_only, and {cross_model: <model>}."""
@@ -333,31 +353,93 @@ class SweepSpec(Strict):
         return [(h, f) for h in self.heads for f in self.freeze if not valid_combo(h, f)]
 
 
-class TrialSpec(TrainingCfg):
-    """One trial, as the worker runs it: built from the sweep, validated again on the worker (no key dropped).
+# -- one trial, and the trials that run together -------------------------------------------------------------
 
-    The training fields (lr, epochs, …, solver, suffix, save_weights) and their bounds are TrainingCfg's."""
+
+def stable_seed(*parts) -> int:
+    """A seed from any values, the same on every machine and Python (not `hash`)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
+
+
+class TrialSettings(Strict):
+    """What a trial takes from the sweep file: the same sections under the same names, with the search's sampled
+    values in `training`. The model, corpus and target define the cache and model a worker holds (they reach the
+    trial as those); `search`, `resources`, `max_failures` and `batch_size_cache` decide how trials are run."""
+
+    seed: int = 0
+    """The sweep's seed: the train/val/test split, the shuffled control's permutation, and each trial's own seed
+    (`TrialSpec.trial_seed`) derive from it."""
+    training: TrainingCfg = TrainingCfg()
+    features: FeaturesCfg = FeaturesCfg()
+    splits: SplitsCfg = SplitsCfg()
+    analysis: AnalysisCfg = AnalysisCfg()
+
+    @classmethod
+    def of(cls, sweep: SweepSpec, params: dict[str, Any] | None = None) -> TrialSettings:
+        """A sweep's trial settings, the sampled hyperparameters `params` applied to its training section."""
+        training = sweep.training.model_validate({**sweep.training.model_dump(), **(params or {})}) if params \
+            else sweep.training
+        return cls(seed=sweep.seed, training=training, features=sweep.features, splits=sweep.splits,
+                   analysis=sweep.analysis)
+
+
+class GridPoint(Strict):
+    """A trial's place in the sweep's grid: one of its layers, neurons, heads and freeze modes, a control or
+    none, and the search sample of its group."""
 
     layer: int = Field(ge=0)
     neuron: int = Field(ge=0)
-    head: Literal["regression", "classification", "token"] = "regression"
-    freeze: Literal["none", "after_target", "all"] = "none"
-    seed: int = 0
-    """The trial's own randomness: init of a frozen head, minibatch order."""
-    split_seed: int = 0
-    """The train/val/test split: shared by every trial of a sweep."""
-    splits: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    control: Literal["shuffled", "random_model", "early_features", "input_only", "cross_model"] | None = None
+    head: Head = "regression"
+    freeze: Freeze = "none"
+    control: Control | None = None
     """None for the real trial; else the control it is (docs/science.md)."""
     cross_model: str | None = None
     """The other model of a cross_model control."""
-    feature_hook: str = "ln_final.hook_out"
-    """What a frozen-base probe reads (unfrozen heads read ln_final.hook_out)."""
-    patch_grid: Literal["quantiles", "scale"] = "quantiles"
-    n_grid: int = Field(7, ge=2, le=101)
-    scales: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0)
-    patch_texts: int = Field(64, ge=2, le=4096)
-    analyses: bool = True
+    sample: int = Field(0, ge=0)
+    """Which hyperparameter sample of its group (0 for a group solved once)."""
+
+    @property
+    def group(self) -> tuple:
+        """The group key: (layer, neuron, head, freeze, control or "")."""
+        return (self.layer, self.neuron, self.head, self.freeze, self.control or "")
+
+    @property
+    def group_id(self) -> str:
+        """`L<layer>-N<neuron>-<head>-<freeze>[-<control>]`."""
+        return f"L{self.layer}-N{self.neuron}-{self.head}-{self.freeze}{f'-{self.control}' if self.control else ''}"
+
+    @property
+    def trial_id(self) -> str:
+        """`<group_id>-s<sample>`; `parse_trial_id` reads it back."""
+        return f"{self.group_id}-s{self.sample}"
+
+    def at(self, sample: int) -> GridPoint:
+        return self.model_copy(update={"sample": sample})
+
+
+def group_of(row: dict) -> tuple:
+    """The group key of a trial-table row or record (the columns GROUP_COLUMNS)."""
+    return (row["layer"], row["neuron"], row["head"], row["freeze"], row.get("control") or "")
+
+
+TRIAL_ID = re.compile(r"^L(\d+)-N(\d+)-([a-z]+)-([a-z_]+?)(?:-([a-z_]+))?-s(\d+)$")
+
+
+def parse_trial_id(tid: str) -> dict | None:
+    """The group and sample a trial id names, or None for a name that is not one."""
+    m = TRIAL_ID.match(tid)
+    if m is None:
+        return None
+    L, n, head, freeze, control, sample = m.groups()
+    return {"trial_id": tid, "layer": int(L), "neuron": int(n), "head": head, "freeze": freeze,
+            "control": control, "sample": int(sample)}
+
+
+class TrialSpec(TrialSettings, GridPoint):
+    """One trial, as the worker runs it: its place in the grid and its settings, the sweep file's names.
+
+    `TrialSpec(layer=2, neuron=7, head="classification", features={"hook": "blocks.2.mlp.hook_post"},
+    training={"n_bins": 5})` — every section defaults as in a sweep file."""
 
     @model_validator(mode="after")
     def _valid(self):
@@ -371,10 +453,29 @@ class TrialSpec(TrainingCfg):
                              f"{', '.join(CROSS_FREEZES)}, got freeze {self.freeze!r}")
         return self
 
+    @classmethod
+    def in_sweep(cls, sweep: SweepSpec, **point: Any) -> TrialSpec:
+        """A trial with a sweep's settings at a place of its grid: `TrialSpec.in_sweep(spec, layer=1, neuron=3)`."""
+        return cls.model_validate({**TrialSettings.of(sweep).model_dump(), **point})
+
+    @property
+    def trial_seed(self) -> int:
+        """The trial's own randomness (a frozen head's init, minibatch order): from the sweep's seed, its group
+        and its sample."""
+        return stable_seed(self.seed, self.group, self.sample)
+
     @property
     def read_hook(self) -> str:
         """The point the head reads: the probe's feature hook, or the unembedding's input for unfrozen trials."""
-        return self.feature_hook if self.freeze == "none" else "ln_final.hook_out"
+        return self.features.hook if self.freeze == "none" else "ln_final.hook_out"
+
+    @property
+    def settings(self) -> TrialSettings:
+        return TrialSettings.model_validate({k: getattr(self, k) for k in TrialSettings.model_fields})
+
+    @property
+    def point(self) -> GridPoint:
+        return GridPoint.model_validate({k: getattr(self, k) for k in GridPoint.model_fields})
 
     def check(self, model=None) -> None:
         if model is not None:
@@ -382,12 +483,31 @@ class TrialSpec(TrainingCfg):
             model.check_neuron(self.neuron)
 
 
-def trial_spec(config: dict) -> TrialSpec:
-    """The worker's TrialSpec from a trial config: every key but the bookkeeping ones must be a field."""
-    try:
-        return TrialSpec.model_validate({k: v for k, v in config.items() if k not in ("trial_id", "sample")})
-    except ValidationError as e:
-        raise NsrError(f"trial {config.get('trial_id', '?')}: {_format_error(e)}") from None
+class TrialBatch(Strict):
+    """Trials that run as one call on one worker, with their settings once: a unit of frozen-base probes (one
+    layer, a chunk of its neurons, every head and control; `unit` names it), or a trial alone (`unit` None).
+    This is what travels through Tune, as its JSON: the worker rebuilds the same `TrialSpec`s."""
+
+    unit: str | None = None
+    settings: TrialSettings
+    points: list[GridPoint] = Field(min_length=1)
+
+    @property
+    def id(self) -> str:
+        """The unit's id, or the trial's."""
+        return self.unit if self.unit is not None else self.points[0].trial_id
+
+    def specs(self) -> list[TrialSpec]:
+        s = self.settings.model_dump()
+        return [TrialSpec.model_validate({**s, **p.model_dump()}) for p in self.points]
+
+    @classmethod
+    def of(cls, specs: list[TrialSpec], unit: str | None = None) -> TrialBatch:
+        """Trials with one settings (a unit's, or one trial's) as a batch."""
+        settings = specs[0].settings
+        if any(s.settings != settings for s in specs[1:]):
+            raise ValueError("the trials of a batch share their settings")
+        return cls(unit=unit, settings=settings, points=[s.point for s in specs])
 
 
 def split_sizes(n: int, fractions) -> tuple[int, int, int]:

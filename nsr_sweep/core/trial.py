@@ -12,7 +12,6 @@ Plain Python, no Ray: the sweep machinery calls exactly `run_trial`. It reads li
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -23,11 +22,11 @@ import torch
 
 from .cache import ActivationCache, neuron_hook
 from .errors import NsrError
-from .fit import fit_probes, train_model
+from .fit import Recipe, fit_probes, train_model
 from .forward import TrialModel, read_points, resid_after
 from .heads import HeadMap, LinearHead, digit_token_ids, frozen_head
 from .metrics import prediction_metrics
-from .models import BaseModel
+from .models import LoadedModel
 from .patching import LastPosition
 from .spec import TrialSpec, split_sizes
 from .surface import Surface
@@ -72,8 +71,8 @@ def split_indices(n: int, fractions=(0.7, 0.15, 0.15), seed: int = 0) -> dict[st
     return {k: np.sort(v) for k, v in cuts.items()}
 
 
-def run_trial(cache: ActivationCache, model: BaseModel | None, spec: TrialSpec, on_epoch=None,
-              outsider: BaseModel | None = None) -> TrialResult:
+def run_trial(cache: ActivationCache, model: LoadedModel | None, spec: TrialSpec, on_epoch=None,
+              outsider: LoadedModel | None = None) -> TrialResult:
     """Train, evaluate and analyse one trial. A non-finite loss gives status `failed` with the reason.
 
     `on_epoch(record) -> bool` sees each epoch's validation record; False stops training there.
@@ -82,8 +81,8 @@ def run_trial(cache: ActivationCache, model: BaseModel | None, spec: TrialSpec, 
     return run_trials(cache, model, [spec], on_epoch, outsider)[0]
 
 
-def run_trials(cache: ActivationCache, model: BaseModel | None, specs: list[TrialSpec], on_epoch=None,
-               outsider: BaseModel | None = None) -> list[TrialResult]:
+def run_trials(cache: ActivationCache, model: LoadedModel | None, specs: list[TrialSpec], on_epoch=None,
+               outsider: LoadedModel | None = None) -> list[TrialResult]:
     """Trials that share their work: the frozen-base probes of one layer — any neurons, heads and controls —
     fitted together and patched from one set of patched features (`run_probes`; each probe's numbers are
     what it gets alone), or one unfrozen trial."""
@@ -98,11 +97,10 @@ def run_trials(cache: ActivationCache, model: BaseModel | None, specs: list[Tria
         cache, model = cross_view(cache), outsider
     else:
         spec.check(model)
-    _injected_failure(spec)
     t0 = time.perf_counter()
     real = np.asarray(cache.activations(spec.layer, spec.neuron), np.float64)
     y = shuffled_target(real, spec) if spec.control == "shuffled" else real
-    splits = split_indices(cache.n_texts, spec.splits, spec.split_seed)
+    splits = split_indices(cache.n_texts, spec.splits.fractions, spec.seed)
     seqs, answer_pos, digit_ids = sequences(cache, spec, model)
     try:
         fit: Fit | FloatingPointError = fit_head(cache, model, spec, y, splits, seqs, answer_pos, digit_ids, on_epoch)
@@ -111,12 +109,18 @@ def run_trials(cache: ActivationCache, model: BaseModel | None, specs: list[Tria
     return [_finish(cache, model, spec, fit, real, y, splits, seqs, answer_pos, time.perf_counter() - t0)]
 
 
-UNIT_KEYS = ("layer", "freeze", "feature_hook", "splits", "split_seed", "analyses", "patch_grid", "n_grid", "scales",
-             "patch_texts")
-"""What the probes of one unit of work share (they differ in neuron, head, control and seed)."""
-FIT_KEYS = ("head", "solver", "n_bins", "lr", "epochs", "batch_size", "weight_decay", "patience")
+UNIT_KEYS = ("layer", "freeze", "seed", "features", "splits", "analysis")
+"""What the probes of one unit of work share (they differ in neuron, head, control and sample)."""
+FIT_KEYS = ("head", "training")
 """Probes of a unit with the same values here, reading the same features, are one `fit_probes` call (one
 column per probe: a real probe and its shuffled control share one solve)."""
+
+
+def recipe(spec: TrialSpec) -> Recipe:
+    """How the trial fits: its training section and its own seed, as plain values."""
+    t = spec.training
+    return Recipe(solver=t.solver, n_bins=t.n_bins, lr=t.lr, epochs=t.epochs, batch_size=t.batch_size,
+                  weight_decay=t.weight_decay, patience=t.patience, precision=t.precision, seed=spec.trial_seed)
 
 
 def feature_source(spec: TrialSpec) -> tuple:
@@ -128,7 +132,7 @@ def batchable(specs: list[TrialSpec]) -> None:
     """Only frozen-base probes of one layer, with the same splits and analyses, share a unit; only exact
     solves (nothing to search) run more than one at a time."""
     s = specs[0]
-    if s.freeze != "none" or (len(specs) > 1 and any(o.solver != "exact" for o in specs)):
+    if s.freeze != "none" or (len(specs) > 1 and any(o.training.solver != "exact" for o in specs)):
         raise NsrError("only frozen-base probes solved exactly (freeze none, solver exact) run as a batch")
     for other in specs[1:]:
         if any(getattr(other, k) != getattr(s, k) for k in UNIT_KEYS):
@@ -138,10 +142,10 @@ def batchable(specs: list[TrialSpec]) -> None:
 def shuffled_target(real: np.ndarray, spec: TrialSpec) -> np.ndarray:
     """The shuffled control's target: the neuron's activations permuted once — one permutation per neuron
     and split seed, the same for every head and search sample."""
-    return np.random.default_rng([spec.split_seed, spec.layer, spec.neuron, 0x5EED]).permutation(real)
+    return np.random.default_rng([spec.seed, spec.layer, spec.neuron, 0x5EED]).permutation(real)
 
 
-def run_probes(cache: ActivationCache, model: BaseModel | None, specs: list[TrialSpec], on_epoch=None
+def run_probes(cache: ActivationCache, model: LoadedModel | None, specs: list[TrialSpec], on_epoch=None
                ) -> list[TrialResult]:
     """Probes on cached features (freeze none) of one layer, fitted per (head, control) group in one solve,
     then each probe's predictions, metrics and analyses; exact patching for every probe that reads this
@@ -151,12 +155,11 @@ def run_probes(cache: ActivationCache, model: BaseModel | None, specs: list[Tria
     for s in specs:
         if s.control not in ("cross_model", "input_only", "random_model", "early_features"):
             s.check(model)
-        _injected_failure(s)
-    if any(s.control in (None, "shuffled") for s in specs) and spec.feature_hook != cache.meta["spec"]["features"]:
-        raise NsrError(f"feature_hook {spec.feature_hook!r} is not the cache's features "
+    if any(s.control in (None, "shuffled") for s in specs) and spec.features.hook != cache.meta["spec"]["features"]:
+        raise NsrError(f"features.hook {spec.features.hook!r} is not the cache's features "
                        f"({cache.meta['spec']['features']!r})")
     t0 = time.perf_counter()
-    splits = split_indices(cache.n_texts, spec.splits, spec.split_seed)
+    splits = split_indices(cache.n_texts, spec.splits.fractions, spec.seed)
     reals = [np.asarray(cache.activations(s.layer, s.neuron), np.float64) for s in specs]
     ys = [shuffled_target(r, s) if s.control == "shuffled" else r for s, r in zip(specs, reals)]
     groups: dict[tuple, list[int]] = {}
@@ -199,13 +202,13 @@ def _finish_probe(cache, model, spec: TrialSpec, fit, real, y, splits, fit_secon
     metrics.update({"epochs_run": len(fit.history), "best_epoch": best, "val_mse": fit.history[best]["val_mse"],
                     "val_loss": fit.history[best]["val_loss"], "train_seconds": fit_seconds,
                     "train_mean": fit.hmap.train_mean, **fit.solver})
-    if spec.analyses and spec.control in (None, "shuffled") and model is not None:
+    if spec.analysis.enabled and spec.control in (None, "shuffled") and model is not None:
         from .analyses import weight_columns
 
         test = splits["test"]
         metrics.update(weight_columns(cache, model.surface, fit.head.weight, spec.read_hook, spec, fit.hmap,
                                       preds["readout"].to_numpy()[test], test, real))
-    elif spec.analyses:
+    elif spec.analysis.enabled:
         from .analyses import unreachable_patch
 
         metrics.update(unreachable_patch())  # another model's features, or the text's: the neuron cannot move them
@@ -218,18 +221,18 @@ def _patch_probes(cache, model, specs, fits, results, reals, splits, batched: bo
     from .analyses import Probe, fit_patch, patch_grid, probe_patching
 
     todo = [i for i, (s, r) in enumerate(zip(specs, results))
-            if r.status == "ok" and s.analyses and s.control in (None, "shuffled") and model is not None]
+            if r.status == "ok" and s.analysis.enabled and s.control in (None, "shuffled") and model is not None]
     if not todo:
         return
     t0 = time.perf_counter()
     spec = specs[todo[0]]
-    sample = splits["test"][: spec.patch_texts]
+    sample = splits["test"][: spec.analysis.patch_texts]
     engine = last_position(model, [cache.tokens[i] for i in sample], spec.layer, cache.meta["spec"]["hook"],
-                           spec.feature_hook)
+                           spec.features.hook)
     train = splits["train"]
-    grids = {specs[i].neuron: patch_grid(reals[i][train], spec.patch_grid, spec.n_grid, spec.scales) for i in todo}
+    grids = {specs[i].neuron: patch_grid(reals[i][train], spec.analysis.patch_grid, spec.analysis.n_grid, spec.analysis.scales) for i in todo}
     probes = [Probe(specs[i].neuron, fits[i].head, fits[i].hmap) for i in todo]
-    points, estimates = probe_patching(engine, probes, grids, spec.patch_grid == "scale", sample)
+    points, estimates = probe_patching(engine, probes, grids, spec.analysis.patch_grid == "scale", sample)
     share = (time.perf_counter() - t0) / len(todo)
     for i, pts, est in zip(todo, points, estimates):
         try:
@@ -241,7 +244,7 @@ def _patch_probes(cache, model, specs, fits, results, reals, splits, batched: bo
             results[i] = TrialResult(specs[i], "failed", reason=f"{type(e).__name__}: {e}"[:2000])
 
 
-def last_position(model: BaseModel, seqs: list[list[int]], layer: int, hook: str, read_hook: str):
+def last_position(model: LoadedModel, seqs: list[list[int]], layer: int, hook: str, read_hook: str):
     """The patching engine for these texts, shared by the units of one worker that patch the same texts of the
     same model at the same layer (a memo keyed by the model's weights and the texts' tokens)."""
     from .patching import LastPosition
@@ -277,20 +280,20 @@ def _finish(cache, model, spec: TrialSpec, fit, real, y, splits, seqs, answer_po
                     "val_loss": fit.history[best]["val_loss"], "train_seconds": fit_seconds + time.perf_counter() - t0,
                     "train_mean": fit.hmap.train_mean, **fit.solver})
     points = None
-    if spec.analyses and model is not None and fit.surface is not None and spec.control in (None, "shuffled"):
+    if spec.analysis.enabled and model is not None and fit.surface is not None and spec.control in (None, "shuffled"):
         from .analyses import analyse
 
         final = TrialModel(fit.surface, fit.head, spec.read_hook, seqs, answer_pos, cache.positions, spec.layer,
                            hook, spec.neuron, model.tokenizer.pad_token_id)
         columns, points = analyse(cache, model.surface, final, spec, fit.hmap, preds, splits, real)
         metrics.update(columns)
-    elif spec.analyses and spec.control == "cross_model":
+    elif spec.analysis.enabled and spec.control == "cross_model":
         from .analyses import unreachable_patch
 
         metrics.update(unreachable_patch(probe=False))  # this model's neuron cannot move the other model
     metrics["seconds"] = fit_seconds + time.perf_counter() - t0
     save: Callable | None = None
-    if spec.save_weights and fit.surface is not None and model is not None:
+    if spec.training.save_weights and fit.surface is not None and model is not None:
         hf, tok = fit.surface.to_hf(), model.tokenizer
         def save(path):
             hf.save_pretrained(path)
@@ -299,13 +302,13 @@ def _finish(cache, model, spec: TrialSpec, fit, real, y, splits, seqs, answer_po
                        save_model=save, history=fit.history, patch=points)
 
 
-def probe_fits(cache: ActivationCache, model: BaseModel | None, specs: list[TrialSpec], Y: np.ndarray, splits: dict,
+def probe_fits(cache: ActivationCache, model: LoadedModel | None, specs: list[TrialSpec], Y: np.ndarray, splits: dict,
                on_epoch) -> list[Fit | FloatingPointError]:
     """Probes on the cached features (freeze none), one per column of Y, fitted in one call."""
     spec = specs[0]
     features = control_features(cache, spec)
     try:
-        pf = fit_probes(features, Y, spec.head, spec, splits, on_epoch=on_epoch)
+        pf = fit_probes(features, Y, spec.head, recipe(spec), splits, on_epoch=on_epoch)
     except FloatingPointError as e:
         return [e] * len(specs)
     X = torch.from_numpy(np.array(features, np.float32))  # a private copy: cache arrays are read-only views
@@ -321,13 +324,13 @@ def probe_fits(cache: ActivationCache, model: BaseModel | None, specs: list[Tria
     return fits
 
 
-def fit_head(cache: ActivationCache, model: BaseModel | None, spec: TrialSpec, y: np.ndarray, splits: dict,
+def fit_head(cache: ActivationCache, model: LoadedModel | None, spec: TrialSpec, y: np.ndarray, splits: dict,
              seqs: list[list[int]], answer_pos: np.ndarray, digit_ids, on_epoch) -> Fit:
     """The model trained under a frozen head (freeze after_target or all)."""
     assert model is not None, "an unfrozen trial needs the base model"
     s = model.surface
-    hmap = HeadMap(spec.head, y[splits["train"]], spec.n_bins)
-    head = frozen_head(spec.head, s.unembed, model.d_model, hmap.n_out, spec.seed, digit_ids)
+    hmap = HeadMap(spec.head, y[splits["train"]], spec.training.n_bins)
+    head = frozen_head(spec.head, s.unembed, model.d_model, hmap.n_out, spec.trial_seed, digit_ids)
     pad = model.tokenizer.pad_token_id
     lengths = np.array([len(q) for q in seqs])
     if spec.freeze == "after_target":  # blocks ≤ L never train: start from the residual after block L
@@ -340,20 +343,20 @@ def fit_head(cache: ActivationCache, model: BaseModel | None, spec: TrialSpec, y
 
         start = 0
         inputs = lambda idx: s.embed_ids(pad_batch([seqs[i] for i in idx], pad, s.device)[0])  # noqa: E731
-    net, history = train_model(s, start, inputs, head, hmap, y, answer_pos, spec, splits, on_epoch)
+    net, history = train_model(s, start, inputs, head, hmap, y, answer_pos, recipe(spec), splits, on_epoch)
     final = TrialModel(net, head, spec.read_hook, seqs, answer_pos, cache.positions, spec.layer, "post",
                        spec.neuron, pad)
     out, _ = final.batched(np.arange(len(seqs)))
     return Fit(hmap, head, net, True, out, history, {"solver": "adamw", "converged": None})
 
 
-def sequences(cache: ActivationCache, spec: TrialSpec, model: BaseModel | None):
+def sequences(cache: ActivationCache, spec: TrialSpec, model: LoadedModel | None):
     """Token sequences the model reads, the head's read position in each (the answer position: the
     suffix's last token for token heads, else the text's last token), and the digit token ids."""
     if spec.head != "token":
         return cache.tokens, np.asarray(cache.positions), None
     assert model is not None, "a token head needs the model's tokenizer"
-    suffix = spec.suffix.format(layer=spec.layer, neuron=spec.neuron)
+    suffix = spec.training.suffix.format(layer=spec.layer, neuron=spec.neuron)
     digit_ids = digit_token_ids(model.tokenizer, suffix)
     suffix_ids = model.tokenizer.encode(suffix, add_special_tokens=False)
     seqs = [list(t) + suffix_ids for t in cache.tokens]
@@ -447,13 +450,6 @@ def validation_scores(pred: np.ndarray, actual: np.ndarray, train_mean: float) -
     r = float(np.corrcoef(pred, actual)[0, 1]) if sd > 0 else float("nan")
     baseline = float(np.mean((train_mean - actual) ** 2))
     return r, (1 - float(np.mean((pred - actual) ** 2)) / baseline if baseline > 0 else float("nan"))
-
-
-def _injected_failure(spec: TrialSpec) -> None:
-    """Fault injection for tests of the failure path: NSR_SWEEP_FAIL_TRIALS lists layer/neuron/head/freeze keys."""
-    key = f"L{spec.layer}-N{spec.neuron}-{spec.head}-{spec.freeze}"
-    if key in os.environ.get("NSR_SWEEP_FAIL_TRIALS", "").split(","):
-        raise RuntimeError(f"injected failure for {key} (NSR_SWEEP_FAIL_TRIALS)")
 
 
 def spec_dict(spec: TrialSpec) -> dict:

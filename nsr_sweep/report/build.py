@@ -30,12 +30,13 @@ import numpy as np
 import pandas as pd
 
 from ..core.files import atomic_write
+from ..core.spec import CELL_COLUMNS
 from ..results.compare import Q, compare
 
 PIVOT_METRICS = ["pearson_r", "mse", "offset", "patch_slope", "drift", "skill"]
 LAYER_METRICS = ["pearson_r", "spearman_rho", "r2", "mse", "offset", "skill", "std_ratio", "patch_slope",
                  "patch_r2", "drift", "identity_r", "proj_readout_r", "proj_wout_r", "cos_win", "cos_wout"]
-GROUP = ["layer", "neuron", "head", "freeze"]
+GROUP = list(CELL_COLUMNS)
 FIRST_FIGURES = ("r_vs_patch_slope", "offset_vs_drift")  # right after the answer; the rest follow the overview
 
 

@@ -20,9 +20,10 @@ import numpy as np
 import pandas as pd
 
 from .records import test_predictions
+from ..core.spec import CELL_COLUMNS
 from ..core.uncertainty import bh_adjusted, gap_tests, layer_mean_intervals, metric_interval_arrays
 
-KEY = ["layer", "neuron", "head", "freeze"]
+KEY = list(CELL_COLUMNS)
 METRICS = ("pearson_r", "skill")
 OTHERS = ("cross", "input_only")
 SHORT = {"pearson_r": "r", "skill": "skill"}

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from ..core.spec import SweepSpec, dump_sweep, load_sweep
 from ..core.errors import NsrError
 from ..core.files import atomic_write, write_json
+from ..core.spec import SweepSpec, dump_sweep, load_sweep
 
 STATE = "sweep_state.json"
 LOCK = "sweep.lock"
@@ -30,30 +30,6 @@ TRIALS = "trials"
 RECORD = "metrics.json"  # a trial's record, written last: finished (ok or failed) once it exists
 PROBES = "probes"  # batched probes' records, predictions, patching points and heads: Parquet datasets (records.py)
 STUDIES = "optuna.log"  # every searched group's Optuna study (a JournalStorage file; `optuna-dashboard` opens it)
-
-
-TRIAL_ID = re.compile(r"^L(\d+)-N(\d+)-([a-z]+)-([a-z_]+?)(?:-([a-z_]+))?-s(\d+)$")
-
-
-def group_id(group: dict) -> str:
-    """`L<layer>-N<neuron>-<head>-<freeze>[-<control>]`: a (layer, neuron, head, freeze, control) group."""
-    ctl = f"-{group['control']}" if group.get("control") else ""
-    return f"L{group['layer']}-N{group['neuron']}-{group['head']}-{group['freeze']}{ctl}"
-
-
-def trial_id(group: dict, sample: int) -> str:
-    """`<group_id>-s<sample>`; `parse_trial_id` reads it back."""
-    return f"{group_id(group)}-s{sample}"
-
-
-def parse_trial_id(tid: str) -> dict | None:
-    """The group and sample a trial id names, or None for a name that is not one."""
-    m = TRIAL_ID.match(tid)
-    if m is None:
-        return None
-    L, n, head, freeze, control, sample = m.groups()
-    return {"trial_id": tid, "layer": int(L), "neuron": int(n), "head": head, "freeze": freeze,
-            "control": control, "sample": int(sample)}
 
 
 def trial_dir(sweep_dir: Path | str, trial_id: str) -> Path:
@@ -89,13 +65,17 @@ def backfill_runs(sweep_dir: Path, trial_ids: list[str]) -> int:
 
 
 def _alive(pid: int) -> bool:
+    """Whether a process runs (a zombie — a killed launch its new parent has not reaped yet — does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (not Linux): kill(0) is all there is
         return True
-    return True
 
 
 _HELD: dict[Path, int] = {}  # sweep dir → the open, flock-ed lock file of this process's launch

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from ..core.files import atomic_write, json_bytes, write_json
-from .layout import PROBES, RECORD, TRIALS, parse_trial_id
+from ..core.spec import TrialSpec, parse_trial_id
+from .layout import PROBES, RECORD, TRIALS
 
 ID_COLUMNS = ["trial_id", "layer", "neuron", "head", "freeze", "control", "cross_model", "sample", "seed"]
 HP_COLUMNS = ["solver", "lr", "epochs", "batch_size", "weight_decay", "patience", "n_bins"]
@@ -46,14 +48,33 @@ def record(*, trial_id: str, sample: int, spec: dict, status: str, reason: str |
             "metrics": metrics, "history": history}
 
 
-def trial_row(config: dict, status: str, metrics: dict, error: str | None, **extra) -> dict:
-    """A trial's row of the trial table: its identity, hyperparameters, status and every metric."""
-    row = {k: config.get(k) for k in ID_COLUMNS + HP_COLUMNS}
+def trial_row(spec: dict, status: str, metrics: dict, error: str | None, **extra) -> dict:
+    """A trial's row of the trial table: its identity, hyperparameters, status and every metric. `spec` is the
+    trial's TrialSpec as JSON with its `trial_id` (a record's spec; flat keys — a record of an older version, or a
+    trial id read back — are read as they are)."""
+    row = spec_columns(spec)
     row.update({"status": status, "error": error})
     row.update({k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
                 for k, v in sorted(metrics.items()) if k != "seconds"})
     row.update(extra)
     return row
+
+
+def spec_columns(spec: dict) -> dict:
+    """The identity and hyperparameter columns (ID_COLUMNS, HP_COLUMNS) of a trial's spec: the hyperparameters
+    from its training section, `seed` the trial's own seed."""
+    if not isinstance(spec.get("training"), dict):
+        return {k: spec.get(k) for k in ID_COLUMNS + HP_COLUMNS}
+    trial = TrialSpec.model_validate({k: v for k, v in spec.items() if k != "trial_id"})
+    row = {k: spec.get(k) for k in ID_COLUMNS}
+    row.update(trial_id=spec.get("trial_id", trial.trial_id), seed=trial.trial_seed)
+    row.update({k: getattr(trial.training, k) for k in HP_COLUMNS})
+    return row
+
+
+def spec_json(spec: TrialSpec, trial_id: str | None = None) -> dict:
+    """A TrialSpec as a record holds it, with its trial id."""
+    return {**spec.model_dump(mode="json"), "trial_id": trial_id or spec.trial_id}
 
 
 def write_record(d: Path, **fields) -> Path:
@@ -138,8 +159,7 @@ def unit_files(done: list[tuple], unit: str) -> dict[str, bytes]:
     rows = []
     for result, tid, sample in done:
         result.metrics["artefact_seconds"] = seconds
-        config = {**_spec_dict(result), "trial_id": tid, "sample": sample}
-        row = trial_row(config, result.status, result.metrics, result.reason, seconds=result.metrics.get("seconds"))
+        row = trial_row(spec_json(result.spec, tid), result.status, result.metrics, result.reason, seconds=result.metrics.get("seconds"))
         row.update(unit=unit, spec_json=json.dumps(_spec_dict(result)), history_json=json.dumps(result.history))
         rows.append(row)
     empty_preds = pd.DataFrame({"trial_id": pd.Series(dtype=str), **{c: pd.Series(dtype=np.float64) for c in PRED_COLUMNS}})
@@ -188,6 +208,31 @@ def write_files(root: Path, files: dict[str, bytes]) -> Path:
     return Path(root)
 
 
+@dataclass
+class FailedTrial:
+    """A trial that left nothing but its reason (it raised on every retry), shaped as a result for the writers."""
+
+    spec: TrialSpec
+    reason: str
+    status: str = "failed"
+    metrics: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    preds: None = None
+    patch: None = None
+    head: dict = field(default_factory=dict)
+
+
+def failed_files(specs: list[TrialSpec], reason: str, unit: str | None) -> dict[str, bytes]:
+    """The records of trials that failed without a result: one unit's files for a unit's probes, else the trial's
+    metrics.json."""
+    if unit is not None:
+        return unit_files([(FailedTrial(s, reason), s.trial_id, s.sample) for s in specs], unit)
+    s = specs[0]
+    return {f"{TRIALS}/{s.trial_id}/{RECORD}": json_bytes(record(
+        trial_id=s.trial_id, sample=s.sample, spec=s.model_dump(mode="json"), status="failed", reason=reason,
+        metrics={}, history=[]))}
+
+
 def save_unit(done: list[tuple], sweep_dir: Path, unit: str) -> Path:
     return write_files(sweep_dir, unit_files(done, unit))
 
@@ -203,11 +248,11 @@ def read_trial_dir(d: Path) -> dict | None:
         return None
     try:
         m = json.loads(f.read_text())
-        config = {**m["spec"], "trial_id": m.get("trial_id", d.name), "sample": m.get("sample", 0)}
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        row = trial_row({**m["spec"], "trial_id": m.get("trial_id", d.name), "sample": m.get("sample", 0)},
+                        m["status"], m.get("metrics", {}), m.get("reason"), seconds=m.get("metrics", {}).get("seconds"))
+    except (OSError, ValueError, KeyError, TypeError) as e:  # pydantic's ValidationError is a ValueError
         return damaged_row(d.name, f"unreadable {RECORD}: {type(e).__name__}")
-    return trial_row(config, m["status"], m.get("metrics", {}), m.get("reason"),
-                     seconds=m.get("metrics", {}).get("seconds"))
+    return row
 
 
 def damaged_row(trial_id: str, why: str) -> dict | None:

@@ -8,12 +8,13 @@ from pathlib import Path
 import pandas as pd
 
 from .records import HP_COLUMNS, ID_COLUMNS
+from ..core.spec import GROUP_COLUMNS
 from ..core.files import atomic_write
 
 STATUS_COLUMNS = ["status", "error", "seconds", "best"]
 
 
-GROUP = ["layer", "neuron", "head", "freeze", "control"]
+GROUP = list(GROUP_COLUMNS)
 
 
 def mark_best(df: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:

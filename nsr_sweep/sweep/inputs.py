@@ -9,7 +9,7 @@ import numpy as np
 from ..core.cache import ActivationCache, CacheSpec
 from ..core.corpus import load_corpus
 from ..core.errors import NsrError
-from ..core.models import BaseModel, ModelSpec, load_model
+from ..core.models import LoadedModel, ModelSpec, load_model
 from ..core.spec import SweepSpec
 
 
@@ -26,7 +26,7 @@ def cache_spec(spec: SweepSpec) -> CacheSpec:
 
 
 def build_cache(spec: SweepSpec, root: str | Path | None = None, progress: bool = True,
-                model: BaseModel | None = None) -> ActivationCache:
+                model: LoadedModel | None = None) -> ActivationCache:
     """Build or load the sweep's cache (with the random-model control's features when asked for)."""
     model = model or load_model(model_spec(spec))
     c = spec.corpus
@@ -35,7 +35,7 @@ def build_cache(spec: SweepSpec, root: str | Path | None = None, progress: bool 
                                   batch_size=spec.batch_size_cache, progress=progress)
     if "random_model" in spec.control_names:  # the control's features: same architecture, random weights
         m = model.spec
-        random = BaseModel(ModelSpec(name=m.name, init="random", seed=spec.seed + 1, device=m.device))
+        random = LoadedModel(ModelSpec(name=m.name, init="random", seed=spec.seed + 1, device=m.device))
         rc = ActivationCache.build(random, corpus, cache_spec(spec), root=root,
                                    batch_size=spec.batch_size_cache, progress=progress)
         cache.extra["random_model_features"] = rc.features
@@ -45,7 +45,7 @@ def build_cache(spec: SweepSpec, root: str | Path | None = None, progress: bool 
     return cache
 
 
-def aligned_tokens(model: BaseModel, other: BaseModel, seqs: list[list[int]]) -> list[list[int]]:
+def aligned_tokens(model: LoadedModel, other: LoadedModel, seqs: list[list[int]]) -> list[list[int]]:
     """The same texts in the other model's tokens: this model's (truncated) tokens decoded back to text,
     then encoded by the other tokenizer (BOS first), so both models read exactly the same characters —
     whole: a text longer than the other model's positions is refused (`check_cross_positions`)."""
@@ -95,7 +95,7 @@ def check_cross_model(spec: SweepSpec) -> None:
     check_cross_positions(realigned(tok, other, seqs), positions(AutoConfig.from_pretrained(path)), spec.cross_model)
 
 
-def cross_model_inputs(model: BaseModel, other: BaseModel, seqs: list[list[int]], hook: str) -> dict:
+def cross_model_inputs(model: LoadedModel, other: LoadedModel, seqs: list[list[int]], hook: str) -> dict:
     """The cross_model control's inputs: the other model's tokens (−1-padded) and its features at each
     text's last token."""
     from ..core.forward import read_points

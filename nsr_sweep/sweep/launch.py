@@ -17,110 +17,25 @@ import os
 import secrets
 import sys
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..core.errors import NsrError, redacted
 from ..core.files import write_json
-from ..core.spec import NeuronSelect, SweepSpec
+from ..core.spec import SweepSpec
 from ..results.layout import (
-    RECORD,
     STUDIES,
     TRIALS,
     backfill_runs,
     claim,
     read_state,
     release,
-    trial_dir,
-    trial_id,
     update_state,
 )
-from ..results.records import finished_rows, trial_row, write_record
+from ..results.records import finished_rows
 from ..results.tables import write_trials_table
 from .validate import _check_writable, preflight
-
-# -- the grid --------------------------------------------------------------------------------
-
-
-def expand(spec: SweepSpec, neurons: dict[int, list[int]]) -> list[dict]:
-    """One group per (layer, neuron, head, freeze), plus its controls; invalid combinations are left out.
-
-    `shuffled` accompanies every group; `random_model` and `early_features` swap the features a
-    frozen-base head reads, so they accompany the freeze-none groups; `cross_model` accompanies the
-    freeze none and all groups (the other model has no target layer); `input_only` is one ridge
-    regression on the text's tokens per (layer, neuron), the same comparator for every head.
-    """
-    from ..core.spec import CROSS_FREEZES
-
-    a = spec.analysis
-    common = {"feature_hook": spec.features.hook, "patch_grid": a.patch_grid, "n_grid": a.n_grid,
-              "scales": list(a.scales), "patch_texts": a.patch_texts, "analyses": a.enabled,
-              "splits": [spec.splits.train, spec.splits.val, spec.splits.test], "split_seed": spec.seed}
-    controls = spec.control_names
-    groups = []
-    for L in spec.layers:
-        for n in neurons[L]:
-            for h, f in spec.combos():
-                base = {"layer": L, "neuron": n, "head": h, "freeze": f, "control": None, **common}
-                groups.append(base)
-                groups += [{**base, "control": c} for c in controls
-                           if c == "shuffled" or (c in ("random_model", "early_features") and f == "none")]
-                if "cross_model" in controls and f in CROSS_FREEZES:
-                    groups.append({**base, "control": "cross_model", "cross_model": spec.cross_model})
-            if "input_only" in controls:
-                groups.append({"layer": L, "neuron": n, "head": "regression", "freeze": "none",
-                               "control": "input_only", **common})
-    return groups
-
-
-def dry_run_text(spec: SweepSpec) -> str:
-    """The grid `expand` would make (with ≤k neurons per selector), counted per (head, freeze) and control."""
-    from ..core.models import model_shape
-
-    d_mlp = model_shape(spec.model.name).get("d_mlp") if any(isinstance(n, NeuronSelect) and n.k is None
-                                                            for n in spec.neurons) else None
-    per_layer = sum((n.k or d_mlp or 0) if isinstance(n, NeuronSelect) else 1 for n in spec.neurons)
-    per_layer = min(per_layer, d_mlp) if d_mlp else per_layer
-    skipped = spec.skipped_combos()
-    groups = expand(spec, {L: list(range(per_layer)) for L in spec.layers})
-    trials: Counter[tuple] = Counter()
-    for g in groups:
-        trials[(g["head"], g["freeze"], g["control"] or "")] += _n_samples(spec, g)
-    real = sum(v for (_, _, c), v in trials.items() if not c)
-    n_real = sum(1 for g in groups if not g["control"])
-    lines = [f"sweep {spec.name}: model {spec.model.name} ({spec.model.init}, processing {spec.model.processing})",
-             f"  layers {spec.layers} × ≤{per_layer} neurons each × {len(spec.combos())} (head, freeze) = "
-             f"≤{n_real} groups, ≤{real} trials ({spec.search.num_samples} samples per searched group; "
-             "exact probes are solved once)",
-             "  trials per (head, freeze), all layers:"]
-    for h, f in spec.combos():
-        lines.append(f"    {h:<15} {f:<13} {trials[(h, f, '')]}")
-    for L in spec.layers:
-        lines.append(f"  layer {L}: {real // len(spec.layers)} trials")
-    if spec.controls:
-        n_ctl = sum(v for (_, _, c), v in trials.items() if c)
-        lines.append(f"  controls {', '.join(spec.control_names)}"
-                     f"{f' (cross_model: {spec.cross_model})' if spec.cross_model else ''}: "
-                     f"≤{len(groups) - n_real} more groups, ≤{n_ctl} more trials")
-    lines.append(f"  skipped invalid combinations: {len(skipped)}"
-                 + (f" ({', '.join(f'{h}+{f}' for h, f in skipped)}: token needs a trainable model)" if skipped else ""))
-    from .inputs import cache_spec
-
-    cs = cache_spec(spec)
-    lines.append(f"  cache to build or load: 1 ({spec.corpus.source}, {spec.corpus.n_texts} texts ≤ "
-                 f"{cs.max_tokens} tokens, layers {list(cs.layers)}, hook_{cs.hook}, features {cs.features}"
-                 f"{', residual after each layer' if cs.store_resid else ''})")
-    lines.append(f"  search: {spec.search.algorithm}, metric {spec.search.metric} ({spec.search.mode}), "
-                 f"space {sorted(spec.search.space) or 'none (training defaults)'}")
-    return "\n".join(lines)
-
-
-# -- the results directory ---------------------------------------------------------------------
-
 
 # -- Ray -------------------------------------------------------------------------------------
 
@@ -181,183 +96,6 @@ def plan_workers(spec: SweepSpec) -> tuple[int, str, int]:
     else:
         n = max(1, int(res.get("CPU", 1) // threads))
     return n, ("cuda" if use_gpu or r.device == "cuda" else "cpu"), threads
-
-
-TABLE_EVERY_S = 10.0
-
-
-class SweepProgress:
-    """Collects trial records from the inbox into the results directory as trials finish; a progress bar
-    plus one concise line per finished trial; the table rewritten at most every TABLE_EVERY_S."""
-
-    def __init__(self, sweep_dir: Path, spec: SweepSpec, rows: list[dict], total: int, inbox):
-        from ray.tune import Callback
-        from tqdm.auto import tqdm
-
-        self.sweep_dir, self.spec, self.rows, self.inbox = sweep_dir, spec, rows, inbox
-        self.bar = tqdm(total=total, initial=len(rows), unit="trial", desc=spec.name, dynamic_ncols=True)
-        self.running = 0
-        self.written = 0.0  # when tables/trials.parquet was last written
-        self.unwritten: dict[str, str] = {}  # trial id → why its record could not be written here
-        self.lost: dict[str, str] = {}  # trial id → the error it was lost with (a worker or node died)
-        self.by_id: dict[str, dict] = {}  # rows recorded by this launch
-        self.counters = _metrics(spec.name)
-        outer = self
-
-        class _Callback(Callback):
-            def on_trial_start(self, iteration, trials, trial, **info):
-                outer.running += 1
-
-            def on_trial_result(self, iteration, trials, trial, result, **info):
-                if not result.get("intermediate"):  # the final row: its record is here, so write it before
-                    outer.collect()                 # the study is told (Tune tells the searcher next)
-
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                outer.finished(trial.config)
-
-            def on_trial_error(self, iteration, trials, trial, **info):
-                outer.errored(trial)
-
-        self.callback = _Callback()
-
-    def collect(self) -> list[dict]:
-        """Write every record that arrived in the inbox (never raises: a write that fails is remembered,
-        and the sweep's final count reports the trial missing)."""
-        import ray
-
-        from .transport import write_bundle
-
-        rows = []
-        for bundle in ray.get(self.inbox.take.remote()):
-            try:
-                rows += write_bundle(self.sweep_dir, bundle)
-            except OSError as e:
-                self.unwritten.update((t, f"{type(e).__name__}: {e}") for t in bundle["trial_ids"])
-        self._record(rows)
-        return rows
-
-    def _record(self, rows: list[dict]) -> None:
-        """Rows in memory at once; the table on disk at most every TABLE_EVERY_S (an every-neuron sweep has
-        thousands of rows: one rewrite per trial would cost quadratic time), and whole at the end."""
-        if not rows:
-            return
-        self.rows += rows
-        self.by_id.update((r["trial_id"], r) for r in rows)
-        if time.time() - self.written >= TABLE_EVERY_S:
-            try:  # a snapshot for readers while the sweep runs; the final table is written at the end
-                write_trials_table(self.sweep_dir, self.rows, self.spec.search.metric, self.spec.search.mode)
-            except OSError:
-                pass
-            self.written = time.time()
-        self.bar.update(len(rows))
-        for row in rows:
-            self.counters["finished" if row.get("status") == "ok" else "failed"].inc()
-
-    def finished(self, config: dict) -> None:
-        """A trial (or a batch) is complete, also when a scheduler stopped it (its record may come later)."""
-        self.running -= 1
-        self.collect()
-        from .search import members_of
-
-        rows = [self.by_id[m["trial_id"]] for m in members_of(config) if m["trial_id"] in self.by_id]
-        if rows:
-            self._line(rows, config)
-
-    def errored(self, trial) -> None:
-        """A trial (or a batch) that raised on every retry: each member without a record is recorded as
-        failed with the error, the sweep goes on. One lost with its worker or node is not a result: it
-        stays missing (the sweep ends incomplete, and --resume reruns it)."""
-        self.running -= 1
-        self.collect()  # a batch member that finished before its batch failed keeps its record
-        error = _error_text(trial)
-        done = {r["trial_id"] for r in self.rows}
-        failed = []
-        from .search import members_of
-
-        for config in members_of(trial.config):
-            if config["trial_id"] in done or (trial_dir(self.sweep_dir, config["trial_id"]) / RECORD).is_file():
-                continue
-            if any(sign in error for sign in LOST_SIGNS):
-                self.lost[config["trial_id"]] = error
-            else:
-                failed.append(config)
-        rows = self._write_failed(failed, error, trial.config["trial_id"] if "members" in trial.config else None)
-        self._record(rows)
-        if rows:
-            self._line(rows, trial.config)
-
-    def _write_failed(self, configs: list[dict], error: str, unit: str | None) -> list[dict]:
-        """Failed records for trials that raised on every retry: one unit file for a unit's probes, else a
-        record per trial."""
-        if not configs:
-            return []
-        try:
-            if unit is not None:
-                from ..core.spec import trial_spec
-                from ..core.trial import TrialResult
-                from ..results.records import unit_files, write_files
-
-                done = [(TrialResult(trial_spec(c), "failed", reason=error), c["trial_id"], c["sample"]) for c in configs]
-                write_files(self.sweep_dir, unit_files(done, unit))
-            else:
-                c = configs[0]
-                write_record(trial_dir(self.sweep_dir, c["trial_id"]), trial_id=c["trial_id"], sample=c["sample"],
-                             spec=dict(c), status="failed", reason=error, metrics={}, history=[])
-        except (OSError, NsrError) as e:
-            self.unwritten.update((c["trial_id"], f"{type(e).__name__}: {e}") for c in configs)
-            return []
-        return [trial_row(c, "failed", {}, error) for c in configs]
-
-    def _line(self, rows: list[dict], config: dict) -> None:
-        counts = Counter(r.get("status") for r in self.rows)
-        metric = self.spec.search.metric
-        ok = [r for r in self.rows if r.get("status") == "ok" and _finite(r.get("pearson_r"))]
-        best = max(ok, key=lambda r: r["pearson_r"], default=None)
-        if "members" in config:  # a batch: how many, and the median over them
-            good = [r for r in rows if r.get("status") == "ok"]
-            r_med = float(np.median([r["pearson_r"] for r in good])) if good else float("nan")
-            what = f"{len(good)}/{len(rows)} ok, median test r {r_med:+.3f}"
-        elif rows[0].get("status") == "ok":
-            row = rows[0]
-            what = f"{metric} {row.get(metric, float('nan')):.4g}  test r {row.get('pearson_r', float('nan')):+.3f}"
-        else:
-            what = f"FAILED: {str(rows[0].get('error'))[:80]}"
-        best_s = f"  best r {best['pearson_r']:+.3f} ({best['trial_id']})" if best else ""
-        self.bar.write(f"{config['trial_id']:<42} {what}  | done {counts['ok']} failed {counts['failed']} "
-                       f"running {max(self.running, 0)}{best_s}")
-
-    def close(self):
-        self.bar.close()
-
-
-LOST_SIGNS = ("ActorDiedError", "NodeDiedError", "OwnerDiedError", "ActorUnavailableError", "WorkerCrashedError",
-              "ObjectLostError", "every model worker is gone")  # infrastructure, not the trial
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
-
-
-def _error_text(trial) -> str:
-    """The last line of the trial's error file (the exception), or Tune's message."""
-    path = getattr(trial, "error_file", None)
-    if path and Path(path).is_file():
-        lines = [ln for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
-        if lines:
-            return lines[-1][:500]
-    return str(getattr(trial, "error_msg", None) or "trial raised an error")
-
-
-def _metrics(sweep: str) -> dict:
-    """Sweep counters for the Ray dashboard's metrics view."""
-    from ray.util.metrics import Counter as RayCounter
-
-    tags = {"sweep": sweep}
-    out = {k: RayCounter(f"nsr_sweep_trials_{k}", description=f"trials {k}", tag_keys=("sweep",))
-           for k in ("finished", "failed")}
-    for c in out.values():
-        c.set_default_tags(tags)
-    return out
 
 
 # -- launch ----------------------------------------------------------------------------------
@@ -497,9 +235,11 @@ def _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start, storage,
 
     from .. import __version__
     from ..core.cache import ActivationCache
+    from .grid import expand, expected_trials, unit_size
     from .inputs import model_spec, resolve_neurons
+    from .progress import SweepProgress
     from .trainable import trial_function
-    from .transport import start_inbox
+    from .transport import Collector, start_inbox
     from .workers import WorkerLink, start_pool, start_workers
 
     t_ray = time.time()
@@ -530,7 +270,7 @@ def _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start, storage,
     _gauge("nsr_sweep_cache_tokens_per_second", spec.name, meta["tokens_per_second"])
     neurons = resolve_neurons(spec, cache)
     groups = expand(spec, neurons)
-    from .search import GroupedSearch, unit_size
+    from .search import GroupedSearch
 
     searcher = GroupedSearch(spec, groups, rows, storage=studies, prefix=f"{spec.name}-{state['uid']}",
                              unit_neurons=unit_size(spec, neurons, n_workers))
@@ -542,9 +282,10 @@ def _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start, storage,
     update_state(sweep_dir, n_expected=len(expected), n_groups=len(groups), workers=n_workers, worker_info=info,
                  device=device, neurons={str(k): v for k, v in neurons.items()}, cache_key=meta["key"],
                  dashboard_url=url)
-    progress = SweepProgress(sweep_dir, spec, rows, total, inbox)
-    trial_seconds_before = sum(_work(r) for r in rows)
     pool = start_pool(workers)
+    collector = Collector(sweep_dir, spec, rows, inbox, pool)
+    progress = SweepProgress(collector, spec.name, spec.search.metric, total)
+    trial_seconds_before = sum(_work(r) for r in rows)
     if searcher.n_remaining:
         asha = spec.search.scheduler == "asha"
         trainable = tune.with_resources(
@@ -571,7 +312,7 @@ def _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start, storage,
         )
         tuner.fit()
         ray.get(pool.each.remote("wait_idle", 600))  # a trial a scheduler stopped may still be sending its record
-    progress.collect()
+    progress.show(collector.collect())
     progress.close()
     t_trials = time.time()
     loads = sum(ray.get(pool.each.remote("load_count")))
@@ -579,7 +320,7 @@ def _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start, storage,
     trial_seconds = sum(_work(r) for r in df.to_dict("records")) - trial_seconds_before
     counts = df["status"].value_counts().to_dict() if len(df) else {}
     missing = sorted(expected - set(df.loc[df["status"].isin(["ok", "failed"]), "trial_id"] if len(df) else []))
-    lost = missing_reason(missing, progress.unwritten, progress.lost)
+    lost = missing_reason(missing, collector.unwritten, collector.lost)
     update_state(sweep_dir, status="incomplete" if missing else "finished", finished=time.time(), model_loads=loads,
                  counts={k: int(v) for k, v in counts.items()}, n_missing=len(missing), missing=missing[:100],
                  missing_reason=lost,
@@ -602,17 +343,6 @@ def _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start, storage,
         raise NsrError(f"{len(missing)} of {len(expected)} trials missing from {sweep_dir}: {lost}. "
                        "`nsr-sweep launch <sweep file> --resume` reruns them")
     return sweep_dir
-
-
-def expected_trials(spec: SweepSpec, groups: list[dict]) -> set[str]:
-    """Every trial id the sweep owes: each group's samples."""
-    return {trial_id(g, s) for g in groups for s in range(_n_samples(spec, g))}
-
-
-def _n_samples(spec: SweepSpec, group: dict) -> int:
-    from .search import n_samples
-
-    return n_samples(spec, group)
 
 
 def missing_reason(missing: list[str], unwritten: dict[str, str], lost: dict[str, str]) -> str:

@@ -1,7 +1,7 @@
 """One Optuna study per (layer, neuron, head, freeze) group, inside a single Tune run.
 
 Exact frozen-base probes have nothing to search: the groups of a chunk of one layer's neurons — every
-head and control — are handed out together as one unit of work (`members` in the config) that a worker
+head and control — are handed out together as one unit of work (a `TrialBatch` named by its `unit` id) that a worker
 fits and patches in one call.
 
 Tune takes one search algorithm per run; a sweep needs an independent hyperparameter search
@@ -13,15 +13,14 @@ database URL) that `optuna-dashboard` opens while the sweep runs; a resumed laun
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Literal
 
 import optuna
 from ray.tune.search import Searcher
 
-from ..core.spec import Dist, SweepSpec
-from ..results.layout import group_id, trial_id
+from ..core.spec import Dist, GridPoint, SweepSpec, TrialBatch, TrialSettings, group_of, stable_seed
+from .grid import batch_key, n_samples, tune_config, unit_id
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 FAILED = optuna.trial.TrialState.FAIL
@@ -35,62 +34,6 @@ def distribution(d: Dist) -> optuna.distributions.BaseDistribution:
     if d.int is not None:
         return optuna.distributions.IntDistribution(d.int[0], d.int[1])
     return optuna.distributions.CategoricalDistribution(d.choice or [])
-
-
-def stable_seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
-
-
-def n_samples(spec: SweepSpec, group: dict) -> int:
-    """Hyperparameter samples of a group. An exact probe (freeze none, solver exact) has no lr, epochs,
-    batch size, weight decay or patience: every sample would be the same fit, so it is solved once —
-    unless the space searches n_bins of a binned head."""
-    exact = group["freeze"] == "none" and spec.training.solver == "exact"
-    searched = "n_bins" in spec.search.space and group["head"] != "regression"
-    return 1 if exact and not searched else spec.search.num_samples
-
-
-def group_key(g: dict) -> tuple:
-    return (g["layer"], g["neuron"], g["head"], g["freeze"], g.get("control") or "")
-
-
-def batch_key(spec: SweepSpec, g: dict) -> tuple | None:
-    """Groups with the same key may share a unit of work: exact frozen-base probes with nothing searched, of
-    one layer (`trial.run_trials` fits every head and control of a chunk of its neurons together). None: the
-    group runs alone."""
-    if g["freeze"] != "none" or spec.training.solver != "exact" or n_samples(spec, g) != 1:
-        return None
-    return (g["layer"],)
-
-
-def unit_size(spec: SweepSpec, neurons: dict[int, list[int]], workers: int, per_worker: int = 4) -> int:
-    """Neurons per unit of work: enough units that every worker stays busy (≥ `per_worker` units each, the
-    layers split evenly), at most `resources.batch_neurons`."""
-    most = max((len(v) for v in neurons.values()), default=1)
-    chunks = max(1, math.ceil(per_worker * workers / max(1, len(neurons))))
-    return max(1, min(spec.resources.batch_neurons, math.ceil(most / chunks)))
-
-
-def unit_config(members: list[dict]) -> dict:
-    """A unit of work as Tune holds it: what its members share, once, and each member's own keys. (Tune saves
-    every config in its experiment state; with each member in full, a unit of 1,792 probes took 9 MB there.)"""
-    shared = {k: v for k, v in members[0].items() if all(k in m and m[k] == v for m in members)}
-    return {"trial_id": unit_id(members), "sample": 0, "shared": shared,
-            "members": [{k: v for k, v in m.items() if k not in shared} for m in members]}
-
-
-def members_of(config: dict) -> list[dict]:
-    """The whole config of every trial in `config`: a unit's members, or the one trial it is."""
-    if "members" not in config:
-        return [config]
-    return [{**config["shared"], **m} for m in config["members"]]
-
-
-def unit_id(members: list[dict]) -> str:
-    """`L<layer>-N<first>..<last>-<hash>` (the hash of its trial ids: a unit planned again names itself the same)."""
-    ns = [m["neuron"] for m in members]
-    digest = hashlib.sha256("\n".join(sorted(m["trial_id"] for m in members)).encode()).hexdigest()[:8]
-    return f"L{members[0]['layer']}-N{min(ns)}..{max(ns)}-{digest}"
 
 
 def study_storage(location: str) -> optuna.storages.BaseStorage:
@@ -108,26 +51,26 @@ def study_storage(location: str) -> optuna.storages.BaseStorage:
 
 
 class GroupedSearch(Searcher):
-    def __init__(self, spec: SweepSpec, groups: list[dict], finished: list[dict],
+    def __init__(self, spec: SweepSpec, groups: list[GridPoint], finished: list[dict],
                  storage: optuna.storages.BaseStorage | None = None, prefix: str | None = None,
                  unit_neurons: int | None = None):
         super().__init__(metric=spec.search.metric, mode=spec.search.mode)
         self.unit_neurons = unit_neurons or spec.resources.batch_neurons
         order: dict[int, dict[int, None]] = {}  # per layer, its neurons in the grid's order
         for g in groups:
-            order.setdefault(g["layer"], {})[g["neuron"]] = None
+            order.setdefault(g.layer, {})[g.neuron] = None
         self.chunk = {(L, n): i // self.unit_neurons for L, ns in order.items() for i, n in enumerate(ns)}
         self.spec, self.groups, self.storage = spec, groups, storage
         self.prefix = prefix or spec.name  # studies are named <prefix>/<group id>
         self.dists = {k: distribution(v) for k, v in spec.search.space.items()}
         self.direction: Literal["minimize", "maximize"] = "minimize" if spec.search.mode == "min" else "maximize"
         self.studies: dict[tuple, optuna.Study] = {}  # opened on first use: batched groups search nothing
-        self.group_of = {group_key(g): g for g in groups}
+        self.group_of = {g.group: g for g in groups}
         self.taken: dict[tuple, set[int]] = {k: set() for k in self.group_of}
-        batched = {group_key(g) for g in groups if batch_key(spec, g) is not None}
+        batched = {g.group for g in groups if batch_key(spec, g) is not None}
         told: dict[tuple, list[dict]] = {}
         for row in finished:  # resume: what already ran informs the search and is never rerun
-            k = group_key(row)
+            k = group_of(row)
             if k not in self.taken or row.get("status") == "damaged":  # a damaged record is run again
                 continue
             self.taken[k].add(int(row["sample"]))
@@ -138,8 +81,9 @@ class GroupedSearch(Searcher):
             if k in told or self._name(k) in stored:
                 self._reconcile(self._study(k), told.get(k, []))
         self.queue = [(s, g) for s in range(spec.search.num_samples) for g in groups
-                      if s < n_samples(spec, g) and s not in self.taken[group_key(g)]]
+                      if s < n_samples(spec, g) and s not in self.taken[g.group]]
         self.live: dict[str, tuple] = {}
+        self.settings = TrialSettings.of(spec)
 
     def _study(self, k: tuple) -> optuna.Study:
         if k not in self.studies:
@@ -152,7 +96,7 @@ class GroupedSearch(Searcher):
         return self.studies[k]
 
     def _name(self, k: tuple) -> str:
-        return f"{self.prefix}/{group_id(self.group_of[k])}"
+        return f"{self.prefix}/{self.group_of[k].group_id}"
 
     def _reconcile(self, study: optuna.Study, rows: list[dict]) -> None:
         """A resumed study holds each finished trial once: what a stored study already has is kept, a trial the
@@ -193,22 +137,18 @@ class GroupedSearch(Searcher):
             idx = [i for i, (_, g) in enumerate(self.queue) if self._unit(g) == key]
             mates, taken = [self.queue[i] for i in idx], set(idx)
             self.queue = [q for i, q in enumerate(self.queue) if i not in taken]
-            return unit_config([self._config(s, g, {}) for s, g in [(sample, group), *mates]])
-        study = self._study(group_key(group))
+            points = [g.at(s) for s, g in [(sample, group), *mates]]
+            return tune_config(TrialBatch(unit=unit_id(points), settings=self.settings, points=points))
+        study = self._study(group.group)
         ot = study.ask(self.dists)
-        config = self._config(sample, group, ot.params)
-        ot.set_user_attr("trial_id", config["trial_id"])  # a resumed launch matches studies to records by it
+        point = group.at(sample)
+        ot.set_user_attr("trial_id", point.trial_id)  # a resumed launch matches studies to records by it
         self.live[tune_trial_id] = (study, ot)
-        return config
+        return tune_config(TrialBatch(settings=TrialSettings.of(self.spec, ot.params), points=[point]), ot.params)
 
-    def _unit(self, group: dict) -> tuple | None:
+    def _unit(self, group: GridPoint) -> tuple | None:
         key = batch_key(self.spec, group)
-        return None if key is None else (*key, self.chunk[(group["layer"], group["neuron"])])
-
-    def _config(self, sample: int, group: dict, params: dict) -> dict:
-        """A trial's whole config: training defaults, its group, its sampled parameters, id and seed."""
-        return {**self.spec.training.model_dump(), **group, **params, "sample": sample,
-                "trial_id": trial_id(group, sample), "seed": stable_seed(self.spec.seed, group_key(group), sample)}
+        return None if key is None else (*key, self.chunk[(group.layer, group.neuron)])
 
     def on_trial_complete(self, tune_trial_id: str, result=None, error: bool = False):
         study, ot = self.live.pop(tune_trial_id, (None, None))

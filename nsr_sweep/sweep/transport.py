@@ -15,16 +15,18 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..results.layout import PROBES, TRIALS, log_run, trial_dir
+from ..core.spec import TrialBatch
+from ..results.layout import PROBES, RECORD, TRIALS, log_run, trial_dir
 from ..results.records import write_files
 
 
 def pack_trial(result, trial_id: str, sample: int, *, plot: bool, storage: str | None, sweep: str) -> dict:
     """A finished trial's directory as {path under the results directory: bytes}, its row for Tune, who ran it."""
-    from ..results.records import trial_files, trial_row
+    from ..results.records import spec_json, trial_files, trial_row
 
     if storage and result.save_model is not None:  # uploaded from here; the record says where
         uri = upload_dir(result.save_model, storage, f"{sweep}/{TRIALS}/{trial_id}/model")
@@ -33,8 +35,7 @@ def pack_trial(result, trial_id: str, sample: int, *, plot: bool, storage: str |
 
     chart = trial_chart(result) if plot and result.status == "ok" else None
     files = {f"{TRIALS}/{trial_id}/{k}": v for k, v in trial_files(result, trial_id, sample, chart).items()}
-    config = {**result.spec.model_dump(mode="json"), "trial_id": trial_id, "sample": sample}
-    row = trial_row(config, result.status, result.metrics, result.reason, seconds=result.metrics.get("seconds"))
+    row = trial_row({**spec_json(result.spec, trial_id), "sample": sample}, result.status, result.metrics, result.reason, seconds=result.metrics.get("seconds"))
     return {"unit": None, "trial_ids": [trial_id], "files": files, "rows": [row], "worker": worker_identity()}
 
 
@@ -92,6 +93,76 @@ def write_bundle(sweep_dir: Path, bundle: dict) -> list[dict]:
         return [r for r in [read_trial_dir(trial_dir(sweep_dir, bundle["trial_ids"][0]))] if r is not None]
     want = set(bundle["trial_ids"])
     return [r for r in finished_rows(sweep_dir) if r["trial_id"] in want]
+
+
+TABLE_EVERY_S = 10.0
+
+
+class Collector:
+    """The driver's end of the transport: writes what arrived in the inbox under the results directory (the
+    results code's writers, records last), the records of trials that failed, and a snapshot of the trial table
+    at most every TABLE_EVERY_S; remembers what could not be written here or was lost with its worker."""
+
+    def __init__(self, sweep_dir: Path, spec, rows: list[dict], inbox, pool):
+        self.sweep_dir, self.spec, self.rows, self.inbox, self.pool = sweep_dir, spec, rows, inbox, pool
+        self.written = 0.0  # when tables/trials.parquet was last written
+        self.unwritten: dict[str, str] = {}  # trial id → why its record could not be written here
+        self.lost: dict[str, str] = {}  # trial id → how it was lost (its worker or node died on every rerun)
+        self.by_id: dict[str, dict] = {}  # rows recorded by this launch
+
+    def collect(self) -> list[dict]:
+        """Write every record that arrived in the inbox; returns their rows (never raises: a write that fails is
+        remembered, and the sweep's final count reports the trial missing)."""
+        import ray
+
+        rows = []
+        for bundle in ray.get(self.inbox.take.remote()):
+            try:
+                rows += write_bundle(self.sweep_dir, bundle)
+            except OSError as e:
+                self.unwritten.update((t, f"{type(e).__name__}: {e}") for t in bundle["trial_ids"])
+        return self._keep(rows)
+
+    def _keep(self, rows: list[dict]) -> list[dict]:
+        """Rows in memory at once; the table on disk at most every TABLE_EVERY_S (an every-neuron sweep has
+        thousands of rows: one rewrite per trial would cost quadratic time), and whole at the end."""
+        from ..results.tables import write_trials_table
+
+        self.rows += rows
+        self.by_id.update((r["trial_id"], r) for r in rows)
+        if rows and time.time() - self.written >= TABLE_EVERY_S:
+            try:  # a snapshot for readers while the sweep runs; the final table is written at the end
+                write_trials_table(self.sweep_dir, self.rows, self.spec.search.metric, self.spec.search.mode)
+            except OSError:
+                pass
+            self.written = time.time()
+        return rows
+
+    def gave_up(self, batch: TrialBatch, tune_error: str) -> list[dict]:
+        """Tune gave up on a trial or unit (it raised on every retry). The pool says how its last run ended, by
+        the exception's type: the trial's own code raised — each member without a record is recorded failed with
+        the reason, and the sweep goes on — or its worker or node died on every rerun, or it never reached a worker
+        (its Tune actor died): lost, not a result — it stays missing, and --resume reruns it. A run still going
+        sends its record when it ends."""
+        import ray
+
+        self.collect()  # a batch member that finished before its batch failed keeps its record
+        how, reason = ray.get(self.pool.outcome.remote(batch.id))
+        if how == "running":
+            return []
+        todo = [s for s in batch.specs() if s.trial_id not in self.by_id
+                and not (trial_dir(self.sweep_dir, s.trial_id) / RECORD).is_file()]
+        if how != "failed":
+            self.lost.update((s.trial_id, reason or tune_error) for s in todo)
+            return []
+        from ..results.records import failed_files, spec_json, trial_row
+
+        try:
+            write_files(self.sweep_dir, failed_files(todo, reason, batch.unit)) if todo else None
+        except OSError as e:
+            self.unwritten.update((s.trial_id, f"{type(e).__name__}: {e}") for s in todo)
+            return []
+        return self._keep([trial_row(spec_json(s), "failed", {}, reason) for s in todo])
 
 
 class Inbox:

@@ -25,7 +25,7 @@ class ModelWorker:
     def __init__(self, model_spec_kw: dict, threads: int, link: WorkerLink):
         import torch
 
-        from ..core.models import BaseModel, ModelSpec
+        from ..core.models import LoadedModel, ModelSpec
 
         check_version(link.version)  # before the model loads: a mismatched node fails at once, by name
         torch.set_num_threads(max(1, threads))
@@ -33,12 +33,12 @@ class ModelWorker:
 
         threadpool_limits(max(1, threads))  # numpy's BLAS too: workers sharing cores must not oversubscribe them
         self.link = link
-        self.model = BaseModel(ModelSpec(**model_spec_kw))  # resident for the whole sweep
+        self.model = LoadedModel(ModelSpec(**model_spec_kw))  # resident for the whole sweep
         if self.model.spec.device == "cuda":
             check_gpu_share(self.model, link.gpu_share, trainable=link.trainable)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = link.tf32
         self.loads = 1
-        self.other: BaseModel | None = None  # the cross_model control's model, loaded on first use
+        self.other: LoadedModel | None = None  # the cross_model control's model, loaded on first use
         self.cache: ActivationCache | None = None
         self.running = 0
         self.epochs: dict[str, list[dict]] = {}  # per running trial: its validation records so far
@@ -70,9 +70,9 @@ class ModelWorker:
         if name is None:
             return None
         if self.other is None or self.other.spec.name != name:
-            from ..core.models import BaseModel, ModelSpec
+            from ..core.models import LoadedModel, ModelSpec
 
-            self.other = BaseModel(ModelSpec(name=name, device=self.model.spec.device))
+            self.other = LoadedModel(ModelSpec(name=name, device=self.model.spec.device))
         return self.other
 
     def load_count(self) -> int:
@@ -93,28 +93,31 @@ class ModelWorker:
         self.stopping.add(trial_id)
 
     def run(self, config: dict) -> dict:
-        """Run one trial (or a batch: `members`), send its records to the driver's inbox, return its row for
-        Tune (a batch: a summary). A trial whose record already arrived (a retry) is not run again."""
-        from ..core.spec import trial_spec
+        """Run one trial or a unit of probes (`config` is `grid.tune_config`'s: the batch as JSON), send its
+        records to the driver's inbox, return its row for Tune (a unit: a summary). Trials whose records already
+        arrived (a retry) are not run again."""
+        from .grid import batch_of
 
-        if "members" in config:
-            return self._run_batch(config)
-        tid = config["trial_id"]
+        batch = batch_of(config)
+        specs = batch.specs()
+        _injected_failure(specs)
+        if batch.unit is not None:
+            return self._run_unit(batch.unit, specs)
+        tid = batch.id
         if tid in (done := ray.get(self.link.inbox.rows.remote([tid]))):
             return {**done[tid], "worker": os.getpid()}
-        spec = trial_spec(config)
         self.epochs[tid] = []
         self.running += 1
         try:
-            return self._run(spec, tid, config)
+            return self._run(specs[0])
         finally:
             self.running -= 1
             self.epochs.pop(tid, None)
 
-    def _run(self, spec, tid: str, config: dict) -> dict:
+    def _run(self, spec) -> dict:
         from ..core.trial import run_trial
 
-        cut = []
+        tid, cut = spec.trial_id, []
 
         def on_epoch(record: dict) -> bool:
             self.epochs[tid].append(record)
@@ -128,43 +131,56 @@ class ModelWorker:
         self.stopping.discard(tid)
         from .transport import pack_trial
 
-        bundle = pack_trial(result, tid, config.get("sample", 0), plot=True, storage=self.link.storage,
-                            sweep=self.link.sweep)
+        bundle = pack_trial(result, tid, spec.sample, plot=True, storage=self.link.storage, sweep=self.link.sweep)
         ray.get(self.link.inbox.put.remote([bundle]))  # arrived before the trial reports done
         return {**bundle["rows"][0], "worker": os.getpid()}
 
-    def _run_batch(self, config: dict) -> dict:
+    def _run_unit(self, unit: str, specs: list) -> dict:
         """A unit of probes (one layer, a chunk of neurons, every head and control) fitted and patched together
         (`run_trials`); each probe gets its own record, as a row of the unit's Parquet files (no per-trial
         chart: at this scale the report summarises). Returns a summary row for Tune."""
-        from ..core.spec import trial_spec
         from ..core.trial import run_trials
-        from .search import members_of
         from .transport import pack_unit
 
-        members = members_of(config)
-        arrived = ray.get(self.link.inbox.rows.remote([m["trial_id"] for m in members]))
-        if len(arrived) == len(members):  # a retried unit whose records already arrived
-            return {"trial_id": config["trial_id"], "status": "ok", "n_members": 0, "worker": os.getpid()}
-        specs = [trial_spec(m) for m in members]
+        arrived = ray.get(self.link.inbox.rows.remote([s.trial_id for s in specs]))
+        if len(arrived) == len(specs):  # a retried unit whose records already arrived
+            return {"trial_id": unit, "status": "ok", "n_members": 0, "worker": os.getpid()}
         assert self.cache is not None, "set_cache first"
         self.running += 1
         try:
             results = run_trials(self.cache, self.model, specs)
             for result in results:
                 result.metrics["scheduler_stopped"] = False
-            bundle = pack_unit([(r, m["trial_id"], m["sample"]) for m, r in zip(members, results)], config["trial_id"])
+            bundle = pack_unit([(r, s.trial_id, s.sample) for s, r in zip(specs, results)], unit)
             ray.get(self.link.inbox.put.remote([bundle]))
         finally:
             self.running -= 1
         ok = [r.metrics for r in results if r.status == "ok"]
         summary = {k: float(np.nanmean([m.get(k, np.nan) for m in ok])) if ok else float("nan")
                    for k in ("val_mse", "val_loss", "val_pearson_r", "val_skill", "pearson_r")}
-        return {"trial_id": config["trial_id"], "status": "ok" if ok else "failed", "n_members": len(members),
+        return {"trial_id": unit, "status": "ok" if ok else "failed", "n_members": len(specs),
                 "n_ok": len(ok), **summary, "worker": os.getpid()}
 
 
+def _injected_failure(specs: list) -> None:
+    """Fault injection for the tests of the failure path (not the trial code's): NSR_SWEEP_FAIL_TRIALS lists
+    groups as L<layer>-N<neuron>-<head>-<freeze>; a trial or unit holding one raises here, in the worker."""
+    wanted = set(filter(None, os.environ.get("NSR_SWEEP_FAIL_TRIALS", "").split(",")))
+    for s in specs:
+        key = f"L{s.layer}-N{s.neuron}-{s.head}-{s.freeze}"
+        if key in wanted:
+            raise RuntimeError(f"injected failure for {key} (NSR_SWEEP_FAIL_TRIALS)")
+
+
 RERUNS_ON_DEAD_WORKER = 2  # a trial that kills every worker it touches (OOM, a CUDA fault) stops here
+LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+        ray.exceptions.ObjectLostError)
+"""Infrastructure, not the trial: a dead or unreachable actor (ActorDiedError, ActorUnavailableError), a crashed
+worker process, a dead node, lost objects (OwnerDiedError among them)."""
+
+
+class NoWorkerLeft(RuntimeError):
+    """Every model worker died: what was still queued cannot run in this launch."""
 
 
 class WorkerPool:
@@ -182,34 +198,58 @@ class WorkerPool:
             self.free.put_nowait(i)
         self.where: dict[str, int] = {}
         self.inflight: dict[str, asyncio.Task] = {}  # trial id → its run (a retried trial joins it)
+        self.outcomes: dict[str, tuple[str, str]] = {}  # trial id → how its last run ended (`outcome`)
 
     async def run(self, config: dict) -> dict:
         tid = config["trial_id"]
         if tid not in self.inflight:  # Tune retries a trial whose function died with its node: never run it twice
+            self.outcomes.pop(tid, None)
             self.inflight[tid] = asyncio.ensure_future(self._run(config))
             self.inflight[tid].add_done_callback(lambda _: self.inflight.pop(tid, None))
         return await asyncio.shield(self.inflight[tid])
 
     async def _run(self, config: dict) -> dict:
+        tid = config["trial_id"]
         for attempt in range(RERUNS_ON_DEAD_WORKER + 1):
-            i = await self._borrow()
-            self.where[config["trial_id"]] = i
             try:
-                return await self.workers[i].run.remote(config)
-            except ray.exceptions.ActorDiedError:  # its node died (or it was killed): drop it, run on another
-                self.alive.discard(i)
+                i = await self._borrow()
+            except NoWorkerLeft as e:
+                self.outcomes[tid] = ("lost", str(e))
+                raise
+            self.where[tid] = i
+            try:
+                row = await self.workers[i].run.remote(config)
+                self.outcomes[tid] = ("ok", "")
+                return row
+            except ray.exceptions.RayTaskError as e:
+                cause = e.cause if e.cause is not None else e
+                lost = isinstance(cause, LOST)  # the worker lost an actor or object it needed (the inbox's node)
+                self.outcomes[tid] = ("lost" if lost else "failed", f"{type(cause).__name__}: {cause}"[:2000])
+                raise  # else the trial's own code raised: a result (failed)
+            except LOST as e:  # its worker, node or objects died: drop the worker, run on another
+                if isinstance(e, ray.exceptions.RayActorError):
+                    self.alive.discard(i)
                 if attempt == RERUNS_ON_DEAD_WORKER:
+                    self.outcomes[tid] = ("lost", f"{type(e).__name__}: {e}"[:500])
                     raise
             finally:
-                self.where.pop(config["trial_id"], None)
+                self.where.pop(tid, None)
                 if i in self.alive:
                     self.free.put_nowait(i)
         raise AssertionError("unreachable")
 
+    def outcome(self, trial_id: str) -> tuple[str, str]:
+        """How the last run of a trial (or unit) ended: ("failed", reason) when the trial's code raised, ("lost",
+        reason) when its worker or node died on every rerun, ("running", "") while it runs, ("ok", "") when it
+        returned, or ("unseen", "") when no run reached this pool (its Tune actor died first)."""
+        if trial_id in self.inflight:
+            return ("running", "")
+        return self.outcomes.get(trial_id, ("unseen", ""))
+
     async def _borrow(self) -> int:
         while True:
             if not self.alive:
-                raise RuntimeError("every model worker is gone (their nodes died)")
+                raise NoWorkerLeft("every model worker is gone (their nodes died)")
             try:
                 return await asyncio.wait_for(self.free.get(), timeout=5)
             except asyncio.TimeoutError:

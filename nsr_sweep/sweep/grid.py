@@ -1,0 +1,131 @@
+"""The sweep's grid: from a sweep file and its resolved neurons to the trials it owes, and how they are batched.
+
+    layers × neurons × (head, freeze) + controls ─▶ groups (`GridPoint`s, sample 0)
+      ─▶ samples per group (`n_samples`) ─▶ trials, or units of exact probes (`batch_key`, `unit_size`)
+      ─▶ `TrialBatch`es, which travel through Tune as their JSON (`tune_config`, `batch_of`)
+
+Nothing here imports Ray or Optuna: `launch --dry-run` prints the grid without them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter
+from typing import Any
+
+from ..core.spec import CROSS_FREEZES, GridPoint, NeuronSelect, SweepSpec, TrialBatch
+
+
+def expand(spec: SweepSpec, neurons: dict[int, list[int]]) -> list[GridPoint]:
+    """One group per (layer, neuron, head, freeze), plus its controls; invalid combinations are left out.
+
+    `shuffled` accompanies every group; `random_model` and `early_features` swap the features a
+    frozen-base head reads, so they accompany the freeze-none groups; `cross_model` accompanies the
+    freeze none and all groups (the other model has no target layer); `input_only` is one ridge
+    regression on the text's tokens per (layer, neuron), the same comparator for every head.
+    """
+    controls = spec.control_names
+    groups = []
+    for L in spec.layers:
+        for n in neurons[L]:
+            for h, f in spec.combos():
+                base = GridPoint(layer=L, neuron=n, head=h, freeze=f)
+                groups.append(base)
+                groups += [base.model_copy(update={"control": c}) for c in controls
+                           if c == "shuffled" or (c in ("random_model", "early_features") and f == "none")]
+                if "cross_model" in controls and f in CROSS_FREEZES:
+                    groups.append(base.model_copy(update={"control": "cross_model", "cross_model": spec.cross_model}))
+            if "input_only" in controls:
+                groups.append(GridPoint(layer=L, neuron=n, head="regression", freeze="none", control="input_only"))
+    return groups
+
+
+def n_samples(spec: SweepSpec, group: GridPoint) -> int:
+    """Hyperparameter samples of a group. An exact probe (freeze none, solver exact) has no lr, epochs,
+    batch size, weight decay or patience: every sample would be the same fit, so it is solved once —
+    unless the space searches n_bins of a binned head."""
+    exact = group.freeze == "none" and spec.training.solver == "exact"
+    searched = "n_bins" in spec.search.space and group.head != "regression"
+    return 1 if exact and not searched else spec.search.num_samples
+
+
+def expected_trials(spec: SweepSpec, groups: list[GridPoint]) -> set[str]:
+    """Every trial id the sweep owes: each group's samples."""
+    return {g.at(s).trial_id for g in groups for s in range(n_samples(spec, g))}
+
+
+def batch_key(spec: SweepSpec, g: GridPoint) -> tuple | None:
+    """Groups with the same key may share a unit of work: exact frozen-base probes with nothing searched, of
+    one layer (`core.trial.run_trials` fits every head and control of a chunk of its neurons together). None:
+    the group runs alone."""
+    if g.freeze != "none" or spec.training.solver != "exact" or n_samples(spec, g) != 1:
+        return None
+    return (g.layer,)
+
+
+def unit_size(spec: SweepSpec, neurons: dict[int, list[int]], workers: int, per_worker: int = 4) -> int:
+    """Neurons per unit of work: enough units that every worker stays busy (≥ `per_worker` units each, the
+    layers split evenly), at most `resources.batch_neurons`."""
+    most = max((len(v) for v in neurons.values()), default=1)
+    chunks = max(1, math.ceil(per_worker * workers / max(1, len(neurons))))
+    return max(1, min(spec.resources.batch_neurons, math.ceil(most / chunks)))
+
+
+def unit_id(points: list[GridPoint]) -> str:
+    """`L<layer>-N<first>..<last>-<hash>` (the hash of its trial ids: a unit planned again names itself the same)."""
+    ns = [p.neuron for p in points]
+    digest = hashlib.sha256("\n".join(sorted(p.trial_id for p in points)).encode()).hexdigest()[:8]
+    return f"L{points[0].layer}-N{min(ns)}..{max(ns)}-{digest}"
+
+
+def tune_config(batch: TrialBatch, params: dict[str, Any] | None = None) -> dict:
+    """What Tune holds for a trial or unit: its id, the batch as validated JSON (rebuilt, not re-assembled, by
+    the worker: `batch_of`), and the sampled hyperparameters, shown by trackers (never read back)."""
+    return {"trial_id": batch.id, "batch": batch.model_dump_json(), "params": dict(params or {})}
+
+
+def batch_of(config: dict) -> TrialBatch:
+    return TrialBatch.model_validate_json(config["batch"])
+
+
+def dry_run_text(spec: SweepSpec) -> str:
+    """The grid `expand` would make (with ≤k neurons per selector), counted per (head, freeze) and control."""
+    from ..core.models import model_shape
+
+    d_mlp = model_shape(spec.model.name).get("d_mlp") if any(isinstance(n, NeuronSelect) and n.k is None
+                                                            for n in spec.neurons) else None
+    per_layer = sum((n.k or d_mlp or 0) if isinstance(n, NeuronSelect) else 1 for n in spec.neurons)
+    per_layer = min(per_layer, d_mlp) if d_mlp else per_layer
+    skipped = spec.skipped_combos()
+    groups = expand(spec, {L: list(range(per_layer)) for L in spec.layers})
+    trials: Counter[tuple] = Counter()
+    for g in groups:
+        trials[(g.head, g.freeze, g.control or "")] += n_samples(spec, g)
+    real = sum(v for (_, _, c), v in trials.items() if not c)
+    n_real = sum(1 for g in groups if not g.control)
+    lines = [f"sweep {spec.name}: model {spec.model.name} ({spec.model.init}, processing {spec.model.processing})",
+             f"  layers {spec.layers} × ≤{per_layer} neurons each × {len(spec.combos())} (head, freeze) = "
+             f"≤{n_real} groups, ≤{real} trials ({spec.search.num_samples} samples per searched group; "
+             "exact probes are solved once)",
+             "  trials per (head, freeze), all layers:"]
+    for h, f in spec.combos():
+        lines.append(f"    {h:<15} {f:<13} {trials[(h, f, '')]}")
+    for L in spec.layers:
+        lines.append(f"  layer {L}: {real // len(spec.layers)} trials")
+    if spec.controls:
+        n_ctl = sum(v for (_, _, c), v in trials.items() if c)
+        lines.append(f"  controls {', '.join(spec.control_names)}"
+                     f"{f' (cross_model: {spec.cross_model})' if spec.cross_model else ''}: "
+                     f"≤{len(groups) - n_real} more groups, ≤{n_ctl} more trials")
+    lines.append(f"  skipped invalid combinations: {len(skipped)}"
+                 + (f" ({', '.join(f'{h}+{f}' for h, f in skipped)}: token needs a trainable model)" if skipped else ""))
+    from .inputs import cache_spec
+
+    cs = cache_spec(spec)
+    lines.append(f"  cache to build or load: 1 ({spec.corpus.source}, {spec.corpus.n_texts} texts ≤ "
+                 f"{cs.max_tokens} tokens, layers {list(cs.layers)}, hook_{cs.hook}, features {cs.features}"
+                 f"{', residual after each layer' if cs.store_resid else ''})")
+    lines.append(f"  search: {spec.search.algorithm}, metric {spec.search.metric} ({spec.search.mode}), "
+                 f"space {sorted(spec.search.space) or 'none (training defaults)'}")
+    return "\n".join(lines)

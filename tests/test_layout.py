@@ -1,0 +1,44 @@
+"""The package's imports run one way: core ← results ← report ← sweep ← (api, cli), read from the source."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "nsr_sweep"
+LEVEL = {"core": 1, "results": 2, "report": 3, "sweep": 4, "": 5}  # "": api.py, cli.py, __init__.py
+MODEL_CODE = {"models", "surface", "cache", "corpus", "forward", "trial", "fit", "patching", "analyses"}
+
+
+def _imports():
+    """(importing module's package, its path, the imported module as a path of names) for every relative import,
+    top-level or inside a function."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE)
+        here = list(rel.parts[:-1])
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = here[: len(here) - (node.level - 1)]
+                target = base + (node.module.split(".") if node.module else [])
+                names = [a.name for a in node.names]
+                yield (here[0] if here else ""), rel, target, names
+
+
+def test_no_import_runs_back_up_a_level_and_core_imports_only_core():
+    upward = []
+    for pkg, rel, target, names in _imports():
+        if not target:  # `from .. import __version__`: the package's own version string
+            assert names == ["__version__"], (rel, names)
+            continue
+        tpkg = target[0] if target[0] in LEVEL else ""
+        if LEVEL[tpkg] > LEVEL[pkg]:
+            upward.append(f"{rel} imports {'.'.join(target)}")
+    assert upward == []
+
+
+def test_results_import_nothing_of_trial_or_plotting_and_the_schema_no_model_code():
+    bad = []
+    for pkg, rel, target, _ in _imports():
+        if pkg == "results" and (target[-1] == "trial" or target[:1] == ["report"]):
+            bad.append(f"{rel} imports {'.'.join(target)}")
+        if rel.as_posix() == "core/spec.py" and target[-1] in MODEL_CODE:
+            bad.append(f"{rel} imports {'.'.join(target)}")
+    assert bad == []
