@@ -370,7 +370,7 @@ def spawn_isolated(options: dict, forward: DashboardForward | None) -> int:
     fds = (forward.sock.fileno(),) if forward is not None else ()
     args = {**options, "parent": os.getpid(), "forward_fd": fds[0] if fds else None,
             "forward_host": forward.host if forward is not None else None}
-    child = subprocess.Popen([sys.executable, "-m", "nsr_sweep.sweep.localray", "launch", json.dumps(args)], pass_fds=fds)
+    child = subprocess.Popen([sys.executable, "-m", "nsr_sweep.sweep.child", json.dumps(args)], pass_fds=fds)
     while True:
         try:
             return child.wait()
@@ -378,12 +378,14 @@ def spawn_isolated(options: dict, forward: DashboardForward | None) -> int:
             continue
 
 
-def _launch_child(args: dict) -> int:
-    """The launch's own process: die with the parent, isolate the network (or say why not), then launch."""
+def enter_child(args: dict) -> tuple[bool, str | None, DashboardForward | None] | None:
+    """In the launch's own process (`sweep/child.py`), first thing: die with the parent, isolate the network
+    (or say why not), adopt the dashboard's listener. Returns (isolated, why not, forward), or None when the
+    parent is already gone."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != args["parent"]:  # the parent died before the line above
-        return 1
+        return None
     isolated, why = False, None
     if sys.platform == "linux":
         try:
@@ -395,9 +397,7 @@ def _launch_child(args: dict) -> int:
         why = "network namespaces are Linux-only"
     forward = DashboardForward.adopt(args["forward_fd"], args["forward_host"]) if args["forward_fd"] is not None \
         else None
-    from .launch import run_isolated_launch  # the heavy imports start threads: only now
-
-    return run_isolated_launch(args, isolated, None if isolated else str(why), forward)
+    return isolated, None if isolated else str(why), forward
 
 
 # -- starting the cluster ----------------------------------------------------------------------
@@ -491,7 +491,5 @@ def _start(local: LocalCluster, temp_dir: Path, cpus: int, dashboard: bool, dash
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "reap":
         _reap(Path(sys.argv[2]), int(sys.argv[3]))
-    elif len(sys.argv) == 3 and sys.argv[1] == "launch":
-        sys.exit(_launch_child(json.loads(sys.argv[2])))
     else:
-        sys.exit("usage: python -m nsr_sweep.sweep.localray reap TEMP_DIR DRIVER_PID  (or launch ARGS: from spawn_isolated)")
+        sys.exit("usage: python -m nsr_sweep.sweep.localray reap TEMP_DIR DRIVER_PID  (started by start_reaper)")
