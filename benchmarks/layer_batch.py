@@ -57,7 +57,7 @@ def main() -> None:
             t0 = time.perf_counter()
             for n in sample:
                 result = run_trial(cache, model, spec(int(n)))
-                save_trial(result, out / f"t-{head}-{control}-{n}", chart=trial_chart(result))
+                save_trial(result, out / f"t-{head}-{control}-{n}", chart=trial_chart)
             alone = len(sample) / (time.perf_counter() - t0)
             print(f"{head:<15} {control or '-':<9} {batch:>10.1f} {alone:>14.2f} {batch / alone:>6.1f}")
 

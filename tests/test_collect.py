@@ -35,7 +35,7 @@ def _weights(path) -> dict:
 def test_a_packed_trial_written_by_the_driver_is_the_directory_save_trial_writes(finetuned, tmp_path):
     """Every file byte for byte (the record but for its timing), the record last; written once, logged once."""
     tid = "L1-N3-regression-after_target-s0"
-    direct = save_trial(finetuned, tmp_path / "direct" / tid, chart=trial_chart(finetuned))  # the worker draws it
+    direct = save_trial(finetuned, tmp_path / "direct" / tid, chart=trial_chart)  # the worker draws it
     bundle = pack_trial(finetuned, tid, 0, plot=True, storage=None, sweep="s")
     assert list(bundle["files"])[-1] == f"trials/{tid}/{RECORD}" and bundle["trial_ids"] == [tid]
     sweep_dir = tmp_path / "sweep"

@@ -177,7 +177,7 @@ def test_every_valid_combination_beats_the_train_mean_on_nsr_tiny(tiny_cache, he
     assert np.isfinite(m.get("resid_change_along_head_r", np.nan)) == (freeze != "none")
     assert len(r.patch) == 7 * 60 and r.patch["pred_base"].notna().all()
 
-    d = save_trial(r, tmp_path / "trial", chart=trial_chart(r))
+    d = save_trial(r, tmp_path / "trial", chart=trial_chart)
     saved = json.loads((d / "metrics.json").read_text())
     preds = pd.read_parquet(d / "preds.parquet")
     assert list(preds.columns) == ["text_id", "split", "actual_orig", "actual_ft", "pred", "readout"]

@@ -24,6 +24,7 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
@@ -98,9 +99,10 @@ def _parquet(df: pd.DataFrame) -> bytes:
 # -- a trial alone: a directory ----------------------------------------------------------------
 
 
-def trial_files(result, trial_id: str, sample: int = 0, chart: bytes | None = None) -> dict[str, bytes]:
+def trial_files(result, trial_id: str, sample: int = 0, chart: Callable | None = None) -> dict[str, bytes]:
     """A trial's directory in memory: metrics.json (the record), head.safetensors, preds.parquet, patch.parquet,
-    diagnostics.png (`chart`, the PNG the worker drew: results code draws nothing) and model/… (saved weights, if any); the record last."""
+    diagnostics.png (`chart(result)` draws it: the worker passes `report.plots.trial_chart`; results code
+    imports no plotting) and model/… (saved weights, if any); the record last."""
     import tempfile
     import time
 
@@ -119,7 +121,7 @@ def trial_files(result, trial_id: str, sample: int = 0, chart: bytes | None = No
                 files.update({f"model/{p.relative_to(tmp).as_posix()}": p.read_bytes()
                               for p in sorted(Path(tmp).rglob("*")) if p.is_file()})
         if chart is not None:
-            files["diagnostics.png"] = chart
+            files["diagnostics.png"] = chart(result)
     result.metrics["artefact_seconds"] = time.perf_counter() - t0
     files[RECORD] = json_bytes(record(trial_id=trial_id, sample=sample, spec=_spec_dict(result), status=result.status,
                                       reason=result.reason, metrics=result.metrics, history=result.history))
@@ -127,7 +129,7 @@ def trial_files(result, trial_id: str, sample: int = 0, chart: bytes | None = No
 
 
 def save_trial(result, trial_dir: Path, trial_id: str | None = None, sample: int = 0,
-               chart: bytes | None = None) -> Path:
+               chart: Callable | None = None) -> Path:
     """A trial's files (`trial_files`) written to `trial_dir`; trial_id defaults to the directory's name."""
     return write_files(trial_dir, trial_files(result, trial_id or Path(trial_dir).name, sample, chart))
 

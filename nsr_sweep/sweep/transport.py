@@ -33,8 +33,7 @@ def pack_trial(result, trial_id: str, sample: int, *, plot: bool, storage: str |
         result = replace(result, save_model=None, metrics={**result.metrics, "model_uri": uri})
     from ..report.plots import trial_chart
 
-    chart = trial_chart(result) if plot and result.status == "ok" else None
-    files = {f"{TRIALS}/{trial_id}/{k}": v for k, v in trial_files(result, trial_id, sample, chart).items()}
+    files = {f"{TRIALS}/{trial_id}/{k}": v for k, v in trial_files(result, trial_id, sample, trial_chart if plot else None).items()}
     row = trial_row({**spec_json(result.spec, trial_id), "sample": sample}, result.status, result.metrics, result.reason, seconds=result.metrics.get("seconds"))
     return {"unit": None, "trial_ids": [trial_id], "files": files, "rows": [row], "worker": worker_identity()}
 
