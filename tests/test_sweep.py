@@ -339,6 +339,21 @@ def test_end_to_end_sweep_on_local_ray(tmp_path):
     assert yaml.safe_load((sweep_dir / "sweep.yaml").read_text())["name"] == "e2e"
     keys = json.loads((sweep_dir / "cache_keys.json").read_text())
     assert keys[0]["identity"][0]["pre_max_abs_err"] < 1e-4
+    # what each worker ran, as its record holds it: the sweep file's own sections under their names, the searched
+    # hyperparameters as sampled (and as the trial table shows them)
+    from nsr_sweep import open_results
+    from nsr_sweep.core.spec import TrialSettings
+
+    swept = load_sweep(sweep_dir / "sweep.yaml")
+    want = TrialSettings.of(swept).model_dump(mode="json")
+    res = open_results(sweep_dir)
+    for row in df.to_dict("records"):
+        ran = res.trial(row["trial_id"]).spec
+        assert {k: ran[k] for k in ("seed", "features", "splits", "analysis")} == \
+            {k: want[k] for k in ("seed", "features", "splits", "analysis")}
+        assert {k: v for k, v in ran["training"].items() if k not in swept.search.space} == \
+            {k: v for k, v in want["training"].items() if k not in swept.search.space}
+        assert all(ran["training"][k] == row[k] for k in swept.search.space)
     # the trackers saw every Tune trial: 24 fine-tuned ones and the probe units (every head and control of a
     # chunk of the layer's 3 neurons: 2 workers × 4 units each want chunks of 1 neuron)
     assert len(list((sweep_dir / "probes" / "records").glob("*.parquet"))) == 3
