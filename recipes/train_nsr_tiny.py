@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nsr_sweep.corpus import python_docs_passages  # noqa: E402
+from nsr_sweep.core.corpus import python_docs_passages  # noqa: E402
 
 EOS = "<|endoftext|>"
 SIBLING = """

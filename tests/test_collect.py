@@ -1,4 +1,4 @@
-"""Trial records on their way to the driver (collect.py), and what a model worker checks before it starts."""
+"""Trial records on their way to the driver (sweep/transport.py), the worker pool's outcomes, and what a model worker checks before it starts."""
 
 import json
 
@@ -194,6 +194,9 @@ def test_the_pool_tells_a_failed_trial_from_a_lost_one_by_the_exceptions_type():
     assert alive == {3}  # the dead were dropped; the last one never ran it
     (how, why), raised, alive = outcome([Worker(E.ActorDiedError())])  # the only worker died: none left to rerun on
     assert how == "lost" and "every model worker is gone" in why and alive == set()
-    (how, why), raised, alive = outcome([Worker(E.NodeDiedError("n"))] + [Worker(None)])
-    assert how == "ok" and raised is None  # rerun on the live worker
+    (how, why), raised, alive = outcome([Worker(E.ActorDiedError()), Worker(None)])
+    assert how == "ok" and raised is None and alive == {1}  # rerun on the live worker
+    for unreachable in (E.ActorUnavailableError("blip", None), E.NodeDiedError("n")):  # it may still be running
+        (how, why), raised, alive = outcome([Worker(unreachable), Worker(None)])
+        assert how == "lost" and why.startswith(type(unreachable).__name__) and alive == {0, 1}  # kept, not rerun
     assert outcome([Worker(None)], "other")[0] == ("ok", "") and WorkerPool([]).outcome("never") == ("unseen", "")

@@ -42,3 +42,42 @@ def test_results_import_nothing_of_trial_or_plotting_and_the_schema_no_model_cod
         if rel.as_posix() == "core/spec.py" and target[-1] in MODEL_CODE:
             bad.append(f"{rel} imports {'.'.join(target)}")
     assert bad == []
+
+
+def _module(parts: list[str]) -> str:
+    """A module's dotted name inside the package (a sub-package stands for its __init__)."""
+    return ".".join(parts) or "__init__"
+
+
+def test_the_modules_import_each_other_without_a_circle():
+    """Every relative import, at module level or inside a function, read as an edge between modules: a DAG."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE)
+        name = _module([*rel.parts[:-1], rel.stem] if rel.stem != "__init__" else list(rel.parts[:-1]))
+        here = list(rel.parts[:-1])
+        deps = graph.setdefault(name, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = here[: len(here) - (node.level - 1)]
+                target = base + (node.module.split(".") if node.module else [])
+                for alias in node.names:  # `from . import x` may name a module
+                    sub = target + [alias.name]
+                    if (PACKAGE.joinpath(*sub).with_suffix(".py")).is_file():
+                        deps.add(_module(sub))
+                        break
+                else:
+                    deps.add(_module(target))
+    deps_of = {k: {d for d in v if d != k and d in graph} for k, v in graph.items()}
+    seen: set[str] = set()
+
+    def visit(n: str, stack: list[str]) -> None:
+        assert n not in stack, f"import circle: {' -> '.join(stack + [n])}"
+        if n in seen:
+            return
+        for d in sorted(deps_of[n]):
+            visit(d, stack + [n])
+        seen.add(n)
+
+    for n in sorted(graph):
+        visit(n, [])

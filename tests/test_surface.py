@@ -340,33 +340,3 @@ def test_status_and_report_import_neither_ray_nor_optuna():
             "print(sorted(m for m in ('ray', 'optuna') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-
-
-def test_no_import_cycle_between_modules():
-    """Module-level imports inside the package form a DAG (a pipeline), checked from the source."""
-    import ast
-    from pathlib import Path
-
-    pkg = Path(__file__).resolve().parents[1] / "nsr_sweep"
-    graph = {}
-    for f in pkg.glob("*.py"):
-        tree = ast.parse(f.read_text())
-        deps = set()
-        for node in tree.body:
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                deps.add(node.module or "")
-        graph[f.stem] = deps
-    seen, stack = set(), []
-
-    def visit(n):
-        assert n not in stack, f"import cycle: {' → '.join(stack + [n])}"
-        if n in seen:
-            return
-        stack.append(n)
-        for d in graph.get(n, ()):
-            visit(d)
-        stack.pop()
-        seen.add(n)
-
-    for n in graph:
-        visit(n)

@@ -61,8 +61,9 @@ class SweepProgress:
         self.running -= 1
         rows = self.collector.gave_up(batch_of(trial.config), str(getattr(trial, "error_msg", None) or ""))
         self.show(rows)
-        if rows:
-            self._line(rows, trial.config)
+        mine = {p.trial_id for p in batch_of(trial.config).points}
+        if any(r["trial_id"] in mine for r in rows):
+            self._line([r for r in rows if r["trial_id"] in mine], trial.config)
 
     def _line(self, rows: list[dict], config: dict) -> None:
         done = self.collector.rows

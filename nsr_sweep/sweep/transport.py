@@ -142,26 +142,26 @@ class Collector:
         the exception's type: the trial's own code raised — each member without a record is recorded failed with
         the reason, and the sweep goes on — or its worker or node died on every rerun, or it never reached a worker
         (its Tune actor died): lost, not a result — it stays missing, and --resume reruns it. A run still going
-        sends its record when it ends."""
+        sends its record when it ends. Returns every row written now: what had arrived meanwhile, and the failed."""
         import ray
 
-        self.collect()  # a batch member that finished before its batch failed keeps its record
+        arrived = self.collect()  # a batch member that finished before its batch failed keeps its record
         how, reason = ray.get(self.pool.outcome.remote(batch.id))
         if how == "running":
-            return []
+            return arrived
         todo = [s for s in batch.specs() if s.trial_id not in self.by_id
                 and not (trial_dir(self.sweep_dir, s.trial_id) / RECORD).is_file()]
         if how != "failed":
             self.lost.update((s.trial_id, reason or tune_error) for s in todo)
-            return []
+            return arrived
         from ..results.records import failed_files, spec_json, trial_row
 
         try:
             write_files(self.sweep_dir, failed_files(todo, reason, batch.unit)) if todo else None
         except OSError as e:
             self.unwritten.update((s.trial_id, f"{type(e).__name__}: {e}") for s in todo)
-            return []
-        return self._keep([trial_row(spec_json(s), "failed", {}, reason) for s in todo])
+            return arrived
+        return arrived + self._keep([trial_row(spec_json(s), "failed", {}, reason) for s in todo])
 
 
 class Inbox:

@@ -226,12 +226,14 @@ class WorkerPool:
                 lost = isinstance(cause, LOST)  # the worker lost an actor or object it needed (the inbox's node)
                 self.outcomes[tid] = ("lost" if lost else "failed", f"{type(cause).__name__}: {cause}"[:2000])
                 raise  # else the trial's own code raised: a result (failed)
-            except LOST as e:  # its worker, node or objects died: drop the worker, run on another
-                if isinstance(e, ray.exceptions.RayActorError):
-                    self.alive.discard(i)
+            except ray.exceptions.ActorDiedError as e:  # its node died (or it was killed): drop it, run on another
+                self.alive.discard(i)
                 if attempt == RERUNS_ON_DEAD_WORKER:
                     self.outcomes[tid] = ("lost", f"{type(e).__name__}: {e}"[:500])
                     raise
+            except LOST as e:  # unreachable for now (ActorUnavailableError), a crashed process, lost objects: the
+                self.outcomes[tid] = ("lost", f"{type(e).__name__}: {e}"[:500])  # worker may still run it: never
+                raise                                                            # rerun here (--resume does)
             finally:
                 self.where.pop(tid, None)
                 if i in self.alive:
