@@ -28,6 +28,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pyarrow as pa
@@ -38,11 +39,11 @@ from .corpus import Corpus
 from .errors import NsrError
 from .files import atomic_dir
 from .models import LoadedModel
-from .spec import HOOK_NAME, Position, TargetHook
+from .spec import Position, TargetHook, is_feature_hook
 from .surface import norm_eps
 
 FORMAT_VERSION = 3
-HOOKS = ("post", "pre")
+HOOKS = get_args(TargetHook)
 DEFAULT_FEATURES = "ln_final.hook_out"  # what the unembedding reads: the final norm with its affine
 
 
@@ -72,7 +73,7 @@ class CacheSpec:
             raise NsrError(f"target.hook {self.hook!r} is not allowed; allowed: {', '.join(HOOKS)}")
         if self.position != "last":
             raise NsrError(f"target.position {self.position!r} is not allowed; allowed: last")
-        if not HOOK_NAME.match(self.features) or "hook_mlp_out" in self.features:
+        if not is_feature_hook(self.features):
             raise NsrError(
                 f"features.hook {self.features!r} is not a TransformerLens hook name "
                 f"(e.g. {DEFAULT_FEATURES}, ln_final.hook_out, blocks.3.hook_resid_post)"

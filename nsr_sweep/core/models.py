@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from .errors import NsrError
 from .spec import Init, Processing
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 MODELS_DIR = Path(__file__).parents[1] / "models"
 BUNDLED = "nsr-tiny"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
-PROCESSING = ("none",)
+PROCESSING = get_args(Processing)
 INITS = ("pretrained", "random")
 
 

@@ -29,9 +29,6 @@ Position = Literal["last"]
 Init = Literal["pretrained", "random"]
 Processing = Literal["none"]  # weights as trained; `compat` (LayerNorm folding) was removed
 HEADS: tuple[str, ...] = get_args(Head)
-FREEZES: tuple[str, ...] = get_args(Freeze)
-CONTROLS: tuple[str, ...] = get_args(Control)
-METRICS: tuple[str, ...] = get_args(Metric)
 SCALE_FREE = ("val_pearson_r", "val_skill")  # comparable across neurons, whose activations have other units
 HYPERPARAMETERS = ("lr", "epochs", "batch_size", "weight_decay", "n_bins", "patience")
 GROUP_COLUMNS = ("layer", "neuron", "head", "freeze", "control")
@@ -66,6 +63,12 @@ class TargetCfg(Strict):
 HOOK_NAME = re.compile(r"^(blocks\.\d+\.)?([a-z_0-9]+\.)*hook_[a-z_0-9]+$")  # a TransformerLens hook name
 
 
+def is_feature_hook(name: str) -> bool:
+    """Whether `name` is a hook name a probe's `features.hook` may give: a TransformerLens hook name, not
+    hook_mlp_out (the one check the schema and the cache spec share)."""
+    return bool(HOOK_NAME.match(name)) and "hook_mlp_out" not in name
+
+
 class FeaturesCfg(Strict):
     hook: str = "ln_final.hook_out"
     """What a frozen-base probe (freeze none) reads: a TransformerLens hook name the model surface knows.
@@ -74,7 +77,7 @@ class FeaturesCfg(Strict):
     @field_validator("hook")
     @classmethod
     def _hook_name(cls, v):
-        if not HOOK_NAME.match(v) or "hook_mlp_out" in v:
+        if not is_feature_hook(v):
             raise ValueError(f"{v!r} is not a TransformerLens hook name (e.g. blocks.3.ln2.hook_normalized, "
                              "ln_final.hook_out, blocks.3.hook_resid_post)")
         return v
@@ -401,7 +404,7 @@ class GridPoint(Strict):
     @property
     def group(self) -> tuple:
         """The group key: (layer, neuron, head, freeze, control or "")."""
-        return (self.layer, self.neuron, self.head, self.freeze, self.control or "")
+        return group_of(self.model_dump(include=set(GROUP_COLUMNS)))
 
     @property
     def group_id(self) -> str:
@@ -418,8 +421,8 @@ class GridPoint(Strict):
 
 
 def group_of(row: dict) -> tuple:
-    """The group key of a trial-table row or record (the columns GROUP_COLUMNS)."""
-    return (row["layer"], row["neuron"], row["head"], row["freeze"], row.get("control") or "")
+    """The group key of a trial-table row, a record or a GridPoint: its GROUP_COLUMNS, control "" for none."""
+    return (*(row[k] for k in GROUP_COLUMNS[:-1]), row.get("control") or "")
 
 
 TRIAL_ID = re.compile(r"^L(\d+)-N(\d+)-([a-z]+)-([a-z_]+?)(?:-([a-z_]+))?-s(\d+)$")
@@ -469,14 +472,6 @@ class TrialSpec(TrialSettings, GridPoint):
         """The point the head reads: the probe's feature hook, or the unembedding's input for unfrozen trials."""
         return self.features.hook if self.freeze == "none" else "ln_final.hook_out"
 
-    @property
-    def settings(self) -> TrialSettings:
-        return TrialSettings.model_validate({k: getattr(self, k) for k in TrialSettings.model_fields})
-
-    @property
-    def point(self) -> GridPoint:
-        return GridPoint.model_validate({k: getattr(self, k) for k in GridPoint.model_fields})
-
     def check(self, model=None) -> None:
         if model is not None:
             model.check_layer(self.layer)
@@ -500,14 +495,6 @@ class TrialBatch(Strict):
     def specs(self) -> list[TrialSpec]:
         s = self.settings.model_dump()
         return [TrialSpec.model_validate({**s, **p.model_dump()}) for p in self.points]
-
-    @classmethod
-    def of(cls, specs: list[TrialSpec], unit: str | None = None) -> TrialBatch:
-        """Trials with one settings (a unit's, or one trial's) as a batch."""
-        settings = specs[0].settings
-        if any(s.settings != settings for s in specs[1:]):
-            raise ValueError("the trials of a batch share their settings")
-        return cls(unit=unit, settings=settings, points=[s.point for s in specs])
 
 
 def split_sizes(n: int, fractions) -> tuple[int, int, int]:

@@ -450,7 +450,3 @@ def validation_scores(pred: np.ndarray, actual: np.ndarray, train_mean: float) -
     r = float(np.corrcoef(pred, actual)[0, 1]) if sd > 0 else float("nan")
     baseline = float(np.mean((train_mean - actual) ** 2))
     return r, (1 - float(np.mean((pred - actual) ** 2)) / baseline if baseline > 0 else float("nan"))
-
-
-def spec_dict(spec: TrialSpec) -> dict:
-    return spec.model_dump(mode="json")
