@@ -20,12 +20,8 @@ def checked_sweep(sweep: str | Path | dict[str, Any]) -> SweepSpec:
         check_model(spec)
     except NsrError as e:
         raise NsrError(f"{source}: {e}") from None
-    from .inputs import cache_spec, check_cross_model
+    from .inputs import check_cross_model  # (the cache spec's own checks are the schema's: nothing to repeat)
 
-    try:
-        cache_spec(spec)
-    except NsrError as e:
-        raise NsrError(f"{source}: {e}") from None
     check_cross_model(spec)
     return spec
 
