@@ -28,7 +28,7 @@ from .uncertainty import slope_interval
 
 def readout_direction(head_weight: torch.Tensor, hmap) -> torch.Tensor:
     """Regression: the weight vector. Binned heads: Σₖ (valueₖ − v̄)·wₖ over the class (or digit-unembedding) vectors."""
-    w = head_weight.double()  # n_out × d
+    w = head_weight.double().cpu()  # n_out × d (an unfrozen trial's head sits on the model's device)
     if hmap.head == "regression":
         return w[0]
     values = torch.as_tensor(hmap.values, dtype=torch.float64)

@@ -149,7 +149,7 @@ def check_identity(model: LoadedModel, seqs: list[list[int]], layer: int) -> dic
     finally:
         h.remove()
     real = mask.bool()
-    x, pre, post = seen["x"][real].double(), got[names[0]][real].double(), got[names[1]][real].double()
+    x, pre, post = (t[real].double().cpu() for t in (seen["x"], got[names[0]], got[names[1]]))  # the weights' device
     gamma, beta = s.norm_affine(norm)
     eps = norm_eps(norm)
     if s.arch.norm == "rmsnorm":

@@ -186,7 +186,7 @@ class LastPosition:
             new = base[:, n][..., None].to(out.dtype) + self.delta_post(neurons, values).to(out.dtype)
         else:
             return out
-        out[:, torch.arange(N), :, n] = new.permute(1, 0, 2)  # advanced indices first: N × B × G
+        out[:, torch.arange(N, device=out.device), :, n] = new.permute(1, 0, 2)  # advanced indices first: N × B × G
         return out
 
     def _suffix(self, x: torch.Tensor) -> torch.Tensor:

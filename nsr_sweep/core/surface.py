@@ -282,7 +282,7 @@ class Surface:
             yield
             return
         p = self.neuron_point(layer, hook)
-        rows = torch.arange(len(positions))
+        rows = torch.arange(len(positions), device=positions.device)
 
         def set_value(x: torch.Tensor) -> torch.Tensor:
             x = x.clone()
@@ -299,26 +299,27 @@ class Surface:
             h.remove()
 
     def neuron_weights(self, layer: int) -> dict[str, torch.Tensor]:
-        """float64 [d_model, d_mlp] read matrices and [d_mlp, d_model] write matrix of a layer, as the model applies them.
+        """float64 [d_model, d_mlp] read matrices and [d_mlp, d_model] write matrix of a layer, as the model applies them,
+        on the CPU whatever the model's device (the analyses' small float64 algebra runs there).
 
         `W_in`/`b_in`: the (up) input projection; `W_gate`/`b_gate`: the gate (gated MLPs only);
         `W_pre`/`b_pre`: what `hook_pre` reads (the gate for gated MLPs, else W_in); `W_out`: the write."""
         a = self.arch
         up, down = self.part(layer, a.mlp_in), self.part(layer, a.mlp_out)
-        W_in = _matrix(up).detach().double()
-        out = {"W_in": W_in, "b_in": _bias(up, W_in.shape[1]).detach().double(),
-               "W_out": _matrix(down).detach().double()}
+        W_in = _matrix(up).detach().double().cpu()
+        out = {"W_in": W_in, "b_in": _bias(up, W_in.shape[1]).detach().double().cpu(),
+               "W_out": _matrix(down).detach().double().cpu()}
         if a.mlp_gate:
             gate = self.part(layer, a.mlp_gate)
-            out["W_gate"] = _matrix(gate).detach().double()
-            out["b_gate"] = _bias(gate, W_in.shape[1]).detach().double()
+            out["W_gate"] = _matrix(gate).detach().double().cpu()
+            out["b_gate"] = _bias(gate, W_in.shape[1]).detach().double().cpu()
         out["W_pre"], out["b_pre"] = (out["W_gate"], out["b_gate"]) if a.mlp_gate else (W_in, out["b_in"])
         return out
 
     def norm_affine(self, norm: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(γ, β) of a norm in float64; β is None for RMSNorm."""
+        """(γ, β) of a norm in float64 on the CPU; β is None for RMSNorm."""
         b = getattr(norm, "bias", None)
-        return norm.weight.detach().double(), (b.detach().double() if b is not None else None)
+        return norm.weight.detach().double().cpu(), (b.detach().double().cpu() if b is not None else None)
 
     def effective(self, norm: Any, vectors: torch.Tensor) -> torch.Tensor:
         """Read vectors behind `norm` as directions in the residual stream: γ ⊙ w, centred for LayerNorm.
