@@ -64,12 +64,34 @@ def test_random_direction_null_has_the_expected_spread():
     W_in, W_out = w["W_in"], w["W_out"]
     vectors = {"win": W_in, "wout": W_out.T}
     direction = torch.randn(model.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    c = A.weight_cosines(direction, vectors, neuron=3, n_random=4000)
+    c = A.weight_cosines(direction[None], vectors, [3], n_random=4000)[0]
     assert abs(c["cos_null_random_std"] * np.sqrt(model.d_model) - 1) < 0.10
     assert c["cos_null_n_neurons"] == model.d_mlp - 1 >= 200
     w = W_in[:, 3]  # the neuron's own input vector: cos 1, far out in both nulls
-    own = A.weight_cosines(w, vectors, neuron=3)
+    own = A.weight_cosines(w[None], vectors, [3])[0]
     assert own["cos_win"] == pytest.approx(1.0) and own["cos_win_z_random"] > 5 and own["cos_win_z_neurons"] > 3
+
+
+def test_weight_cosines_of_a_unit_equal_each_probe_computed_alone_in_numpy():
+    """One matrix product for many probes: every cosine and z-score is the one-direction numpy computation."""
+    model = load_model("nsr-tiny")
+    w = model.surface.neuron_weights(1)
+    vectors = {"win": w["W_in"], "wout": w["W_out"].T}
+    D = torch.randn(37, model.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    neurons = np.random.default_rng(0).integers(0, model.d_mlp, 37)
+    got = A.weight_cosines(D, vectors, neurons, n_random=300, seed=5)
+    R = A.random_directions(model.d_model, 300, 5).numpy()
+    for p, n in enumerate(neurons):
+        d = D[p].numpy()
+        null_r = d @ R / (np.linalg.norm(d) * np.linalg.norm(R, axis=0))
+        for name, V in vectors.items():
+            c = d @ V.numpy() / (np.linalg.norm(d) * np.linalg.norm(V.numpy(), axis=0))
+            others = np.delete(c, n)
+            assert got[p][f"cos_{name}"] == pytest.approx(c[n], abs=1e-12)
+            assert got[p][f"cos_{name}_z_neurons"] == pytest.approx((c[n] - others.mean()) / others.std(ddof=1), abs=1e-9)
+            assert got[p][f"cos_{name}_z_random"] == pytest.approx((c[n] - null_r.mean()) / null_r.std(ddof=1), abs=1e-9)
+        alone = A.weight_cosines(D[p][None], vectors, [n], n_random=300, seed=5)[0]
+        assert alone.keys() == got[p].keys() and all(got[p][k] == pytest.approx(v, abs=1e-12) for k, v in alone.items())
 
 
 def test_readout_direction_of_binned_heads():

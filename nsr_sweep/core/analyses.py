@@ -46,46 +46,77 @@ def random_directions(d: int, n: int = 1000, seed: int = 0) -> torch.Tensor:
     return torch.randn(d, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def weight_cosines(direction: torch.Tensor, vectors: dict[str, torch.Tensor], neuron: int, suffix: str = "",
-                   n_random: int = 1000, seed: int = 0) -> dict:
-    """cos(direction, vectors[name][:, n]) for each named [d_model, d_mlp] set, z-scored against the layer's
-    other neurons and against random Gaussian directions; columns `cos_<name><suffix>[_z_neurons|_z_random]`."""
-    null_random = _cos(direction, random_directions(direction.shape[0], n_random, seed))
-    others = torch.tensor([m for m in range(next(iter(vectors.values())).shape[1]) if m != neuron])
-    out: dict = {}
+class LayerWeights:
+    """A layer's neuron weights as the cosines read them, built once per model and layer and shared by every
+    probe of a unit (float64 on the CPU): raw read/write vectors (`win`, `wout`, `wgate`), the effective ones
+    through norm2 (`_eff`), and each column's norm."""
+
+    def __init__(self, surface, layer: int):
+        self.surface, self.layer = surface, layer
+        self.w = w = surface.neuron_weights(layer)
+        self.raw = {"win": w["W_in"], "wout": w["W_out"].T} | ({"wgate": w["W_gate"]} if "W_gate" in w else {})
+        ln2 = surface.ln2(layer)
+        self.eff = {"win_eff": surface.effective(ln2, w["W_in"]), "wout_eff": w["W_out"].T} | \
+            ({"wgate_eff": surface.effective(ln2, w["W_gate"])} if "W_gate" in w else {})
+        self.norms = {k: V.norm(dim=0) for k, V in (self.raw | self.eff).items()}
+        self.win_wout = (w["W_in"] * w["W_out"].T).sum(0) / (self.norms["win"] * self.norms["wout"]).clamp_min(1e-30)
+
+
+def weight_cosines(directions: torch.Tensor, vectors: dict[str, torch.Tensor], neurons, suffix: str = "",
+                   n_random: int = 1000, seed: int = 0, norms: dict[str, torch.Tensor] | None = None) -> list[dict]:
+    """cos(directions[p], vectors[name][:, neurons[p]]) for each named [d_model, d_mlp] set, z-scored against
+    the layer's other neurons and against random Gaussian directions; columns
+    `cos_<name><suffix>[_z_neurons|_z_random]`, one dict per row of `directions` (P × d: one matrix product
+    per set for all probes of a unit)."""
+    D = directions.reshape(-1, directions.shape[-1]).double()
+    P, neurons = D.shape[0], torch.as_tensor(np.atleast_1d(neurons), dtype=torch.long)
+    d_norm = D.norm(dim=1, keepdim=True)
+    R = random_directions(D.shape[1], n_random, seed)
+    null_random = (D @ R) / (d_norm * R.norm(dim=0)).clamp_min(1e-30)  # P × n_random
+    r_mean, r_std = null_random.mean(1), null_random.std(1)
+    rows = torch.arange(P)
+    out: list[dict] = [{} for _ in range(P)]
     for name, V in vectors.items():
-        c_all = _cos(direction, V)
-        c, null = float(c_all[neuron]), c_all[others]
-        out[f"cos_{name}{suffix}"] = c
-        out[f"cos_{name}{suffix}_z_neurons"] = float((c - null.mean()) / null.std())
-        out[f"cos_{name}{suffix}_z_random"] = float((c - null_random.mean()) / null_random.std())
-    out[f"cos_null_random_std{suffix}"] = float(null_random.std())
-    out[f"cos_null_n_neurons{suffix}"] = len(others)
+        c_all = (D @ V) / (d_norm * (norms[name] if norms else V.norm(dim=0))).clamp_min(1e-30)  # P × M
+        c = c_all[rows, neurons]
+        keep = torch.ones_like(c_all, dtype=torch.bool)
+        keep[rows, neurons] = False
+        null = c_all[keep].view(P, -1)  # the layer's other neurons
+        z_n, z_r = (c - null.mean(1)) / null.std(1), (c - r_mean) / r_std
+        for p in range(P):
+            out[p] |= {f"cos_{name}{suffix}": float(c[p]), f"cos_{name}{suffix}_z_neurons": float(z_n[p]),
+                       f"cos_{name}{suffix}_z_random": float(z_r[p])}
+    for p in range(P):
+        out[p] |= {f"cos_null_random_std{suffix}": float(r_std[p]),
+                   f"cos_null_n_neurons{suffix}": next(iter(vectors.values())).shape[1] - 1}
     return out
 
 
-def direction_cosines(surface, read_hook: str, direction: torch.Tensor, layer: int, neuron: int, seed: int = 0,
-                      suffix: str = "") -> dict:
-    """The head's readout direction against the neuron's weights in `surface` (docs/science.md), raw and effective.
+def direction_cosines(weights: LayerWeights, read_hook: str, directions: torch.Tensor, neurons, seed: int = 0,
+                      suffix: str = "", chunk: int = 512) -> list[dict]:
+    """Each head's readout direction (a row of `directions`) against its neuron's weights (docs/science.md),
+    raw and effective; one dict per row.
 
     Raw: the direction in the head's feature basis against W_in[:, n] (the up projection), W_gate[:, n]
     (gated MLPs) and W_out[n, :]. Effective (`_eff`): both sides as directions in the residual stream —
     the head's through the norm it reads after (γ ⊙ d, centred for LayerNorm), the neuron's read
     vectors through norm2 (γ ⊙ w, centred for LayerNorm); W_out writes to the residual as it is."""
-    w = surface.neuron_weights(layer)
-    if direction.shape[0] != w["W_out"].shape[1]:
-        return {}  # not a residual-width direction (e.g. a probe on MLP neurons)
-    raw = {"win": w["W_in"], "wout": w["W_out"].T} | ({"wgate": w["W_gate"]} if "W_gate" in w else {})
-    out = weight_cosines(direction, raw, neuron, suffix, seed=seed)
-    out[f"cos_win_wout{suffix}"] = float(_cos(w["W_in"][:, neuron], w["W_out"][neuron][:, None])[0])
-    eff_dir = surface.residual_direction(read_hook, direction)
-    if eff_dir is not None:
-        ln2 = surface.ln2(layer)
-        eff = {"win_eff": surface.effective(ln2, w["W_in"]), "wout_eff": w["W_out"].T}
-        if "W_gate" in w:
-            eff["wgate_eff"] = surface.effective(ln2, w["W_gate"])
-        got = weight_cosines(eff_dir, eff, neuron, suffix, seed=seed)
-        out.update({k: v for k, v in got.items() if not k.startswith("cos_null")})
+    D = directions.reshape(-1, directions.shape[-1]).double()
+    neurons = np.atleast_1d(np.asarray(neurons))
+    if D.shape[1] != weights.w["W_out"].shape[1]:
+        return [{} for _ in range(len(D))]  # not a residual-width direction (e.g. a probe on MLP neurons)
+    out: list[dict] = []
+    for lo in range(0, len(D), chunk):  # bounded memory: chunk × d_mlp cosines per set at a time
+        part, ns = D[lo : lo + chunk], neurons[lo : lo + chunk]
+        got = weight_cosines(part, weights.raw, ns, suffix, seed=seed, norms=weights.norms)
+        for g, n in zip(got, ns):
+            g[f"cos_win_wout{suffix}"] = float(weights.win_wout[int(n)])
+        effective = [weights.surface.residual_direction(read_hook, d) for d in part]
+        if effective[0] is not None:
+            eff = weight_cosines(torch.stack(effective), weights.eff, ns, suffix, seed=seed, norms=weights.norms)
+            for g, e in zip(got, eff):
+                g.update({k: v for k, v in e.items() if not k.startswith("cos_null")})
+        out += got
     return out
 
 
@@ -245,19 +276,14 @@ def residual_change(delta: np.ndarray, head_dir: torch.Tensor, act: np.ndarray, 
     }
 
 
-def weight_columns(cache, base, head_weight: torch.Tensor, read_hook: str, spec, hmap, readout: np.ndarray,
-                   test: np.ndarray, real: np.ndarray) -> dict:
-    """The original neuron in the original model, on the test split at the target position: cosines of the
-    head's readout direction with the base weights, and the correlations of the neuron with the head's
-    readout in the original model (`readout`, test texts), with its own input projection and with the final
-    residual on its write vector (both from the cache)."""
-    L, n = spec.layer, spec.neuron
-    direction = readout_direction(head_weight.double(), hmap)
-    out: dict = direction_cosines(base, read_hook, direction, L, n)
-    w = base.neuron_weights(L)
-    out.update(projections(real[test], readout, np.asarray(cache.extra[f"mlp_in_L{L}"])[test], w["W_pre"][:, n],
-                           w["b_pre"][n], np.asarray(cache.extra["resid_final"])[test], w["W_out"][n]))
-    return out
+def projection_columns(cache, weights: LayerWeights, neuron: int, readout: np.ndarray, test: np.ndarray,
+                       real: np.ndarray) -> dict:
+    """The original neuron in the original model, on the test split at the target position: its correlations
+    with the head's readout in the original model (`readout`, test texts), with its own input projection and
+    with the final residual on its write vector (both from the cache)."""
+    L, n, w = weights.layer, neuron, weights.w
+    return projections(real[test], readout, np.asarray(cache.extra[f"mlp_in_L{L}"])[test], w["W_pre"][:, n],
+                       w["b_pre"][n], np.asarray(cache.extra["resid_final"])[test], w["W_out"][n])
 
 
 def analyse(cache, base, final, spec, hmap, preds: pd.DataFrame, splits: dict, real: np.ndarray
@@ -278,16 +304,17 @@ def analyse(cache, base, final, spec, hmap, preds: pd.DataFrame, splits: dict, r
     original = TrialModel(base, final.head, final.read_hook, final.seqs, final.answer_pos, final.target_pos, L,
                           final.hook, n, final.pad_id)
     readout = hmap.readout(original.batched(test)[0]).numpy()
-    out = weight_columns(cache, base, final.head.weight, spec.read_hook, spec, hmap, readout, test, real)
-    ft = final.surface
-    out.update(direction_cosines(ft, spec.read_hook, direction, L, n, suffix="_ft"))
+    base_w, ft_w = LayerWeights(base, L), LayerWeights(final.surface, L)
+    out = direction_cosines(base_w, spec.read_hook, direction, n)[0] | \
+        projection_columns(cache, base_w, n, readout, test, real)
+    out.update(direction_cosines(ft_w, spec.read_hook, direction, n, suffix="_ft")[0])
     act, mlp_in = neuron_hook(L, final.hook), mlp_input_hook(L)
     _, got = final.batched(test, reads=(act, mlp_in, "ln_final.hook_in"))
-    wf = ft.neuron_weights(L)
+    wf = ft_w.w
     out.update(projections(got[act][:, n].numpy(), preds["readout"].to_numpy()[test], got[mlp_in].numpy(),
                            wf["W_pre"][:, n], wf["b_pre"][n], got["ln_final.hook_in"].numpy(), wf["W_out"][n],
                            suffix="_ft"))
-    out.update(_residual_change(base, final, direction, test, real))
+    out.update(_residual_change(base, final, direction, test, real, base_w.w))
     sample = test[: spec.analysis.patch_texts]
     actual_ft = preds["actual_ft"].to_numpy()
     grid = patch_grid(actual_ft[splits["train"]], spec.analysis.patch_grid, spec.analysis.n_grid, spec.analysis.scales)  # the final model's neuron
@@ -297,7 +324,7 @@ def analyse(cache, base, final, spec, hmap, preds: pd.DataFrame, splits: dict, r
     return out, points
 
 
-def _residual_change(base, final, direction: torch.Tensor, test: np.ndarray, real: np.ndarray) -> dict:
+def _residual_change(base, final, direction: torch.Tensor, test: np.ndarray, real: np.ndarray, w: dict) -> dict:
     """What training did to the final residual at the head's read position, against the original model."""
     from .forward import read_points
 
@@ -306,5 +333,4 @@ def _residual_change(base, final, direction: torch.Tensor, test: np.ndarray, rea
     before, after = (read_points(s, seqs, at, ["ln_final.hook_in"], final.pad_id)["ln_final.hook_in"]
                      for s in (base, final.surface))
     head_dir = final.surface.residual_direction("ln_final.hook_out", direction)
-    w = base.neuron_weights(final.layer)
     return residual_change(after - before, head_dir, real[test], w["W_in"][:, final.neuron], w["W_out"][final.neuron])

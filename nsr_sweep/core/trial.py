@@ -173,8 +173,14 @@ def run_probes(cache: ActivationCache, model: LoadedModel | None, specs: list[Tr
                          on_epoch if len(specs) == 1 else None)
         for i, f in zip(members, got):
             fits[i], fit_seconds[i] = f, (time.perf_counter() - t) / len(members)
-    results = [_member(len(specs) > 1, _finish_probe, cache, model, s, f, r, y, splits, sec)
+    weights = None
+    if model is not None and any(s.analysis.enabled and s.control in (None, "shuffled") for s in specs):
+        from .analyses import LayerWeights
+
+        weights = LayerWeights(model.surface, spec.layer)  # once per unit: every probe's cosines read it
+    results = [_member(len(specs) > 1, _finish_probe, cache, model, s, f, r, y, splits, sec, weights)
                for s, f, r, y, sec in zip(specs, fits, reals, ys, fit_seconds)]
+    _cosine_probes(specs, fits, results, weights)
     _patch_probes(cache, model, specs, fits, results, reals, splits, len(specs) > 1)
     share = (time.perf_counter() - t0) / len(specs)  # the unit's wall time, shared out
     for r in results:
@@ -192,8 +198,9 @@ def _member(batched: bool, finish, cache, model, spec: TrialSpec, *args) -> Tria
         return TrialResult(spec, "failed", reason=f"{type(e).__name__}: {e}"[:2000])
 
 
-def _finish_probe(cache, model, spec: TrialSpec, fit, real, y, splits, fit_seconds: float) -> TrialResult:
-    """A probe after its fit: predictions, metrics, and the analyses that need no forward pass."""
+def _finish_probe(cache, model, spec: TrialSpec, fit, real, y, splits, fit_seconds: float, weights) -> TrialResult:
+    """A probe after its fit: predictions, metrics, and the projections (its weight cosines: `_cosine_probes`,
+    for the whole unit at once)."""
     if isinstance(fit, FloatingPointError):
         return TrialResult(spec, "failed", reason=str(fit))
     preds = predictions(cache.n_texts, splits, y, real, fit)
@@ -203,17 +210,31 @@ def _finish_probe(cache, model, spec: TrialSpec, fit, real, y, splits, fit_secon
                     "val_loss": fit.history[best]["val_loss"], "train_seconds": fit_seconds,
                     "train_mean": fit.hmap.train_mean, **fit.solver})
     if spec.analysis.enabled and spec.control in (None, "shuffled") and model is not None:
-        from .analyses import weight_columns
+        from .analyses import projection_columns
 
         test = splits["test"]
-        metrics.update(weight_columns(cache, model.surface, fit.head.weight, spec.read_hook, spec, fit.hmap,
-                                      preds["readout"].to_numpy()[test], test, real))
+        metrics.update(projection_columns(cache, weights, spec.neuron, preds["readout"].to_numpy()[test], test, real))
     elif spec.analysis.enabled:
         from .analyses import unreachable_patch
 
         metrics.update(unreachable_patch())  # another model's features, or the text's: the neuron cannot move them
     return TrialResult(spec, "ok", metrics, preds=preds, head={**fit.head.state(), **fit.hmap.state()},
                        history=fit.history)
+
+
+def _cosine_probes(specs, fits, results, weights) -> None:
+    """Every analysed probe's readout direction against its neuron's weights: one matrix product per weight set
+    for the whole unit (`analyses.direction_cosines`)."""
+    from .analyses import direction_cosines, readout_direction
+
+    todo = [i for i, (s, r) in enumerate(zip(specs, results))
+            if r.status == "ok" and s.analysis.enabled and s.control in (None, "shuffled") and weights is not None]
+    if not todo:
+        return
+    directions = torch.stack([readout_direction(fits[i].head.weight, fits[i].hmap) for i in todo])
+    cols = direction_cosines(weights, specs[todo[0]].read_hook, directions, [specs[i].neuron for i in todo])
+    for i, c in zip(todo, cols):
+        results[i].metrics.update(c)
 
 
 def _patch_probes(cache, model, specs, fits, results, reals, splits, batched: bool) -> None:
