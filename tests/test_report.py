@@ -104,6 +104,9 @@ def test_comparison_agrees_with_the_trials_and_recomputes_from_predictions(sweep
         p = {k: pd.read_parquet(sweep_dir / "trials" / t / "preds.parquet").query("split == 'test'").sort_values("text_id")
              for k, t in (("self", row.self_trial), ("cross", row.cross_trial))}
         r = {k: np.corrcoef(v["pred"], p["self"]["actual_orig"])[0, 1] for k, v in p.items()}
+        d = p["self"]["actual_orig"].to_numpy() - p["self"]["actual_orig"].mean()
+        assert row.n_test_eff == pytest.approx((d**2).sum() ** 2 / (d**4).sum(), rel=1e-12)
+        assert row.n_test_eff == pytest.approx(mine.n_test_eff.item(), rel=1e-12)
         assert row.gap_cross_r == pytest.approx(r["self"] - r["cross"], abs=1e-9)
         assert row.gap_cross_r_lo <= row.gap_cross_r <= row.gap_cross_r_hi
         assert row.self_r_lo <= row.self_r <= row.self_r_hi

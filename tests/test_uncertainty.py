@@ -51,6 +51,7 @@ from scipy import special, stats
 from nsr_sweep.core.uncertainty import (
     bh_adjusted,
     bh_reject,
+    effective_texts,
     gap_interval,
     gap_pvalues,
     gap_tests,
@@ -289,6 +290,23 @@ def _corr(x, y):
 
 def _skill(p, y, m):
     return 1 - np.mean((p - y) ** 2) / np.mean((m - y) ** 2)
+
+
+def test_effective_texts_known_answers():
+    """(Σd²)²/Σd⁴: n for equal deviations, ≈ k for k active texts, ≈ n/3 for a normal target, 0 for a constant;
+    and the medians docs/science.md quotes for the simulated neurons at 45 test texts."""
+    assert effective_texts(np.tile([1.0, -1.0], 20)) == pytest.approx(40)
+    y = np.r_[np.full(3, 2.5), np.zeros(297)]  # 3 active texts of 300
+    p = 3 / 300
+    want = (3 * (1 - p)) ** 2 / (3 * (1 - p) ** 4 + 297 * p**4) * 2.5**4 / 2.5**4
+    assert effective_texts(y) == pytest.approx(want) and 2.9 < effective_texts(y) < 3.2
+    assert effective_texts(np.full(45, 0.7)) == 0.0
+    z = np.random.default_rng(0).normal(size=(4000, 45))
+    med = {k: np.median([effective_texts(LINKS[k](row)) for row in z]) for k in ("normal", "sparse80", "relu90")}
+    assert med["normal"] == pytest.approx(16.4, abs=0.4) and med["sparse80"] == pytest.approx(3.7, abs=0.2)
+    assert med["relu90"] == pytest.approx(2.2, abs=0.2)
+    big = np.random.default_rng(1).normal(size=30000)
+    assert effective_texts(big) == pytest.approx(10000, rel=0.03)
 
 
 def test_point_estimates_and_leave_one_out_values_are_exact():

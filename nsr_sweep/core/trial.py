@@ -30,7 +30,7 @@ from .models import LoadedModel
 from .patching import LastPosition
 from .spec import TrialSpec, split_sizes
 from .surface import Surface
-from .uncertainty import metric_intervals
+from .uncertainty import effective_texts, metric_intervals
 
 SPLITS = ("train", "val", "test")
 
@@ -462,6 +462,7 @@ def trial_metrics(preds: pd.DataFrame, train_mean: float, real: np.ndarray | Non
     val = split == SPLITS.index("val")
     m["val_pearson_r"], m["val_skill"] = validation_scores(pred[val], orig[val], train_mean)
     m["n_train"], m["n_val"], m["n_test"] = (int((split == i).sum()) for i in range(len(SPLITS)))
+    m["n_test_eff"] = effective_texts(orig[test_mask])
     return m
 
 

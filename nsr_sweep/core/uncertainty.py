@@ -213,6 +213,18 @@ def metric_interval_arrays(metric: str, pred, actual, train_mean, level: float =
                                           hold_point=True)}
 
 
+def effective_texts(actual: np.ndarray) -> float:
+    """How many texts the target's variance rests on: (Σd²)² / Σd⁴, d = actual − its mean. n when every text
+    deviates equally, about n/3 for a normal target, about k when k texts of a sparse neuron are active and the
+    rest sit at one value; 0 for a constant target. A description, not a correction: when it is a handful, so
+    is the evidence behind the trial's r and skill and their intervals (docs/science.md, Uncertainty)."""
+    d = np.asarray(actual, np.float64) - np.mean(actual)
+    if not np.isfinite(d).all():
+        return float("nan")
+    s2, s4 = float((d**2).sum()), float((d**4).sum())
+    return s2 * s2 / s4 if s4 > 0 else 0.0
+
+
 def metric_intervals(pred: np.ndarray, actual: np.ndarray, train_mean: float, seed: int = 0) -> dict[str, float]:
     """`pearson_r_lo/hi` and `skill_lo/hi`: bias-corrected jackknife-t intervals over the (test) texts given (r on
     Fisher z, skill on log(1 − skill)). `seed` is unused (kept for callers)."""

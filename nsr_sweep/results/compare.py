@@ -21,7 +21,7 @@ import pandas as pd
 
 from .records import test_predictions
 from ..core.spec import CELL_COLUMNS
-from ..core.uncertainty import bh_adjusted, gap_tests, layer_mean_intervals, metric_interval_arrays
+from ..core.uncertainty import bh_adjusted, effective_texts, gap_tests, layer_mean_intervals, metric_interval_arrays
 
 KEY = list(CELL_COLUMNS)
 METRICS = ("pearson_r", "skill")
@@ -69,6 +69,7 @@ def compare(sweep_dir: Path, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFra
         train_mean = g["train_mean"].to_numpy(np.float64)
         rows = pd.DataFrame({"layer": L, "neuron": g["neuron"].to_numpy(), "head": h, "freeze": f,
                              **{f"{k}_trial": v for k, v in ids.items()}})
+        rows["n_test_eff"] = [effective_texts(row) for row in y]  # how many texts each neuron's numbers rest on
         for name, x in p.items():
             for m in METRICS:
                 iv = metric_interval_arrays(m, x, y, train_mean)
