@@ -92,6 +92,13 @@ def test_weight_cosines_of_a_unit_equal_each_probe_computed_alone_in_numpy():
             assert got[p][f"cos_{name}_z_random"] == pytest.approx((c[n] - null_r.mean()) / null_r.std(ddof=1), abs=1e-9)
         alone = A.weight_cosines(D[p][None], vectors, [n], n_random=300, seed=5)[0]
         assert alone.keys() == got[p].keys() and all(got[p][k] == pytest.approx(v, abs=1e-12) for k, v in alone.items())
+    lw = A.LayerWeights(model.surface, 1)  # chunked (5 at a time) = all at once, raw and effective columns
+    whole = A.direction_cosines(lw, "ln_final.hook_out", D, neurons)
+    chunked = A.direction_cosines(lw, "ln_final.hook_out", D, neurons, chunk=5)
+    assert len(whole) == 37 and "cos_win_eff" in whole[0] and all(
+        a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-12) for k in a) for a, b in zip(whole, chunked))
+    with pytest.raises(ValueError, match="37 directions but 1 neurons"):
+        A.direction_cosines(lw, "ln_final.hook_out", D, [3])
 
 
 def test_readout_direction_of_binned_heads():

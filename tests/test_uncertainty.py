@@ -300,7 +300,9 @@ def test_effective_texts_known_answers():
     p = 3 / 300
     want = (3 * (1 - p)) ** 2 / (3 * (1 - p) ** 4 + 297 * p**4) * 2.5**4 / 2.5**4
     assert effective_texts(y) == pytest.approx(want) and 2.9 < effective_texts(y) < 3.2
-    assert effective_texts(np.full(45, 0.7)) == 0.0
+    for c in (0.7, 0.1, 0.3, -0.17):  # constants whose float mean is an ulp off as well as exact ones
+        assert effective_texts(np.full(45, c)) == 0.0 and effective_texts(np.full(300, c)) == 0.0
+    assert np.isnan(effective_texts(np.r_[np.ones(5), np.nan]))
     z = np.random.default_rng(0).normal(size=(4000, 45))
     med = {k: np.median([effective_texts(LINKS[k](row)) for row in z]) for k in ("normal", "sparse80", "relu90")}
     assert med["normal"] == pytest.approx(16.4, abs=0.4) and med["sparse80"] == pytest.approx(3.7, abs=0.2)

@@ -103,6 +103,8 @@ def direction_cosines(weights: LayerWeights, read_hook: str, directions: torch.T
     vectors through norm2 (γ ⊙ w, centred for LayerNorm); W_out writes to the residual as it is."""
     D = directions.reshape(-1, directions.shape[-1]).double()
     neurons = np.atleast_1d(np.asarray(neurons))
+    if len(neurons) != len(D):
+        raise ValueError(f"direction_cosines: {len(D)} directions but {len(neurons)} neurons")
     if D.shape[1] != weights.w["W_out"].shape[1]:
         return [{} for _ in range(len(D))]  # not a residual-width direction (e.g. a probe on MLP neurons)
     out: list[dict] = []
@@ -111,9 +113,9 @@ def direction_cosines(weights: LayerWeights, read_hook: str, directions: torch.T
         got = weight_cosines(part, weights.raw, ns, suffix, seed=seed, norms=weights.norms)
         for g, n in zip(got, ns):
             g[f"cos_win_wout{suffix}"] = float(weights.win_wout[int(n)])
-        effective = [weights.surface.residual_direction(read_hook, d) for d in part]
-        if effective[0] is not None:
-            eff = weight_cosines(torch.stack(effective), weights.eff, ns, suffix, seed=seed, norms=weights.norms)
+        effective = weights.surface.residual_direction(read_hook, part.T)  # the chunk's columns at once
+        if effective is not None:
+            eff = weight_cosines(effective.T, weights.eff, ns, suffix, seed=seed, norms=weights.norms)
             for g, e in zip(got, eff):
                 g.update({k: v for k, v in e.items() if not k.startswith("cos_null")})
         out += got

@@ -330,7 +330,8 @@ class Surface:
         return v - v.mean(0, keepdim=True) if self.arch.norm == "layernorm" else v
 
     def residual_direction(self, name: str, d: torch.Tensor) -> torch.Tensor | None:
-        """A readout direction `d` over the values of point `name`, as a direction in the residual stream.
+        """A readout direction `d` over the values of point `name` (or the columns of a d × P matrix of them), as a
+        direction in the residual stream.
 
         Residual points (and the attention output) are residual-space already; after a norm, the
         direction seen from the residual is γ ⊙ d (with affine) or d (normalised only), centred for
@@ -341,7 +342,7 @@ class Surface:
             if m.group(3) == "out":
                 return self.effective(norm, d)
             if m.group(3) == "normalized" and self.arch.norm == "layernorm":
-                return d - d.mean()
+                return d - d.mean(0, keepdim=True)
             return d
         if re.search(r"(hook_resid_(pre|mid|post)|hook_attn_out)$", name):
             return d
