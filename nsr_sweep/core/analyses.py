@@ -35,9 +35,9 @@ def readout_direction(head_weight: torch.Tensor, hmap) -> torch.Tensor:
     return (values - values.mean()) @ w
 
 
-def _cos(a: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """cos(a, each column of B)."""
-    return (a @ B) / (a.norm() * B.norm(dim=0)).clamp_min(1e-30)
+def _cos(a: torch.Tensor, B: torch.Tensor, B_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """cos(a, each column of B) — for each row of a when a is P × d (P × M); `B_norms`: B's column norms, if known."""
+    return (a @ B) / (a.norm(dim=-1, keepdim=True) * (B.norm(dim=0) if B_norms is None else B_norms)).clamp_min(1e-30)
 
 
 @lru_cache(maxsize=4)
@@ -70,14 +70,12 @@ def weight_cosines(directions: torch.Tensor, vectors: dict[str, torch.Tensor], n
     per set for all probes of a unit)."""
     D = directions.reshape(-1, directions.shape[-1]).double()
     P, neurons = D.shape[0], torch.as_tensor(np.atleast_1d(neurons), dtype=torch.long)
-    d_norm = D.norm(dim=1, keepdim=True)
-    R = random_directions(D.shape[1], n_random, seed)
-    null_random = (D @ R) / (d_norm * R.norm(dim=0)).clamp_min(1e-30)  # P × n_random
+    null_random = _cos(D, random_directions(D.shape[1], n_random, seed))  # P × n_random
     r_mean, r_std = null_random.mean(1), null_random.std(1)
     rows = torch.arange(P)
     out: list[dict] = [{} for _ in range(P)]
     for name, V in vectors.items():
-        c_all = (D @ V) / (d_norm * (norms[name] if norms else V.norm(dim=0))).clamp_min(1e-30)  # P × M
+        c_all = _cos(D, V, norms[name] if norms else None)  # P × M
         c = c_all[rows, neurons]
         keep = torch.ones_like(c_all, dtype=torch.bool)
         keep[rows, neurons] = False

@@ -128,6 +128,12 @@ def feature_source(spec: TrialSpec) -> tuple:
     return ("model",) if spec.control in (None, "shuffled") else (spec.control, spec.cross_model)
 
 
+def analyses_read_neuron(spec: TrialSpec) -> bool:
+    """Whether a trial's analyses (cosines, projections, patching) read this model's neuron: analyses on, and the
+    real target or its shuffled control — another model's or the text's predictor has no path from it."""
+    return spec.analysis.enabled and spec.control in (None, "shuffled")
+
+
 def batchable(specs: list[TrialSpec]) -> None:
     """Only frozen-base probes of one layer, with the same splits and analyses, share a unit; only exact
     solves (nothing to search) run more than one at a time."""
@@ -174,7 +180,7 @@ def run_probes(cache: ActivationCache, model: LoadedModel | None, specs: list[Tr
         for i, f in zip(members, got):
             fits[i], fit_seconds[i] = f, (time.perf_counter() - t) / len(members)
     weights = None
-    if model is not None and any(s.analysis.enabled and s.control in (None, "shuffled") for s in specs):
+    if model is not None and any(analyses_read_neuron(s) for s in specs):
         from .analyses import LayerWeights
 
         weights = LayerWeights(model.surface, spec.layer)  # once per unit: every probe's cosines read it
@@ -209,7 +215,7 @@ def _finish_probe(cache, model, spec: TrialSpec, fit, real, y, splits, fit_secon
     metrics.update({"epochs_run": len(fit.history), "best_epoch": best, "val_mse": fit.history[best]["val_mse"],
                     "val_loss": fit.history[best]["val_loss"], "train_seconds": fit_seconds,
                     "train_mean": fit.hmap.train_mean, **fit.solver})
-    if spec.analysis.enabled and spec.control in (None, "shuffled") and model is not None:
+    if analyses_read_neuron(spec) and model is not None:
         from .analyses import projection_columns
 
         test = splits["test"]
@@ -228,7 +234,7 @@ def _cosine_probes(specs, fits, results, weights) -> None:
     from .analyses import direction_cosines, readout_direction
 
     todo = [i for i, (s, r) in enumerate(zip(specs, results))
-            if r.status == "ok" and s.analysis.enabled and s.control in (None, "shuffled") and weights is not None]
+            if r.status == "ok" and analyses_read_neuron(s) and weights is not None]
     if not todo:
         return
     directions = torch.stack([readout_direction(fits[i].head.weight, fits[i].hmap) for i in todo])
@@ -242,7 +248,7 @@ def _patch_probes(cache, model, specs, fits, results, reals, splits, batched: bo
     from .analyses import Probe, fit_patch, patch_grid, probe_patching
 
     todo = [i for i, (s, r) in enumerate(zip(specs, results))
-            if r.status == "ok" and s.analysis.enabled and s.control in (None, "shuffled") and model is not None]
+            if r.status == "ok" and analyses_read_neuron(s) and model is not None]
     if not todo:
         return
     t0 = time.perf_counter()
@@ -301,7 +307,7 @@ def _finish(cache, model, spec: TrialSpec, fit, real, y, splits, seqs, answer_po
                     "val_loss": fit.history[best]["val_loss"], "train_seconds": fit_seconds + time.perf_counter() - t0,
                     "train_mean": fit.hmap.train_mean, **fit.solver})
     points = None
-    if spec.analysis.enabled and model is not None and fit.surface is not None and spec.control in (None, "shuffled"):
+    if analyses_read_neuron(spec) and model is not None and fit.surface is not None:
         from .analyses import analyse
 
         final = TrialModel(fit.surface, fit.head, spec.read_hook, seqs, answer_pos, cache.positions, spec.layer,

@@ -216,8 +216,9 @@ def metric_interval_arrays(metric: str, pred, actual, train_mean, level: float =
 def effective_texts(actual: np.ndarray) -> float:
     """How many texts the target's variance rests on: (Σd²)² / Σd⁴, d = actual − its mean. n when every text
     deviates equally, about n/3 for a normal target, at most about k when k texts of a sparse neuron are active
-    and the rest sit at one value (k when the active values are alike); 0 for a constant target. A description, not a correction: when it is a handful, so
-    is the evidence behind the trial's r and skill and their intervals (docs/science.md, Uncertainty)."""
+    and the rest sit at one value (k when the active values are alike); 0 for a constant target. A description,
+    not a correction: when it is a handful, so is the evidence behind the trial's r and skill and their
+    intervals (docs/science.md, Uncertainty)."""
     a = np.asarray(actual, np.float64)
     if not np.isfinite(a).all():
         return float("nan")
