@@ -14,35 +14,15 @@ one neuron per unit of work (`resources.batch_neurons: 1`) on the top K neurons 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
+from _launch import launch
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def launch(sweep: dict, out: Path) -> dict:
-    f = out / f"{sweep['name']}.yaml"
-    f.write_text(yaml.safe_dump(sweep))
-    t0 = time.time()
-    subprocess.run([sys.executable, "-m", "nsr_sweep.cli", "launch", str(f), "--out", str(out), "--no-dashboard"],
-                   check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
-    wall = time.time() - t0
-    d = out / sweep["name"]
-    state = json.loads((d / "sweep_state.json").read_text())
-    files = [p for p in d.rglob("*") if p.is_file()]
-    return {"dir": d, "neurons": sum(len(v) for v in state["neurons"].values()),
-            "trials": sum(state["counts"].values()), "wall_s": wall, "cache_s": state["timings"]["cache_s"],
-            "trials_s": state["timings"]["trials_wall_s"], "report_s": state.get("report_s", 0.0),
-            "files": len(files), "mb": sum(p.stat().st_size for p in files) / 1e6}
 
 
 def checks(d: Path) -> list[str]:
@@ -77,7 +57,7 @@ def main() -> None:
           f"{'files':>6} {'MB':>7} {'neurons/s':>10}")
     for name, r in runs.items():
         print(f"{name:<16} {r['neurons']:>8} {r['trials']:>7} {r['wall_s']:>8.1f} {r['cache_s']:>8.1f} "
-              f"{r['trials_s']:>9.1f} {r['report_s']:>9.1f} {r['files']:>6} {r['mb']:>7.1f} "
+              f"{r['trials_s']:>9.1f} {r['report_s'] or 0.0:>9.1f} {r['files']:>6} {r['mb']:>7.1f} "
               f"{r['neurons'] / r['wall_s']:>10.2f}")
     d = runs["units"]["dir"]
     print("\n" + "\n".join(checks(d)))

@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import signal
 import subprocess
 import sys
 import tarfile
@@ -36,6 +34,7 @@ import time
 from pathlib import Path
 
 import yaml
+from _launch import launch
 
 REPO = Path(__file__).resolve().parents[1]
 RANDOM_GPT2 = {"name": "openai-community/gpt2", "init": "random"}
@@ -61,57 +60,6 @@ def unfrozen_shape(neurons: int, samples: int, gpus_per_worker: float, device: s
     sweep["resources"] = {**sweep["resources"], "device": device, "gpus_per_worker": gpus_per_worker,
                           "cpus_per_trial": 2}
     return sweep
-
-
-def timed_launch(sweep: dict, out: Path, limit_s: float) -> dict:
-    """Launch `sweep` under `out`, stopped after `limit_s`: wall clock, timings and what arrived."""
-    f = out / f"{sweep['name']}.yaml"
-    f.write_text(yaml.safe_dump(sweep))
-    log = open(out / f"{sweep['name']}.log", "w")
-    t0 = time.time()
-    p = subprocess.Popen([sys.executable, "-m", "nsr_sweep.cli", "launch", str(f), "--out", str(out),
-                          "--no-dashboard"], env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=log,
-                         stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        rc = p.wait(timeout=max(1.0, limit_s))
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGINT)  # the launch's own interrupt path: it stops Ray and keeps what arrived
-        try:
-            rc = p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            rc = p.wait()
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
-        rc = f"stopped at {limit_s:.0f} s (rc {rc})"
-    wall = time.time() - t0
-    d = out / sweep["name"]
-    r = {"name": sweep["name"], "dir": d, "rc": rc, "wall_s": wall, "t0": t0, "t1": t0 + wall}
-    arrived = [json.loads(x) for x in (d / "runs.jsonl").read_text().splitlines()] if (d / "runs.jsonl").exists() else []
-    r["arrived"] = len(arrived)
-    r["first_arrival_s"] = min((a["time"] - t0 for a in arrived), default=float("nan"))
-    state = json.loads((d / "sweep_state.json").read_text()) if (d / "sweep_state.json").exists() else {}
-    r["expected"] = state.get("n_expected")
-    times = sorted(a["time"] for a in arrived)  # the arrival rate, also for a launch stopped at its time box
-    r["rate_per_s"] = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 2 and times[-1] > times[0] else None
-    r["neurons"] = sum(len(v) for v in state.get("neurons", {}).values())
-    r["timings"] = state.get("timings", {})
-    r["report_s"] = state.get("report_s")
-    trials = d / "tables" / "trials.parquet"
-    if trials.exists():
-        import pandas as pd
-
-        df = pd.read_parquet(trials)
-        r["status"] = df["status"].value_counts().to_dict() if "status" in df else {}
-        probes = df[df["freeze"] == "none"] if "freeze" in df else df.iloc[:0]
-        if len(probes):
-            r["finite_patch_slope"] = int(probes["patch_slope"].notna().sum())
-            r["probe_rows"] = len(probes)
-        bad = df[df["status"] != "ok"] if "status" in df else df.iloc[:0]
-        if len(bad) and "error" in bad:
-            r["reasons"] = bad["error"].astype(str).str[:300].value_counts().head(3).to_dict()
-        cols = [c for c in ("seconds", "train_seconds", "patch_seconds", "artefact_seconds") if c in df]
-        r["work"] = {c: float(df[c].sum()) for c in cols}
-    return r
 
 
 def gpu_use(smi: Path, t0: float, t1: float) -> str:
@@ -167,7 +115,7 @@ def main() -> int:
         every["resources"] = {**every["resources"], "gpus_per_worker": 0}
     shares = [float(x) for x in args.shares.split(",") if x]
     k, samples, n_texts = (int(x) for x in args.unfrozen.split(","))
-    runs = [timed_launch(every, out, min(330.0, deadline - time.time() - 75 * len(shares)))]
+    runs = [launch(every, out, min(330.0, deadline - time.time() - 75 * len(shares)))]
     print(json.dumps({k: v for k, v in runs[-1].items() if k != "dir"}, default=str), flush=True)
     heads = ["regression", "token"] if len(shares) > 1 else ["regression", "classification", "token"]
     for i, share in enumerate(shares):
@@ -179,7 +127,7 @@ def main() -> int:
             sweep["corpus"] = {**sweep["corpus"], "n_texts": 100, "max_tokens": 24}
             sweep["resources"] = {**sweep["resources"], "gpus_per_worker": 0, "workers": 1 if share == 1 else 2,
                                   "cpus_per_trial": 1}
-        runs.append(timed_launch(sweep, out, (left - 15) / (len(shares) - i)))
+        runs.append(launch(sweep, out, (left - 15) / (len(shares) - i)))
         print(json.dumps({k: v for k, v in runs[-1].items() if k != "dir"}, default=str), flush=True)
     if sampler:
         sampler.terminate()
