@@ -17,9 +17,9 @@ from click.testing import CliRunner
 
 from nsr_sweep.cli import main
 from nsr_sweep.core.errors import NsrError
-from nsr_sweep.core.spec import GridPoint, load_sweep, parse_sweep, parse_trial_id
+from nsr_sweep.core.spec import GridPoint, TrialBatch, TrialSettings, load_sweep, parse_sweep, parse_trial_id
 from nsr_sweep.results.records import spec_columns, spec_json
-from nsr_sweep.sweep.grid import batch_of, dry_run_text, expand, n_samples
+from nsr_sweep.sweep.grid import batch_of, dry_run_text, expand, n_samples, tracker_params, tune_config
 from nsr_sweep.sweep.search import GroupedSearch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -235,6 +235,8 @@ def test_exact_probe_groups_are_handed_out_as_units_of_neuron_chunks():
     spec = parse_sweep(with_(neurons=[3, 4, 5], freeze=["none", "all"], controls=["shuffled", "input_only"],
                              search={"num_samples": 2, "space": {"lr": {"loguniform": [1e-4, 1e-2]}}}))
     groups = expand(spec, {1: [3, 4, 5]})
+    assert tracker_params(tune_config(TrialBatch(settings=TrialSettings.of(spec), points=[groups[0].model_copy(
+        update={"layer": 0, "neuron": 0})])))["layer"] == "0"  # 0 is a layer, not a missing value
     done = [{**groups[0].model_dump(), "trial_id": "L1-N3-regression-none-s0", "status": "ok", "val_mse": 0.5}]
     s = GroupedSearch(spec, groups, done, unit_neurons=2)
     configs = []
@@ -254,6 +256,15 @@ def test_exact_probe_groups_are_handed_out_as_units_of_neuron_chunks():
     held = [json.loads(b["batch"]) for b in batches]  # the settings once, each member its place in the grid
     assert all(set(h) == {"unit", "settings", "points"} and all(set(p) == set(GridPoint.model_fields) for p in h["points"])
                for h in held)
+    # what MLflow logs: the place in the grid, never the batch's JSON (a unit's passes MLflow's 6,000 characters)
+    first = next(b for b in batches if b["trial_id"].startswith("L1-N3..4"))
+    assert tracker_params(first) == {"trial_id": first["trial_id"], "layer": "1", "neuron": "3..4 (2)",
+                                     "head": "regression", "freeze": "none", "control": "input_only,real,shuffled",
+                                     "n_trials": 5, "params": {}}
+    one = next(c for c in configs if batch_of(c).unit is None)
+    p = tracker_params(one)
+    assert p["neuron"] == str(batch_of(one).points[0].neuron) and p["n_trials"] == 1 and p["freeze"] == "all"
+    assert p["params"] == one["params"] and set(p["params"]) == {"lr"}
 
 
 def test_cluster_yaml_passes_rays_validation():
@@ -363,6 +374,8 @@ def test_end_to_end_sweep_on_local_ray(tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{sweep_dir / 'mlruns' / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["e2e"], output_format="list")
     assert len(runs) == 27 and all("val_mse" in run.data.metrics for run in runs)
+    assert all("batch" not in run.data.params and run.data.params["layer"] == "1" for run in runs)
+    assert sum(run.data.params["n_trials"] != "1" for run in runs) == 3  # the probe units; the rest trials alone
 
     st = CliRunner().invoke(main, ["status", str(sweep_dir), "--json"])
     assert st.exit_code == 0

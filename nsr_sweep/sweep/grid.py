@@ -89,6 +89,21 @@ def batch_of(config: dict) -> TrialBatch:
     return TrialBatch.model_validate_json(config["batch"])
 
 
+def tracker_params(config: dict) -> dict:
+    """What a tracker (MLflow) logs for a trial or unit: its id, its place in the grid (a unit's neurons as a
+    range and count) and the sampled hyperparameters — not the batch's JSON, which for a unit runs to tens of
+    kilobytes, past MLflow's 6,000-character limit for a parameter (the results directory has every setting)."""
+    points = batch_of(config).points
+    neurons = sorted({p.neuron for p in points})
+
+    def values(field: str) -> str:
+        return ",".join(sorted({"real" if (v := getattr(p, field)) is None else str(v) for p in points}))
+    return {"trial_id": config["trial_id"], "layer": values("layer"), "head": values("head"),
+            "freeze": values("freeze"), "control": values("control"), "n_trials": len(points),
+            "neuron": str(neurons[0]) if len(neurons) == 1 else f"{neurons[0]}..{neurons[-1]} ({len(neurons)})",
+            "params": config["params"]}
+
+
 def dry_run_text(spec: SweepSpec) -> str:
     """The grid `expand` would make (with ≤k neurons per selector), counted per (head, freeze) and control."""
     from ..core.models import model_shape

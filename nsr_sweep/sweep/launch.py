@@ -143,8 +143,22 @@ class Trackers:
                 mlflow.MlflowClient(uri).search_experiments(max_results=1)
             except Exception as e:
                 raise NsrError(redacted(f"--mlflow {uri}: cannot be opened ({type(e).__name__}: {str(e)[:300]})")) from None
-            out.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=name, save_artifact=False))
+            out.append(_mlflow_callback(MLflowLoggerCallback)(tracking_uri=uri, experiment_name=name,
+                                                               save_artifact=False))
         return out
+
+
+def _mlflow_callback(base):
+    """Ray's MLflow callback, logging `tracker_params` of a trial's config instead of the whole config."""
+    from .grid import tracker_params
+
+    class MLflowCallback(base):
+        def log_trial_start(self, trial):
+            if trial not in self._trial_runs:
+                run = self.mlflow_util.start_run(tags={**self.tags, "trial_name": str(trial)}, run_name=str(trial))
+                self._trial_runs[trial] = run.info.run_id
+                self.mlflow_util.log_params(run_id=run.info.run_id, params_to_log=tracker_params(trial.config))
+    return MLflowCallback
 
 
 def launch(sweep_file: str, *, out_root: str = "results", address: str | None = None, resume: bool = False,
