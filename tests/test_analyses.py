@@ -207,3 +207,28 @@ def test_fit_patch_recovers_a_known_slope():
     fit = A.fit_patch(pd.DataFrame(rows))
     assert fit["patch_slope"] == pytest.approx(0.4, abs=0.01) and fit["patch_r2"] > 0.99
     assert fit["patch_slope_text_std"] < 0.02
+
+
+@pytest.mark.parametrize("n", [3, 45, 300])
+def test_correlations_equal_scipys(n):
+    """`analyses.pearson` (r and its p-value) and `prediction_metrics`' spearman_rho, computed without scipy's
+    per-call overhead, equal scipy.stats.pearsonr and spearmanr — on a skewed, sparse target with ties."""
+    from scipy import stats
+
+    from nsr_sweep.core.metrics import prediction_metrics
+
+    rng = np.random.default_rng(n)
+    for _ in range(50):
+        act = np.maximum(rng.normal(size=n) - 1.0, 0.0) + 1e-3 * rng.integers(0, 2, size=n)  # zeros and ties
+        act[0] = 1.5  # never constant
+        pred = np.round(0.5 * act + rng.uniform(0.01, 2.0) * rng.normal(size=n), 1)
+        if pred.std() == 0:
+            continue
+        r, p = A.pearson(act, pred)
+        ref = stats.pearsonr(act, pred)
+        assert r == pytest.approx(ref[0], abs=1e-14) and p == pytest.approx(ref[1], rel=1e-9, abs=1e-300)
+        rho = prediction_metrics(pred, act, 0.0)["spearman_rho"]
+        assert rho == pytest.approx(stats.spearmanr(pred, act)[0], abs=1e-14)
+    assert np.isnan(A.pearson(np.ones(5), np.arange(5.0))).all()
+    r, p = A.pearson(np.arange(10.0), 2 * np.arange(10.0) + 1)
+    assert r == 1.0 and p == 0.0  # exact: scipy rounds to 0.9999999999999998 with p 1e-8

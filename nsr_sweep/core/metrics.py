@@ -20,7 +20,8 @@ def prediction_metrics(pred: np.ndarray, actual: np.ndarray, train_mean: float) 
         slope, intercept = float("nan"), float("nan")
     return {
         "pearson_r": float("nan") if degenerate else float(np.corrcoef(pred, actual)[0, 1]),
-        "spearman_rho": float("nan") if degenerate else float(stats.spearmanr(pred, actual)[0]),
+        "spearman_rho": float("nan") if degenerate else float(np.corrcoef(stats.rankdata(pred),
+                                                                          stats.rankdata(actual))[0, 1]),
         "r2": float(1 - mse / np.var(actual)) if sd_act > 0 else float("nan"),
         "mse": mse,
         "mae": float(np.mean(np.abs(err))),
