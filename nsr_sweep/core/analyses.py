@@ -131,8 +131,7 @@ def pearson(x, y) -> tuple[float, float]:
     df = len(x) - 2
     if df < 1:
         return r, 1.0
-    with np.errstate(divide="ignore"):
-        t = abs(r) * np.sqrt(df / (1.0 - r * r)) if abs(r) < 1 else np.inf
+    t = abs(r) * np.sqrt(df / (1.0 - r * r)) if abs(r) < 1 else np.inf
     return r, float(2 * special.stdtr(df, -t))
 
 
