@@ -36,18 +36,21 @@ half jackknife, half IJ variance 7; Fieller for skill's MSE ratio (unbounded in 
 texts: 70% at k = 1, 86% at 2, 93–97% at 3–6, 87% at 7, 79% at 8, 56% at 10 — an error that depends on k in
 both directions, which no one-sample quantile rule fits; its gap skill over-covers because the jackknife SE is
 too large (95% of studentized errors within ±1.41). The same five cells fall outside with every seed shifted by 1.
-The chosen method, 4,000 simulations per cell (asserted below; OUTSIDE lists the five cells out of 93–97):
+The chosen method, 4,000 simulations per cell (asserted below; OUTSIDE lists the five cells out of 93–97) — since
+issue 27 the gaps use MOVER (Zou 2007) from each predictor's own jackknife-t interval, chosen on the bundled model's
+real neurons (benchmarks/coverage_real.py), where the symmetric jackknife-t gap missed one way (population above
+the interval 7.6% of the time at 300 texts):
                  r self  r other  gap r  skill self  skill other  gap skill
-  normal    45    95.8    96.3    95.8     95.6        95.3        96.4
-  normal   300    95.0    95.0    95.0     95.0        94.8        95.0
-  gelu_skew 45    96.5    95.7    96.1     95.4        94.1        97.4
-  gelu_skew 300   95.8    95.6    95.2     96.2        96.2        96.2
-  sparse80  45    94.4    96.0    95.2     92.2        94.2        94.8
-  sparse80 300    95.6    95.3    95.2     95.5        95.6        94.7
-  relu90    45    96.5    93.7    98.0     94.2        91.0        99.0
-  relu90   300    96.5    95.9    95.7     96.7        95.4        96.7
-  null_gap  45    95.7    96.1    93.6     94.5        94.6        96.2
-  null_gap 300    95.7    95.7    94.8     96.1        96.7        95.7
+  normal    45    95.8    96.3    96.3     95.6        95.3        95.5
+  normal   300    95.0    95.0    95.1     95.0        94.8        95.1
+  gelu_skew 45    96.5    95.7    96.6     95.4        94.1        96.0
+  gelu_skew 300   95.8    95.6    95.8     96.2        96.2        95.7
+  sparse80  45    94.4    96.0    96.9     92.2        94.2        94.5
+  sparse80 300    95.6    95.3    95.5     95.5        95.6        95.5
+  relu90    45    96.5    93.7    98.6     94.2        91.0        96.9
+  relu90   300    96.5    95.9    97.0     96.7        95.4        97.0
+  null_gap  45    95.7    96.1    97.3     94.5        94.6        96.1
+  null_gap 300    95.7    95.7    95.3     96.1        96.7        95.5
 Layer mean (50 neurons, shared text effect, 2,000 layers): r 96.4 / 95.5, skill 96.0 / 96.4, gap r 94.8 / 95.4,
 gap skill 97.8 / 95.8 at 45 / 300 texts. Without the bias correction the layer's mean skill covered 86.7% at 45
 texts (the per-neuron O(1/n) bias does not shrink with averaging while the standard error does).
@@ -190,11 +193,11 @@ NOMINAL = (0.93, 0.97)
 # interval). Over: gaps on relu90 (≈ 4.5 non-zero texts of 45; an r resting on one text gets its whole range) and
 # skill gaps — conservative.
 OUTSIDE = {
-    ("gelu_skew", 45, "gap_skill"): (0.93, 0.98),     # 97.4
     ("sparse80", 45, "skill_self"): (0.915, 0.97),    # 92.2
-    ("relu90", 45, "gap_r"): (0.93, 0.985),           # 98.0
     ("relu90", 45, "skill_other"): (0.90, 0.97),      # 91.0
-    ("relu90", 45, "gap_skill"): (0.93, 0.995),       # 99.0
+    ("relu90", 45, "gap_r"): (0.93, 0.99),            # 98.6 (MOVER; 98.0 with the jackknife-t gap before it)
+    ("relu90", 300, "gap_r"): (0.93, 0.975),          # 97.05
+    ("null_gap", 45, "gap_r"): (0.93, 0.98),          # 97.3: MOVER is conservative when both intervals are alike
 }
 
 
@@ -346,9 +349,19 @@ def test_intervals_are_the_bias_corrected_jackknife_t_computed_by_hand():
     lo, hi, _, _ = _by_hand([_skill(good[k], actual[k], m) for k in keep], _skill(good, actual, m),
                             lambda s: np.log(1 - s), lambda u: 1 - np.exp(u))
     assert (iv["skill_lo"], iv["skill_hi"]) == pytest.approx((lo, hi), abs=1e-10)
+    # the gap: MOVER from each predictor's own interval (held to its point) and the correlation of their
+    # leave-one-out values (Zou 2007)
     g = gap_interval(good, bad, actual, "pearson_r", m)
-    loo = [_corr(good[k], actual[k]) - _corr(bad[k], actual[k]) for k in keep]
-    lo, hi, _, _ = _by_hand(loo, g["gap"], lambda v: v, lambda v: v)
+    ends = {}
+    for name, x in (("a", good), ("b", bad)):
+        loo = np.array([_corr(x[k], actual[k]) for k in keep])
+        r = _corr(x, actual)
+        lo, hi, _, _ = _by_hand(loo, r, np.arctanh, np.tanh)
+        ends[name] = (r, min(lo, r), max(hi, r), loo)
+    (ra, la, ua, lla), (rb, lb, ub, llb) = ends["a"], ends["b"]
+    rho = _corr(lla, llb)
+    lo = ra - rb - np.sqrt((ra - la) ** 2 + (ub - rb) ** 2 - 2 * rho * (ra - la) * (ub - rb))
+    hi = ra - rb + np.sqrt((ua - ra) ** 2 + (rb - lb) ** 2 - 2 * rho * (ua - ra) * (rb - lb))
     assert (g["gap_lo"], g["gap_hi"]) == pytest.approx((lo, hi), abs=1e-10)
     # the slope: whole texts left out, no bias correction (its interval always holds the point)
     rng = np.random.default_rng(4)
@@ -384,7 +397,9 @@ def test_a_predictor_against_itself_has_gap_exactly_zero():
 
 
 def test_the_gap_interval_is_paired():
-    """Two predictors that share almost all their error: their gap is known far better than either r."""
+    """Two predictors that share almost all their error: their gap is known far better than either r. (MOVER's width
+    at ρ → 1 tends to the difference of the two intervals' asymmetries, not to 0: here, r ≈ 0.96 on 300 texts, 0.29 of
+    one r's width, against 0.9 or more for two unrelated predictors of the same accuracy.)"""
     rng = np.random.default_rng(0)
     actual = rng.normal(size=300)
     good, bad = actual + 0.3 * rng.normal(size=300), actual + 2.0 * rng.normal(size=300)
@@ -393,7 +408,10 @@ def test_the_gap_interval_is_paired():
     twin = good + 0.02 * rng.normal(size=300)
     g = gap_interval(good, twin, actual, "pearson_r", 0.0)
     iv = metric_intervals(good, actual, 0.0)
-    assert g["gap_hi"] - g["gap_lo"] < 0.1 * (iv["pearson_r_hi"] - iv["pearson_r_lo"]), (g, iv)
+    assert g["gap_hi"] - g["gap_lo"] < 0.35 * (iv["pearson_r_hi"] - iv["pearson_r_lo"]), (g, iv)
+    other = actual + 0.3 * rng.normal(size=300)  # as accurate as `good`, its own error: no pairing to gain from
+    g = gap_interval(good, other, actual, "pearson_r", 0.0)
+    assert g["gap_hi"] - g["gap_lo"] > 0.9 * (iv["pearson_r_hi"] - iv["pearson_r_lo"]), (g, iv)
 
 
 def test_p_values_are_dual_to_the_intervals_and_resolve_below_a_bootstraps_floor():
@@ -420,8 +438,9 @@ def test_p_values_are_dual_to_the_intervals_and_resolve_below_a_bootstraps_floor
 
 
 def test_gap_p_values_hold_their_level_under_the_null():
-    """Same predictor twice (independent noise) on a skewed neuron, 4,000 simulated neurons × 100 texts:
-    about 5% of two-sided p-values fall under 0.05 and of one-sided ones under 0.05."""
+    """Same predictor twice (independent noise) on a skewed neuron, 4,000 simulated neurons × 100 texts: at most 5%
+    of p-values fall under 0.05, two-sided and one-sided — valid, and for r close to exact (measured: 3.4% two-sided,
+    4.4% one-sided; MOVER is conservative when the two predictors' intervals are alike and skewed)."""
     rng = np.random.default_rng(2)
     N, n = 4000, 100
     z = rng.normal(size=(N, n))
@@ -429,7 +448,7 @@ def test_gap_p_values_hold_their_level_under_the_null():
     a, b = z + 0.6 * rng.normal(size=(N, n)), z + 0.6 * rng.normal(size=(N, n))
     for alternative in ("two-sided", "greater"):
         p = gap_pvalues(a, b, actual, "pearson_r", actual.mean(1), alternative)
-        assert 0.04 <= np.mean(p < 0.05) <= 0.06, (alternative, np.mean(p < 0.05))
+        assert 0.03 <= np.mean(p < 0.05) <= 0.055, (alternative, np.mean(p < 0.05))
 
 
 @pytest.mark.parametrize("q", [0.05, 0.1, 0.25])
@@ -464,7 +483,13 @@ def test_a_layer_of_one_neuron_has_that_neurons_intervals():
         assert (lay[f"{metric}_lo"], lay[f"{metric}_hi"]) == (iv[f"{metric}_lo"], iv[f"{metric}_hi"])
         g = gap_interval(good, bad, actual, metric, m)
         key = f"gap_cross_{metric}"
-        assert (lay[key], lay[f"{key}_lo"], lay[f"{key}_hi"]) == (g["gap"], g["gap_lo"], g["gap_hi"])
+        assert lay[key] == g["gap"]
+        # a layer's mean gap is the raw-scale jackknife-t (one neuron's gap: MOVER)
+        keep = ~np.eye(len(actual), dtype=bool)
+        stat = _corr if metric == "pearson_r" else (lambda p, y: _skill(p, y, m))
+        loo = [stat(good[k], actual[k]) - stat(bad[k], actual[k]) for k in keep]
+        lo, hi, _, _ = _by_hand(loo, g["gap"], lambda v: v, lambda v: v)
+        assert (lay[f"{key}_lo"], lay[f"{key}_hi"]) == pytest.approx((lo, hi), abs=1e-10)
         assert lay[f"{key}_n"] == lay[f"{metric}_n"] == 1
 
 

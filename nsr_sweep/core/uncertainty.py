@@ -154,47 +154,69 @@ SCALE_OF = {"pearson_r": "fisher_z", "skill": "log_mse_ratio", "gap": "raw", "sl
 BOUNDS = {"pearson_r": (-1.0, 1.0), "gap_pearson_r": (-2.0, 2.0)}  # a statistic's whole range, where it has one
 
 
+class Jackknife:
+    """A statistic's jackknife-t ingredients on its scale g, from its value and its leave-one-out values (last axis):
+    the centre `c` (g(point), or with `bias_correct` the jackknife bias-corrected n·g(point) − (n − 1)·mean g(loo)),
+    the standard error `se = sqrt((n − 1)/n · Σ dᵢ²)` and the Satterthwaite degrees of freedom `df`; `bounds(q)` is
+    the interval c ± q·se mapped back, for a t quantile q. Arrays over the leading axes."""
+
+    def __init__(self, point, loo, scale: str = "raw", bias_correct: bool = False):
+        g, self.ginv = _SCALES[scale]
+        self.point, self.loo = np.asarray(point, np.float64), np.asarray(loo, np.float64)
+        loo = self.loo
+        n = loo.shape[-1]
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            gp, gl = g(self.point), g(loo)
+            self.ok = np.isfinite(gp) & np.isfinite(gl).all(-1) & (n >= 3)
+            self.whole = np.isfinite(gp) & ~self.ok & (n >= 3)  # the statistic rests on one text: the data cannot bound it
+            gm = gl.mean(-1)
+            d = gl - gm[..., None]
+            ss = (d * d).sum(-1)
+            self.se = np.sqrt((n - 1) / n * ss)
+            kappa = n * (d**4).sum(-1) / ss**2
+            df = np.where(ss > 0, np.clip(2 * n / (kappa - 1), 1.0, max(n - 1, 1)), max(n - 1, 1))
+            self.df = np.where(np.isfinite(df), df, 1.0)
+            self.c = n * gp - (n - 1) * gm if bias_correct else gp
+        self.exact = ss == 0  # no spread: the statistic is the same on every leave-one-out (ginv(g(x)) need not be x)
+
+    def quantile(self, level: float) -> np.ndarray:
+        return stats.t.ppf((1 + level) / 2, self.df)
+
+    def bounds(self, q, hold_point: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(lo, hi) at t quantile(s) q; NaN where undefined (`whole` included: the caller decides its range)."""
+        with np.errstate(invalid="ignore", over="ignore"):
+            a, b = self.ginv(self.c - q * self.se), self.ginv(self.c + q * self.se)
+            lo = np.where(self.exact, self.point, np.minimum(a, b))
+            hi = np.where(self.exact, self.point, np.maximum(a, b))
+        if hold_point:
+            lo, hi = np.minimum(lo, self.point), np.maximum(hi, self.point)
+        nan = np.full(np.shape(self.ok), np.nan)
+        return np.where(self.ok, lo, nan), np.where(self.ok, hi, nan)
+
+
 def jackknife_t(point, loo, scale: str = "raw", level: float = LEVEL,
                 bounds: tuple[float, float] | None = None, bias_correct: bool = False,
                 hold_point: bool = False) -> dict[str, np.ndarray]:
     """The jackknife-t interval of a statistic from its value and its leave-one-out values (last axis).
 
-    On the `scale` g (fisher_z, log_mse_ratio or raw) the interval is `c ± t_{df}·se`, mapped back; c = g(point),
-    or with `bias_correct` the jackknife bias-corrected n·g(point) − (n − 1)·mean g(loo). Returns arrays over the
-    leading axes: `lo`, `hi`; `se`, `df` and `t` = c / se (the studentized distance of c from g = 0, for p-values).
-    A zero spread gives lo = hi = point. A non-finite point, or fewer than 3 texts, gives NaN. A finite point with
-    an undefined leave-one-out value — the statistic rests on one text, e.g. r of a neuron with a single non-zero
-    test text — gives `bounds` (the statistic's whole range: the data cannot bound it) if given, else NaN; its
-    se, df and t are NaN. Intervals are clipped to `bounds`. With `hold_point` an interval that the bias correction
-    moved past the point estimate is extended to it (rare: ≤ 0.2% of neurons at 45 texts in the study)."""
-    g, ginv = _SCALES[scale]
-    point, loo = np.asarray(point, np.float64), np.asarray(loo, np.float64)
-    n = loo.shape[-1]
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        gp, gl = g(point), g(loo)
-        ok = np.isfinite(gp) & np.isfinite(gl).all(-1) & (n >= 3)
-        gm = gl.mean(-1)
-        d = gl - gm[..., None]
-        ss = (d * d).sum(-1)
-        se = np.sqrt((n - 1) / n * ss)
-        kappa = n * (d**4).sum(-1) / ss**2
-        df = np.where(ss > 0, np.clip(2 * n / (kappa - 1), 1.0, max(n - 1, 1)), max(n - 1, 1))
-        df = np.where(np.isfinite(df), df, 1.0)
-        q = stats.t.ppf((1 + level) / 2, df)
-        c = n * gp - (n - 1) * gm if bias_correct else gp
-        a, b = ginv(c - q * se), ginv(c + q * se)
-        exact = ss == 0  # no spread: the statistic is the same on every leave-one-out (ginv(g(x)) need not be x)
-        lo, hi = np.where(exact, point, np.minimum(a, b)), np.where(exact, point, np.maximum(a, b))
-        t = c / se
-    nan = np.full(np.shape(ok), np.nan)
-    if hold_point:
-        lo, hi = np.minimum(lo, point), np.maximum(hi, point)
-    lo, hi = np.where(ok, lo, nan), np.where(ok, hi, nan)
+    On the `scale` g (fisher_z, log_mse_ratio or raw) the interval is `c ± t_{df}·se`, mapped back (`Jackknife`).
+    Returns arrays over the leading axes: `lo`, `hi`; `se`, `df` and `t` = c / se (the studentized distance of c
+    from g = 0, for p-values). A zero spread gives lo = hi = point. A non-finite point, or fewer than 3 texts, gives
+    NaN. A finite point with an undefined leave-one-out value — the statistic rests on one text, e.g. r of a neuron
+    with a single non-zero test text — gives `bounds` (the statistic's whole range: the data cannot bound it) if
+    given, else NaN; its se, df and t are NaN. Intervals are clipped to `bounds`. With `hold_point` an interval that
+    the bias correction moved past the point estimate is extended to it (rare: ≤ 0.2% of neurons at 45 texts in the
+    study)."""
+    jk = Jackknife(point, loo, scale, bias_correct)
+    lo, hi = jk.bounds(jk.quantile(level), hold_point)
     if bounds is not None:
         lo, hi = np.clip(lo, *bounds), np.clip(hi, *bounds)
-        whole = np.isfinite(gp) & ~ok & (n >= 3)
-        lo, hi = np.where(whole, bounds[0], lo), np.where(whole, bounds[1], hi)
-    return {"lo": lo, "hi": hi, "se": np.where(ok, se, nan), "df": np.where(ok, df, nan), "t": np.where(ok, t, nan)}
+        lo, hi = np.where(jk.whole, bounds[0], lo), np.where(jk.whole, bounds[1], hi)
+    nan = np.full(np.shape(jk.ok), np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = jk.c / jk.se
+    return {"lo": lo, "hi": hi, "se": np.where(jk.ok, jk.se, nan), "df": np.where(jk.ok, jk.df, nan),
+            "t": np.where(jk.ok, t, nan)}
 
 
 def _f(x) -> float:
@@ -258,30 +280,87 @@ def slope_interval(text_id: np.ndarray, dx: np.ndarray, dy: np.ndarray, seed: in
 
 def gap_tests(a_pred, b_pred, actual, metric: str, train_mean, alternative: str = "two-sided",
               level: float = LEVEL) -> dict[str, np.ndarray]:
-    """metric(a) − metric(b) on the same texts, paired (each text left out of both), over the last axis; any
-    leading axes (neurons: a_pred, b_pred, actual N × n, train_mean N) are vectorised.
+    """metric(a) − metric(b) on the same texts, paired, over the last axis; any leading axes (neurons: a_pred,
+    b_pred, actual N × n, train_mean N) are vectorised.
 
-    Returns `gap`, `gap_lo`, `gap_hi` (bias-corrected jackknife-t, raw scale), `gap_se`, `gap_df` and `gap_p`.
-    The p-value is the interval inverted: t = (bias-corrected gap) / se against t(df), so p is the largest
-    1 − level at which the interval still holds 0 (p < 0.05 exactly when the 95% interval excludes 0). Two-sided
-    ("gap ≠ 0") is the default — it is dual to the intervals in the tables, and a self that reads its neuron worse
-    than an outsider is a finding too; "greater" ("gap > 0", p < 0.025 exactly when the 95% interval's lower end is
-    above 0) is for a direction fixed in advance. A gap that is exactly 0 on every leave-one-out (a predictor against
-    itself) has interval [0, 0] and p = 1; an r gap resting on one text has interval [−2, 2] and p = 1."""
+    The interval is Zou's MOVER (method of variance estimates recovery: Zou & Donner 2008; for correlations, Zou
+    2007) built from the two predictors' own intervals — each the bias-corrected jackknife-t on its stabilising
+    scale (Fisher z for r, log(1 − skill) for skill), so each keeps its asymmetry — and the correlation ρ of their
+    leave-one-out values (the same text left out of both: the pairing):
+
+        lo = gap − √((a − l_a)² + (u_b − b)² − 2ρ(a − l_a)(u_b − b)),
+        hi = gap + √((u_a − a)² + (b − l_b)² − 2ρ(u_a − a)(b − l_b)).
+
+    On real neurons a symmetric interval for the gap missed one way (docs/science.md, Uncertainty): an outsider's r
+    is skewed below its estimate, and the gap inherits that skew.
+
+    Returns `gap`, `gap_lo`, `gap_hi` and `gap_p`, the interval inverted: the p-value is the 1 − level at which the
+    interval just reaches 0 (p < 0.05 exactly when the 95% interval excludes 0). Two-sided ("gap ≠ 0") is the
+    default — it is dual to the intervals in the tables, and a self that reads its neuron worse than an outsider is a
+    finding too; "greater" ("gap > 0", p < 0.025 exactly when the 95% interval's lower end is above 0) is for a
+    direction fixed in advance. A gap that is the same on every leave-one-out (a predictor against itself) has
+    interval [gap, gap] and p = 1 if it is 0; an r gap resting on one text has interval [−2, 2] and p = 1."""
     if alternative not in ("two-sided", "greater"):
         raise ValueError(f"alternative {alternative!r}: allowed two-sided, greater")
     pa, la = _loo(metric, a_pred, actual, train_mean)
     pb, lb = _loo(metric, b_pred, actual, train_mean)
-    gap, loo = pa - pb, la - lb
-    iv = jackknife_t(gap, loo, "raw", level, BOUNDS.get(f"gap_{metric}"), bias_correct=True)
-    t = iv["t"]
-    with np.errstate(invalid="ignore"):
-        p = 2 * stats.t.sf(np.abs(t), iv["df"]) if alternative == "two-sided" else stats.t.sf(t, iv["df"])
-        zero = (iv["se"] == 0)  # no spread: the gap is exact (p = 1 if 0, else 0 in its direction)
-        p0 = np.where(gap == 0, 1.0, 0.0) if alternative == "two-sided" else np.where(gap > 0, 0.0, 1.0)
-        p = np.where(zero, p0, p)
-        p = np.where(np.isfinite(gap) & ~np.isfinite(iv["se"]) & np.isfinite(iv["lo"]), 1.0, p)  # whole range
-    return {"gap": gap, "gap_lo": iv["lo"], "gap_hi": iv["hi"], "gap_se": iv["se"], "gap_df": iv["df"], "gap_p": p}
+    gap = pa - pb
+    mover = _Mover(Jackknife(pa, la, SCALE_OF[metric], True), Jackknife(pb, lb, SCALE_OF[metric], True), la - lb)
+    lo, hi = mover.bounds((1 + level) / 2)
+    p = mover.p_two_sided()
+    if alternative == "greater":  # one-sided: half the two-sided p on the side the gap lies, 1 − that on the other
+        above = mover.bounds(0.5)[0] > 0
+        p = np.where(above, p / 2, 1 - p / 2)
+    whole = np.isfinite(gap) & (mover.a.whole | mover.b.whole)
+    rng = BOUNDS.get(f"gap_{metric}")
+    if rng is not None:
+        lo, hi = np.clip(lo, *rng), np.clip(hi, *rng)
+        lo, hi = np.where(whole, rng[0], lo), np.where(whole, rng[1], hi)
+    p = np.where(whole, 1.0, p)
+    return {"gap": gap, "gap_lo": lo, "gap_hi": hi, "gap_p": p}
+
+
+class _Mover:
+    """The MOVER interval of a − b from the two statistics' jackknife-t intervals (`gap_tests`)."""
+
+    def __init__(self, a: Jackknife, b: Jackknife, loo_gap: np.ndarray):
+        self.a, self.b = a, b
+        self.gap = a.point - b.point
+        la, lb = self._loo_dev(a), self._loo_dev(b)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            self.rho = np.clip((la * lb).sum(-1) / np.sqrt((la * la).sum(-1) * (lb * lb).sum(-1)), -1.0, 1.0)
+        self.rho = np.where(np.isfinite(self.rho), self.rho, 0.0)
+        spread = np.ptp(loo_gap, axis=-1) if loo_gap.shape[-1] else np.zeros(np.shape(self.gap))
+        self.exact = np.isfinite(spread) & (spread == 0)  # the gap is the same on every leave-one-out: known exactly
+        self.ok = a.ok & b.ok
+
+    @staticmethod
+    def _loo_dev(j: Jackknife) -> np.ndarray:
+        return j.loo - j.loo.mean(-1, keepdims=True)
+
+    def bounds(self, prob) -> tuple[np.ndarray, np.ndarray]:
+        """(lo, hi) with each statistic's interval at t quantile t_df(prob); prob scalar or per leading index."""
+        (la, ua), (lb, ub) = (j.bounds(stats.t.ppf(prob, j.df), hold_point=True) for j in (self.a, self.b))
+        a, b, rho = self.a.point, self.b.point, self.rho
+        with np.errstate(invalid="ignore", over="ignore"):  # p-value bisection reaches levels whose ends are infinite
+            lo = self.gap - np.sqrt(np.maximum((a - la) ** 2 + (ub - b) ** 2 - 2 * rho * (a - la) * (ub - b), 0.0))
+            hi = self.gap + np.sqrt(np.maximum((ua - a) ** 2 + (b - lb) ** 2 - 2 * rho * (ua - a) * (b - lb), 0.0))
+        lo, hi = np.where(self.exact, self.gap, lo), np.where(self.exact, self.gap, hi)
+        nan = np.full(np.shape(self.gap), np.nan)
+        return np.where(self.ok, lo, nan), np.where(self.ok, hi, nan)
+
+    def p_two_sided(self, steps: int = 64) -> np.ndarray:
+        """The α at which the (1 − α) interval's end reaches 0: bisection on log α (the interval widens with 1 − α)."""
+        lo_x, hi_x = np.full(np.shape(self.gap), np.log(1e-300)), np.zeros(np.shape(self.gap))
+        for _ in range(steps):
+            mid = (lo_x + hi_x) / 2
+            lo, hi = self.bounds(1 - np.exp(mid) / 2)
+            excludes = (lo > 0) | (hi < 0)  # at α = e^mid the interval misses 0: p ≤ α
+            hi_x, lo_x = np.where(excludes, mid, hi_x), np.where(excludes, lo_x, mid)
+        lo, hi = self.bounds(0.5)
+        p = np.where((lo > 0) | (hi < 0), np.exp(hi_x), 1.0)  # at level 0 the interval still holds 0: p = 1
+        p = np.where(self.exact, np.where(self.gap == 0, 1.0, 0.0), p)
+        return np.where(self.ok & np.isfinite(self.gap), p, np.nan)
 
 
 def gap_interval(a_pred, b_pred, actual, metric: str, train_mean: float, seed: int = 0) -> dict[str, float]:
@@ -307,31 +386,41 @@ def layer_mean_intervals(preds: np.ndarray, actual: np.ndarray, train_mean: np.n
     neurons without one). Returns, for stat in pearson_r, skill and gap_<name>_pearson_r, gap_<name>_skill:
     `stat` (the mean over neurons), `stat_lo`, `stat_hi`, and `stat_n` (neurons in the mean: those whose
     statistic and leave-one-out values are all finite). The mean of r is intervalled on Fisher z, of skill on
-    log(1 − skill), gaps on the raw scale — with one neuron this is that neuron's own interval exactly.
-    `seed` is unused (kept for symmetry with the per-neuron functions)."""
+    log(1 − skill), gaps on the raw scale (a mean over many neurons is close to normal; one neuron's gap is skewed,
+    which `gap_tests`' MOVER interval follows) — with one neuron, r and skill are that neuron's own intervals
+    exactly. `seed` is unused (kept for symmetry with the per-neuron functions)."""
     preds, actual = np.atleast_2d(np.asarray(preds, np.float64)), np.atleast_2d(np.asarray(actual, np.float64))
     train_mean = np.atleast_1d(np.asarray(train_mean, np.float64))
     if preds.shape != actual.shape or train_mean.shape != preds.shape[:1]:
         raise ValueError(f"preds {preds.shape}, actual {actual.shape} and train_mean {train_mean.shape} disagree")
-    items = [(m, m, m, *_loo(m, preds, actual, train_mean)) for m in METRICS]
+    own = {m: _loo(m, preds, actual, train_mean) for m in METRICS}
+    out: dict[str, float] = {}
+    for m, (point, loo) in own.items():
+        ok = np.isfinite(point) & np.isfinite(loo).all(-1)
+        _put(out, m, ok, point, lambda k: jackknife_t(point[k].mean(), loo[k].mean(0), SCALE_OF[m], level,
+                                                      BOUNDS.get(m), bias_correct=True, hold_point=True))
     for name, other in (others or {}).items():
         other = np.atleast_2d(np.asarray(other, np.float64))
         if other.shape != preds.shape:
             raise ValueError(f"others[{name!r}] {other.shape} != preds {preds.shape}")
         for m in METRICS:
-            (pa, la), (pb, lb) = _loo(m, preds, actual, train_mean), _loo(m, other, actual, train_mean)
-            items.append((f"gap_{name}_{m}", "gap", f"gap_{m}", pa - pb, la - lb))
-    out: dict[str, float] = {}
-    for key, kind, bound, point, loo in items:
-        ok = np.isfinite(point) & np.isfinite(loo).all(-1)
-        out[f"{key}_n"] = int(ok.sum())
-        if not ok.any():
-            out[key] = out[f"{key}_lo"] = out[f"{key}_hi"] = float("nan")
-            continue
-        iv = jackknife_t(point[ok].mean(), loo[ok].mean(0), SCALE_OF[kind], level, BOUNDS.get(bound),
-                         bias_correct=True, hold_point=kind != "gap")
-        out[key], out[f"{key}_lo"], out[f"{key}_hi"] = float(point[ok].mean()), _f(iv["lo"]), _f(iv["hi"])
+            (pa, la), (pb, lb) = own[m], _loo(m, other, actual, train_mean)
+            ok = np.isfinite(pa - pb) & np.isfinite(la - lb).all(-1)
+
+            def raw(k, gap=pa - pb, loo=la - lb, m=m):  # a mean over many neurons: raw-scale jackknife-t (see above)
+                return jackknife_t(gap[k].mean(), loo[k].mean(0), "raw", level, BOUNDS.get(f"gap_{m}"), bias_correct=True)
+            _put(out, f"gap_{name}_{m}", ok, pa - pb, raw)
     return out
+
+
+def _put(out: dict, key: str, ok: np.ndarray, point: np.ndarray, interval) -> None:
+    """A layer mean over the neurons in `ok`, with `interval(ok)`'s lo and hi, and how many neurons it holds."""
+    out[f"{key}_n"] = int(ok.sum())
+    if not ok.any():
+        out[key] = out[f"{key}_lo"] = out[f"{key}_hi"] = float("nan")
+        return
+    iv = interval(ok)
+    out[key], out[f"{key}_lo"], out[f"{key}_hi"] = float(point[ok].mean()), _f(iv["lo"]), _f(iv["hi"])
 
 
 # -- many neurons: p-values and Benjamini–Hochberg ------------------------------------------------------------------

@@ -45,6 +45,24 @@ def _matrix(table: pd.DataFrame, ids: list, texts: np.ndarray) -> np.ndarray:
     return out
 
 
+def neuron_intervals(preds: dict[str, np.ndarray], actual: np.ndarray, train_mean: np.ndarray
+                     ) -> dict[str, dict[str, np.ndarray]]:
+    """Per neuron (rows: neurons × test texts; `preds` by source: self, cross, input_only): each source's r and skill,
+    and the gaps self − cross and self − input-only, as {column: {point, lo, hi[, p]}} — the numbers (and the code
+    path) behind the comparison table's columns `<source>_r`, `gap_<other>_skill`, … (`benchmarks/coverage_real.py`
+    measures their coverage on real neurons)."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for name, x in preds.items():
+        for m in METRICS:
+            iv = metric_interval_arrays(m, x, actual, train_mean)
+            out[f"{name}_{SHORT[m]}"] = {"point": iv["point"], "lo": iv["lo"], "hi": iv["hi"]}
+    for name in OTHERS:
+        for m in METRICS:
+            t = gap_tests(preds["self"], preds[name], actual, m, train_mean)
+            out[f"gap_{name}_{SHORT[m]}"] = {"point": t["gap"], "lo": t["gap_lo"], "hi": t["gap_hi"], "p": t["gap_p"]}
+    return out
+
+
 def compare(sweep_dir: Path, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per neuron, per layer) self-vs-outsider tables from the best trials and their stored test predictions."""
     if df.empty or "control" not in df:
@@ -70,22 +88,15 @@ def compare(sweep_dir: Path, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFra
         rows = pd.DataFrame({"layer": L, "neuron": g["neuron"].to_numpy(), "head": h, "freeze": f,
                              **{f"{k}_trial": v for k, v in ids.items()}})
         rows["n_test_eff"] = [effective_texts(row) for row in y]  # how many texts each neuron's numbers rest on
-        for name, x in p.items():
-            for m in METRICS:
-                iv = metric_interval_arrays(m, x, y, train_mean)
-                col = f"{name}_{SHORT[m]}"
-                rows[col], rows[f"{col}_lo"], rows[f"{col}_hi"] = iv["point"], iv["lo"], iv["hi"]
         layer = {"layer": L, "head": h, "freeze": f, "n_neurons": len(g)}
-        for name in OTHERS:
-            for m in METRICS:
-                t = gap_tests(p["self"], p[name], y, m, train_mean)
-                col = f"gap_{name}_{SHORT[m]}"
-                q = bh_adjusted(t["gap_p"])
-                rows[col], rows[f"{col}_lo"], rows[f"{col}_hi"] = t["gap"], t["gap_lo"], t["gap_hi"]
-                rows[f"{col}_p"], rows[f"{col}_q"] = t["gap_p"], q
-                layer[f"n_{col}_positive"] = int(np.sum((q <= Q) & (t["gap"] > 0)))
-                layer[f"n_{col}_negative"] = int(np.sum((q <= Q) & (t["gap"] < 0)))
-                layer[f"n_{col}_tested"] = int(np.isfinite(t["gap_p"]).sum())
+        for col, iv in neuron_intervals(p, y, train_mean).items():
+            rows[col], rows[f"{col}_lo"], rows[f"{col}_hi"] = iv["point"], iv["lo"], iv["hi"]
+            if col.startswith("gap_"):
+                q = bh_adjusted(iv["p"])
+                rows[f"{col}_p"], rows[f"{col}_q"] = iv["p"], q
+                layer[f"n_{col}_positive"] = int(np.sum((q <= Q) & (iv["point"] > 0)))
+                layer[f"n_{col}_negative"] = int(np.sum((q <= Q) & (iv["point"] < 0)))
+                layer[f"n_{col}_tested"] = int(np.isfinite(iv["p"]).sum())
         for name, x in p.items():
             got = layer_mean_intervals(x, y, train_mean, others={o: p[o] for o in OTHERS} if name == "self" else None)
             for m in METRICS:
