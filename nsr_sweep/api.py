@@ -20,11 +20,14 @@ import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from .core.errors import NsrError
+
+if TYPE_CHECKING:
+    from .report.neuron import NeuronPage
 
 
 def load_sweep(sweep: str | Path | dict, *, check_model: bool = True):
@@ -174,6 +177,14 @@ class Results:
     def report_path(self) -> Path | None:
         f = self.path / "report.html"
         return f if f.is_file() else None
+
+    def neuron(self, layer: int, neuron: int, *, top: int = 8, sample: int = 8) -> NeuronPage:
+        """One neuron whole — `.comparison`, `.probes`, `.predictions`, `.patch`, `.cosines`, `.texts` (DataFrames;
+        `.texts` with the neuron's activation on every token), `.notes` — shown inline in a notebook as the page
+        `nsr-sweep neuron` writes (`.write(path)` writes it; `.html()` is the page)."""
+        from .report.neuron import neuron_page
+
+        return neuron_page(self.path, layer, neuron, top=top, sample=sample)
 
     def trial(self, trial_id: str) -> TrialRecord:
         """One trial's record, predictions, patching points, head and saved model — a directory or a unit's rows."""

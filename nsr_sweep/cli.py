@@ -223,6 +223,23 @@ def report(sweep_dir):
 
 @main.command()
 @click.argument("sweep_dir")
+@click.option("--layer", type=int, required=True)
+@click.option("--neuron", type=int, required=True)
+@click.option("--out", default=None, help="The page's path (default SWEEP_DIR/neurons/L<layer>-N<neuron>.html).")
+@click.option("--top", type=click.IntRange(min=0), default=8, show_default=True, help="Top-activating test texts shown.")
+@click.option("--sample", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Other test texts shown, drawn at random (seeded).")
+@friendly
+def neuron(sweep_dir, layer, neuron, out, top, sample):
+    """One neuron's page: self vs outsiders in words, its texts with per-token activations beside every
+    predictor's prediction, prediction vs actual, patch curves and cosines (one self-contained HTML file)."""
+    from .report.neuron import write_neuron_page
+
+    write_neuron_page(Path(sweep_dir), layer, neuron, out, top=top, sample=sample, echo=click.echo)
+
+
+@main.command()
+@click.argument("sweep_dir")
 @click.option("--json", "as_json", is_flag=True)
 @friendly
 def status(sweep_dir, as_json):

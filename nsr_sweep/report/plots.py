@@ -322,3 +322,80 @@ def report_figures(df: pd.DataFrame, best: pd.DataFrame, fig_dir: Path, spec) ->
         (controls_beside_trials(df, fig_dir / "controls.png"), "Trials beside their controls (best per group)."),
     ]
     return out + [(p, c) for p, c in candidates if p]
+
+
+# -- one neuron's page (nsr-sweep neuron) -------------------------------------------------------
+
+
+def _png(fig) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=72, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _small_multiples(n: int, cols: int = 4, size: tuple[float, float] = (2.8, 2.6)):
+    cols = min(cols, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    fig.subplots_adjust(left=0.1 if cols > 1 else 0.2, right=0.97, bottom=0.16 / rows ** 0.5, top=1 - 0.17 / rows ** 0.5,
+                        wspace=0.35, hspace=0.6)
+    return fig, list(axes.flat[:n])
+
+
+def _interval(v: float, lo: float, hi: float) -> str:
+    return f"{v:.2f} [{lo:.2f}, {hi:.2f}]" if np.isfinite(lo) and np.isfinite(hi) else f"{v:.2f}"
+
+
+def slope_text(v: float, lo: float = np.nan, hi: float = np.nan) -> str:
+    """A patch slope (and its interval) with the digits it needs: 0.98, 0.031, -0.0012."""
+    f = lambda x: f"{x:.2f}" if abs(x) >= 0.1 or x == 0 else f"{x:.2g}"  # noqa: E731
+    return f(v) + (f" [{f(lo)}, {f(hi)}]" if np.isfinite(lo) and np.isfinite(hi) else "")
+
+
+def prediction_scatter(probes: pd.DataFrame, preds: pd.DataFrame) -> bytes | None:
+    """Probes of one role on the neuron's test texts: prediction against actual (y = x dashed), one small panel per
+    head/freeze, its test r and interval in the title."""
+    if probes.empty:
+        return None
+    fig, axes = _small_multiples(len(probes))
+    for ax, row in zip(axes, probes.itertuples(index=False)):
+        p = preds[preds["trial_id"] == row.trial_id]
+        ax.scatter(p["actual_orig"], p["pred"], s=7, alpha=0.6)
+        both = np.r_[p["actual_orig"], p["pred"]]
+        if len(both):
+            ax.plot([both.min(), both.max()], [both.min(), both.max()], "k--", lw=0.8)
+        lo, hi = (getattr(row, c, np.nan) for c in ("pearson_r_lo", "pearson_r_hi"))
+        ax.set_title(f"{row.head}/{row.freeze}\nr = {_interval(row.pearson_r, lo, hi)}", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("permuted target" if row.role == "shuffled" else "actual activation", fontsize=7)
+    axes[0].set_ylabel("prediction", fontsize=7)
+    return _png(fig)
+
+
+def patch_curves(probes: pd.DataFrame, patch: pd.DataFrame) -> bytes | None:
+    """Per patched probe: Δprediction against Δactivation over the grid (texts × grid values), the mean per grid
+    value, the fitted slope with its interval, and slope 1 (reads the neuron) for reference."""
+    rows = [r for r in probes.itertuples(index=False) if r.trial_id in set(patch["trial_id"])]
+    if not rows:
+        return None
+    fig, axes = _small_multiples(len(rows))
+    for ax, row in zip(axes, rows):
+        p = patch[patch["trial_id"] == row.trial_id]
+        ax.scatter(p["delta_act"], p["delta_pred"], s=5, alpha=0.3, color="C0")
+        g = p.groupby("grid_value")[["delta_act", "delta_pred"]].mean().sort_values("delta_act")
+        ax.plot(g["delta_act"], g["delta_pred"], "o-", ms=3, lw=1, color="C1")
+        xs = np.array([p["delta_act"].min(), p["delta_act"].max()])
+        ax.plot(xs, xs, ":", color="grey", lw=0.8)
+        if np.isfinite(row.patch_slope):
+            ax.plot(xs, row.patch_slope * xs + np.nan_to_num(row.patch_intercept), "k-", lw=1)
+        ax.set_title(f"{row.label}\nslope {slope_text(row.patch_slope, row.patch_slope_lo, row.patch_slope_hi)}",
+                     fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("Δactivation", fontsize=7)
+    axes[0].set_ylabel("Δprediction", fontsize=7)
+    return _png(fig)

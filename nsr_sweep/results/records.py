@@ -292,12 +292,15 @@ def _plain(v):
     return None if v is pd.NA or (v is None) else (v.item() if hasattr(v, "item") else v)
 
 
-def test_predictions(sweep_dir: Path, trial_ids=None) -> pd.DataFrame:
+def test_predictions(sweep_dir: Path, trial_ids=None, units=None) -> pd.DataFrame:
     """The test-split predictions of trials (both layouts): trial_id, text_id, actual_orig, actual_ft, pred,
-    readout; all trials when `trial_ids` is None."""
+    readout; all trials when `trial_ids` is None. `units`, when given, are the only units whose files are read
+    (the trial table's `unit` column names a batched probe's)."""
     want = None if trial_ids is None else set(trial_ids)
     frames = []
     files = sorted((Path(sweep_dir) / PROBES / "preds").glob("*.parquet"))
+    if units is not None:
+        files = [f for f in files if f.stem in set(units)]
     for f in files:
         try:
             df = pd.read_parquet(f)
@@ -316,12 +319,13 @@ def test_predictions(sweep_dir: Path, trial_ids=None) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def patch_points(sweep_dir: Path, trial_id: str) -> pd.DataFrame | None:
-    """A trial's raw patching points with their deltas, from either layout (None if it has none)."""
+def patch_points(sweep_dir: Path, trial_id: str, unit: str | None = None) -> pd.DataFrame | None:
+    """A trial's raw patching points with their deltas, from either layout (None if it has none); `unit` (a
+    batched probe's, if known) spares reading every unit's record to find it."""
     d = Path(sweep_dir) / TRIALS / trial_id
     if (d / "patch.parquet").is_file():
         return pd.read_parquet(d / "patch.parquet")
-    unit = _unit_of(sweep_dir, trial_id)
+    unit = unit or _unit_of(sweep_dir, trial_id)
     rows = Path(sweep_dir) / PROBES / "patch" / f"{unit}.parquet"
     if unit is None or not rows.is_file():
         return None
