@@ -142,7 +142,7 @@ def evaluate(pop: dict, layers: list[int], draws: int, seed: int = 0) -> pd.Data
                     frames.append(pd.DataFrame({
                         "draw": d, "layer": L, "head": head, "stat": stat, "neuron": np.arange(len(y)),
                         "lo": iv["lo"], "hi": iv["hi"], "point": iv["point"], "truth": truth[stat],
-                        "n_test_eff": n_eff}))
+                        "p": iv.get("p", np.nan), "n_test_eff": n_eff}))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -169,6 +169,36 @@ def coverage_table(rows: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
+def count_table(rows: pd.DataFrame, q: float = 0.05) -> pd.DataFrame:
+    """What a shared test split does to a layer's count "gap > 0: k of n" (Benjamini–Hochberg at q over the layer's
+    neurons, as tables/comparison_by_layer.parquet counts): per (layer, head, gap), over fresh draws, k's mean, SD and
+    5–95% range, the sweep's own split's k and its percentile among the draws, and the false calls — a call whose
+    population gap has the other sign (or is 0) — as a mean count and as the false discovery rate (the mean over
+    draws of false calls / calls)."""
+    from nsr_sweep.core.uncertainty import bh_adjusted
+
+    gaps = rows[rows["stat"].str.startswith("gap_")]
+    per = []
+    for (L, head, stat, d), g in gaps.groupby(["layer", "head", "stat", "draw"], sort=False):
+        called = bh_adjusted(g["p"].to_numpy()) <= q
+        pos, neg = called & (g["point"].to_numpy() > 0), called & (g["point"].to_numpy() < 0)
+        truth = g["truth"].to_numpy()
+        false = int((pos & ~(truth > 0)).sum() + (neg & ~(truth < 0)).sum())
+        per.append({"layer": L, "head": head, "stat": stat, "draw": d, "k": int(pos.sum()), "calls": int(called.sum()),
+                    "false": false, "fdp": false / max(int(called.sum()), 1), "n": len(g),
+                    "truly_positive": int((truth > 0).sum())})
+    per_df = pd.DataFrame(per)
+    fresh, own = per_df[per_df["draw"] >= 0], per_df[per_df["draw"] < 0].set_index(["layer", "head", "stat"])
+    out = fresh.groupby(["layer", "head", "stat"], sort=False).agg(
+        n=("n", "first"), truly_positive=("truly_positive", "first"), k_mean=("k", "mean"), k_sd=("k", "std"),
+        k_5=("k", lambda k: np.quantile(k, 0.05)), k_95=("k", lambda k: np.quantile(k, 0.95)),
+        false_calls=("false", "mean"), fdr=("fdp", "mean"))
+    out["own_k"] = own["k"]
+    out["own_k_percentile"] = [float((fresh[(fresh.layer == L) & (fresh["head"] == h) & (fresh.stat == s)]["k"]
+                                      <= own.loc[(L, h, s), "k"]).mean()) for L, h, s in out.index]
+    return out.reset_index()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", default=str(ROOT / "sweeps" / "every-neuron.yaml"))
@@ -191,6 +221,9 @@ def main() -> None:
           f"{n_pop} held-out texts; population predictions {t1 - t0:.0f} s, intervals {time.perf_counter() - t1:.0f} s")
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
         print(table.to_string(index=False))
+    print("\nper layer: gap > 0 at BH q = 0.05 — k over fresh test draws, the sweep's own split, false calls")
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
+        print(count_table(rows).to_string(index=False))
     cov, worst = table["coverage"], table[["below", "above"]].max(axis=1)
     ok = bool(((cov >= 0.93) & (cov <= 0.97) & (worst <= 0.04)).all())
     print(f"\nevery cell in 93–97% with one-sided misses ≤ 4%: {'yes' if ok else 'NO'}")

@@ -120,6 +120,10 @@ def test_comparison_agrees_with_the_trials_and_recomputes_from_predictions(sweep
         for g in ("gap_cross_r", "gap_input_only_r"):  # Benjamini–Hochberg over the layer's neurons, as scipy does it
             np.testing.assert_allclose(sel[f"{g}_q"], false_discovery_control(sel[f"{g}_p"]), rtol=1e-12)
             assert getattr(row, f"n_{g}_positive") == int(((sel[f"{g}_q"] <= 0.05) & (sel[g] > 0)).sum())
+            by = false_discovery_control(sel[f"{g}_p"], method="by")  # Benjamini–Yekutieli: any dependence
+            assert getattr(row, f"n_{g}_positive_by") == int(((by <= 0.05) & (sel[g] > 0)).sum())
+            calls = int((sel[f"{g}_q"] <= 0.05).sum())
+            assert getattr(row, f"n_{g}_false_expected") == pytest.approx(0.05 * calls)
             assert getattr(row, f"n_{g}_tested") == 2
 
 

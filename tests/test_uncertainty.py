@@ -465,6 +465,8 @@ def test_bh_equals_scipy(q):
         expected = stats.false_discovery_control(p) <= q
         assert np.array_equal(bh_reject(p, q), expected)
         np.testing.assert_allclose(bh_adjusted(p), stats.false_discovery_control(p), rtol=1e-12)
+        np.testing.assert_allclose(bh_adjusted(p, "any"), stats.false_discovery_control(p, method="by"), rtol=1e-12)
+        assert np.array_equal(bh_reject(p, q, "any"), stats.false_discovery_control(p, method="by") <= q)
     assert bh_reject(cases[1], q).sum() > 50 and not bh_reject(cases[0], q).all()
     # NaN p-values (undefined gaps) are not tests: BH over the finite ones
     p = cases[1].copy()

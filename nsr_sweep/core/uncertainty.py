@@ -433,19 +433,23 @@ def gap_pvalues(self_preds, other_preds, actual, metric: str, train_mean, altern
                      np.atleast_1d(train_mean), alternative)["gap_p"]
 
 
-def bh_reject(pvalues, q: float = 0.05) -> np.ndarray:
+def bh_reject(pvalues, q: float = 0.05, dependence: str = "prds") -> np.ndarray:
     """Benjamini–Hochberg at false discovery rate q: a bool per p-value (True = rejected = a discovery).
 
-    Apply it to the neurons of one layer (one family). Those neurons share their test texts, so their gap
-    statistics are positively dependent; BH controls the FDR under positive regression dependence (PRDS,
-    Benjamini & Yekutieli 2001), which such shared-sample dependence is usually taken to satisfy — it is not
-    proven here; `q / Σ 1/k` (Benjamini–Yekutieli) would be valid under any dependence. NaN p-values are not
-    rejected and do not count towards the number of tests m."""
-    return bh_adjusted(pvalues) <= q  # step-up BH rejects exactly the p-values whose adjusted value is ≤ q
+    Apply it to the neurons of one layer (one family). Those neurons share their test texts, so their gap statistics
+    are dependent. BH controls the FDR under positive regression dependence (PRDS, Benjamini & Yekutieli 2001); that
+    two-sided gap tests on shared texts satisfy it is not proven, so it is measured on the bundled model's real
+    neurons (`benchmarks/coverage_real.py`: the directional FDR of the layer's "gap > 0" calls over fresh test
+    draws; docs/science.md, Uncertainty). `dependence="any"` is Benjamini–Yekutieli, q / Σ₁ᵐ 1/k: valid under any
+    dependence, at a loss of power. NaN p-values are not rejected and do not count towards the number of tests m."""
+    return bh_adjusted(pvalues, dependence) <= q  # step-up BH rejects exactly the p-values whose adjusted value is ≤ q
 
 
-def bh_adjusted(pvalues) -> np.ndarray:
-    """Benjamini–Hochberg adjusted p-values (q-values; NaN stays NaN): rejected at q ⇔ adjusted ≤ q."""
+def bh_adjusted(pvalues, dependence: str = "prds") -> np.ndarray:
+    """Benjamini–Hochberg adjusted p-values (q-values; NaN stays NaN): rejected at q ⇔ adjusted ≤ q. With
+    `dependence="any"`, Benjamini–Yekutieli's (BH's times Σ₁ᵐ 1/k, capped at 1)."""
+    if dependence not in ("prds", "any"):
+        raise ValueError(f"dependence {dependence!r}: allowed prds (Benjamini–Hochberg), any (Benjamini–Yekutieli)")
     p = np.asarray(pvalues, np.float64)
     out = np.full(p.shape, np.nan)
     ok = np.isfinite(p)
@@ -454,7 +458,8 @@ def bh_adjusted(pvalues) -> np.ndarray:
         return out
     pv = p[ok]
     order = np.argsort(pv, kind="stable")
-    adj = np.minimum.accumulate((pv[order] * m / np.arange(1, m + 1))[::-1])[::-1]
+    scale = m * (np.sum(1.0 / np.arange(1, m + 1)) if dependence == "any" else 1.0)
+    adj = np.minimum.accumulate((pv[order] * scale / np.arange(1, m + 1))[::-1])[::-1]
     res = np.empty(m)
     res[order] = np.minimum(adj, 1.0)
     out[ok] = res

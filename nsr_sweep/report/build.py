@@ -252,11 +252,22 @@ def answer_table(comp_layers: pd.DataFrame) -> pd.DataFrame:
                                                           comp_layers[f"{col}_hi"])]
     for other, label in (("cross", "cross-model"), ("input_only", "input-only")):
         c = f"gap_{other}_r"
-        out[f"gap > 0 vs {label}"] = [f"{p} of {n}" if n else "—" for p, n in
-                                      zip(comp_layers[f"n_{c}_positive"], comp_layers[f"n_{c}_tested"])]
+        out[f"gap > 0 vs {label}"] = [_count(p, n, f, by) for p, n, f, by in
+                                      zip(comp_layers[f"n_{c}_positive"], comp_layers[f"n_{c}_tested"],
+                                          comp_layers.get(f"n_{c}_false_expected", np.nan),
+                                          comp_layers.get(f"n_{c}_positive_by", np.nan))]
         out[f"gap < 0 vs {label}"] = [f"{m}" if n else "—" for m, n in
                                       zip(comp_layers[f"n_{c}_negative"], comp_layers[f"n_{c}_tested"])]
     return out
+
+
+def _count(k, n, false_expected, k_by) -> str:
+    """'k of n', with the false calls BH allows on average and the count under Benjamini–Yekutieli."""
+    if not n:
+        return "—"
+    if not np.isfinite(false_expected):
+        return f"{k} of {n}"
+    return f"{k} of {n} (≈ {false_expected:.0f} false; BY {k_by:.0f})"
 
 
 def _ci(v: float, lo: float, hi: float) -> str:

@@ -97,6 +97,10 @@ def compare(sweep_dir: Path, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFra
                 layer[f"n_{col}_positive"] = int(np.sum((q <= Q) & (iv["point"] > 0)))
                 layer[f"n_{col}_negative"] = int(np.sum((q <= Q) & (iv["point"] < 0)))
                 layer[f"n_{col}_tested"] = int(np.isfinite(iv["p"]).sum())
+                calls = layer[f"n_{col}_positive"] + layer[f"n_{col}_negative"]
+                layer[f"n_{col}_false_expected"] = Q * calls  # BH: on average at most a fraction q of the calls
+                by = bh_adjusted(iv["p"], dependence="any")
+                layer[f"n_{col}_positive_by"] = int(np.sum((by <= Q) & (iv["point"] > 0)))
         for name, x in p.items():
             got = layer_mean_intervals(x, y, train_mean, others={o: p[o] for o in OTHERS} if name == "self" else None)
             for m in METRICS:
