@@ -64,13 +64,31 @@ def test_classification_predictions_stay_inside_the_train_range(linear_data):
     assert r.metrics["skill"] > 0.5
 
 
-def test_headmap_bins_are_train_quantiles_with_train_means():
-    y = np.arange(100.0)
+def test_headmap_bins_maximise_the_ceiling_with_train_means():
+    y = np.arange(100.0)  # uniform: the best 4 bins are equal, 25 texts each, an edge halfway between neighbours
     h = HeadMap("classification", y, n_bins=4)
-    np.testing.assert_allclose(h.edges, [0, 24.75, 49.5, 74.25, 99])
+    np.testing.assert_allclose(h.edges, [0, 24.5, 49.5, 74.5, 99])
     np.testing.assert_allclose(h.values, [12, 37, 62, 87])
     p = h.predict(torch.tensor([[0.0, 0, 0, 0], [100.0, 0, 0, 0]]))
     np.testing.assert_allclose(p.numpy(), [49.5, 12], atol=1e-9)
+    assert h.bin_ceiling(y) == pytest.approx(np.corrcoef(np.repeat([12, 37, 62, 87], 25), y)[0, 1])
+    assert np.isnan(HeadMap("regression", y).bin_ceiling(y))
+    # a sparse (ReLU-like) neuron: its tied resting 0 is one bin (with its two least active texts: 902 texts), the
+    # other nine resolve its active range
+    rng = np.random.default_rng(0)
+    sparse = np.r_[np.zeros(900), rng.gamma(2.0, size=100)]
+    h = HeadMap("classification", sparse, n_bins=10)
+    assert (h.labels(sparse[:900]) == 0).all() and (h.edges[1:-1] > 0).all()
+    assert (np.bincount(h.labels(sparse), minlength=10)[1:] >= 4).all()  # ≥ ⌈1000/320⌉ texts a bin
+    quantile = np.quantile(sparse, np.linspace(0, 1, 11))  # the old bins: nine of ten edges at 0
+    q_lab = np.clip(np.searchsorted(quantile[1:-1], sparse, side="right"), 0, 9)
+    q_values = np.array([sparse[q_lab == j].mean() if (q_lab == j).any() else 0.0 for j in range(10)])
+    assert h.bin_ceiling(sparse) > 0.99 > 0.9 > np.corrcoef(q_values[q_lab], sparse)[0, 1]
+    # too few distinct values for K bins: still K outputs, the missing bins empty at the bottom
+    h = HeadMap("classification", np.r_[np.zeros(50), np.ones(3), np.full(40, 2.0)], n_bins=5)
+    np.testing.assert_allclose(h.edges, [0, 0, 0, 0.5, 1.5, 2])
+    np.testing.assert_allclose(h.values, [0, 0, 0, 1, 2])
+    assert h.n_out == 5 and list(h.labels(np.array([0.0, 1, 2]))) == [2, 3, 4]
 
 
 def test_batched_probe_fit_equals_one_at_a_time(linear_data):
@@ -191,6 +209,13 @@ def test_every_valid_combination_beats_the_train_mean_on_nsr_tiny(tiny_cache, he
     assert (d / "diagnostics.png").stat().st_size > 10_000
     head_file = load_file(d / "head.safetensors")
     assert "weight" in head_file and ("bin_values" in head_file or "mu" in head_file)
+    if head == "regression":  # the hard-bin ceiling: what a head that always picks the true bin scores
+        assert np.isnan(saved["metrics"]["bin_ceiling_r"])
+    else:
+        edges, values = head_file["bin_edges"].double().numpy(), head_file["bin_values"].double().numpy()
+        y = test.actual_orig.to_numpy()
+        stair = values[np.clip(np.searchsorted(edges[1:-1], y, side="right"), 0, len(values) - 1)]
+        assert saved["metrics"]["bin_ceiling_r"] == pytest.approx(np.corrcoef(stair, y)[0, 1], abs=1e-9)
     assert (d / "model" / "config.json").exists() == (freeze != "none")
     assert pd.read_parquet(d / "patch.parquet").shape[0] == 7 * 60
 

@@ -210,7 +210,7 @@ def _finish_probe(cache, model, spec: TrialSpec, fit, real, y, splits, fit_secon
     if isinstance(fit, FloatingPointError):
         return TrialResult(spec, "failed", reason=str(fit))
     preds = predictions(cache.n_texts, splits, y, real, fit)
-    metrics = trial_metrics(preds, fit.hmap.train_mean, real, shuffled=spec.control == "shuffled")
+    metrics = trial_metrics(preds, fit.hmap.train_mean, real, shuffled=spec.control == "shuffled", hmap=fit.hmap)
     best = int(np.argmin([h["val_mse"] for h in fit.history]))
     metrics.update({"epochs_run": len(fit.history), "best_epoch": best, "val_mse": fit.history[best]["val_mse"],
                     "val_loss": fit.history[best]["val_loss"], "train_seconds": fit_seconds,
@@ -301,7 +301,7 @@ def _finish(cache, model, spec: TrialSpec, fit, real, y, splits, seqs, answer_po
     else:
         actual_ft = real
     preds = predictions(cache.n_texts, splits, y, actual_ft, fit)
-    metrics = trial_metrics(preds, fit.hmap.train_mean, real, shuffled=spec.control == "shuffled")
+    metrics = trial_metrics(preds, fit.hmap.train_mean, real, shuffled=spec.control == "shuffled", hmap=fit.hmap)
     best = int(np.argmin([h["val_mse"] for h in fit.history]))
     metrics.update({"epochs_run": len(fit.history), "best_epoch": best, "val_mse": fit.history[best]["val_mse"],
                     "val_loss": fit.history[best]["val_loss"], "train_seconds": fit_seconds + time.perf_counter() - t0,
@@ -449,9 +449,10 @@ def predictions(n: int, splits: dict, y: np.ndarray, actual_ft: np.ndarray, fit:
 
 
 def trial_metrics(preds: pd.DataFrame, train_mean: float, real: np.ndarray | None = None,
-                  shuffled: bool = False) -> dict[str, float]:
+                  shuffled: bool = False, hmap: HeadMap | None = None) -> dict[str, float]:
     """Test-split metrics against actual_orig (with intervals for r and skill), and against actual_ft (suffix
-    `_ft`), plus drift.
+    `_ft`), plus drift, and — for a binned head (`hmap`) — its hard-bin ceiling on the test split, `bin_ceiling_r`
+    (the r of always picking the true bin of actual_orig: what the head can reach; NaN for regression).
 
     `drift` = mean(actual_ft − the real neuron): for the shuffled control the real neuron, not the permuted
     target, so it is 0 whenever the neuron cannot change; its `_ft` metrics would mix the two and are null."""
@@ -465,6 +466,7 @@ def trial_metrics(preds: pd.DataFrame, train_mean: float, real: np.ndarray | Non
     m.update({f"{k}_ft": (float("nan") if shuffled else v) for k, v in list(ft.items()) if not k.endswith(("_lo", "_hi"))})
     real_test = orig[test_mask] if real is None else np.asarray(real)[test_mask]
     m["drift"] = float(np.mean(ft_actual[test_mask] - real_test))
+    m["bin_ceiling_r"] = hmap.bin_ceiling(orig[test_mask]) if hmap is not None else float("nan")
     val = split == SPLITS.index("val")
     m["val_pearson_r"], m["val_skill"] = validation_scores(pred[val], orig[val], train_mean)
     m["n_train"], m["n_val"], m["n_test"] = (int((split == i).sum()) for i in range(len(SPLITS)))
