@@ -691,6 +691,28 @@ def test_a_stale_or_damaged_lock_is_not_a_running_sweep(tmp_path):
     assert not (d / LOCK).exists()
 
 
+def test_a_resume_of_results_made_by_another_method_is_refused_in_one_line(tmp_path):
+    """Trials computed by an older nsr-sweep (method 1: quantile bins) are never mixed with this one's: --resume of
+    such a directory is refused, naming both versions, before anything runs; a directory of this version resumes."""
+    from nsr_sweep.core.files import write_json
+    from nsr_sweep.core.spec import METHOD_VERSION, dump_sweep
+    from nsr_sweep.results.layout import RESOLVED, STATE, claim, release
+
+    spec = parse_sweep(with_())
+    d = tmp_path / "s"
+    (d / "probes" / "records").mkdir(parents=True)
+    (d / RESOLVED).write_text(dump_sweep(spec))
+    (d / "probes" / "records" / "u.parquet").write_bytes(b"finished trials")
+    write_json(d / STATE, {"status": "finished"})  # made before the field existed: method 1
+    with pytest.raises(NsrError) as e:
+        claim(d, spec, resume=True)
+    msg = str(e.value)
+    assert "method 1" in msg and f"this one {METHOD_VERSION}" in msg and "new name" in msg and "\n" not in msg
+    write_json(d / STATE, {"status": "finished", "method_version": METHOD_VERSION})
+    claim(d, spec, resume=True)
+    release(d)
+
+
 def test_a_launch_that_fails_after_it_started_is_recorded_failed_and_the_fixed_file_is_accepted(tmp_path, monkeypatch):
     from nsr_sweep.results.layout import read_state, run_state
     from nsr_sweep.sweep import launch as orchestrate

@@ -20,7 +20,7 @@ import yaml
 
 from ..core.errors import NsrError
 from ..core.files import atomic_write, write_json
-from ..core.spec import SweepSpec, dump_sweep, load_sweep
+from ..core.spec import METHOD_VERSION, SweepSpec, dump_sweep, load_sweep
 
 STATE = "sweep_state.json"
 LOCK = "sweep.lock"
@@ -184,6 +184,12 @@ def _check_same_sweep(sweep_dir: Path, spec: SweepSpec, resume: bool) -> None:
     if not resume:
         raise NsrError(f"{sweep_dir} already holds sweep {spec.name!r}: pass --resume to finish it, "
                        "or choose another name")
+    state = read_state(sweep_dir)
+    made_by = state.get("method_version", 1)  # directories from before the field: version 1
+    if made_by != METHOD_VERSION and state.get("status") != "damaged":  # a damaged state cannot say: go on
+        raise NsrError(f"{sweep_dir} was made by an nsr-sweep that computes trials differently (method {made_by}, "
+                       f"this one {METHOD_VERSION}: binned heads' bins changed): --resume would mix the two; "
+                       "launch it under a new name")
     try:  # with every default filled in, as this version fills them (a field added since is no change)
         before = yaml.safe_load(dump_sweep(load_sweep(resolved)))
     except NsrError:

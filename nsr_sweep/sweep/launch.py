@@ -23,7 +23,7 @@ from typing import Any
 
 from ..core.errors import NsrError, redacted
 from ..core.files import write_json
-from ..core.spec import SweepSpec
+from ..core.spec import METHOD_VERSION, SweepSpec
 from ..results.layout import (
     STUDIES,
     TRIALS,
@@ -185,6 +185,7 @@ def launch(sweep_file: str, *, out_root: str = "results", address: str | None = 
                              uid=before.get("uid") or secrets.token_hex(4),
                              started=before.get("started", t_start), resumed=(sweep_dir / TRIALS).is_dir(),
                              optuna_storage=redacted(optuna_storage) or STUDIES, storage=storage,
+                             method_version=METHOD_VERSION,
                              error=None, n_missing=None, missing=None, missing_reason=None)  # a resume starts clean
         url, local = init_ray(spec, address, dashboard, dashboard_host, network, echo, isolation)
         return _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start, storage, studies, callbacks)
