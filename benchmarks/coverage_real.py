@@ -55,7 +55,9 @@ def population_predictions(sweep: Path, layers: list[int], population: int | Non
     n = spec.corpus.n_texts
     total = len(load_corpus(spec.corpus.source, seed=spec.corpus.seed).texts)
     total = total if population is None else min(total, n + population)
-    key = f"{spec.name}-L{'-'.join(map(str, layers))}-{total}"
+    from nsr_sweep.core.spec import METHOD_VERSION
+
+    key = f"{spec.name}-L{'-'.join(map(str, layers))}-{total}-m{METHOD_VERSION}"  # another method: other predictions
     path = work / f"{key}.npz"
     if path.exists():
         with np.load(path) as z:
