@@ -149,8 +149,9 @@ def test_report_lists_failures_and_the_running_state(sweep_dir):
     page = (sweep_dir / "report.html").read_text()
     assert "L2-N5-classification-none-s1" in page and "non-finite training loss" in page
     assert "still running" in page
-    assert "http://" not in page.replace("http://www.w3.org", "")  # nothing fetched from the network
-    assert (sweep_dir / "report.html").stat().st_size < 15e6
+    prose = re.sub(r"<script[^>]*>.*?</script>", "", page, flags=re.S)  # the inlined libraries name their homes
+    assert not re.search(r"https?://(?!www\.w3\.org)", prose)  # nothing fetched from the network (and see below)
+    assert (sweep_dir / "report.html").stat().st_size <= 3e6  # a quickstart-sized report, libraries inlined
 
 
 def test_not_a_sweep_directory_is_a_clear_error(tmp_path):
@@ -213,3 +214,229 @@ def test_damaged_records_are_flagged_not_fatal(sweep_dir, tmp_path):
     page = (d / "report.html").read_text()
     failures = page[page.index('id="failures"'):page.index('id="trials"')]
     assert "L1-N3-regression-none-s0" in failures and "damaged" in failures and "unreadable metrics.json" in failures
+
+
+# -- the interactive report in a real browser: sort, filter, search, cards, the scatter's hover ---------------------
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """One headless Chromium driven through its DevTools protocol (tests/cdp.py), shared by the tests below."""
+    if not CHROMIUM:
+        pytest.skip("Chromium is not installed (Debian package `chromium`; .ci/run installs it)")
+    from cdp import Browser
+
+    b = Browser(tmp_path_factory.mktemp("chromium") / "profile")
+    yield b
+    b.close()
+
+
+READY = "window.nsrReady"  # set by the report once every table is built and the scatter drawn
+
+
+def _shown(b, table: str) -> list[dict]:
+    """The rows a DataTable shows on its current page, as {column title: cell text}."""
+    return b.js(f"""(() => {{
+        const w = document.getElementById('{table}_wrapper');
+        const heads = [...w.querySelectorAll('.dt-scroll-head thead [data-dt-column] .dt-column-title')]
+            .map(e => e.textContent);
+        return [...document.querySelectorAll('#{table} tbody tr')]
+            .map(tr => Object.fromEntries([...tr.cells].map((td, i) => [heads[i], td.textContent])));
+    }})()""")
+
+
+def _count(b, table: str) -> int:
+    """How many rows the table holds after its filters, as its info line says ("… of N entries")."""
+    info = b.js(f"document.getElementById('{table}_info').textContent")
+    return int(re.search(r"of ([\d,]+) entries", info).group(1).replace(",", ""))
+
+
+def _header(table: str, column: int) -> str:
+    return f"#{table}_wrapper .dt-scroll-head [data-dt-column='{column}']"
+
+
+def _pick(b, table: str, column: int, value: str) -> None:
+    """Open a column's menu and pick one value from its list, as a reader does; then close the menu."""
+    b.click(_header(table, column) + " button.dtcc-button_dropdown")
+    b.wait("document.querySelector('.dtcc-dropdown .dtcc-list-buttons button')")
+    b.click(f".dtcc-dropdown .dtcc-list-buttons button[aria-label='{value}']")
+    b.send("Input.dispatchKeyEvent", session=True, type="keyDown", key="Escape", code="Escape", windowsVirtualKeyCode=27)
+
+
+def _words(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _column(b, table: str, name: str) -> int:
+    """The index of a table's column (as DataTables numbers it: shown or not) by its title."""
+    return int(b.js(f"""[...document.querySelectorAll('#{table}_wrapper .dt-scroll-head thead [data-dt-column]')]
+        .find(th => th.querySelector('.dt-column-title').textContent === {json.dumps(name)}).dataset.dtColumn"""))
+
+
+@pytest.mark.slow
+def test_the_comparison_table_sorts_filters_and_opens_cards(sweep_dir, browser):
+    from nsr_sweep.report.neuron import OUTSIDERS, gap_sentence, standing
+
+    b = browser
+    took = b.open((sweep_dir / "report.html").as_uri(), READY)
+    assert b.errors == [] and took < 10
+    assert all(u.split(":")[0] in ("file", "data", "blob", "about") for u in b.requests), b.requests  # offline
+    comp = pd.read_parquet(sweep_dir / "tables" / "comparison.parquet")
+    trials = pd.read_parquet(sweep_dir / "tables" / "trials.parquet")
+    t = "comparison-table"
+    assert _count(b, t) == len(comp) == 8
+    # sort: self_r, a click on its header ascending, another descending
+    col = _column(b, t, "self_r")
+    for state in ("ascending", "descending"):
+        b.click(_header(t, col) + " .dt-column-title")
+        b.wait(f"document.querySelector({json.dumps(_header(t, col))}).getAttribute('aria-sort') === '{state}'")
+    rows = _shown(b, t)
+    assert float(rows[0]["self_r"]) == pytest.approx(float(f"{comp['self_r'].max():.4g}"))
+    assert [float(r["self_r"]) for r in rows] == sorted((float(r["self_r"]) for r in rows), reverse=True)
+    # filter: layer 1 from the layer column's list
+    _pick(b, t, _column(b, t, "layer"), "1")
+    rows = _shown(b, t)
+    assert _count(b, t) == len(rows) == int((comp["layer"] == 1).sum()) == 4
+    assert {r["layer"] for r in rows} == {"1"}
+    assert float(rows[0]["self_r"]) == pytest.approx(float(f"{comp.query('layer == 1')['self_r'].max():.4g}"))
+    # the first row's card: the neuron's comparison rows in the neuron page's words
+    b.click(f"#{t} tbody tr:first-child button.card-open")
+    b.wait("document.querySelector('.card:popover-open')")
+    card = b.js("""(() => { const c = document.querySelector('.card:popover-open');
+                    return {layer: c.dataset.layer, neuron: c.dataset.neuron, text: c.textContent}; })()""")
+    assert (card["layer"], card["neuron"]) == (rows[0]["layer"], rows[0]["neuron"])
+    mine = comp[(comp["layer"] == int(card["layer"])) & (comp["neuron"] == int(card["neuron"]))]
+    n_test = dict(zip(trials["trial_id"], trials["n_test"]))
+    for _, row in mine.iterrows():
+        assert _words(standing(row, n_test[row["self_trial"]])) in _words(card["text"])
+        for other in OUTSIDERS:
+            assert _words(gap_sentence(row, other)) in _words(card["text"])
+    assert f"--layer {card['layer']} --neuron {card['neuron']}" in card["text"]
+    # a range of q (SearchBuilder: gap_cross_r_q between 0 and 0.05), on a fresh page
+    b.open((sweep_dir / "report.html").as_uri(), READY)
+    w = f"#{t}_wrapper"
+    b.click(w + " .dtsb-add")
+    choose = """(([sel, v]) => { const s = document.querySelector(sel); s.value = v;
+                 s.dispatchEvent(new Event('input', {bubbles: true})); s.dispatchEvent(new Event('change', {bubbles: true}));
+                })(%s)"""
+    b.js(choose % json.dumps([w + " .dtsb-data", str(_column(b, t, "gap_cross_r_q"))]))
+    b.js(choose % json.dumps([w + " .dtsb-condition", "between"]))
+    b.type(w + " input.dtsb-value", "0", 0)
+    b.type(w + " input.dtsb-value", "0.05", 1)
+    b.wait(f"document.getElementById('{t}_info').textContent.includes('filtered')")
+    assert _count(b, t) == int(comp["gap_cross_r_q"].between(0, 0.05).sum())
+    assert b.errors == []
+
+
+@pytest.mark.slow
+def test_the_trial_table_filters_by_control_and_searches(sweep_dir, browser):
+    b = browser
+    b.open((sweep_dir / "report.html").as_uri(), READY)
+    trials = pd.read_parquet(sweep_dir / "tables" / "trials.parquet")
+    t = "trials-table"
+    assert _count(b, t) == len(trials)  # every trial and control
+    _pick(b, t, _column(b, t, "control"), "shuffled")
+    shuffled = trials[trials["control"] == "shuffled"]
+    assert _count(b, t) == len(shuffled) and {r["control"] for r in _shown(b, t)} == {"shuffled"}
+    b.type(f"#{t}_wrapper .dt-search input", "L2-N5")
+    b.wait(f"document.getElementById('{t}_info').textContent.includes('of {int(shuffled.trial_id.str.contains('L2-N5').sum())} ')")
+    assert all(r["trial_id"].startswith("L2-N5-") for r in _shown(b, t))
+    survivors = pd.read_parquet(sweep_dir / "tables" / "comparison.parquet").query("gap_cross_r_q <= 0.05 or "
+                                                                                   "gap_input_only_r_q <= 0.05")
+    if len(survivors):
+        assert _count(b, "survivors-table") == len(survivors)
+    assert b.errors == []
+
+
+@pytest.mark.slow
+def test_the_scatter_names_the_neuron_under_the_pointer(sweep_dir, browser):
+    b = browser
+    b.open((sweep_dir / "report.html").as_uri(), READY)
+    trials = pd.read_parquet(sweep_dir / "tables" / "trials.parquet")
+    shown = trials[(trials["status"] == "ok") & trials["best"] & (trials["control"].isna() |
+                                                                   (trials["control"] == "shuffled"))]
+    n_points = b.js("document.querySelectorAll('#r-vs-patch .scatterlayer path.point').length")
+    assert n_points == len(shown) > 0
+    for k in (0, n_points - 1):
+        b.hover(*b.centre("#r-vs-patch .scatterlayer path.point", k))
+        b.wait("document.querySelector('#r-vs-patch .hoverlayer .hovertext')")
+        text = b.js("document.querySelector('#r-vs-patch .hoverlayer .hovertext').textContent")
+        m = re.fullmatch(r"layer (\d+), neuron (\d+)head (\w+), freeze (\w+)control: (.+?)r = (\S+), patch slope = (\S+)",
+                         text)
+        assert m, text
+        L, n, head, freeze, control, r, slope = m.groups()
+        sel = shown[(shown["layer"] == int(L)) & (shown["neuron"] == int(n)) & (shown["head"] == head)
+                    & (shown["freeze"] == freeze)]
+        sel = sel[sel["control"].isna()] if control == "none (self)" else sel[sel["control"] == control]
+        assert len(sel) == 1, text
+        assert float(r) == pytest.approx(sel["pearson_r"].item(), abs=1.1e-3)
+        assert float(slope) == pytest.approx(sel["patch_slope"].item(), abs=1.1e-3)
+        b.hover(5, 5)
+
+
+@pytest.mark.slow
+def test_an_every_neuron_sized_report_keeps_its_budget(sweep_dir, browser, tmp_path):
+    """The fixture's rows tiled to every-neuron's shape (4 layers × 512 neurons × 2 heads: 4,096 comparison rows,
+    14,336 trials), rendered as `nsr-sweep report` renders: at most 15 MB, every table ready in under 5 s."""
+    import numpy as np
+
+    from nsr_sweep.report import build
+    from nsr_sweep.results.layout import read_state, resolved_spec
+
+    tables = sweep_dir / "tables"
+    comp, trials = (pd.read_parquet(tables / f"{n}.parquet") for n in ("comparison", "trials"))
+    keys = [(L, n) for L in range(4) for n in range(512)]
+    src = sorted(set(zip(comp["layer"], comp["neuron"])))
+    one = trials[trials["sample"] == 0].assign(best=True)
+
+    def tiled(frame: pd.DataFrame, ids: list[str]) -> pd.DataFrame:
+        parts = []
+        for j, (sL, sn) in enumerate(src):  # the j-th source neuron stands in for every len(src)-th new one
+            block = frame[(frame["layer"] == sL) & (frame["neuron"] == sn)]
+            mine = keys[j :: len(src)]
+            L, n = (np.repeat([k[i] for k in mine], len(block)) for i in (0, 1))
+            part = pd.concat([block] * len(mine), ignore_index=True).assign(layer=L, neuron=n)
+            for c in ids:
+                part[c] = [v.replace(f"L{sL}-N{sn}-", f"L{a}-N{b}-") if isinstance(v, str) else v
+                           for v, a, b in zip(part[c], L, n)]
+            parts.append(part)
+        return pd.concat(parts, ignore_index=True)
+
+    big_comp = tiled(comp, ["self_trial", "cross_trial", "input_only_trial"])
+    big_trials = tiled(one, ["trial_id"])
+    assert (len(big_comp), len(big_trials)) == (4096, 14336)
+    best = build.best_trials(big_trials)
+    spec = resolved_spec(sweep_dir)
+    figures = [(p, p.stem) for p in sorted((sweep_dir / "figures").glob("*.png")) if not p.stem.startswith("heatmap")]
+    report = build.Report(spec, big_trials, best, {m: build.pivot(best, m) for m in build.PIVOT_METRICS},
+                          build.per_layer(best), figures, read_state(sweep_dir), False, sweep_dir,
+                          pd.read_parquet(tables / "comparison_by_layer.parquet"), big_comp, [],
+                          build.patch_agreement(big_trials))
+    out = tmp_path / "report.html"
+    out.write_text(build.render_html(report), encoding="utf-8")
+    assert out.stat().st_size <= 15e6
+    took = browser.open(out.as_uri(), READY)
+    assert browser.errors == [] and _count(browser, "comparison-table") == 4096
+    assert _count(browser, "trials-table") == 14336 and took < 5, f"report ready after {took:.1f} s"
+    print(f"every-neuron-sized report: {out.stat().st_size / 1e6:.1f} MB, ready in {took:.2f} s")
+
+
+def test_interactive_table_options_are_json_that_a_script_element_keeps():
+    """Rows travel as JSON inside <script type="application/json">: numbers to 4 significant digits, NaN and missing
+    values as null, text that could close the element escaped — and the q column a condition can range over."""
+    import numpy as np
+
+    from nsr_sweep.report.interactive import MISSING, table_config
+
+    df = pd.DataFrame({"layer": [1, 2], "neuron": pd.array([3, None], dtype="Int64"), "head": ["regression", None],
+                       "gap_cross_r_q": [0.0123456, np.nan], "best": [True, False], "note": ["</script><b>", "ok"]})
+    text = table_config(df, visible=["layer", "gap_cross_r_q"], order=[("gap_cross_r_q", "asc")])
+    assert "</" not in text and "<" not in text
+    opts = json.loads(text)
+    assert opts["data"] == [[1, 3, "regression", 0.01235, True, "</script><b>"], [2, None, None, None, False, "ok"]]
+    cols = {c["name"]: c for c in opts["columns"]}
+    assert cols["gap_cross_r_q"]["type"] == "num" and cols["gap_cross_r_q"]["defaultContent"] == MISSING
+    assert [c["visible"] for c in opts["columns"]] == [True, False, False, True, False, False]
+    assert opts["order"] == [[3, "asc"]] and opts["layout"]["top2"] == "searchBuilder"
+    listed = {opts["columns"][i]["name"] for i in opts["columnDefs"][0]["targets"]}
+    assert listed == {"layer", "head", "best"}  # picked from a list of values; the rest take conditions

@@ -16,7 +16,8 @@ report on a running or partial sweep shows what has finished and lists what fail
     tables/summary.md            the pivots and the per-layer summary as Markdown
     figures/*.png                self vs outsiders, gap distributions, heatmaps, depth curves, r vs patch slope,
                                  offset vs drift, cosines, controls
-    report.html                  self-contained (images embedded), from templates/report.html.j2; works offline
+    report.html                  self-contained (images and the JavaScript libraries of its interactive tables inlined:
+                                 interactive.py), from templates/report.html.j2; works offline
 """
 
 from __future__ import annotations
@@ -179,16 +180,25 @@ table{border-collapse:collapse;font-size:13px;margin:.5em 0 1.5em} th,td{border:
 th{background:#f4f4f4} td.l,th.l{text-align:left} .muted{color:#777} .bad{color:#b00}
 nav ul{columns:2} figure{margin:1em 0} figure img{max-width:100%;border:1px solid #eee} figcaption{color:#555;font-size:13px}
 .kv td:first-child{text-align:left;font-weight:600}
+table.sortable.dataTable{width:auto;margin:.5em 0 1.5em} div.itable{margin:.5em 0 1.5em} div.itable table.dataTable{margin:0} table.dataTable td code{font-size:11px}
+button.card-open{font-size:12px;padding:0 .6em;cursor:pointer}
+.card{max-width:52em;padding:.5em 1.5em 1em;border:1px solid #bbb;border-radius:6px;box-shadow:0 4px 24px rgba(0,0,0,.25);
+line-height:1.45;color:#222} .card::backdrop{background:rgba(0,0,0,.15)}
+.card .card-close{float:right;font-size:20px;border:none;background:none;cursor:pointer;margin-top:.3em}
 """
 
 
-SORT_JS = """
-document.querySelectorAll('table:not(.kv) th').forEach(function(th){th.style.cursor='pointer';th.title='sort';
-th.addEventListener('click',function(){var t=th.closest('table'),b=t.tBodies[0],i=Array.prototype.indexOf.call(th.parentNode.children,th),
-asc=th.dataset.asc!=='1';th.dataset.asc=asc?'1':'0';var rows=Array.prototype.slice.call(b.rows);
-rows.sort(function(x,y){var a=x.cells[i].textContent,c=y.cells[i].textContent,p=parseFloat(a),q=parseFloat(c);
-var r=(isNaN(p)||isNaN(q))?a.localeCompare(c):p-q;return asc?r:-r;});rows.forEach(function(r){b.appendChild(r);});});});
-"""  # click a column header to sort (no network, no library)
+GLUE_JS = """
+document.querySelectorAll('script.nsr-table').forEach(function (s) {
+  new DataTable('#' + s.dataset.table, JSON.parse(s.textContent));
+});
+document.querySelectorAll('table.sortable').forEach(function (t) {
+  new DataTable(t, {paging: false, searching: false, info: false, autoWidth: false, order: []});
+});
+var fig = document.getElementById('r-vs-patch-data');
+(fig ? (function (f) { return Plotly.newPlot('r-vs-patch', f.data, f.layout, f.config); })(JSON.parse(fig.textContent))
+     : Promise.resolve()).then(function () { window.nsrReady = performance.now(); });
+"""  # hands each table's options and the scatter's figure (JSON written by interactive.py) to the libraries
 
 
 def _fmt(v) -> str:
@@ -339,46 +349,71 @@ def _neurons_text(v: list) -> str:
 
 
 def render_html(r: Report) -> str:
-    """report.html from its template (`templates/report.html.j2`), one self-contained file."""
+    """report.html from its template (`templates/report.html.j2`), one self-contained file: static tables sortable,
+    the per-neuron comparison, survivors and trial tables interactive, with neuron cards (interactive.py)."""
     import jinja2
     from markupsafe import Markup
 
+    from . import interactive as ia
+
     env = jinja2.Environment(loader=jinja2.PackageLoader("nsr_sweep.report", "templates"), autoescape=True)
     df, best, comp, spec = r.df, r.best, r.comp, r.spec
-    real = real_trials(df) if len(df) else df
-    controls = df[df["control"].notna()] if len(df) and "control" in df else pd.DataFrame()
     failed = df[df["status"].isin(["failed", "damaged"])] if len(df) else pd.DataFrame()
     charts = frozenset(p.parent.name for p in (Path(r.sweep_dir) / "trials").glob("*/diagnostics.png"))
     cols = lambda frame, names: frame[[c for c in names if c in frame]] if len(frame) else frame  # noqa: E731
     hit, rank = survivors(comp)
-    gap_rank = "gap_cross_r" if len(comp) and comp["gap_cross_r"].notna().any() else "gap_input_only_r"
     fig = lambda figs: [{"img": Markup(_img(p)), "caption": c} for p, c in figs]  # noqa: E731
     html_ = lambda x: Markup(x)  # noqa: E731 - tables rendered by _table escape their own cells
+    static = lambda frame, **kw: html_(_table(frame, **{"cls": "sortable compact", **kw}))  # noqa: E731
+
+    carded = ia.card_neurons(spec, comp, hit, rank)
+    with_card = set(carded)
+
+    def with_page(frame: pd.DataFrame) -> pd.DataFrame:
+        if frame.empty:
+            return frame
+        out = frame.copy()
+        out.insert(min(4, len(out.columns)), "page", ia.page_cells(r.sweep_dir, out["layer"], out["neuron"], with_card))
+        return out
+
+    comp_shown = with_page(comp)
+    comp_visible = ["layer", "neuron", "head", "freeze", "page", "n_test_eff", "self_r", "cross_r", "input_only_r",
+                    "gap_cross_r", "gap_cross_r_q", "gap_input_only_r", "gap_input_only_r_q"]
+    trials = cols(df, ["trial_id", "layer", "neuron", "head", "freeze", "control", "status", "best", "solver", "lr",
+                       "epochs", "pearson_r", "skill", "mse", "patch_slope", "drift", "seconds"])
+    if len(trials):
+        control = trials["control"] if "control" in trials else pd.Series(None, index=trials.index, dtype=object)
+        trials = trials.assign(control=control.astype(object).where(control.notna(), ia.REAL),
+                               trial_id=[f"<a href='trials/{html.escape(t)}/diagnostics.png'>{html.escape(t)}</a>"
+                                         if t in charts else html.escape(t) for t in trials["trial_id"]])
+    scatter = ia.r_vs_patch_figure(df)
+    vendor_css, vendor_js = ia.vendor_assets()
     return env.get_template("report.html.j2").render(
-        spec=spec, css=Markup(CSS), sort_js=Markup(SORT_JS), q=Q, running=r.running,
-        missing=r.state.get("n_missing"), expected=r.state.get("n_expected", "?"),
+        spec=spec, css=Markup(CSS + vendor_css), vendor_js=Markup(vendor_js), glue_js=Markup(GLUE_JS), q=Q,
+        running=r.running, missing=r.state.get("n_missing"), expected=r.state.get("n_expected", "?"),
         missing_reason=r.state.get("missing_reason") or "",
-        answer_table=html_(_table(answer_table(r.comp_layers), left=3)), answer_figures=fig(r.answer),
-        survivors=html_(_table(hit, left=4, rank=rank) if len(hit) else
+        answer_table=static(answer_table(r.comp_layers), left=3), answer_figures=fig(r.answer),
+        survivors=html_(ia.table_block("survivors-table", with_page(hit), order=[(rank, "desc")] if rank else None,
+                                       html_cols=frozenset({"page"})) if len(hit) else
                         "<p class='muted'>None: no neuron's gap survives the control (or no outsider ran).</p>"),
-        per_neuron=html_(_table(cols(comp, [c for c in comp.columns if not c.endswith("_trial")]), left=4,
-                                rank=gap_rank)),
-        sections=SECTIONS, reads_figures=fig([(p, c) for p, c in r.figures if p.stem in FIRST_FIGURES]),
-        agreement=html_(_table(r.agreement, left=4) if len(r.agreement) else
-                        "<p class='muted'>No probe has both yet.</p>"),
+        per_neuron=html_(ia.table_block("comparison-table", comp_shown, visible=comp_visible,
+                                        html_cols=frozenset({"page"}))),
+        cards=ia.cards(r.sweep_dir, comp, df, carded), max_cards=ia.MAX_CARDS, n_survivors=len(set(zip(
+            hit["layer"], hit["neuron"]))) if len(hit) else 0,
+        sweep_arg=ia.dir_arg(r.sweep_dir), scatter=Markup(scatter) if scatter else None,
+        sections=SECTIONS, reads_figures=fig([(p, c) for p, c in r.figures if p.stem in FIRST_FIGURES
+                                              and not (scatter and p.stem == "r_vs_patch_slope")]),
+        agreement=static(r.agreement, left=4) if len(r.agreement) else html_("<p class='muted'>No probe has both "
+                                                                                "yet.</p>"),
         overview=_overview(r),
-        headline=html_(_table(cols(best, ["layer", "neuron", "head", "freeze", "pearson_r", "skill", "mse", "offset",
-                                          "patch_slope", "drift", "identity_r", "cos_win", "cos_wout", "trial_id"]),
-                              cls="headline", left=4, charts=charts, rank="pearson_r")),
+        headline=static(cols(best, ["layer", "neuron", "head", "freeze", "pearson_r", "skill", "mse", "offset",
+                                    "patch_slope", "drift", "identity_r", "cos_win", "cos_wout", "trial_id"]),
+                        cls="headline sortable compact", left=4, charts=charts, rank="pearson_r"),
         figures=fig([(p, c) for p, c in r.figures if p.stem not in FIRST_FIGURES]),
-        per_layer=html_(_table(r.layers, left=3)),
-        pivots=[(m, html_(_table(p, left=2, rank=p.columns[2] if p.shape[1] > 2 else None))) for m, p in r.pivots.items()],
-        controls=html_(_table(cols(controls, ["trial_id", "control", "layer", "neuron", "head", "freeze", "pearson_r",
-                                              "skill", "patch_slope"]), left=6, rank="pearson_r")),
-        failures=html_(_table(cols(failed, ["trial_id", "status", "layer", "neuron", "head", "freeze", "error"]), left=6)
-                       if len(failed) else "<p class='muted'>None.</p>"),
-        trials=html_(_table(cols(real, ["trial_id", "control", "status", "best", "lr", "epochs", "pearson_r", "skill",
-                                        "mse", "patch_slope", "drift", "seconds"]), left=2, charts=charts,
-                            rank="pearson_r")),
+        per_layer=static(r.layers, left=3),
+        pivots=[(m, static(p, left=2, rank=p.columns[2] if p.shape[1] > 2 else None)) for m, p in r.pivots.items()],
+        failures=static(cols(failed, ["trial_id", "status", "layer", "neuron", "head", "freeze", "error"]), left=6)
+        if len(failed) else html_("<p class='muted'>None.</p>"),
+        trials=html_(ia.table_block("trials-table", trials, html_cols=frozenset({"trial_id"}))),
         generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), sweep_dir=str(r.sweep_dir),
     )
