@@ -7,7 +7,7 @@ interval on a variance-stabilising scale with Satterthwaite degrees of freedom**
 1. every statistic is recomputed with each test text left out (from centred per-text sums: all n leave-one-out
    values cost O(n));
 2. on the scale `g` — Fisher z = atanh for r, log(1 − skill) = log(MSE / baseline MSE) for skill, the raw
-   scale for gaps and slopes — the jackknife standard error is `se = sqrt((n − 1)/n · Σ dᵢ²)`,
+   scale for slopes and layer-mean gaps — the jackknife standard error is `se = sqrt((n − 1)/n · Σ dᵢ²)`,
    dᵢ = g(θ₍ᵢ₎) − mean g(θ₍.₎);
 3. the interval is `g⁻¹(c ± t_{df} · se)`, c = n·g(θ̂) − (n − 1)·mean g(θ₍.₎) the jackknife bias-corrected value
    (r, skill and gaps; not the slope), with `df = 2n / (κ − 1)` (clipped to [1, n − 1]), κ = n Σdᵢ⁴ / (Σdᵢ²)² the
@@ -24,8 +24,10 @@ deterministic function of the data, ~0.3 ms per call at 300 texts, and p-values 
 p-value from 2,000 resamples cannot go below 1/2001 ≈ 5e-4, while Benjamini–Hochberg over 512 neurons at
 q = 0.05 needs ≈ 1e-4 for the smallest).
 
-A gap (metric(a) − metric(b) on the same texts) is paired: the same text is left out of both predictors. A
-per-layer mean over neurons that share their test texts is jackknifed jointly — one text left out of every neuron
+A gap (metric(a) − metric(b) on the same texts) is Zou's MOVER interval from the two predictors' own jackknife-t
+intervals and the correlation of their leave-one-out values — paired: the same text is left out of both. Chosen
+on real neurons (`benchmarks/coverage_real.py`; docs/science.md, Uncertainty), where the symmetric raw-scale
+jackknife-t gap missed one way 7–8% of the time. A per-layer mean over neurons that share their test texts is jackknifed jointly — one text left out of every neuron
 at once — so the interval carries the text sampling that all neurons share (a t interval over neurons does not).
 
 The bootstrap helpers (`resample_counts`, `r_samples`, `skill_samples`, `percentile`, `N_BOOT`) stay for studies
