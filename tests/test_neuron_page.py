@@ -20,7 +20,7 @@ from nsr_sweep.core.files import write_json
 from nsr_sweep.core.models import bundled_models, load_model
 from nsr_sweep.core.spec import TrialSpec, dump_sweep, parse_sweep
 from nsr_sweep.core.trial import run_trial, run_trials
-from nsr_sweep.report.build import _fmt
+from nsr_sweep.report.markup import cell as _fmt
 from nsr_sweep.report.neuron import gap_sentence, q_text
 from nsr_sweep.report.plots import slope_text
 from nsr_sweep.results import records

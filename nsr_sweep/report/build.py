@@ -33,6 +33,7 @@ import pandas as pd
 from ..core.files import atomic_write
 from ..core.spec import CELL_COLUMNS
 from ..results.compare import Q, compare
+from .markup import html_table
 
 PIVOT_METRICS = ["pearson_r", "mse", "offset", "patch_slope", "drift", "skill"]
 LAYER_METRICS = ["pearson_r", "spearman_rho", "r2", "mse", "offset", "skill", "std_ratio", "patch_slope",
@@ -201,50 +202,6 @@ var fig = document.getElementById('r-vs-patch-data');
 """  # hands each table's options and the scatter's figure (JSON written by interactive.py) to the libraries
 
 
-def _fmt(v) -> str:
-    if isinstance(v, (float, np.floating)):
-        return "" if np.isnan(v) else f"{v:.4g}"
-    if v is None or (isinstance(v, type(pd.NA)) and v is pd.NA):
-        return ""
-    return html.escape(str(v))
-
-
-MAX_HTML_ROWS = 200
-"""A longer table shows its top and bottom rows by the numeric column that ranks it; the Parquet tables hold all."""
-
-
-def _table(df: pd.DataFrame, cls: str = "", left: int = 1, charts: frozenset[str] = frozenset(),
-           rank: str | None = None) -> str:
-    """An HTML table; a trial id with a diagnostics chart (in `charts`) links to it. Over MAX_HTML_ROWS rows,
-    the highest and lowest by `rank` (a numeric column; else by layer and neuron) are shown."""
-    if df.empty:
-        return "<p class='muted'>No finished trials yet.</p>"
-    if len(df) > MAX_HTML_ROWS:  # an every-neuron sweep: the extremes here, everything in tables/
-        k = MAX_HTML_ROWS // 2
-        if rank is not None and rank in df:
-            ranked = df.sort_values(rank, ascending=False, na_position="last", kind="stable")
-            note = f"the {k} highest and {k} lowest by <code>{html.escape(rank)}</code>"
-            shown = pd.concat([ranked.head(k), ranked.dropna(subset=[rank]).tail(k)]).drop_duplicates()
-        else:
-            keys = [c for c in ("layer", "neuron") if c in df]
-            ranked = df.sort_values(keys, kind="stable") if keys else df
-            note = f"the first and last {k} by {' and '.join(keys) or 'row'}"
-            shown = pd.concat([ranked.head(k), ranked.tail(k)])
-        return (f"<p class='muted'>{len(df)} rows: {note} are shown; the whole table is in <code>tables/</code> "
-                "(Parquet and CSV).</p>" + _table(shown, cls, left, charts))
-    head = "".join(f"<th class='{'l' if i < left else ''}'>{html.escape(str(c))}</th>" for i, c in enumerate(df.columns))
-    rows = []
-    for rec in df.itertuples(index=False):
-        cells = []
-        for i, (c, v) in enumerate(zip(df.columns, rec)):
-            text = _fmt(v)
-            if c == "trial_id" and text in charts:
-                text = f"<a href='trials/{text}/diagnostics.png'>{text}</a>"
-            cells.append(f"<td class='{'l' if i < left else ''}'>{text}</td>")
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-
-
 def _img(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f"<img alt='{html.escape(path.stem)}' src='data:image/png;base64,{data}'>"
@@ -363,8 +320,8 @@ def render_html(r: Report) -> str:
     cols = lambda frame, names: frame[[c for c in names if c in frame]] if len(frame) else frame  # noqa: E731
     hit, rank = survivors(comp)
     fig = lambda figs: [{"img": Markup(_img(p)), "caption": c} for p, c in figs]  # noqa: E731
-    html_ = lambda x: Markup(x)  # noqa: E731 - tables rendered by _table escape their own cells
-    static = lambda frame, **kw: html_(_table(frame, **{"cls": "sortable compact", **kw}))  # noqa: E731
+    html_ = lambda x: Markup(x)  # noqa: E731 - tables rendered by html_table escape their own cells
+    static = lambda frame, **kw: html_(html_table(frame, **{"cls": "sortable compact", **kw}))  # noqa: E731
 
     carded = ia.card_neurons(spec, comp, hit, rank)
     with_card = set(carded)

@@ -26,7 +26,7 @@ from ..core.files import atomic_write
 from ..results.compare import Q
 from ..results.neuron import ROLE_NAMES, ROLES, NeuronData, read_neuron
 from . import plots
-from .build import _table
+from .markup import html_table
 
 
 @dataclass(repr=False)
@@ -271,12 +271,12 @@ def render_neuron_page(page: NeuronData) -> str:
     env = jinja2.Environment(loader=jinja2.PackageLoader("nsr_sweep.report", "templates"), autoescape=True)
     return env.get_template("neuron.html.j2").render(
         p=page, css=Markup(CSS), q=Q, verdicts=verdicts(page),
-        comparison=Markup(_table(comparison_columns(page.comparison), left=1)) if len(page.comparison) else None,
+        comparison=Markup(html_table(comparison_columns(page.comparison), left=1)) if len(page.comparison) else None,
         probe_heads=[{"role": ROLE_NAMES.get(r, r), "head": h, "freeze": f} for r, h, f in
                      zip(page.probes["role"], page.probes["head"], page.probes["freeze"])], text_groups=text_groups(page),
         panels=probe_panels(page), patch_sentences=patch_sentences(page),
         patch_img=_img(plots.patch_curves(page.probes, page.patch), "patch curves"),
         has_outsiders=bool(page.probes["role"].isin(["cross_model", "input_only"]).any()),
-        cosines=Markup(_table(cosine_fields(page.cosines), left=1)) if len(page.cosines) else None,
+        cosines=Markup(html_table(cosine_fields(page.cosines), left=1)) if len(page.cosines) else None,
         generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     )

@@ -1,0 +1,53 @@
+"""HTML pieces that the report and the neuron page share: a table and its cells (escaped here, once)."""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+import pandas as pd
+
+
+def cell(v) -> str:
+    """A table cell's text: 4 significant digits for floats, empty for a missing value, escaped."""
+    if isinstance(v, (float, np.floating)):
+        return "" if np.isnan(v) else f"{v:.4g}"
+    if v is None or (isinstance(v, type(pd.NA)) and v is pd.NA):
+        return ""
+    return html.escape(str(v))
+
+
+MAX_HTML_ROWS = 200
+"""A longer table shows its top and bottom rows by the numeric column that ranks it; the Parquet tables hold all."""
+
+
+def html_table(df: pd.DataFrame, cls: str = "", left: int = 1, charts: frozenset[str] = frozenset(),
+               rank: str | None = None) -> str:
+    """An HTML table; a trial id with a diagnostics chart (in `charts`) links to it. Over MAX_HTML_ROWS rows,
+    the highest and lowest by `rank` (a numeric column; else by layer and neuron) are shown."""
+    if df.empty:
+        return "<p class='muted'>No finished trials yet.</p>"
+    if len(df) > MAX_HTML_ROWS:  # an every-neuron sweep: the extremes here, everything in tables/
+        k = MAX_HTML_ROWS // 2
+        if rank is not None and rank in df:
+            ranked = df.sort_values(rank, ascending=False, na_position="last", kind="stable")
+            note = f"the {k} highest and {k} lowest by <code>{html.escape(rank)}</code>"
+            shown = pd.concat([ranked.head(k), ranked.dropna(subset=[rank]).tail(k)]).drop_duplicates()
+        else:
+            keys = [c for c in ("layer", "neuron") if c in df]
+            ranked = df.sort_values(keys, kind="stable") if keys else df
+            note = f"the first and last {k} by {' and '.join(keys) or 'row'}"
+            shown = pd.concat([ranked.head(k), ranked.tail(k)])
+        return (f"<p class='muted'>{len(df)} rows: {note} are shown; the whole table is in <code>tables/</code> "
+                "(Parquet and CSV).</p>" + html_table(shown, cls, left, charts))
+    head = "".join(f"<th class='{'l' if i < left else ''}'>{html.escape(str(c))}</th>" for i, c in enumerate(df.columns))
+    rows = []
+    for rec in df.itertuples(index=False):
+        cells = []
+        for i, (c, v) in enumerate(zip(df.columns, rec)):
+            text = cell(v)
+            if c == "trial_id" and text in charts:
+                text = f"<a href='trials/{text}/diagnostics.png'>{text}</a>"
+            cells.append(f"<td class='{'l' if i < left else ''}'>{text}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
