@@ -202,23 +202,23 @@ def jackknife_t(point, loo, scale: str = "raw", level: float = LEVEL,
     """The jackknife-t interval of a statistic from its value and its leave-one-out values (last axis).
 
     On the `scale` g (fisher_z, log_mse_ratio or raw) the interval is `c ± t_{df}·se`, mapped back (`Jackknife`).
-    Returns arrays over the leading axes: `lo`, `hi`; `se`, `df` and `t` = c / se (the studentized distance of c
-    from g = 0, for p-values). A zero spread gives lo = hi = point. A non-finite point, or fewer than 3 texts, gives
+    Returns arrays over the leading axes: `lo`, `hi`, `se` and `df`. A zero spread gives lo = hi = point. A non-finite point, or fewer than 3 texts, gives
     NaN. A finite point with an undefined leave-one-out value — the statistic rests on one text, e.g. r of a neuron
     with a single non-zero test text — gives `bounds` (the statistic's whole range: the data cannot bound it) if
     given, else NaN; its se, df and t are NaN. Intervals are clipped to `bounds`. With `hold_point` an interval that
     the bias correction moved past the point estimate is extended to it (rare: ≤ 0.2% of neurons at 45 texts in the
     study)."""
-    jk = Jackknife(point, loo, scale, bias_correct)
+    return _interval(Jackknife(point, loo, scale, bias_correct), level, bounds, hold_point)
+
+
+def _interval(jk: Jackknife, level: float, bounds: tuple[float, float] | None, hold_point: bool) -> dict[str, np.ndarray]:
+    """`jackknife_t`'s result from the statistic's `Jackknife`."""
     lo, hi = jk.bounds(jk.quantile(level), hold_point)
     if bounds is not None:
         lo, hi = np.clip(lo, *bounds), np.clip(hi, *bounds)
         lo, hi = np.where(jk.whole, bounds[0], lo), np.where(jk.whole, bounds[1], hi)
     nan = np.full(np.shape(jk.ok), np.nan)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        t = jk.c / jk.se
-    return {"lo": lo, "hi": hi, "se": np.where(jk.ok, jk.se, nan), "df": np.where(jk.ok, jk.df, nan),
-            "t": np.where(jk.ok, t, nan)}
+    return {"lo": lo, "hi": hi, "se": np.where(jk.ok, jk.se, nan), "df": np.where(jk.ok, jk.df, nan)}
 
 
 def _f(x) -> float:
@@ -232,9 +232,18 @@ def metric_interval_arrays(metric: str, pred, actual, train_mean, level: float =
     """`metric_intervals` for one metric, vectorised over leading axes (pred, actual (..., n); train_mean (...)):
     arrays `point`, `lo`, `hi`, `se`, `df` — bias-corrected jackknife-t on Fisher z (r) or log(1 − skill); the
     interval always holds the point."""
+    return metric_interval_of(metric_jackknife(metric, pred, actual, train_mean), metric, level)
+
+
+def metric_jackknife(metric: str, pred, actual, train_mean) -> Jackknife:
+    """A metric's bias-corrected jackknife on its stabilising scale: what its interval and its gaps are built from."""
     point, loo = _loo(metric, pred, actual, train_mean)
-    return {"point": point, **jackknife_t(point, loo, SCALE_OF[metric], level, BOUNDS.get(metric), bias_correct=True,
-                                          hold_point=True)}
+    return Jackknife(point, loo, SCALE_OF[metric], bias_correct=True)
+
+
+def metric_interval_of(jk: Jackknife, metric: str, level: float = LEVEL) -> dict[str, np.ndarray]:
+    """`metric_interval_arrays` from the metric's `metric_jackknife`."""
+    return {"point": jk.point, **_interval(jk, level, BOUNDS.get(metric), hold_point=True)}
 
 
 def effective_texts(actual: np.ndarray) -> float:
@@ -302,12 +311,17 @@ def gap_tests(a_pred, b_pred, actual, metric: str, train_mean, alternative: str 
     finding too; "greater" ("gap > 0", p < 0.025 exactly when the 95% interval's lower end is above 0) is for a
     direction fixed in advance. A gap that is the same on every leave-one-out (a predictor against itself) has
     interval [gap, gap] and p = 1 if it is 0; an r gap resting on one text has interval [−2, 2] and p = 1."""
+    a, b = (metric_jackknife(metric, x, actual, train_mean) for x in (a_pred, b_pred))
+    return gap_of(a, b, metric, alternative, level)
+
+
+def gap_of(a: Jackknife, b: Jackknife, metric: str, alternative: str = "two-sided",
+           level: float = LEVEL) -> dict[str, np.ndarray]:
+    """`gap_tests` from the two predictors' `metric_jackknife` on the same texts."""
     if alternative not in ("two-sided", "greater"):
         raise ValueError(f"alternative {alternative!r}: allowed two-sided, greater")
-    pa, la = _loo(metric, a_pred, actual, train_mean)
-    pb, lb = _loo(metric, b_pred, actual, train_mean)
-    gap = pa - pb
-    mover = _Mover(Jackknife(pa, la, SCALE_OF[metric], True), Jackknife(pb, lb, SCALE_OF[metric], True), la - lb)
+    mover = _Mover(a, b)
+    gap = mover.gap
     lo, hi = mover.bounds((1 + level) / 2)
     p = mover.p_two_sided()
     if alternative == "greater":  # one-sided: half the two-sided p on the side the gap lies, 1 − that on the other
@@ -325,8 +339,9 @@ def gap_tests(a_pred, b_pred, actual, metric: str, train_mean, alternative: str 
 class _Mover:
     """The MOVER interval of a − b from the two statistics' jackknife-t intervals (`gap_tests`)."""
 
-    def __init__(self, a: Jackknife, b: Jackknife, loo_gap: np.ndarray):
+    def __init__(self, a: Jackknife, b: Jackknife):
         self.a, self.b = a, b
+        loo_gap = a.loo - b.loo  # the same text left out of both
         self.gap = a.point - b.point
         la, lb = self._loo_dev(a), self._loo_dev(b)
         with np.errstate(invalid="ignore", divide="ignore"):

@@ -21,7 +21,8 @@ import pandas as pd
 
 from .records import test_predictions
 from ..core.spec import CELL_COLUMNS
-from ..core.uncertainty import bh_adjusted, effective_texts, gap_tests, layer_mean_intervals, metric_interval_arrays
+from ..core.uncertainty import (bh_adjusted, effective_texts, gap_of, layer_mean_intervals, metric_interval_of,
+                                metric_jackknife)
 
 KEY = list(CELL_COLUMNS)
 METRICS = ("pearson_r", "skill")
@@ -51,14 +52,14 @@ def neuron_intervals(preds: dict[str, np.ndarray], actual: np.ndarray, train_mea
     and the gaps self − cross and self − input-only, as {column: {point, lo, hi[, p]}} — the numbers (and the code
     path) behind the comparison table's columns `<source>_r`, `gap_<other>_skill`, … (`benchmarks/coverage_real.py`
     measures their coverage on real neurons)."""
+    jk = {(name, m): metric_jackknife(m, x, actual, train_mean) for name, x in preds.items() for m in METRICS}
     out: dict[str, dict[str, np.ndarray]] = {}
-    for name, x in preds.items():
-        for m in METRICS:
-            iv = metric_interval_arrays(m, x, actual, train_mean)
-            out[f"{name}_{SHORT[m]}"] = {"point": iv["point"], "lo": iv["lo"], "hi": iv["hi"]}
+    for (name, m), j in jk.items():
+        iv = metric_interval_of(j, m)
+        out[f"{name}_{SHORT[m]}"] = {"point": iv["point"], "lo": iv["lo"], "hi": iv["hi"]}
     for name in OTHERS:
         for m in METRICS:
-            t = gap_tests(preds["self"], preds[name], actual, m, train_mean)
+            t = gap_of(jk[("self", m)], jk[(name, m)], m)  # each predictor's jackknife, shared with its own interval
             out[f"gap_{name}_{SHORT[m]}"] = {"point": t["gap"], "lo": t["gap_lo"], "hi": t["gap_hi"], "p": t["gap_p"]}
     return out
 
