@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
 from .errors import NsrError
-from .spec import Init, Processing
+from .spec import Init, ModelCfg, Processing
 
 if TYPE_CHECKING:
     import torch
@@ -41,6 +41,11 @@ class ModelSpec:
     processing: Processing = "none"
     device: str = "cpu"
     seed: int = 0  # for init: random
+
+    @classmethod
+    def of(cls, model: ModelCfg, device: str = "cpu") -> ModelSpec:
+        """The model a sweep file's `model` section names, on `device`."""
+        return cls(name=model.name, init=model.init, processing=model.processing, seed=model.seed, device=device)
 
     def __post_init__(self):
         if self.init not in INITS:

@@ -276,8 +276,7 @@ def sweep_model(spec: SweepSpec):
     """The sweep's base model (loaded once per process)."""
     from ..core.models import ModelSpec, load_model
 
-    m = spec.model
-    return load_model(ModelSpec(name=m.name, init=m.init, processing=m.processing, seed=m.seed))
+    return load_model(ModelSpec.of(spec.model))
 
 
 def token_activations(model, seqs: list[list[int]], layer: int, hook: str, neuron: int) -> list[np.ndarray]:

@@ -300,7 +300,8 @@ def test_predictions(sweep_dir: Path, trial_ids=None, units=None) -> pd.DataFram
     frames = []
     files = sorted((Path(sweep_dir) / PROBES / "preds").glob("*.parquet"))
     if units is not None:
-        files = [f for f in files if f.stem in set(units)]
+        units = set(units)
+        files = [f for f in files if f.stem in units]
     for f in files:
         try:
             df = pd.read_parquet(f)

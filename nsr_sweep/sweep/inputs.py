@@ -14,8 +14,7 @@ from ..core.spec import SweepSpec
 
 
 def model_spec(spec: SweepSpec, device: str = "cpu") -> ModelSpec:
-    m = spec.model
-    return ModelSpec(name=m.name, init=m.init, processing=m.processing, seed=m.seed, device=device)
+    return ModelSpec.of(spec.model, device)
 
 
 def cache_spec(spec: SweepSpec) -> CacheSpec:
