@@ -22,7 +22,6 @@ report on a running or partial sweep shows what has finished and lists what fail
 
 from __future__ import annotations
 
-import base64
 import html
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ import pandas as pd
 from ..core.files import atomic_write
 from ..core.spec import CELL_COLUMNS
 from ..results.compare import Q, compare
-from .markup import html_table
+from .markup import html_table, png_img, template
 
 PIVOT_METRICS = ["pearson_r", "mse", "offset", "patch_slope", "drift", "skill"]
 LAYER_METRICS = ["pearson_r", "spearman_rho", "r2", "mse", "offset", "skill", "std_ratio", "patch_slope",
@@ -202,11 +201,6 @@ var fig = document.getElementById('r-vs-patch-data');
 """  # hands each table's options and the scatter's figure (JSON written by interactive.py) to the libraries
 
 
-def _img(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f"<img alt='{html.escape(path.stem)}' src='data:image/png;base64,{data}'>"
-
-
 def answer_table(comp_layers: pd.DataFrame) -> pd.DataFrame:
     """The first screen: per layer and head/freeze, r of self / cross-model / input-only and the gaps, as
     'value [lo, hi]' strings, and how many neurons' gaps survive the multiple-comparison control."""
@@ -308,18 +302,16 @@ def _neurons_text(v: list) -> str:
 def render_html(r: Report) -> str:
     """report.html from its template (`templates/report.html.j2`), one self-contained file: static tables sortable,
     the per-neuron comparison, survivors and trial tables interactive, with neuron cards (interactive.py)."""
-    import jinja2
     from markupsafe import Markup
 
     from . import interactive as ia
 
-    env = jinja2.Environment(loader=jinja2.PackageLoader("nsr_sweep.report", "templates"), autoescape=True)
     df, best, comp, spec = r.df, r.best, r.comp, r.spec
     failed = df[df["status"].isin(["failed", "damaged"])] if len(df) else pd.DataFrame()
     charts = frozenset(p.parent.name for p in (Path(r.sweep_dir) / "trials").glob("*/diagnostics.png"))
     cols = lambda frame, names: frame[[c for c in names if c in frame]] if len(frame) else frame  # noqa: E731
     hit, rank = survivors(comp)
-    fig = lambda figs: [{"img": Markup(_img(p)), "caption": c} for p, c in figs]  # noqa: E731
+    fig = lambda figs: [{"img": png_img(p.read_bytes(), p.stem), "caption": c} for p, c in figs]  # noqa: E731
     html_ = lambda x: Markup(x)  # noqa: E731 - tables rendered by html_table escape their own cells
     static = lambda frame, **kw: html_(html_table(frame, **{"cls": "sortable compact", **kw}))  # noqa: E731
 
@@ -345,7 +337,7 @@ def render_html(r: Report) -> str:
                                          if t in charts else html.escape(t) for t in trials["trial_id"]])
     scatter = ia.r_vs_patch_figure(df)
     vendor_css, vendor_js = ia.vendor_assets()
-    return env.get_template("report.html.j2").render(
+    return template("report.html.j2").render(
         spec=spec, css=Markup(CSS + vendor_css), vendor_js=Markup(vendor_js), glue_js=Markup(GLUE_JS), q=Q,
         running=r.running, missing=r.state.get("n_missing"), expected=r.state.get("n_expected", "?"),
         missing_reason=r.state.get("missing_reason") or "",

@@ -1,7 +1,9 @@
-"""HTML pieces that the report and the neuron page share: a table and its cells (escaped here, once)."""
+"""HTML pieces that the report and the neuron page share: their templates, a table and its cells, an embedded PNG
+(escaped here, once)."""
 
 from __future__ import annotations
 
+import base64
 import html
 
 import numpy as np
@@ -51,3 +53,18 @@ def html_table(df: pd.DataFrame, cls: str = "", left: int = 1, charts: frozenset
             cells.append(f"<td class='{'l' if i < left else ''}'>{text}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def template(name: str):
+    """A page template from templates/ (jinja2, autoescaped)."""
+    import jinja2
+
+    return jinja2.Environment(loader=jinja2.PackageLoader("nsr_sweep.report", "templates"), autoescape=True) \
+        .get_template(name)
+
+
+def png_img(png: bytes, alt: str):
+    """A PNG embedded in the page (base64), as markup the templates insert unescaped."""
+    from markupsafe import Markup
+
+    return Markup(f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")

@@ -13,7 +13,6 @@ and `_repr_html_` — the same page inline in a notebook, its CSS scoped to the 
 
 from __future__ import annotations
 
-import base64
 import re
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from ..core.files import atomic_write
 from ..results.compare import Q
 from ..results.neuron import ROLE_NAMES, ROLES, NeuronData, read_neuron
 from . import plots
-from .markup import html_table
+from .markup import html_table, png_img, template
 
 
 @dataclass(repr=False)
@@ -194,10 +193,9 @@ ROLE_ABOUT = {
 }
 
 
-def _img(png: bytes | None, alt: str) -> str | None:
-    from markupsafe import Markup
-
-    return None if png is None else Markup(f"<img alt='{alt}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+def _img(png: bytes | None, alt: str):
+    """A drawn figure embedded, or None where there was nothing to draw."""
+    return None if png is None else png_img(png, alt)
 
 
 def probe_panels(page: NeuronData) -> list[dict]:
@@ -265,11 +263,9 @@ min-width:26em;max-width:46em}
 
 def render_neuron_page(page: NeuronData) -> str:
     """The page from its template (`templates/neuron.html.j2`), one self-contained file."""
-    import jinja2
     from markupsafe import Markup
 
-    env = jinja2.Environment(loader=jinja2.PackageLoader("nsr_sweep.report", "templates"), autoescape=True)
-    return env.get_template("neuron.html.j2").render(
+    return template("neuron.html.j2").render(
         p=page, css=Markup(CSS), q=Q, verdicts=verdicts(page),
         comparison=Markup(html_table(comparison_columns(page.comparison), left=1)) if len(page.comparison) else None,
         probe_heads=[{"role": ROLE_NAMES.get(r, r), "head": h, "freeze": f} for r, h, f in
