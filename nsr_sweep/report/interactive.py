@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..results.neuron import RANK
+
 VENDOR_JS = ("dataTables.min.js", "dataTables.columnControl.min.js", "dataTables.searchBuilder.min.js",
              "plotly-basic.min.js")
 VENDOR_CSS = ("dataTables.dataTables.min.css", "columnControl.dataTables.min.css", "searchBuilder.dataTables.min.css")
@@ -181,7 +183,7 @@ def card_neurons(spec, comp: pd.DataFrame, hit: pd.DataFrame, rank: str | None) 
 def cards(sweep_dir: Path, comp: pd.DataFrame, trials: pd.DataFrame, chosen: list[tuple[int, int]]) -> list[dict]:
     """Each chosen neuron's card: its comparison rows in the neuron page's own words (`report.neuron.standing`,
     `gap_sentence`), a link to its page where one has been written, and the command that writes it."""
-    from .neuron import OUTSIDERS, gap_sentence, page_path, standing
+    from .neuron import page_path, verdict
 
     if not chosen or comp.empty:
         return []
@@ -194,8 +196,7 @@ def cards(sweep_dir: Path, comp: pd.DataFrame, trials: pd.DataFrame, chosen: lis
     out = []
     for layer, neuron in chosen:
         rows = groups[(layer, neuron)]
-        verdicts = [{"combo": f"{row['head']}/{row['freeze']}", "standing": standing(row, n_test.get(row["self_trial"])),
-                     "gaps": [gap_sentence(row, o) for o in OUTSIDERS]} for _, row in rows.iterrows()]
+        verdicts = [verdict(row, n_test.get(row["self_trial"])) for _, row in rows.iterrows()]
         page = page_path(sweep_dir, layer, neuron)
         out.append({"id": card_id(layer, neuron), "layer": layer, "neuron": neuron, "verdicts": verdicts,
                     "page": f"neurons/{page.name}" if page.is_file() else None,
@@ -206,13 +207,12 @@ def cards(sweep_dir: Path, comp: pd.DataFrame, trials: pd.DataFrame, chosen: lis
 def page_cells(sweep_dir: Path, layers, neurons, with_card: set[tuple[int, int]]) -> list[str]:
     """Per row: a button that opens the neuron's card, or the command that writes its page."""
     out = []
-    d = html.escape(dir_arg(sweep_dir))
     for L, n in zip(layers, neurons):
         L, n = int(L), int(n)
         if (L, n) in with_card:
             out.append(f"<button type='button' class='card-open' popovertarget='{card_id(L, n)}'>card</button>")
         else:
-            out.append(f"<code>nsr-sweep neuron {d} --layer {L} --neuron {n}</code>")
+            out.append(f"<code>{html.escape(page_command(sweep_dir, L, n))}</code>")
     return out
 
 
@@ -240,8 +240,7 @@ def r_vs_patch_figure(df: pd.DataFrame) -> str | None:
     if ok.empty:
         return None
     traces = []
-    order = {"regression": 0, "classification": 1, "token": 2, "none": 0, "after_target": 1, "all": 2}
-    combos = sorted({(h, f) for h, f in zip(ok["head"], ok["freeze"])}, key=lambda p: (order[p[0]], order[p[1]]))
+    combos = sorted({(h, f) for h, f in zip(ok["head"], ok["freeze"])}, key=lambda p: (RANK[p[0]], RANK[p[1]]))
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
     for j, (h, f) in enumerate(combos):
         for role in SCATTER_ROLES:

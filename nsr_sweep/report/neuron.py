@@ -119,13 +119,19 @@ def gap_sentence(row: pd.Series, other: str) -> str:
             f"q = {q_text(q)} (not ≤ {Q}).")
 
 
+def verdict(row: pd.Series, n_test) -> dict:
+    """One comparison row in words: its head/freeze, each predictor's standing, and self against each outsider (the
+    page and the report's neuron cards)."""
+    return {"combo": f"{row['head']}/{row['freeze']}", "standing": standing(row, n_test),
+            "gaps": [gap_sentence(row, o) for o in OUTSIDERS]}
+
+
 def verdicts(page: NeuronData) -> list[dict]:
     out = []
     for _, row in page.comparison.iterrows():  # in the order of the sweep's heads and freeze modes
         self_row = page.probes[page.probes["trial_id"] == row.get("self_trial")]
         n_test = int(self_row["n_test"].iloc[0]) if len(self_row) and pd.notna(self_row["n_test"].iloc[0]) else None
-        out.append({"combo": f"{row['head']}/{row['freeze']}", "standing": standing(row, n_test),
-                    "gaps": [gap_sentence(row, o) for o in OUTSIDERS]})
+        out.append(verdict(row, n_test))
     return out
 
 

@@ -145,9 +145,12 @@ def shown_probes(mine: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
         .reset_index(drop=True)
 
 
+RANK = {"none": 0, "after_target": 1, "all": 2, "regression": 0, "classification": 1, "token": 2}
+"""Heads and freeze modes in the order a page or a figure lists them (the sweep file's order)."""
+
+
 def _freeze_order(col: pd.Series) -> pd.Series:
-    ranks = {"none": 0, "after_target": 1, "all": 2, "regression": 0, "classification": 1, "token": 2}
-    return col.map(lambda v: ranks.get(v, v)) if col.name in ("freeze", "head") else col
+    return col.map(lambda v: RANK.get(v, v)) if col.name in ("freeze", "head") else col
 
 
 # -- the tables of its probes -------------------------------------------------------------------
