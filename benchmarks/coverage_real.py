@@ -124,12 +124,24 @@ def _arrays(pop: dict, L: int, head: str, idx: np.ndarray):
             pop["train_mean"][(L, head)])
 
 
+def _kurtosis(pop: dict, L: int, head: str, idx: np.ndarray, val: np.ndarray) -> dict:
+    """Each predictor's `tail_kurtosis` over the test texts `idx` and the sweep's validation texts, as the sweep's
+    trials measure it (test ∪ val: texts the weights never saw)."""
+    from nsr_sweep.core.uncertainty import METRICS, tail_kurtosis
+
+    preds, y, tm = _arrays(pop, L, head, np.concatenate([idx, val]))
+    return {(src, m): tail_kurtosis(m, p, y, tm) for src, p in preds.items() for m in METRICS}
+
+
 def evaluate(pop: dict, layers: list[int], draws: int, seed: int = 0) -> pd.DataFrame:
     """One row per (draw, layer, head, statistic, neuron): the interval, the population value, n_test_eff."""
+    from nsr_sweep.core.trial import split_indices
     from nsr_sweep.core.uncertainty import effective_texts
     from nsr_sweep.results.compare import neuron_intervals
 
     n_test = len(pop["test"])
+    spec = pop["spec"]
+    val = split_indices(pop["n_texts"], spec.splits.fractions, spec.seed)["val"]
     rng = np.random.default_rng(seed)
     frames = []
     for L in layers:
@@ -140,7 +152,7 @@ def evaluate(pop: dict, layers: list[int], draws: int, seed: int = 0) -> pd.Data
                 idx = pop["test"] if d < 0 else np.sort(rng.choice(held, n_test, replace=False))
                 preds, y, tm = _arrays(pop, L, head, idx)
                 n_eff = np.array([effective_texts(row) for row in y])
-                for stat, iv in neuron_intervals(preds, y, tm).items():
+                for stat, iv in neuron_intervals(preds, y, tm, _kurtosis(pop, L, head, idx, val)).items():
                     frames.append(pd.DataFrame({
                         "draw": d, "layer": L, "head": head, "stat": stat, "neuron": np.arange(len(y)),
                         "lo": iv["lo"], "hi": iv["hi"], "point": iv["point"], "truth": truth[stat],

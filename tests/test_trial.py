@@ -206,6 +206,11 @@ def test_every_valid_combination_beats_the_train_mean_on_nsr_tiny(tiny_cache, he
         for k, v in again.items():
             assert saved["metrics"][k + suffix] == pytest.approx(v, abs=1e-9, nan_ok=True)
     assert saved["metrics"]["drift"] == pytest.approx((test.actual_ft - test.actual_orig).mean(), abs=1e-9)
+    held = preds[preds.split != "train"]  # the interval's tail shape: κ of r's leave-one-out z over test ∪ val
+    p, y = held.pred.to_numpy(), held.actual_orig.to_numpy()
+    z = np.arctanh([np.corrcoef(p[k], y[k])[0, 1] for k in ~np.eye(len(y), dtype=bool)])
+    kappa = len(z) * ((z - z.mean()) ** 4).sum() / ((z - z.mean()) ** 2).sum() ** 2
+    assert saved["metrics"]["pearson_r_kurtosis"] == pytest.approx(kappa, rel=1e-6)
     assert (d / "diagnostics.png").stat().st_size > 10_000
     head_file = load_file(d / "head.safetensors")
     assert "weight" in head_file and ("bin_values" in head_file or "mu" in head_file)

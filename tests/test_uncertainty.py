@@ -73,6 +73,7 @@ from nsr_sweep.core.uncertainty import (
     metric_interval_arrays,
     metric_intervals,
     slope_interval,
+    tail_kurtosis,
 )
 
 # -- simulated neurons --------------------------------------------------------------------------------------------
@@ -282,14 +283,23 @@ def _neuron_data(n=60, seed=0):
     return actual, good, bad, float(actual.mean() + 0.05)
 
 
-def _by_hand(values_loo, point, g, ginv, bias_correct=True, level=0.95):
-    """The bias-corrected jackknife-t interval written out: brute-force leave-one-out values on the scale g."""
+def _kappa(values_loo, g):
+    """n Σd⁴ / (Σd²)² of brute-force leave-one-out values on the scale g."""
+    gl = g(np.asarray(values_loo))
+    d = gl - gl.mean()
+    return len(d) * np.sum(d**4) / np.sum(d**2) ** 2
+
+
+def _by_hand(values_loo, point, g, ginv, bias_correct=True, level=0.95, wide_kappa=None):
+    """The bias-corrected jackknife-t interval written out: brute-force leave-one-out values on the scale g; with
+    `wide_kappa` (the tail shape on more texts), the smaller of the two Satterthwaite degrees of freedom."""
     n = len(values_loo)
     gl = g(np.asarray(values_loo))
     d = gl - gl.mean()
     se = np.sqrt((n - 1) / n * np.sum(d**2))
-    kappa = n * np.sum(d**4) / np.sum(d**2) ** 2
-    df = min(max(2 * n / (kappa - 1), 1.0), n - 1)
+    df = min(max(2 * n / (_kappa(values_loo, g) - 1), 1.0), n - 1)
+    if wide_kappa is not None:
+        df = min(df, min(max(2 * n / (wide_kappa - 1), 1.0), n - 1))
     c = n * g(point) - (n - 1) * gl.mean() if bias_correct else g(point)
     q = stats.t.ppf((1 + level) / 2, df)
     a, b = ginv(c - q * se), ginv(c + q * se)
@@ -372,6 +382,30 @@ def test_intervals_are_the_bias_corrected_jackknife_t_computed_by_hand():
     loo = [np.polyfit(dx[texts != t], dy[texts != t], 1)[0] for t in range(30)]
     lo, hi, _, _ = _by_hand(loo, slope, lambda v: v, lambda v: v, bias_correct=False)
     assert slope_interval(texts, dx, dy) == pytest.approx((lo, hi), abs=1e-10)
+
+
+def test_the_tail_shape_of_more_texts_lowers_the_degrees_of_freedom_by_hand():
+    """`tail_kurtosis` over test ∪ validation texts is κ of brute-force leave-one-out values on the metric's scale;
+    passed to the test texts' interval it sets df = min(the test texts' df, 2n/(κ − 1)) — a wider interval when the
+    wider set holds a heavier tail, the same interval when it does not (or when κ is undefined)."""
+    actual, good, _, m = _neuron_data(n=120, seed=7)
+    test, held = slice(0, 60), slice(0, 120)  # the first 60 texts are the test split, all 120 test ∪ val
+    keep_all, keep = ~np.eye(120, dtype=bool), ~np.eye(60, dtype=bool)
+    scales = {"pearson_r": (_corr, np.arctanh, np.tanh),
+              "skill": (lambda p, y: _skill(p, y, m), lambda s: np.log(1 - s), lambda u: 1 - np.exp(u))}
+    for metric, (stat, g, ginv) in scales.items():
+        wide = _kappa([stat(good[k], actual[k]) for k in keep_all], g)
+        assert tail_kurtosis(metric, good[held], actual[held], m) == pytest.approx(wide, rel=1e-9)
+        p, y = good[test], actual[test]
+        loo = [stat(p[k], y[k]) for k in keep]
+        for kappa in (wide, 50.0, 1.5, float("nan")):  # 1.5: a lighter tail than the test texts' own: no change
+            iv = metric_intervals(p, y, m, kurtosis={metric: kappa})
+            lo, hi, _, df = _by_hand(loo, stat(p, y), g, ginv, wide_kappa=None if np.isnan(kappa) else kappa)
+            assert (iv[f"{metric}_lo"], iv[f"{metric}_hi"]) == pytest.approx((lo, hi), abs=1e-10)
+        narrow = metric_intervals(p, y, m)
+        heavy = metric_intervals(p, y, m, kurtosis={metric: 50.0})
+        assert heavy[f"{metric}_hi"] - heavy[f"{metric}_lo"] > narrow[f"{metric}_hi"] - narrow[f"{metric}_lo"]
+        assert metric_intervals(p, y, m, kurtosis={metric: 1.5}) == narrow
 
 
 def test_metric_intervals_equal_the_vectorised_arrays_row_by_row():

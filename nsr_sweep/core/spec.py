@@ -35,9 +35,10 @@ GROUP_COLUMNS = ("layer", "neuron", "head", "freeze", "control")
 """A group: the trials of one (layer, neuron, head, freeze, control) that differ only in their search sample."""
 CELL_COLUMNS = GROUP_COLUMNS[:4]
 """A cell: the (layer, neuron, head, freeze) that a real group and its controls share."""
-METHOD_VERSION = 2
+METHOD_VERSION = 3
 """How a trial's stored numbers are computed for a given sweep file; bumped when they change meaning, so a resume
-never mixes two (1: quantile bins; 2: binned heads' bins by the hard-bin ceiling, issue 27). Recorded in
+never mixes two (1: quantile bins; 2: binned heads' bins by the hard-bin ceiling; 3: intervals' degrees of freedom
+from the tail shape over test ∪ val, `<metric>_kurtosis`; issue 27). Recorded in
 sweep_state.json; `--resume` of a directory made by another version is refused."""
 
 

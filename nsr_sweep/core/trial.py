@@ -30,7 +30,7 @@ from .models import LoadedModel
 from .patching import LastPosition
 from .spec import TrialSpec, split_sizes
 from .surface import Surface
-from .uncertainty import effective_texts, metric_intervals
+from .uncertainty import METRICS, effective_texts, metric_intervals, tail_kurtosis
 
 SPLITS = ("train", "val", "test")
 
@@ -453,6 +453,8 @@ def trial_metrics(preds: pd.DataFrame, train_mean: float, real: np.ndarray | Non
     """Test-split metrics against actual_orig (with intervals for r and skill), and against actual_ft (suffix
     `_ft`), plus drift, and — for a binned head (`hmap`) — its hard-bin ceiling on the test split, `bin_ceiling_r`
     (the r of always picking the true bin of actual_orig: what the head can reach; NaN for regression).
+    `pearson_r_kurtosis`, `skill_kurtosis`: each metric's `tail_kurtosis` over test ∪ val, which sets its interval's
+    degrees of freedom (and the comparison's, which rebuilds the intervals from the stored test predictions).
 
     `drift` = mean(actual_ft − the real neuron): for the shuffled control the real neuron, not the permuted
     target, so it is 0 whenever the neuron cannot change; its `_ft` metrics would mix the two and are null."""
@@ -462,8 +464,11 @@ def trial_metrics(preds: pd.DataFrame, train_mean: float, real: np.ndarray | Non
     m = prediction_metrics(pred[test_mask], orig[test_mask], train_mean)
     same = np.array_equal(ft_actual[test_mask], orig[test_mask])  # the neuron did not move: the same numbers
     ft = m if same or shuffled else prediction_metrics(pred[test_mask], ft_actual[test_mask], train_mean)
-    m.update(metric_intervals(pred[test_mask], orig[test_mask], train_mean))
+    held = split != SPLITS.index("train")  # test ∪ val: texts the weights never saw, for the interval's tail shape
+    kurt = {k: float(tail_kurtosis(k, pred[held], orig[held], train_mean)) for k in METRICS}
+    m.update(metric_intervals(pred[test_mask], orig[test_mask], train_mean, kurtosis=kurt))
     m.update({f"{k}_ft": (float("nan") if shuffled else v) for k, v in list(ft.items()) if not k.endswith(("_lo", "_hi"))})
+    m.update({f"{k}_kurtosis": v for k, v in kurt.items()})  # the comparison's intervals read it again
     real_test = orig[test_mask] if real is None else np.asarray(real)[test_mask]
     m["drift"] = float(np.mean(ft_actual[test_mask] - real_test))
     m["bin_ceiling_r"] = hmap.bin_ceiling(orig[test_mask]) if hmap is not None else float("nan")

@@ -14,7 +14,12 @@ interval on a variance-stabilising scale with Satterthwaite degrees of freedom**
    kurtosis of the leave-one-out deviations: the Satterthwaite degrees of freedom of the variance estimate. For
    normal data κ ≈ 3 and df ≈ n; when a few texts carry a sparse neuron (most texts ≈ 0), κ is large, the
    variance estimate rests on those few texts, and df shrinks accordingly. The bias correction matters for
-   means over many neurons (their O(1/n) bias does not average away while their standard error does).
+   means over many neurons (their O(1/n) bias does not average away while their standard error does);
+4. a trial's r and skill (and the gaps built from them) take df as the smaller of the test texts' and that of
+   κ measured over test ∪ validation texts (`tail_kurtosis`, the trial's `<metric>_kurtosis`): a heavy-tailed
+   neuron's rare texts are missing from most test sets, whose own κ then overstates how steady their variance
+   estimate is. Chosen on real neurons (`benchmarks/coverage_real.py`), where test-only df left
+   well-populated neurons at 91–93% coverage.
 
 In the study (skewed and sparse GELU / ReLU-like neurons, 45 and 300 test texts, r, skill and gaps) the percentile
 bootstrap this module used, BCa and the bootstrap-t fell under 93% coverage in 13–24 of 30 cells at 45 texts
@@ -30,20 +35,16 @@ on real neurons (`benchmarks/coverage_real.py`; docs/science.md, Uncertainty), w
 jackknife-t gap missed one way 7–8% of the time. A per-layer mean over neurons that share their test texts is jackknifed jointly — one text left out of every neuron
 at once — so the interval carries the text sampling that all neurons share (a t interval over neurons does not).
 
-The bootstrap helpers (`resample_counts`, `r_samples`, `skill_samples`, `percentile`, `N_BOOT`) stay for studies
-and comparisons; no interval here uses them. The `seed` arguments are kept for callers and have no effect.
+The `seed` arguments are kept for callers and have no effect.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import lru_cache
 
 import numpy as np
 from scipy import stats
 
-N_BOOT = 2000
-"""Bootstrap resamples per bootstrap (kept for studies; the intervals are jackknife-t)."""
 LEVEL = 0.95
 """Coverage of every interval."""
 
@@ -52,49 +53,9 @@ _TINY = 1e-12  # a leave-one-out sum of squares below _TINY × the full one is t
 _R_MAX = np.nextafter(1.0, 0.0)  # atanh(±1) is infinite: |r| is clipped here (an exact fit then has a [1, 1] interval)
 
 
-# -- bootstrap helpers (not used by the intervals) ---------------------------------------------------------------
-
-
-@lru_cache(maxsize=16)
-def resample_counts(n: int, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
-    """B × n: how often each text appears in each bootstrap resample (multinomial, n draws); read-only."""
-    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
-    counts.flags.writeable = False
-    return counts
-
-
-def percentile(values: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
-    """The percentile interval of bootstrap values (NaN resamples — a constant resample — are dropped)."""
-    v = values[np.isfinite(values)]
-    if v.size < 0.9 * values.size:
-        return float("nan"), float("nan")
-    a = (1 - level) / 2
-    return float(np.quantile(v, a)), float(np.quantile(v, 1 - a))
-
-
-def pearson_from_sums(S: np.ndarray) -> np.ndarray:
-    """r from the sums [n, Σx, Σy, Σx², Σy², Σxy] (last axis)."""
-    n, sx, sy, sxx, syy, sxy = np.moveaxis(S, -1, 0)
-    cov, vx, vy = sxy - sx * sy / n, sxx - sx**2 / n, syy - sy**2 / n
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return cov / np.sqrt(vx * vy)
-
-
 def _pair_sums(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.stack([np.ones_like(x), x, y, x * x, y * y, x * y], 1)
 
-
-def r_samples(pred: np.ndarray, actual: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """r in each bootstrap resample (rows of `counts`)."""
-    return pearson_from_sums(counts @ _pair_sums(np.asarray(pred, np.float64), np.asarray(actual, np.float64)))
-
-
-def skill_samples(pred: np.ndarray, actual: np.ndarray, train_mean: float, counts: np.ndarray) -> np.ndarray:
-    """1 − MSE / MSE of predicting the train mean, per resample."""
-    pred, actual = np.asarray(pred, np.float64), np.asarray(actual, np.float64)
-    S = counts @ np.stack([(pred - actual) ** 2, (train_mean - actual) ** 2], 1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return 1 - S[:, 0] / S[:, 1]
 
 
 # -- leave-one-text-out statistics (last axis = texts; any leading axes, e.g. neurons) ----------------------------
@@ -156,13 +117,43 @@ SCALE_OF = {"pearson_r": "fisher_z", "skill": "log_mse_ratio", "gap": "raw", "sl
 BOUNDS = {"pearson_r": (-1.0, 1.0), "gap_pearson_r": (-2.0, 2.0)}  # a statistic's whole range, where it has one
 
 
+def _kurtosis(d: np.ndarray) -> np.ndarray:
+    """κ = n Σdᵢ⁴ / (Σdᵢ²)² of deviations over the last axis (3 for normal; large when a few texts carry it)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return d.shape[-1] * (d**4).sum(-1) / ((d * d).sum(-1)) ** 2
+
+
+def _satterthwaite(kappa: np.ndarray, n: int) -> np.ndarray:
+    """The degrees of freedom of a jackknife variance over n texts whose leave-one-out deviations have kurtosis κ."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.clip(2 * n / (kappa - 1), 1.0, max(n - 1, 1))
+
+
+def tail_kurtosis(metric: str, pred, actual, train_mean) -> np.ndarray:
+    """The kurtosis κ of a metric's leave-one-out deviations on its stabilising scale, over the texts given (last
+    axis; NaN where a leave-one-out value is undefined or none deviates): the tail shape of the per-text influence.
+
+    Measured over test ∪ validation texts (both unseen by the fitted weights) it is passed to the test texts'
+    jackknife (`kurtosis=`), whose degrees of freedom it lowers when the wider set shows a heavier tail than the
+    test texts alone — most test sets of a heavy-tailed neuron miss the rare texts that carry its variance, and
+    their own κ then promises a variance estimate steadier than it is (docs/science.md, Uncertainty)."""
+    _, loo = _loo(metric, pred, actual, train_mean)
+    g = _SCALES[SCALE_OF[metric]][0]
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        gl = g(np.asarray(loo, np.float64))
+    kappa = _kurtosis(gl - gl.mean(-1, keepdims=True))
+    return np.where(np.isfinite(gl).all(-1) & np.isfinite(kappa), kappa, np.nan)
+
+
 class Jackknife:
     """A statistic's jackknife-t ingredients on its scale g, from its value and its leave-one-out values (last axis):
     the centre `c` (g(point), or with `bias_correct` the jackknife bias-corrected n·g(point) − (n − 1)·mean g(loo)),
     the standard error `se = sqrt((n − 1)/n · Σ dᵢ²)` and the Satterthwaite degrees of freedom `df`; `bounds(q)` is
-    the interval c ± q·se mapped back, for a t quantile q. Arrays over the leading axes."""
+    the interval c ± q·se mapped back, for a t quantile q. Arrays over the leading axes. `kurtosis`, where given
+    (per leading index; NaN: none), is the tail shape of the same statistic measured on more held-out texts
+    (`tail_kurtosis`); df is then the smaller of the two Satterthwaite degrees of freedom."""
 
-    def __init__(self, point, loo, scale: str = "raw", bias_correct: bool = False):
+    def __init__(self, point, loo, scale: str = "raw", bias_correct: bool = False, kurtosis=None):
         g, self.ginv = _SCALES[scale]
         self.point, self.loo = np.asarray(point, np.float64), np.asarray(loo, np.float64)
         loo = self.loo
@@ -175,9 +166,11 @@ class Jackknife:
             d = gl - gm[..., None]
             ss = (d * d).sum(-1)
             self.se = np.sqrt((n - 1) / n * ss)
-            kappa = n * (d**4).sum(-1) / ss**2
-            df = np.where(ss > 0, np.clip(2 * n / (kappa - 1), 1.0, max(n - 1, 1)), max(n - 1, 1))
+            df = np.where(ss > 0, _satterthwaite(_kurtosis(d), n), max(n - 1, 1))
             self.df = np.where(np.isfinite(df), df, 1.0)
+            if kurtosis is not None:  # the tail shape seen on more texts: never more df than the test texts show
+                wide = _satterthwaite(np.asarray(kurtosis, np.float64), n)
+                self.df = np.where(np.isfinite(wide), np.minimum(self.df, wide), self.df)
             self.c = n * gp - (n - 1) * gm if bias_correct else gp
         self.exact = ss == 0  # no spread: the statistic is the same on every leave-one-out (ginv(g(x)) need not be x)
 
@@ -228,17 +221,19 @@ def _f(x) -> float:
 # -- per neuron -----------------------------------------------------------------------------------------------------
 
 
-def metric_interval_arrays(metric: str, pred, actual, train_mean, level: float = LEVEL) -> dict[str, np.ndarray]:
+def metric_interval_arrays(metric: str, pred, actual, train_mean, level: float = LEVEL,
+                           kurtosis=None) -> dict[str, np.ndarray]:
     """`metric_intervals` for one metric, vectorised over leading axes (pred, actual (..., n); train_mean (...)):
     arrays `point`, `lo`, `hi`, `se`, `df` — bias-corrected jackknife-t on Fisher z (r) or log(1 − skill); the
     interval always holds the point."""
-    return metric_interval_of(metric_jackknife(metric, pred, actual, train_mean), metric, level)
+    return metric_interval_of(metric_jackknife(metric, pred, actual, train_mean, kurtosis), metric, level)
 
 
-def metric_jackknife(metric: str, pred, actual, train_mean) -> Jackknife:
-    """A metric's bias-corrected jackknife on its stabilising scale: what its interval and its gaps are built from."""
+def metric_jackknife(metric: str, pred, actual, train_mean, kurtosis=None) -> Jackknife:
+    """A metric's bias-corrected jackknife on its stabilising scale: what its interval and its gaps are built from;
+    `kurtosis`: its `tail_kurtosis` over test ∪ validation texts (None: the test texts' own)."""
     point, loo = _loo(metric, pred, actual, train_mean)
-    return Jackknife(point, loo, SCALE_OF[metric], bias_correct=True)
+    return Jackknife(point, loo, SCALE_OF[metric], bias_correct=True, kurtosis=kurtosis)
 
 
 def metric_interval_of(jk: Jackknife, metric: str, level: float = LEVEL) -> dict[str, np.ndarray]:
@@ -262,12 +257,14 @@ def effective_texts(actual: np.ndarray) -> float:
     return s2 * s2 / s4 if s4 > 0 else 0.0
 
 
-def metric_intervals(pred: np.ndarray, actual: np.ndarray, train_mean: float, seed: int = 0) -> dict[str, float]:
+def metric_intervals(pred: np.ndarray, actual: np.ndarray, train_mean: float, seed: int = 0,
+                     kurtosis: dict[str, float] | None = None) -> dict[str, float]:
     """`pearson_r_lo/hi` and `skill_lo/hi`: bias-corrected jackknife-t intervals over the (test) texts given (r on
-    Fisher z, skill on log(1 − skill)). `seed` is unused (kept for callers)."""
+    Fisher z, skill on log(1 − skill)); `kurtosis`: metric → its `tail_kurtosis` over test ∪ validation texts.
+    `seed` is unused (kept for callers)."""
     out = {}
     for m in METRICS:
-        iv = metric_interval_arrays(m, pred, actual, train_mean)
+        iv = metric_interval_arrays(m, pred, actual, train_mean, kurtosis=(kurtosis or {}).get(m))
         out[f"{m}_lo"], out[f"{m}_hi"] = _f(iv["lo"]), _f(iv["hi"])
     return out
 

@@ -46,13 +46,16 @@ def _matrix(table: pd.DataFrame, ids: list, texts: np.ndarray) -> np.ndarray:
     return out
 
 
-def neuron_intervals(preds: dict[str, np.ndarray], actual: np.ndarray, train_mean: np.ndarray
-                     ) -> dict[str, dict[str, np.ndarray]]:
+def neuron_intervals(preds: dict[str, np.ndarray], actual: np.ndarray, train_mean: np.ndarray,
+                     kurtosis: dict[tuple[str, str], np.ndarray] | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Per neuron (rows: neurons × test texts; `preds` by source: self, cross, input_only): each source's r and skill,
     and the gaps self − cross and self − input-only, as {column: {point, lo, hi[, p]}} — the numbers (and the code
     path) behind the comparison table's columns `<source>_r`, `gap_<other>_skill`, … (`benchmarks/coverage_real.py`
-    measures their coverage on real neurons)."""
-    jk = {(name, m): metric_jackknife(m, x, actual, train_mean) for name, x in preds.items() for m in METRICS}
+    measures their coverage on real neurons). `kurtosis[(source, metric)]`: per neuron, the predictor's
+    `tail_kurtosis` over test ∪ validation texts (the trial's `<metric>_kurtosis`; NaN or absent: the test texts')."""
+    kurt = kurtosis or {}
+    jk = {(name, m): metric_jackknife(m, x, actual, train_mean, kurt.get((name, m)))
+          for name, x in preds.items() for m in METRICS}
     out: dict[str, dict[str, np.ndarray]] = {}
     for (name, m), j in jk.items():
         iv = metric_interval_of(j, m)
@@ -62,6 +65,14 @@ def neuron_intervals(preds: dict[str, np.ndarray], actual: np.ndarray, train_mea
             t = gap_of(jk[("self", m)], jk[(name, m)], m)  # each predictor's jackknife, shared with its own interval
             out[f"gap_{name}_{SHORT[m]}"] = {"point": t["gap"], "lo": t["gap_lo"], "hi": t["gap_hi"], "p": t["gap_p"]}
     return out
+
+
+def _column(df: pd.DataFrame, ids: list, col: str) -> np.ndarray:
+    """A trial-table column for trial ids (NaN for None, an unknown trial, or a table without the column)."""
+    if col not in df:
+        return np.full(len(ids), np.nan)
+    values = df.drop_duplicates("trial_id").set_index("trial_id")[col]
+    return np.array([values.get(t, np.nan) if t is not None else np.nan for t in ids], np.float64)
 
 
 def compare(sweep_dir: Path, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -86,11 +97,12 @@ def compare(sweep_dir: Path, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFra
         y = _matrix(actual, ids["self"], texts)
         p = {k: _matrix(pred, v, texts) for k, v in ids.items()}
         train_mean = g["train_mean"].to_numpy(np.float64)
+        kurt = {(k, m): _column(df, v, f"{m}_kurtosis") for k, v in ids.items() for m in METRICS}
         rows = pd.DataFrame({"layer": L, "neuron": g["neuron"].to_numpy(), "head": h, "freeze": f,
                              **{f"{k}_trial": v for k, v in ids.items()}})
         rows["n_test_eff"] = [effective_texts(row) for row in y]  # how many texts each neuron's numbers rest on
         layer = {"layer": L, "head": h, "freeze": f, "n_neurons": len(g)}
-        for col, iv in neuron_intervals(p, y, train_mean).items():
+        for col, iv in neuron_intervals(p, y, train_mean, kurt).items():
             rows[col], rows[f"{col}_lo"], rows[f"{col}_hi"] = iv["point"], iv["lo"], iv["hi"]
             if col.startswith("gap_"):
                 q = bh_adjusted(iv["p"])
