@@ -104,7 +104,7 @@ def unit_damage(root: Path, unit: str, path: Callable[[str, str], Path]) -> list
     ids = tuple(str(t) for t in col("trial_id"))
     ok = [i for i, s in enumerate(col("status")) if s == "ok"]
     n_test, control = col("n_test"), col("control")
-    want = {ids[i]: (None if n_test[i] is None or n_test[i] != n_test[i] else int(n_test[i])) for i in ok}
+    want = {ids[i]: _count(n_test[i]) for i in ok}
     heads = {ids[i] for i in ok if control[i] != "input_only"}
     out = []
     for kind, check in (("preds", lambda f: rows_per_trial(read_parquet_whole(f, ["trial_id", *PRED_COLUMNS]), want)),
@@ -118,6 +118,11 @@ def unit_damage(root: Path, unit: str, path: Callable[[str, str], Path]) -> list
         if why:
             out.append(Damage(rel(f), why, ids, rel(rec)))
     return out
+
+
+def _count(n) -> int | None:
+    """A record's n_test as a count (None where it has none: NaN or missing)."""
+    return None if n is None or n != n else int(n)
 
 
 def _foreign(table, ids: set[str]) -> str | None:

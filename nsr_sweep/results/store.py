@@ -34,7 +34,7 @@ def open_store(sweep_dir: Path | str, trials: pd.DataFrame | None = None) -> Tri
     its `unit` column where each batched probe is (sparing the store a read of every unit's record to find one)."""
     root = Path(sweep_dir)
     units = dict(zip(trials["trial_id"], trials["unit"])) if trials is not None and "unit" in trials else None
-    parts = [s for s in (TrialDirs(root), ProbeUnits(root, units)) if s.present()]
+    parts: list[TrialStore] = [s for s in (TrialDirs(root), ProbeUnits(root, units)) if s.present()]
     return parts[0] if len(parts) == 1 else SweepStore(parts)
 
 
