@@ -13,11 +13,10 @@ die in the child.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +27,7 @@ from .core.errors import NsrError
 
 if TYPE_CHECKING:
     from .report.neuron import NeuronPage
+    from .results.store import TrialStore
 
 
 def load_sweep(sweep: str | Path | dict, *, check_model: bool = True):
@@ -125,7 +125,7 @@ def open_results(path: str | Path) -> Results:
 
 class Results:
     """A results directory: `.trials`, `.best`, `.comparison`, `.comparison_by_layer` (DataFrames equal to the
-    Parquet tables), `.state` (dict), `.report_path`, and `.trial(trial_id)`."""
+    Parquet tables), `.state` (dict), `.report_path`, `.trial(trial_id)` and `.store` (the records as stored)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -143,11 +143,18 @@ class Results:
 
     def _trials_from_records(self) -> pd.DataFrame:
         from .results.layout import resolved_spec
-        from .results.records import finished_rows
         from .results.tables import trials_frame
 
         spec = resolved_spec(self.path)
-        return trials_frame(finished_rows(self.path), spec.search.metric, spec.search.mode)
+        return trials_frame(self.store.finished_rows(), spec.search.metric, spec.search.mode)
+
+    @cached_property
+    def store(self) -> TrialStore:
+        """The trials as stored (`results.store`), whatever their layout; one per Results, so a batched probe's
+        unit is looked up in an index read once."""
+        from .results.store import open_store
+
+        return open_store(self.path)
 
     @cached_property
     def trials(self) -> pd.DataFrame:
@@ -188,14 +195,10 @@ class Results:
 
     def trial(self, trial_id: str) -> TrialRecord:
         """One trial's record, predictions, patching points, head and saved model — a directory or a unit's rows."""
-        from .results.layout import trial_dir
-        from .results.records import RECORD, probe_record
-
-        f = trial_dir(self.path, trial_id) / RECORD
-        rec = json.loads(f.read_text()) if f.is_file() else probe_record(self.path, trial_id)
+        rec = self.store.record(trial_id)
         if rec is None:
             raise NsrError(f"trial {trial_id!r} is not in {self.path} (see .trials['trial_id'])")
-        return TrialRecord(self.path, trial_id, rec)
+        return TrialRecord(self.path, trial_id, rec, self.store)
 
 
 @dataclass
@@ -206,6 +209,14 @@ class TrialRecord:
     sweep_dir: Path
     trial_id: str
     record: dict
+    store: TrialStore | None = field(default=None, repr=False, compare=False)  # None: opened when first read
+
+    def _store(self) -> TrialStore:
+        if self.store is None:
+            from .results.store import open_store
+
+            self.store = open_store(self.sweep_dir)
+        return self.store
 
     @property
     def metrics(self) -> dict:
@@ -227,34 +238,18 @@ class TrialRecord:
     def preds(self) -> pd.DataFrame:
         """text_id, actual_orig, actual_ft, pred, readout (and split): every split for a trial run alone, the test
         split for a batched probe (the one its metrics use)."""
-        from .results.layout import trial_dir
-        from .results.records import test_predictions
-
-        f = trial_dir(self.sweep_dir, self.trial_id) / "preds.parquet"
-        if f.is_file():
-            return pd.read_parquet(f)
-        p = test_predictions(self.sweep_dir, [self.trial_id]).drop(columns="trial_id")
-        return p.assign(split="test").sort_values("text_id").reset_index(drop=True)
+        return self._store().predictions(self.trial_id)
 
     @cached_property
     def patch(self) -> pd.DataFrame | None:
-        from .results.records import patch_points
-
-        return patch_points(self.sweep_dir, self.trial_id)
+        return self._store().patch_points(self.trial_id)
 
     @cached_property
     def head(self) -> dict[str, Any] | None:
         """The head's tensors: weight, bias, and mu/sigma (regression) or bin_edges/bin_values (binned)."""
-        from .results.records import head_state
-
-        return head_state(self.sweep_dir, self.trial_id)
+        return self._store().head(self.trial_id)
 
     @property
     def model_path(self) -> str | Path | None:
         """The fine-tuned model (an HF-format directory, or the --storage URI it was uploaded to), or None."""
-        from .results.layout import trial_dir
-
-        local = trial_dir(self.sweep_dir, self.trial_id) / "model"
-        if (local / "config.json").is_file():
-            return local
-        return self.metrics.get("model_uri")
+        return self._store().model_dir(self.trial_id) or self.metrics.get("model_uri")

@@ -243,11 +243,14 @@ def neuron(sweep_dir, layer, neuron, out, top, sample):
 @click.option("--json", "as_json", is_flag=True)
 @friendly
 def status(sweep_dir, as_json):
-    """Counts by status, best trials and elapsed time of a sweep directory."""
+    """Counts by status, best trials and elapsed time of a sweep directory, and each damaged file in a line (with
+    what --resume will do about it: exit code 2)."""
     from .results.status import format_status, sweep_status
 
     st = sweep_status(Path(sweep_dir))
     click.echo(json.dumps(st, indent=2, default=str) if as_json else format_status(st))
+    if st["damaged"]:
+        raise SystemExit(2)
 
 
 if __name__ == "__main__":

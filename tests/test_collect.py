@@ -65,7 +65,7 @@ def test_a_unit_is_rows_of_parquet_datasets_that_read_back_as_each_probe(tmp_pat
     import numpy as np
 
     from nsr_sweep.core.trial import run_trials
-    from nsr_sweep.results.records import finished_rows, head_state, patch_points, probe_record, test_predictions
+    from nsr_sweep.results.store import open_store
     from nsr_sweep.sweep.transport import pack_unit
 
     m = load_model("nsr-tiny")
@@ -80,21 +80,22 @@ def test_a_unit_is_rows_of_parquet_datasets_that_read_back_as_each_probe(tmp_pat
     sweep_dir = tmp_path / "sweep"
     rows = write_bundle(sweep_dir, bundle)
     assert sorted(r["trial_id"] for r in rows) == sorted(ids) and write_bundle(sweep_dir, bundle) == []
-    assert sorted(r["trial_id"] for r in finished_rows(sweep_dir)) == sorted(ids)
-    preds = test_predictions(sweep_dir)
+    store = open_store(sweep_dir)
+    assert sorted(r["trial_id"] for r in store.finished_rows()) == sorted(ids)
+    preds = store.test_predictions()
     for t, r in zip(ids, results):
         test = r.preds[r.preds["split"] == "test"]
         got = preds[preds["trial_id"] == t].sort_values("text_id")
         np.testing.assert_array_equal(got["pred"].to_numpy(), test["pred"].to_numpy())
         np.testing.assert_array_equal(got["actual_orig"].to_numpy(), test["actual_orig"].to_numpy())
-        rec = probe_record(sweep_dir, t)
+        rec = store.record(t)
         assert rec["spec"] == r.spec.model_dump(mode="json") and rec["metrics"]["pearson_r"] == r.metrics["pearson_r"]
-        pts = patch_points(sweep_dir, t)
+        pts = store.patch_points(t)
         if r.spec.control == "input_only":
-            assert pts is None and head_state(sweep_dir, t) is None  # token-count heads are not kept
+            assert pts is None and store.head(t) is None  # token-count heads are not kept
             continue
         np.testing.assert_array_equal(pts["delta_pred"].to_numpy(), r.patch["delta_pred"].to_numpy())
-        head = head_state(sweep_dir, t)
+        head = store.head(t)
         assert set(head) == set(r.head) and all(torch.equal(head[k], r.head[k]) for k in head)
 
 

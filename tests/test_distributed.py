@@ -57,13 +57,14 @@ def _check_results(sweep_dir: Path, n: int) -> pd.DataFrame:
     assert len(df) == n and df["trial_id"].is_unique and (df["status"] == "ok").all(), df[["trial_id", "error"]]
     runs = Counter(json.loads(line)["trial_id"] for line in (sweep_dir / "runs.jsonl").read_text().splitlines())
     assert sorted(runs) == sorted(df["trial_id"]) and set(runs.values()) == {1}  # every trial recorded once
-    from nsr_sweep.results.records import head_state, probe_record, test_predictions
+    from nsr_sweep.results.store import open_store
 
-    preds = test_predictions(sweep_dir)
+    store = open_store(sweep_dir)
+    preds = store.test_predictions()
     for t, freeze in zip(df["trial_id"], df["freeze"]):
         d = sweep_dir / "trials" / t
         if freeze == "none":  # a probe: a row of its unit's Parquet files, which travelled through Ray too
-            assert probe_record(sweep_dir, t)["status"] == "ok" and head_state(sweep_dir, t) is not None
+            assert store.record(t)["status"] == "ok" and store.head(t) is not None
             assert (preds["trial_id"] == t).any() and not d.exists()
         else:
             assert all((d / f).is_file() for f in ("metrics.json", "head.safetensors", "preds.parquet",

@@ -23,9 +23,9 @@ from nsr_sweep.core.trial import run_trial, run_trials
 from nsr_sweep.report.markup import cell as _fmt
 from nsr_sweep.report.neuron import gap_sentence, q_text
 from nsr_sweep.report.plots import slope_text
-from nsr_sweep.results import records
 from nsr_sweep.results.layout import STATE
 from nsr_sweep.results.records import save_trial, save_unit
+from nsr_sweep.results.store import open_store
 from nsr_sweep.sweep.grid import expand, unit_id
 from nsr_sweep.sweep.inputs import build_cache
 
@@ -178,7 +178,7 @@ def test_the_page_numbers_are_the_tables(sweep, page):
     for t in trials[trials["control"].isna() | (trials["control"] == "shuffled")].itertuples(index=False):
         assert cos["cos_win_eff"][labels[t.trial_id]] == _fmt(t.cos_win_eff)
         assert f"{labels[t.trial_id]}: slope {slope_text(t.patch_slope, t.patch_slope_lo, t.patch_slope_hi)}" in html
-    preds = records.test_predictions(d, trials["trial_id"]).set_index(["trial_id", "text_id"])["pred"]
+    preds = open_store(d).test_predictions(trials["trial_id"]).set_index(["trial_id", "text_id"])["pred"]
     shown = [e for e in parsed(page).elements if e.get("class") == "pred" and e.get("data-pred")]
     rows = [e for e in parsed(page).elements if e.get("class") == "text-row"]
     assert len(rows) == TOP + SAMPLE and len(shown) == len(rows) * len(trials)
@@ -205,7 +205,7 @@ def test_highlighted_activations_are_the_neurons_own(sweep, page):
     hf, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
     seen = {}
     hf.transformer.h[LAYER].mlp.c_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("post", a[0]))
-    cache = records.test_predictions(d, [f"L{LAYER}-N{neurons[0]}-regression-none-s0"]).set_index("text_id")["actual_orig"]
+    cache = open_store(d).test_predictions([f"L{LAYER}-N{neurons[0]}-regression-none-s0"]).set_index("text_id")["actual_orig"]
     els = parsed(page).elements
     rows = [e for e in els if e.get("class") == "text-row"]
     texts = open_results(d).neuron(LAYER, neurons[0], top=TOP, sample=SAMPLE).texts
@@ -235,7 +235,7 @@ def test_results_neuron_is_the_page(sweep, page):
     pd.testing.assert_frame_equal(n.comparison.sort_values(key).reset_index(drop=True),
                                   comp.sort_values(key).reset_index(drop=True))
     assert set(n.probes["role"]) == {"self", "shuffled", "cross_model", "input_only"}
-    want = records.test_predictions(d, n.probes["trial_id"]).sort_values(["trial_id", "text_id"]).reset_index(drop=True)
+    want = open_store(d).test_predictions(n.probes["trial_id"]).sort_values(["trial_id", "text_id"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(n.predictions[want.columns].reset_index(drop=True), want)
     assert set(n.patch["role"]) == {"self", "shuffled"} and n.patch["delta_pred"].notna().all()
     assert {"cos_win", "cos_wout_eff"} <= set(n.cosines.columns)

@@ -206,9 +206,11 @@ def test_damaged_records_are_flagged_not_fatal(sweep_dir, tmp_path):
     (d / STATE).write_text('{"name": "rep", "sta')
     (d / LOCK).write_text("{")
     st = CliRunner().invoke(main, ["status", str(d), "--json"])
-    assert st.exit_code == 0, st.output
+    assert st.exit_code == 2, st.output  # a damaged file is named, and owes its trial
     status = json.loads(st.output)
     assert status["counts"]["damaged"] == 1 and status["state"] == "damaged"
+    assert [(x["path"], x["trials"], x["rerun"]) for x in status["damaged"]] == \
+        [("trials/L1-N3-regression-none-s0/metrics.json", 1, True)]
     r = CliRunner().invoke(main, ["report", str(d)])
     assert r.exit_code == 0, r.output
     page = (d / "report.html").read_text()

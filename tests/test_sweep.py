@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from nsr_sweep.cli import main
 from nsr_sweep.core.errors import NsrError
 from nsr_sweep.core.spec import GridPoint, TrialBatch, TrialSettings, load_sweep, parse_sweep, parse_trial_id
-from nsr_sweep.results.records import spec_columns, spec_json
+from nsr_sweep.results.schema import spec_columns, spec_json
 from nsr_sweep.sweep.grid import batch_of, dry_run_text, expand, n_samples, tracker_params, tune_config
 from nsr_sweep.sweep.search import GroupedSearch
 
@@ -318,17 +318,18 @@ def _check_complete(sweep_dir: Path, expected: int) -> pd.DataFrame:
     state = json.loads((sweep_dir / "sweep_state.json").read_text())
     assert state["status"] == "finished" and state["model_loads"] == state["workers"] == 2
     assert df.groupby(["layer", "neuron", "head", "freeze", "control"], dropna=False)["best"].sum().eq(1).all()
-    from nsr_sweep.results.records import head_state, probe_record, test_predictions
+    from nsr_sweep.results.store import open_store
 
-    preds = test_predictions(sweep_dir)
+    store = open_store(sweep_dir)
+    preds = store.test_predictions()
     for t, freeze in zip(df["trial_id"], df["freeze"]):
         d = sweep_dir / "trials" / t
         if freeze == "none":  # a batched probe: rows of its unit's Parquet files, no directory, no chart
-            assert not d.exists() and probe_record(sweep_dir, t)["status"] == "ok"
+            assert not d.exists() and store.record(t)["status"] == "ok"
         else:
             assert all((d / f).is_file() for f in ("metrics.json", "head.safetensors", "preds.parquet"))
             assert (d / "diagnostics.png").is_file()
-        assert (preds["trial_id"] == t).any() and head_state(sweep_dir, t) is not None
+        assert (preds["trial_id"] == t).any() and store.head(t) is not None
     return df
 
 
@@ -461,10 +462,10 @@ def test_neurons_all_runs_each_layers_probes_as_batches_with_a_row_per_neuron(tm
     units = sorted(p.stem for p in (sweep_dir / "probes" / "records").glob("*.parquet"))
     assert len(units) == 8 and all(len(list((sweep_dir / "probes" / k).iterdir())) == 8 for k in ("preds", "heads"))
     from nsr_sweep.core.metrics import prediction_metrics
-    from nsr_sweep.results.records import test_predictions
+    from nsr_sweep.results.store import open_store
 
     sample = df.sample(40, random_state=0)  # every number recomputable from what is stored
-    preds = test_predictions(sweep_dir, sample["trial_id"])
+    preds = open_store(sweep_dir).test_predictions(sample["trial_id"])
     for row in sample.itertuples():
         p = preds[preds["trial_id"] == row.trial_id]
         m = prediction_metrics(p["pred"].to_numpy(), p["actual_orig"].to_numpy(), row.train_mean)
@@ -584,7 +585,7 @@ def _run_here(sweep_text: str) -> pd.DataFrame:
     the exact probes of a layer together as a worker runs a unit, and each trial's row of the trial table."""
     from nsr_sweep.core.models import load_model
     from nsr_sweep.core.trial import run_trial, run_trials
-    from nsr_sweep.results.records import trial_row
+    from nsr_sweep.results.schema import trial_row
     from nsr_sweep.sweep.inputs import build_cache, model_spec
 
     spec = parse_sweep(yaml.safe_load(sweep_text))

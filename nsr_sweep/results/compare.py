@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .records import test_predictions
 from ..core.spec import CELL_COLUMNS
 from ..core.uncertainty import (bh_adjusted, effective_texts, gap_of, layer_mean_intervals, metric_interval_of,
                                 metric_jackknife)
+from .store import open_store
 
 KEY = list(CELL_COLUMNS)
 METRICS = ("pearson_r", "skill")
@@ -82,7 +82,7 @@ def compare(sweep_dir: Path, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFra
     real = df[(df["status"] == "ok") & df["best"] & df["control"].isna()]
     cross, text = _best(df, "cross_model"), _best(df, "input_only")
     wanted = set(real["trial_id"]) | set(cross["trial_id"]) | set(text["trial_id"])
-    preds = test_predictions(sweep_dir, wanted)
+    preds = open_store(sweep_dir, trials=df).test_predictions(wanted)
     if real.empty or preds.empty:
         return pd.DataFrame(), pd.DataFrame()
     pred = preds.pivot(index="trial_id", columns="text_id", values="pred")  # every trial: the same test texts

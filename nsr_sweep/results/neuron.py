@@ -5,8 +5,8 @@ For one (layer, neuron) of a results directory, finished or partial:
     comparison    its rows of tables/comparison.parquet (self vs cross-model vs input-only, per head/freeze)
     probes        the best ok trial of each of its groups — real and every control, probes and unfrozen
                   trials — as trial-table rows, with `role` (self, shuffled, cross_model, input_only, …) and `label`
-    predictions   their test predictions (`records.test_predictions`), one row per probe × test text
-    patch         their patching points with the deltas (`records.patch_points`)
+    predictions   their test predictions (`TrialStore.test_predictions`), one row per probe × test text
+    patch         their patching points with the deltas (`TrialStore.patch_points`)
     cosines       the cosine columns of their rows
     texts         the top-activating test texts and a seeded random sample, each with the neuron's activation
                   on every token: a forward of those texts through the sweep's model, read by the model surface
@@ -27,7 +27,8 @@ import pandas as pd
 from ..core.errors import NsrError
 from ..core.spec import SweepSpec
 from .layout import read_state, resolved_spec, run_state
-from .records import ID_COLUMNS, patch_points, test_predictions
+from .schema import ID_COLUMNS
+from .store import TrialStore, open_store
 
 ROLES = ("self", "shuffled", "cross_model", "input_only")
 """The predictors every neuron page shows, in this order (other controls follow when a sweep ran them)."""
@@ -67,12 +68,13 @@ def read_neuron(sweep_dir: Path | str, layer: int, neuron: int, *, top: int = 8,
     check_in_sweep(sweep_dir, spec, trials, layer, neuron)
     mine = trials[(trials["layer"] == layer) & (trials["neuron"] == neuron)] if len(trials) else trials
     probes = shown_probes(mine, notes)
-    predictions = probe_predictions(sweep_dir, probes)
+    store = open_store(sweep_dir, trials=probes)  # the probes' units from the table: no unit's record read to find one
+    predictions = probe_predictions(store, probes)
     texts = neuron_texts(spec, neuron_activations(predictions), layer, neuron, top, sample, notes)
     return NeuronData(sweep_dir=sweep_dir, sweep=spec.name, layer=layer, neuron=neuron, hook=spec.target.hook,
                       model=spec.model.name, cross_model=spec.cross_model, controls=list(spec.control_names),
                       comparison=comparison_rows(sweep_dir, layer, neuron, notes), probes=probes,
-                      predictions=predictions, patch=probe_patches(sweep_dir, probes), cosines=cosine_table(probes),
+                      predictions=predictions, patch=probe_patches(store, probes), cosines=cosine_table(probes),
                       texts=texts, notes=notes)
 
 
@@ -91,12 +93,11 @@ def _trials(sweep_dir: Path, spec: SweepSpec, notes: list[str]) -> pd.DataFrame:
     f = sweep_dir / "tables" / "trials.parquet"
     if f.is_file():
         return pd.read_parquet(f)
-    from .records import finished_rows
     from .tables import trials_frame
 
     notes.append(f"tables/trials.parquet does not exist yet (`nsr-sweep report {sweep_dir}` builds it): the trials "
                  "are read from their records.")
-    return trials_frame(finished_rows(sweep_dir), spec.search.metric, spec.search.mode)
+    return trials_frame(open_store(sweep_dir).finished_rows(), spec.search.metric, spec.search.mode)
 
 
 def sweep_neurons(sweep_dir: Path, spec: SweepSpec, trials: pd.DataFrame) -> dict[int, list[int]]:
@@ -158,23 +159,21 @@ def _freeze_order(col: pd.Series) -> pd.Series:
 PROBE_KEYS = ["trial_id", "role", "label", "head", "freeze"]
 
 
-def probe_predictions(sweep_dir: Path, probes: pd.DataFrame) -> pd.DataFrame:
+def probe_predictions(store: TrialStore, probes: pd.DataFrame) -> pd.DataFrame:
     """Test predictions of the shown probes, labelled: trial_id, role, label, head, freeze, text_id, actual_orig
     (a shuffled control's: its permuted target), actual_ft, pred, readout."""
     if probes.empty:
         return pd.DataFrame(columns=[*PROBE_KEYS, "text_id", "actual_orig", "actual_ft", "pred", "readout"])
-    units = probes["unit"].dropna().unique().tolist() if "unit" in probes else []
-    p = test_predictions(sweep_dir, probes["trial_id"].tolist(), units=units)
+    p = store.test_predictions(probes["trial_id"])
     return probes[PROBE_KEYS].merge(p, on="trial_id").sort_values(["trial_id", "text_id"], kind="stable") \
         .reset_index(drop=True)
 
 
-def probe_patches(sweep_dir: Path, probes: pd.DataFrame) -> pd.DataFrame:
+def probe_patches(store: TrialStore, probes: pd.DataFrame) -> pd.DataFrame:
     """Patching points of the shown probes that were patched, labelled, with delta_act and delta_pred."""
     frames = []
     for row in probes.itertuples(index=False):
-        unit = getattr(row, "unit", None)
-        p = patch_points(sweep_dir, row.trial_id, unit if isinstance(unit, str) else None)
+        p = store.patch_points(row.trial_id)
         if p is not None and len(p):
             keys = {k: getattr(row, k) for k in PROBE_KEYS}
             frames.append(p.assign(**keys)[[*PROBE_KEYS, *[c for c in p.columns if c not in PROBE_KEYS]]])

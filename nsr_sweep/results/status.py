@@ -1,12 +1,12 @@
-"""`nsr-sweep status`: what a sweep directory holds, running or finished."""
+"""`nsr-sweep status`: what a sweep directory holds, running or finished, and which of its files are damaged."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from .records import finished_rows
 from .layout import read_state, run_state
+from .store import open_store
 from .tables import trials_frame
 
 
@@ -15,10 +15,15 @@ def sweep_status(sweep_dir: Path) -> dict:
 
     spec = resolved_spec(sweep_dir)
     state = read_state(sweep_dir)
-    df = trials_frame(finished_rows(sweep_dir), spec.search.metric, spec.search.mode)
+    store = open_store(sweep_dir)
+    df = trials_frame(store.finished_rows(), spec.search.metric, spec.search.mode)
+    damage = store.damage()  # every finished trial's and unit's files, read through
     counts = df["status"].value_counts().to_dict() if len(df) else {}
     expected = state.get("n_expected")
     status = run_state(sweep_dir)
+    rerun = sum(len(d.trial_ids) for d in damage if d.rerun)
+    if status == "finished" and any(d.rerun for d in damage):
+        status = "incomplete"  # it did finish; a record has been damaged since
     running = status == "running"
     end = time.time() if running else state.get("finished") or _last_write(sweep_dir)
     best = []
@@ -32,8 +37,18 @@ def sweep_status(sweep_dir: Path) -> dict:
         "elapsed_s": round(end - state["started"], 1) if state.get("started") and end else None,
         "model_loads": state.get("model_loads"), "workers": state.get("workers"), "best": best,
         "timings": state.get("timings"), "error": state.get("error") or state.get("missing_reason") or None,
-        "missing": state.get("n_missing"), "next": NEXT.get(status),
+        "missing": state.get("n_missing"),
+        "damaged": [{"path": d.path, "why": d.why, "trials": len(d.trial_ids), "rerun": d.rerun,
+                     "resume": d.resume()} for d in damage],
+        "next": _next(status, damage, rerun),
     }
+
+
+def _next(status: str, damage: list, rerun: int) -> str | None:
+    if any(d.rerun for d in damage) and status != "running":
+        return (f"`nsr-sweep launch <sweep file> --resume` reruns the {rerun} trial(s) of the damaged records above "
+                "(and any other missing)")
+    return NEXT.get(status)
 
 
 NEXT = {  # what a user does with a directory in each state
@@ -58,6 +73,8 @@ def format_status(st: dict) -> str:
              f"({counts}); elapsed {st['elapsed_s']} s", f"  {st['dir']}"]
     if st.get("error"):
         lines.append(f"  error: {st['error']}")
+    for d in st.get("damaged", []):
+        lines.append(f"  damaged: {d['path']}: {d['why']}; {d['resume']}")
     if st.get("next"):
         lines.append(f"  next: {st['next']}")
     if st["model_loads"] is not None:

@@ -1,4 +1,4 @@
-"""The trial table: one row per trial, built from the trial records (`records.finished_rows`, the single source)."""
+"""The trial table: one row per trial, built from the trial records (`TrialStore.finished_rows`, the single source)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .records import HP_COLUMNS, ID_COLUMNS
-from ..core.spec import GROUP_COLUMNS
 from ..core.files import atomic_write
+from ..core.spec import GROUP_COLUMNS
+from .schema import HP_COLUMNS, ID_COLUMNS
 
 STATUS_COLUMNS = ["status", "error", "seconds", "best"]
 

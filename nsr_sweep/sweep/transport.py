@@ -75,23 +75,14 @@ def write_bundle(sweep_dir: Path, bundle: dict) -> list[dict]:
     """Write a trial's (or a unit's) files under the driver's results directory, the record last; log each
     trial's run. Returns the rows written — none when the record is already there (a retried trial whose
     first run had arrived is kept once; a damaged record is replaced)."""
-    from ..results.records import finished_rows, read_trial_dir, unit_records
+    from ..results.store import bundle_rows
 
-    if bundle["unit"] is None:
-        tid = bundle["trial_ids"][0]
-        if (read_trial_dir(trial_dir(sweep_dir, tid)) or {}).get("status") in ("ok", "failed"):
-            return []
-    elif (Path(sweep_dir) / PROBES / "records" / f"{bundle['unit']}.parquet").is_file():
-        units = unit_records(sweep_dir)
-        if len(units) and bundle["unit"] in set(units["unit"]):
-            return []
+    if any(r["status"] in ("ok", "failed") for r in bundle_rows(sweep_dir, bundle["unit"], bundle["trial_ids"])):
+        return []
     write_files(sweep_dir, bundle["files"])
     for tid in bundle["trial_ids"]:
         log_run(sweep_dir, tid, bundle.get("worker", {}))
-    if bundle["unit"] is None:
-        return [r for r in [read_trial_dir(trial_dir(sweep_dir, bundle["trial_ids"][0]))] if r is not None]
-    want = set(bundle["trial_ids"])
-    return [r for r in finished_rows(sweep_dir) if r["trial_id"] in want]
+    return bundle_rows(sweep_dir, bundle["unit"], bundle["trial_ids"])
 
 
 TABLE_EVERY_S = 10.0
