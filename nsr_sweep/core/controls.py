@@ -41,6 +41,8 @@ class Control:
     """Its source name in tables/comparison.parquet (`<source>_r`, `gap_<source>_r`), or None: not compared."""
     on_page: bool = False
     """A panel on every neuron page, ran or not (other controls follow only when the sweep ran them)."""
+    layer_features: bool = False
+    """Its features are read at the neuron's layer (the residual before it): one feature set per layer."""
 
     @property
     def needs_freeze_none(self) -> bool:
@@ -63,7 +65,7 @@ SHUFFLED = Control("shuffled", "shuffled", "shuffled", "The same predictors trai
 RANDOM_MODEL = Control("random_model", "random_model", "random-model", "Probes on the features of the same "
                        "architecture with random weights.", reads_model=False, freezes=("none",))
 EARLY_FEATURES = Control("early_features", "early_features", "early-features", "Probes on the residual stream before "
-                         "the neuron's layer.", reads_model=False, freezes=("none",))
+                         "the neuron's layer.", reads_model=False, freezes=("none",), layer_features=True)
 CROSS_MODEL = Control("cross_model", "cross_model", "cross-model", "Another model ({cross}) trained the same way to "
                       "predict this model's neuron on the same texts.", reads_model=False, freezes=("none", "all"),
                       other_model=True, comparison="cross", on_page=True)
