@@ -16,8 +16,8 @@ from nsr_sweep.core.fit import fit_probes
 from nsr_sweep.core.heads import HeadMap, digit_token_ids
 from nsr_sweep.core.metrics import prediction_metrics
 from nsr_sweep.core.models import load_model
-from nsr_sweep.core.spec import TrialSpec
 from nsr_sweep.core.reuse import Reuse
+from nsr_sweep.core.spec import TrialSpec
 from nsr_sweep.core.trial import recipe, run_trial, run_trials, split_indices
 from nsr_sweep.report.plots import trial_chart
 from nsr_sweep.results.records import save_trial
