@@ -3,9 +3,20 @@ the table's properties are what the grid makes of a sweep with every control."""
 
 import ast
 from pathlib import Path
+from typing import get_args
 
-from nsr_sweep.core.controls import CONTROLS, OUTSIDERS, PREDICTORS, REAL, control_of, names
-from nsr_sweep.core.spec import GridPoint, TrialSpec, parse_sweep
+from nsr_sweep.core.controls import (
+    CONTROLS,
+    FREEZES,
+    OUTSIDERS,
+    PREDICTORS,
+    REAL,
+    ControlName,
+    NamedControl,
+    control_of,
+    names,
+)
+from nsr_sweep.core.spec import Freeze, GridPoint, TrialSpec, parse_sweep
 from nsr_sweep.sweep.grid import expand
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nsr_sweep"
@@ -80,6 +91,8 @@ def test_each_control_reads_patches_and_validates_as_the_table_says():
             assert f in c.freezes, (c.role, f)
             assert spec.reads_model == c.reads_model == c.patched
     assert control_of(None) is control_of(float("nan")) is REAL
+    assert set(get_args(ControlName)) == set(CONTROLS) and get_args(Freeze) == FREEZES  # the Literals: the table's
+    assert set(get_args(NamedControl)) == {n for n, c in CONTROLS.items() if not c.other_model}
     assert names(patched=True) == ["shuffled"]
     assert [c.comparison for c in OUTSIDERS] == ["cross", "input_only"]  # the comparison table's column names
     assert GridPoint(layer=1, neuron=2, control="early_features").trial_id == "L1-N2-regression-none-early_features-s0"

@@ -8,13 +8,13 @@ this table (docs/science.md, "Controls", says what each one means).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal
 
 NamedControl = Literal["shuffled", "random_model", "early_features", "input_only"]
 """The controls a sweep file names by name; `{cross_model: <model>}` is the one with a value."""
 ControlName = Literal[NamedControl, "cross_model"]
 """A trial's `control` (None for the real trial)."""
-FREEZES = ("none", "after_target", "all")  # spec.Freeze's values, in the sweep file's order
+FREEZES = ("none", "after_target", "all")  # schema.Freeze's values, in the sweep file's order
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,6 @@ CONTROLS: dict[str, Control] = {c.name: c for c in PREDICTORS if c.name is not N
 """The controls by name."""
 OUTSIDERS: tuple[Control, ...] = tuple(c for c in PREDICTORS if c.comparison and c is not REAL)
 """The predictors the comparison sets against self: cross-model, input-only."""
-BY_ROLE: dict[str, Control] = {c.role: c for c in PREDICTORS}
 
 
 def control_of(name: str | None) -> Control:
@@ -92,21 +91,12 @@ def control_of(name: str | None) -> Control:
     return CONTROLS[name]
 
 
-def names(*, reads_model: bool | None = None, patched: bool | None = None) -> list[str]:
-    """Control names (never the real trial's) with the given properties, in the table's order."""
-    return [c.name for c in CONTROLS.values() if c.name is not None
-            and (reads_model is None or c.reads_model == reads_model) and (patched is None or c.patched == patched)]
-
-
-def display(role: str) -> str:
-    """A role's name for a reader (a role not in the table: itself)."""
-    return BY_ROLE[role].display if role in BY_ROLE else role
+def names(*, patched: bool | None = None) -> list[str]:
+    """Control names (never the real trial's), those patched or not, in the table's order."""
+    return [name for name, c in CONTROLS.items() if patched is None or c.patched == patched]
 
 
 def gap_columns(metric: str = "r") -> list[str]:
     """The comparison table's gap columns of a metric (`gap_cross_r`, `gap_input_only_r`)."""
     return [f"gap_{c.comparison}_{metric}" for c in OUTSIDERS]
 
-
-assert set(get_args(ControlName)) == set(CONTROLS), "the Literals name the table's controls"
-assert set(get_args(NamedControl)) == set(names()) - {c.name for c in CONTROLS.values() if c.other_model}

@@ -12,11 +12,10 @@ from typing import Annotated, Any, Literal, Optional, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .controls import CROSS_MODEL, FREEZES, NamedControl
+from .controls import CROSS_MODEL, NamedControl
 
 Head = Literal["regression", "classification", "token"]
 Freeze = Literal["none", "after_target", "all"]
-assert get_args(Freeze) == FREEZES
 Metric = Literal["val_mse", "val_pearson_r", "val_loss", "val_skill"]
 Selector = Literal["top_variance", "top_kurtosis", "top_max", "all"]
 TargetHook = Literal["post", "pre"]
