@@ -16,8 +16,9 @@ from nsr_sweep.core.fit import fit_probes
 from nsr_sweep.core.heads import HeadMap, digit_token_ids
 from nsr_sweep.core.metrics import prediction_metrics
 from nsr_sweep.core.models import load_model
+from nsr_sweep.core.reuse import Reuse
 from nsr_sweep.core.spec import TrialSpec
-from nsr_sweep.core.trial import recipe, run_trial, split_indices
+from nsr_sweep.core.trial import recipe, run_trial, run_trials, split_indices
 from nsr_sweep.report.plots import trial_chart
 from nsr_sweep.results.records import save_trial
 
@@ -103,6 +104,27 @@ def test_batched_probe_fit_equals_one_at_a_time(linear_data):
             torch.testing.assert_close(together.weight[j], alone.weight[0], atol=1e-5, rtol=0)
             torch.testing.assert_close(together.bias[j], alone.bias[0], atol=1e-5, rtol=0)
             assert len(together.history[j]) == len(alone.history[0])
+
+
+def test_a_workers_memo_is_its_own_and_changes_no_number(linear_data):
+    """Units run with the worker's `Reuse` — one SVD per feature set and split, kept across units, never keyed by
+    the features' bytes — give exactly the numbers of a fresh run; another cache starts a fresh memo."""
+    X, Y = (a[:1000] for a in linear_data)
+    cache = synthetic_cache(Y[:, :1] + np.random.default_rng(3).normal(size=(len(X), 1)), X)
+    specs = [TrialSpec(layer=0, neuron=0, head=h, control=c) for h in ("regression", "classification")
+             for c in (None, "shuffled")]
+    reuse = Reuse()
+    first, again = run_trials(cache, None, specs, reuse=reuse), run_trials(cache, None, specs, reuse=reuse)
+    fresh = run_trials(cache, None, specs)
+    assert len(reuse.svds) == 1 and not reuse.engines  # this model's features, one split: one SVD for all four
+    for a, b, c in zip(first, again, fresh):
+        for k in set(a.metrics) - {"seconds", "train_seconds"}:
+            assert a.metrics[k] == b.metrics[k] == c.metrics[k] or np.isnan(a.metrics[k]) and np.isnan(c.metrics[k]), k
+        pd.testing.assert_frame_equal(a.preds, c.preds)
+    other = synthetic_cache(np.asarray(cache.acts[0]), X[::-1].copy())
+    assert reuse.bind(other, None) is reuse and not reuse.svds  # another cache: nothing of the first one is read
+    alone = run_trial(other, None, specs[0], reuse=reuse)
+    assert alone.metrics["pearson_r"] == run_trial(other, None, specs[0]).metrics["pearson_r"] != first[0].metrics["pearson_r"]
 
 
 def test_non_finite_loss_fails_the_trial_with_its_reason(linear_data):

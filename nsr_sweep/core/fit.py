@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -44,6 +45,11 @@ class Recipe:
     seed: int = 0
 
 
+Svd = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""How a fit gets the thin SVD of its centred train features: `thin_svd`, or a worker's memo of it
+(`reuse.Reuse.svd`: every unit, head and solver of the same features reads one)."""
+
+
 @dataclass
 class ProbeFit:
     weight: torch.Tensor  # N × n_out × d
@@ -58,16 +64,17 @@ class ProbeFit:
 
 
 def fit_probes(features: np.ndarray, targets: np.ndarray, head: str, recipe: Recipe,
-               splits: dict[str, np.ndarray], on_epoch=None) -> ProbeFit:
-    """Fit one linear head per column of `targets` (n_texts × N) at once: solved exactly (the default), or AdamW."""
+               splits: dict[str, np.ndarray], on_epoch=None, svd: Svd | None = None) -> ProbeFit:
+    """Fit one linear head per column of `targets` (n_texts × N) at once: solved exactly (the default), or AdamW.
+    `svd`: how an exact solve gets the SVD of the centred train features (`thin_svd` unless a memo is given)."""
     if recipe.solver == "exact":
         if not np.isfinite(features).all():
             raise FloatingPointError("non-finite features: no probe can be solved")
         bad = ~np.isfinite(targets).all(0)
         if bad.any():  # those neurons fail alone; the rest of the layer is solved
-            return _without(bad, fit_probes(features, np.where(bad, 0.0, targets), head, recipe, splits, on_epoch))
-        fit = solve_ridge(features, targets, splits) if head == "regression" else \
-            solve_logistic(features, targets, head, recipe.n_bins, splits)
+            return _without(bad, fit_probes(features, np.where(bad, 0.0, targets), head, recipe, splits, on_epoch, svd))
+        fit = solve_ridge(features, targets, splits, svd) if head == "regression" else \
+            solve_logistic(features, targets, head, recipe.n_bins, splits, svd=svd)
         if on_epoch is not None and len(fit.history) == 1:
             on_epoch(fit.history[0][-1])  # one record: a scheduler sees the solved probe
         return fit
@@ -165,17 +172,18 @@ def _choose(val_mse: np.ndarray, baseline: np.ndarray, strongest_first: bool) ->
     return np.argmax(tied, 0)
 
 
-def _ridge(X: torch.Tensor, targets: np.ndarray, splits: dict[str, np.ndarray]):
+def _ridge(X: torch.Tensor, targets: np.ndarray, splits: dict[str, np.ndarray], svd: Svd | None = None):
     """Exact ridge of every standardised column of `targets` on X (float64, bias unpenalised), λ chosen per
     column from RIDGE_GRID on the validation MSE in activation units. Returns the regression maps, W (d × N,
     standardised-target units; no component outside the kept directions), b (N), the choice (N), the λ scale
     s₁² and the numerical rank."""
+    svd = svd or thin_svd
     tr, va = splits["train"], splits["val"]
     maps = [HeadMap("regression", targets[tr, j]) for j in range(targets.shape[1])]
     Z = torch.as_tensor(np.stack([(targets[:, j] - m.mu) / m.sigma for j, m in enumerate(maps)], 1))
     sigma = torch.as_tensor([m.sigma for m in maps], dtype=torch.float64)
     mx, mz = X[tr].mean(0), Z[tr].mean(0)
-    U, s, Vt = centred_svd(X[tr] - mx)
+    U, s, Vt = svd(X[tr] - mx)
     keep = s > s[0] * RANK_CUTOFF if s.numel() and s[0] > 0 else torch.zeros_like(s, dtype=torch.bool)
     U, s, Vt = U[:, keep], s[keep], Vt[keep]  # the numerical rank
     UtZ = U.T @ (Z[tr] - mz)  # r × N
@@ -189,25 +197,14 @@ def _ridge(X: torch.Tensor, targets: np.ndarray, splits: dict[str, np.ndarray]):
     return maps, W, mz - mx @ W, choice, scale, int(s.numel())
 
 
-_SVDS: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-
-def centred_svd(Xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The thin SVD of centred train features, remembered by their content: every unit of a sweep, every head
-    and both solvers read the same few feature sets (this model's, the other model's, the token counts)."""
-    import hashlib
-
-    key = hashlib.sha256(Xc.contiguous().numpy().tobytes()).hexdigest()
-    if key not in _SVDS:
-        if Xc.shape[1] > Xc.shape[0]:  # wide (token counts: ~10⁴ columns): Xᵀ = QR, then the SVD of the small Rᵀ —
-            Q, R = torch.linalg.qr(Xc.T)  # as accurate as the direct SVD (QR is backward stable), 5× faster here
-            U, s, Wt = torch.linalg.svd(R.T, full_matrices=False)
-            _SVDS[key] = (U, s, Wt @ Q.T)
-        else:
-            _SVDS[key] = torch.linalg.svd(Xc, full_matrices=False)
-        while len(_SVDS) > 4:
-            _SVDS.pop(next(iter(_SVDS)))
-    return _SVDS[key]
+def thin_svd(Xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD (U, s, Vᵀ) of centred train features."""
+    if Xc.shape[1] > Xc.shape[0]:  # wide (token counts: ~10⁴ columns): Xᵀ = QR, then the SVD of the small Rᵀ —
+        Q, R = torch.linalg.qr(Xc.T)  # as accurate as the direct SVD (QR is backward stable), 5× faster here
+        U, s, Wt = torch.linalg.svd(R.T, full_matrices=False)
+        return U, s, Wt @ Q.T
+    U, s, Vt = torch.linalg.svd(Xc, full_matrices=False)
+    return U, s, Vt
 
 
 def _baseline(maps: list[HeadMap], y_val: np.ndarray) -> np.ndarray:
@@ -215,13 +212,14 @@ def _baseline(maps: list[HeadMap], y_val: np.ndarray) -> np.ndarray:
     return np.array([np.mean((m.train_mean - y_val[:, j]) ** 2) for j, m in enumerate(maps)])
 
 
-def solve_ridge(features: np.ndarray, targets: np.ndarray, splits: dict[str, np.ndarray]) -> ProbeFit:
+def solve_ridge(features: np.ndarray, targets: np.ndarray, splits: dict[str, np.ndarray], svd: Svd | None = None
+                ) -> ProbeFit:
     """Exact ridge regression (bias unpenalised) for every column of `targets`, λ chosen per column on the
     validation split from RIDGE_GRID (ties within TIE: the smaller λ); one SVD of the centred train features
     (directions below RANK_CUTOFF·s₁ dropped) serves every λ and column."""
     va = splits["val"]
     X = torch.as_tensor(np.asarray(features, np.float64))
-    maps, W, b, choice, scale, rank = _ridge(X, targets, splits)
+    maps, W, b, choice, scale, rank = _ridge(X, targets, splits, svd)
     out_val = (X[va] @ W + b).numpy()
     history, info = [], []
     for j, m in enumerate(maps):
@@ -237,7 +235,8 @@ LOGISTIC_BLOCK = 128
 
 
 def solve_logistic(features: np.ndarray, targets: np.ndarray, head: str, n_bins: int,
-                   splits: dict[str, np.ndarray], tol: float = 1e-10, max_iter: int = 100) -> ProbeFit:
+                   splits: dict[str, np.ndarray], tol: float = 1e-10, max_iter: int = 100, svd: Svd | None = None
+                   ) -> ProbeFit:
     """Binned probes for every column of `targets`: multinomial logistic regression of the bins on the neuron's
     exact ridge readout (`_ridge`, the regression probe's), out_k = a_k·ŝ + b_k with ŝ the readout standardised
     on train. The bins are intervals of one ordered quantity, so their logits move along the one direction
@@ -250,7 +249,7 @@ def solve_logistic(features: np.ndarray, targets: np.ndarray, head: str, n_bins:
     Neurons are solved side by side, each as it would be alone."""
     tr, va = splits["train"], splits["val"]
     X = torch.as_tensor(np.asarray(features, np.float64))
-    _, Wr, _, ridge_choice, _, rank = _ridge(X, targets, splits)
+    _, Wr, _, ridge_choice, _, rank = _ridge(X, targets, splits, svd)
     mx = X[tr].mean(0)
     S = (X - mx) @ Wr  # n × N: each neuron's readout
     sd = S[tr].std(0, correction=0)

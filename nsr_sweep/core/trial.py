@@ -1,6 +1,7 @@
 """One trial: (layer, neuron, head, freeze) with one set of hyperparameters — trained, evaluated, analysed.
 
-Plain Python, no Ray: the sweep machinery calls exactly `run_trial`. It reads like the experiment:
+Plain Python, no Ray: a model worker calls `run_trial` for an unfrozen trial and `run_trials` for a unit of
+frozen-base probes, with its `reuse.Reuse` (what it keeps between units). It reads like the experiment:
 
     the neuron's activations (the target; permuted for the shuffled control)
     → a seeded train/val/test split
@@ -11,7 +12,6 @@ Plain Python, no Ray: the sweep machinery calls exactly `run_trial`. It reads li
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -21,13 +21,14 @@ import pandas as pd
 import torch
 
 from .cache import ActivationCache, neuron_hook
+from .controls import control_of
 from .errors import NsrError
 from .fit import Recipe, fit_probes, train_model
 from .forward import TrialModel, read_points, resid_after
 from .heads import HeadMap, LinearHead, digit_token_ids, frozen_head
 from .metrics import prediction_metrics
 from .models import LoadedModel
-from .patching import LastPosition
+from .reuse import Reuse
 from .spec import TrialSpec, split_sizes
 from .surface import Surface
 from .uncertainty import METRICS, effective_texts, metric_intervals, tail_kurtosis
@@ -72,22 +73,22 @@ def split_indices(n: int, fractions=(0.7, 0.15, 0.15), seed: int = 0) -> dict[st
 
 
 def run_trial(cache: ActivationCache, model: LoadedModel | None, spec: TrialSpec, on_epoch=None,
-              outsider: LoadedModel | None = None) -> TrialResult:
+              outsider: LoadedModel | None = None, reuse: Reuse | None = None) -> TrialResult:
     """Train, evaluate and analyse one trial. A non-finite loss gives status `failed` with the reason.
 
     `on_epoch(record) -> bool` sees each epoch's validation record; False stops training there.
     For the cross_model control, `outsider` is the other model: it reads the same texts (its own
     tokens, from `cross_view`) and is what trains; the target stays this model's neuron."""
-    return run_trials(cache, model, [spec], on_epoch, outsider)[0]
+    return run_trials(cache, model, [spec], on_epoch, outsider, reuse)[0]
 
 
 def run_trials(cache: ActivationCache, model: LoadedModel | None, specs: list[TrialSpec], on_epoch=None,
-               outsider: LoadedModel | None = None) -> list[TrialResult]:
+               outsider: LoadedModel | None = None, reuse: Reuse | None = None) -> list[TrialResult]:
     """Trials that share their work: the frozen-base probes of one layer — any neurons, heads and controls —
     fitted together and patched from one set of patched features (`run_probes`; each probe's numbers are
-    what it gets alone), or one unfrozen trial."""
+    what it gets alone), or one unfrozen trial. `reuse`: the worker's memos (none: a fresh one, this call only)."""
     if specs[0].freeze == "none":
-        return run_probes(cache, model, specs, on_epoch)
+        return run_probes(cache, model, specs, on_epoch, reuse)
     if len(specs) != 1:
         raise NsrError("only frozen-base probes (freeze none) run together; an unfrozen trial runs alone")
     spec = specs[0]
@@ -106,7 +107,8 @@ def run_trials(cache: ActivationCache, model: LoadedModel | None, specs: list[Tr
         fit: Fit | FloatingPointError = fit_head(cache, model, spec, y, splits, seqs, answer_pos, digit_ids, on_epoch)
     except FloatingPointError as e:
         fit = e
-    return [_finish(cache, model, spec, fit, real, y, splits, seqs, answer_pos, time.perf_counter() - t0)]
+    return [_finish(cache, model, spec, fit, real, y, splits, time.perf_counter() - t0, seqs=seqs,
+                    answer_pos=answer_pos)]
 
 
 UNIT_KEYS = ("layer", "freeze", "seed", "features", "splits", "analysis")
@@ -125,13 +127,20 @@ def recipe(spec: TrialSpec) -> Recipe:
 
 def feature_source(spec: TrialSpec) -> tuple:
     """Which features a probe reads: this model's (real and shuffled), or a control's stand-in."""
-    return ("model",) if spec.control in (None, "shuffled") else (spec.control, spec.cross_model)
+    return ("model",) if spec.reads_model else (spec.control, spec.cross_model)
+
+
+def features_key(spec: TrialSpec) -> tuple:
+    """What a probe's train features are, as a memo key: their source (at the neuron's layer for a source read
+    there) and the split (the sweep's seed and fractions)."""
+    layer = spec.layer if control_of(spec.control).layer_features else None
+    return (*feature_source(spec), layer, spec.seed, spec.splits.fractions)
 
 
 def analyses_read_neuron(spec: TrialSpec) -> bool:
     """Whether a trial's analyses (cosines, projections, patching) read this model's neuron: analyses on, and the
     real target or its shuffled control — another model's or the text's predictor has no path from it."""
-    return spec.analysis.enabled and spec.control in (None, "shuffled")
+    return spec.analysis.enabled and spec.reads_model
 
 
 def batchable(specs: list[TrialSpec]) -> None:
@@ -151,17 +160,18 @@ def shuffled_target(real: np.ndarray, spec: TrialSpec) -> np.ndarray:
     return np.random.default_rng([spec.seed, spec.layer, spec.neuron, 0x5EED]).permutation(real)
 
 
-def run_probes(cache: ActivationCache, model: LoadedModel | None, specs: list[TrialSpec], on_epoch=None
-               ) -> list[TrialResult]:
+def run_probes(cache: ActivationCache, model: LoadedModel | None, specs: list[TrialSpec], on_epoch=None,
+               reuse: Reuse | None = None) -> list[TrialResult]:
     """Probes on cached features (freeze none) of one layer, fitted per (head, control) group in one solve,
     then each probe's predictions, metrics and analyses; exact patching for every probe that reads this
     model (`probe_patching`: the patched features of each neuron computed once, read by every probe of it)."""
     batchable(specs)
+    reuse = (reuse or Reuse()).bind(cache, model)
     spec = specs[0]
     for s in specs:
-        if s.control not in ("cross_model", "input_only", "random_model", "early_features"):
+        if s.reads_model:
             s.check(model)
-    if any(s.control in (None, "shuffled") for s in specs) and spec.features.hook != cache.meta["spec"]["features"]:
+    if any(s.reads_model for s in specs) and spec.features.hook != cache.meta["spec"]["features"]:
         raise NsrError(f"features.hook {spec.features.hook!r} is not the cache's features "
                        f"({cache.meta['spec']['features']!r})")
     t0 = time.perf_counter()
@@ -176,7 +186,7 @@ def run_probes(cache: ActivationCache, model: LoadedModel | None, specs: list[Tr
     for members in groups.values():
         t = time.perf_counter()
         got = probe_fits(cache, model, [specs[i] for i in members], np.stack([ys[i] for i in members], 1), splits,
-                         on_epoch if len(specs) == 1 else None)
+                         on_epoch if len(specs) == 1 else None, reuse)
         for i, f in zip(members, got):
             fits[i], fit_seconds[i] = f, (time.perf_counter() - t) / len(members)
     weights = None
@@ -184,48 +194,24 @@ def run_probes(cache: ActivationCache, model: LoadedModel | None, specs: list[Tr
         from .analyses import LayerWeights
 
         weights = LayerWeights(model.surface, spec.layer)  # once per unit: every probe's cosines read it
-    results = [_member(len(specs) > 1, _finish_probe, cache, model, s, f, r, y, splits, sec, weights)
+    results = [_member(len(specs) > 1, s, lambda: _finish(cache, model, s, f, r, y, splits, sec, weights=weights))
                for s, f, r, y, sec in zip(specs, fits, reals, ys, fit_seconds)]
     _cosine_probes(specs, fits, results, weights)
-    _patch_probes(cache, model, specs, fits, results, reals, splits, len(specs) > 1)
+    _patch_probes(cache, model, specs, fits, results, reals, splits, len(specs) > 1, reuse)
     share = (time.perf_counter() - t0) / len(specs)  # the unit's wall time, shared out
     for r in results:
         r.metrics["seconds"] = share
     return results
 
 
-def _member(batched: bool, finish, cache, model, spec: TrialSpec, *args) -> TrialResult:
+def _member(batched: bool, spec: TrialSpec, finish: Callable[[], TrialResult]) -> TrialResult:
     """A probe's own error fails it alone in a batch; alone, it goes up (and Tune retries the trial)."""
     if not batched:
-        return finish(cache, model, spec, *args)
+        return finish()
     try:
-        return finish(cache, model, spec, *args)
+        return finish()
     except Exception as e:  # noqa: BLE001 - recorded as this trial's reason
         return TrialResult(spec, "failed", reason=f"{type(e).__name__}: {e}"[:2000])
-
-
-def _finish_probe(cache, model, spec: TrialSpec, fit, real, y, splits, fit_seconds: float, weights) -> TrialResult:
-    """A probe after its fit: predictions, metrics, and the projections (its weight cosines: `_cosine_probes`,
-    for the whole unit at once)."""
-    if isinstance(fit, FloatingPointError):
-        return TrialResult(spec, "failed", reason=str(fit))
-    preds = predictions(cache.n_texts, splits, y, real, fit)
-    metrics = trial_metrics(preds, fit.hmap.train_mean, real, shuffled=spec.control == "shuffled", hmap=fit.hmap)
-    best = int(np.argmin([h["val_mse"] for h in fit.history]))
-    metrics.update({"epochs_run": len(fit.history), "best_epoch": best, "val_mse": fit.history[best]["val_mse"],
-                    "val_loss": fit.history[best]["val_loss"], "train_seconds": fit_seconds,
-                    "train_mean": fit.hmap.train_mean, **fit.solver})
-    if analyses_read_neuron(spec) and model is not None:
-        from .analyses import projection_columns
-
-        test = splits["test"]
-        metrics.update(projection_columns(cache, weights, spec.neuron, preds["readout"].to_numpy()[test], test, real))
-    elif spec.analysis.enabled:
-        from .analyses import unreachable_patch
-
-        metrics.update(unreachable_patch())  # another model's features, or the text's: the neuron cannot move them
-    return TrialResult(spec, "ok", metrics, preds=preds, head={**fit.head.state(), **fit.hmap.state()},
-                       history=fit.history)
 
 
 def _cosine_probes(specs, fits, results, weights) -> None:
@@ -243,7 +229,7 @@ def _cosine_probes(specs, fits, results, weights) -> None:
         results[i].metrics.update(c)
 
 
-def _patch_probes(cache, model, specs, fits, results, reals, splits, batched: bool) -> None:
+def _patch_probes(cache, model, specs, fits, results, reals, splits, batched: bool, reuse: Reuse) -> None:
     """Exact patching (and its first-order estimate) for every fitted probe that reads this model's features."""
     from .analyses import Probe, fit_patch, patch_grid, probe_patching
 
@@ -254,8 +240,7 @@ def _patch_probes(cache, model, specs, fits, results, reals, splits, batched: bo
     t0 = time.perf_counter()
     spec = specs[todo[0]]
     sample = splits["test"][: spec.analysis.patch_texts]
-    engine = last_position(model, [cache.tokens[i] for i in sample], spec.layer, cache.meta["spec"]["hook"],
-                           spec.features.hook)
+    engine = last_position(model, cache, sample, spec.layer, spec.features.hook, reuse)
     train = splits["train"]
     grids = {specs[i].neuron: patch_grid(reals[i][train], spec.analysis.patch_grid, spec.analysis.n_grid, spec.analysis.scales) for i in todo}
     probes = [Probe(specs[i].neuron, fits[i].head, fits[i].hmap) for i in todo]
@@ -271,71 +256,92 @@ def _patch_probes(cache, model, specs, fits, results, reals, splits, batched: bo
             results[i] = TrialResult(specs[i], "failed", reason=f"{type(e).__name__}: {e}"[:2000])
 
 
-def last_position(model: LoadedModel, seqs: list[list[int]], layer: int, hook: str, read_hook: str):
-    """The patching engine for these texts, shared by the units of one worker that patch the same texts of the
-    same model at the same layer (a memo keyed by the model's weights and the texts' tokens)."""
+def last_position(model: LoadedModel, cache: ActivationCache, sample: np.ndarray, layer: int, read_hook: str,
+                  reuse: Reuse):
+    """The patching engine for the texts `sample` of the cache, shared by the units of one worker that patch the
+    same texts at the same layer (`reuse` is bound to this cache and model: the key names the texts by index)."""
     from .patching import LastPosition
 
-    ident = tuple(model.identity.get(k) for k in ("name", "init", "seed", "weights_hash"))
-    key = (ident, layer, hook, read_hook, hashlib.sha256(repr(seqs).encode()).hexdigest())
-    if key not in _ENGINES:
-        _ENGINES[key] = LastPosition(model.surface, seqs, layer, hook, read_hook, model.tokenizer.pad_token_id)
-        while len(_ENGINES) > 2:  # units come layer by layer: the last two
-            _ENGINES.pop(next(iter(_ENGINES)))
-    return _ENGINES[key]
+    hook = cache.meta["spec"]["hook"]
+    key = (layer, hook, read_hook, np.asarray(sample, np.int64).tobytes())
+    return reuse.engine(key, lambda: LastPosition(model.surface, [cache.tokens[i] for i in sample], layer, hook,
+                                                  read_hook, model.tokenizer.pad_token_id))
 
 
-_ENGINES: dict[tuple, LastPosition] = {}
-
-
-def _finish(cache, model, spec: TrialSpec, fit, real, y, splits, seqs, answer_pos, fit_seconds: float) -> TrialResult:
-    """An unfrozen trial after its fit: predictions, metrics, analyses."""
+def _finish(cache, model, spec: TrialSpec, fit, real, y, splits, fit_seconds: float, *, weights=None, seqs=None,
+            answer_pos=None) -> TrialResult:
+    """A trial after its fit, probe or unfrozen: predictions, metrics, analyses. A probe (`fit.trained` False) gets
+    its projections here (`weights`: its layer's, once per unit); its cosines and patching come for the whole unit
+    (`_cosine_probes`, `_patch_probes`). An unfrozen trial is analysed in its final model (`seqs`, `answer_pos`)."""
     t0 = time.perf_counter()
     if isinstance(fit, FloatingPointError):
         return TrialResult(spec, "failed", reason=str(fit), metrics={"seconds": fit_seconds})
-    hook = cache.meta["spec"]["hook"]
-    if spec.freeze == "all" and spec.control != "cross_model":
-        assert model is not None and fit.surface is not None  # the neuron itself trained: re-read it, same texts, same position
-        actual_ft = read_points(fit.surface, cache.tokens, cache.positions, [neuron_hook(spec.layer, hook)],
-                                model.tokenizer.pad_token_id)[neuron_hook(spec.layer, hook)][:, spec.neuron]
-    else:
-        actual_ft = real
-    preds = predictions(cache.n_texts, splits, y, actual_ft, fit)
+    preds = predictions(cache.n_texts, splits, y, final_activations(cache, model, spec, fit, real), fit)
     metrics = trial_metrics(preds, fit.hmap.train_mean, real, shuffled=spec.control == "shuffled", hmap=fit.hmap)
     best = int(np.argmin([h["val_mse"] for h in fit.history]))
+    train_seconds = fit_seconds + (time.perf_counter() - t0 if fit.trained else 0.0)  # the re-read counts as training
     metrics.update({"epochs_run": len(fit.history), "best_epoch": best, "val_mse": fit.history[best]["val_mse"],
-                    "val_loss": fit.history[best]["val_loss"], "train_seconds": fit_seconds + time.perf_counter() - t0,
+                    "val_loss": fit.history[best]["val_loss"], "train_seconds": train_seconds,
                     "train_mean": fit.hmap.train_mean, **fit.solver})
-    points = None
-    if analyses_read_neuron(spec) and model is not None and fit.surface is not None:
-        from .analyses import analyse
-
-        final = TrialModel(fit.surface, fit.head, spec.read_hook, seqs, answer_pos, cache.positions, spec.layer,
-                           hook, spec.neuron, model.tokenizer.pad_token_id)
-        columns, points = analyse(cache, model.surface, final, spec, fit.hmap, preds, splits, real)
-        metrics.update(columns)
-    elif spec.analysis.enabled and spec.control == "cross_model":
-        from .analyses import unreachable_patch
-
-        metrics.update(unreachable_patch(probe=False))  # this model's neuron cannot move the other model
-    metrics["seconds"] = fit_seconds + time.perf_counter() - t0
-    save: Callable | None = None
-    if spec.training.save_weights and fit.surface is not None and model is not None:
-        hf, tok = fit.surface.to_hf(), model.tokenizer
-        def save(path):
-            hf.save_pretrained(path)
-            tok.save_pretrained(path)
+    columns, points = _analyses(cache, model, spec, fit, preds, splits, real, weights, seqs, answer_pos)
+    metrics.update(columns)
+    if fit.trained:  # a unit's probes get their share of the unit's time (`run_probes`)
+        metrics["seconds"] = fit_seconds + time.perf_counter() - t0
     return TrialResult(spec, "ok", metrics, preds=preds, head={**fit.head.state(), **fit.hmap.state()},
-                       save_model=save, history=fit.history, patch=points)
+                       save_model=_saver(model, spec, fit), history=fit.history, patch=points)
+
+
+def final_activations(cache, model, spec: TrialSpec, fit: Fit, real: np.ndarray) -> np.ndarray:
+    """The neuron in the final model: re-read on the same texts at the same position where it trained (freeze all,
+    this model), else the cached activations."""
+    if not (spec.freeze == "all" and spec.reads_model):
+        return real
+    assert model is not None and fit.surface is not None
+    hook = cache.meta["spec"]["hook"]
+    return read_points(fit.surface, cache.tokens, cache.positions, [neuron_hook(spec.layer, hook)],
+                       model.tokenizer.pad_token_id)[neuron_hook(spec.layer, hook)][:, spec.neuron]
+
+
+def _analyses(cache, model, spec: TrialSpec, fit: Fit, preds, splits, real, weights, seqs, answer_pos):
+    """(analysis columns, patching points or None): a predictor that reads this model's neuron is analysed (a probe:
+    its projections; an unfrozen trial: `analyses.analyse` in its final model); any other gets the patch columns
+    of a predictor the neuron cannot move."""
+    from .analyses import analyse, projection_columns, unreachable_patch
+
+    if not spec.analysis.enabled:
+        return {}, None
+    if not (spec.reads_model and model is not None):
+        return unreachable_patch(probe=not fit.trained), None  # another model's features, or the text's
+    if not fit.trained:
+        test = splits["test"]
+        return projection_columns(cache, weights, spec.neuron, preds["readout"].to_numpy()[test], test, real), None
+    assert fit.surface is not None
+    final = TrialModel(fit.surface, fit.head, spec.read_hook, seqs, answer_pos, cache.positions, spec.layer,
+                       cache.meta["spec"]["hook"], spec.neuron, model.tokenizer.pad_token_id)
+    return analyse(cache, model.surface, final, spec, fit.hmap, preds, splits, real)
+
+
+def _saver(model, spec: TrialSpec, fit: Fit) -> Callable | None:
+    """What writes a fine-tuned model as an HF-format directory (save_weights), or None."""
+    if not (spec.training.save_weights and fit.trained and fit.surface is not None and model is not None):
+        return None
+    hf, tok = fit.surface.to_hf(), model.tokenizer
+
+    def save(path):
+        hf.save_pretrained(path)
+        tok.save_pretrained(path)
+    return save
 
 
 def probe_fits(cache: ActivationCache, model: LoadedModel | None, specs: list[TrialSpec], Y: np.ndarray, splits: dict,
-               on_epoch) -> list[Fit | FloatingPointError]:
-    """Probes on the cached features (freeze none), one per column of Y, fitted in one call."""
+               on_epoch, reuse: Reuse | None = None) -> list[Fit | FloatingPointError]:
+    """Probes on the cached features (freeze none), one per column of Y, fitted in one call (the SVD of their
+    features from `reuse`, bound to this cache)."""
     spec = specs[0]
     features = control_features(cache, spec)
+    svd = reuse.svd(features_key(spec)) if reuse is not None else None
     try:
-        pf = fit_probes(features, Y, spec.head, recipe(spec), splits, on_epoch=on_epoch)
+        pf = fit_probes(features, Y, spec.head, recipe(spec), splits, on_epoch=on_epoch, svd=svd)
     except FloatingPointError as e:
         return [e] * len(specs)
     X = torch.from_numpy(np.array(features, np.float32))  # a private copy: cache arrays are read-only views
@@ -426,7 +432,8 @@ def bag_of_tokens(seqs: list[list[int]]) -> np.ndarray:
 
 def cross_view(cache: ActivationCache) -> ActivationCache:
     """The cache as the other model sees the same texts: its tokens, positions and features; this model's
-    neuron stays the target (`acts`). Built by `sweep.build_cache` for the cross_model control."""
+    neuron stays the target (`acts`). Its features are built by `sweep.inputs.build_cache` for the cross_model
+    control."""
     if "cross_model_features" not in cache.extra:
         raise NsrError("control cross_model needs the other model's features in the cache "
                        "(add {cross_model: <model>} to the sweep's controls)")

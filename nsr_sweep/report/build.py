@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..core.controls import OUTSIDERS, gap_columns, names
 from ..core.files import atomic_write
 from ..core.spec import CELL_COLUMNS
 from ..results.compare import Q, compare
@@ -82,7 +83,7 @@ def patch_agreement(df: pd.DataFrame) -> pd.DataFrame:
     if both.empty:
         return pd.DataFrame()
     both["control"] = both["control"].fillna("-")
-    both = both[~both["control"].isin(["cross_model", "input_only", "random_model", "early_features"])]  # 0 by construction
+    both = both[~both["control"].isin(names(patched=False))]  # their slope is 0 by construction
     if both.empty:
         return pd.DataFrame()
 
@@ -211,8 +212,8 @@ def answer_table(comp_layers: pd.DataFrame) -> pd.DataFrame:
                        ("gap_cross_r", "self − cross"), ("gap_input_only_r", "self − input-only")):
         out[label] = [_ci(v, lo, hi) for v, lo, hi in zip(comp_layers[col], comp_layers[f"{col}_lo"],
                                                           comp_layers[f"{col}_hi"])]
-    for other, label in (("cross", "cross-model"), ("input_only", "input-only")):
-        c = f"gap_{other}_r"
+    for other in OUTSIDERS:
+        c, label = f"gap_{other.comparison}_r", other.display
         out[f"gap > 0 vs {label}"] = [_count(p, n, f, by) for p, n, f, by in
                                       zip(comp_layers[f"n_{c}_positive"], comp_layers[f"n_{c}_tested"],
                                           comp_layers.get(f"n_{c}_false_expected", np.nan),
@@ -241,7 +242,7 @@ def survivors(comp: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
     """Neurons with a gap that survives Benjamini–Hochberg (either outsider), and the gap column that ranks them."""
     if comp.empty:
         return comp, None
-    gaps = [g for g in ("gap_cross_r", "gap_input_only_r") if comp[g].notna().any()]
+    gaps = [g for g in gap_columns() if comp[g].notna().any()]
     if not gaps:
         return comp.iloc[:0], None
     hit = comp[np.logical_or.reduce([comp[f"{g}_q"] <= Q for g in gaps])]

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..core.controls import PREDICTORS
 from ..results.neuron import RANK
 
 VENDOR_JS = ("dataTables.min.js", "dataTables.columnControl.min.js", "dataTables.searchBuilder.min.js",
@@ -218,7 +219,7 @@ def page_cells(sweep_dir: Path, layers, neurons, with_card: set[tuple[int, int]]
 
 # -- the scatter ----------------------------------------------------------------------------------
 
-SCATTER_ROLES = (None, "shuffled")
+SCATTER_ROLES = tuple(c.name for c in PREDICTORS if c.patched)
 """Trials whose patch slope says something: the real ones and the shuffled control (the outsiders cannot see the
 neuron: their slope is 0 by construction)."""
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..core.controls import OUTSIDERS as OUTSIDER_CONTROLS
+from ..core.controls import PREDICTORS, REAL
 from ..core.files import atomic_write
 from ..results.compare import Q
 from ..results.neuron import ROLE_NAMES, ROLES, NeuronData, read_neuron
@@ -72,7 +74,8 @@ def write_neuron_page(sweep_dir: Path | str, layer: int, neuron: int, out: str |
 
 # -- the comparison, in words ---------------------------------------------------------------------
 
-OUTSIDERS = {"cross": "cross-model", "input_only": "input-only"}
+OUTSIDERS = {str(c.comparison): c.display for c in OUTSIDER_CONTROLS}
+"""The comparison's outsiders by their source name in tables/comparison.parquet, as a reader names them."""
 
 
 def q_text(q: float) -> str:
@@ -97,8 +100,7 @@ def standing(row: pd.Series, n_test) -> str:
         rest += f", of which about {eff:.0f} carry the neuron's variance (n_test_eff)"
         if eff < 10:
             rest += " — r, skill and their intervals rest on a handful of texts"
-    return ", ".join(_r(row, s, n) for s, n in (("self", "self"), ("cross", "cross-model"),
-                                                ("input_only", "input-only"))) + rest + "."
+    return ", ".join(_r(row, str(c.comparison), c.display) for c in (REAL, *OUTSIDER_CONTROLS)) + rest + "."
 
 
 def gap_sentence(row: pd.Series, other: str) -> str:
@@ -187,16 +189,8 @@ def text_groups(page: NeuronData) -> list[dict]:
 
 # -- probes, patching, cosines ----------------------------------------------------------------------
 
-ROLE_ABOUT = {
-    "self": "This model's own predictors of its neuron: probes on its residual stream (freeze none) and the model "
-            "fine-tuned (after_target, all).",
-    "shuffled": "The same predictors trained on the neuron's activations permuted across texts: what fitting noise "
-                "reaches (r ≈ 0 expected). Plotted against the permuted target each was trained on.",
-    "cross_model": "Another model ({cross}) trained the same way to predict this model's neuron on the same texts.",
-    "input_only": "Ridge regression on the text's tokens, no transformer: what the text alone predicts.",
-    "random_model": "Probes on the features of the same architecture with random weights.",
-    "early_features": "Probes on the residual stream before the neuron's layer.",
-}
+ROLE_ABOUT = {c.role: c.about for c in PREDICTORS}
+"""Each predictor role's line on the neuron page ({cross}: the other model)."""
 
 
 def _img(png: bytes | None, alt: str):
@@ -211,7 +205,7 @@ def probe_panels(page: NeuronData) -> list[dict]:
     for role in roles:
         probes = page.probes[page.probes["role"] == role]
         name = ROLE_NAMES.get(role, role)
-        ran = role == "self" or role in page.controls
+        ran = role == REAL.role or role in page.controls
         missing = (f"No finished {name} trial of this neuron yet." if ran else
                    f"No {name} predictor: the sweep's controls do not include {role}.")
         panels.append({"role": role, "name": name, "about": ROLE_ABOUT.get(role, "").format(cross=page.cross_model),
@@ -278,7 +272,7 @@ def render_neuron_page(page: NeuronData) -> str:
                      zip(page.probes["role"], page.probes["head"], page.probes["freeze"])], text_groups=text_groups(page),
         panels=probe_panels(page), patch_sentences=patch_sentences(page),
         patch_img=_img(plots.patch_curves(page.probes, page.patch), "patch curves"),
-        has_outsiders=bool(page.probes["role"].isin(["cross_model", "input_only"]).any()),
+        has_outsiders=bool(page.probes["role"].isin([c.role for c in OUTSIDER_CONTROLS]).any()),
         cosines=Markup(html_table(cosine_fields(page.cosines), left=1)) if len(page.cosines) else None,
         generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     )

@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ..core.controls import OUTSIDERS, REAL, SHUFFLED, gap_columns  # noqa: E402
+
 
 def trial_chart(result) -> bytes:
     """A finished trial's diagnostics.png, as bytes (drawn by the worker that ran it)."""
@@ -254,8 +256,8 @@ def self_vs_outsiders(layers: pd.DataFrame, path: Path) -> Path | None:
     b = _with_combo(layers)
     for ax, c in zip(axes.flat, combos):
         g = b[b["combo"] == c].sort_values("layer")
-        for name, label, style, color in (("self", "self", "-o", "C0"), ("cross", "cross-model", "--s", "C1"),
-                                          ("input_only", "input only", ":^", "C2")):  # one colour per predictor, every panel
+        for j, (p, style) in enumerate(zip((REAL, *OUTSIDERS), ("-o", "--s", ":^"))):  # a colour per predictor
+            name, label, color = p.comparison, p.display, f"C{j}"
             y = g[f"{name}_r"].to_numpy()
             if np.isfinite(y).any():
                 err = np.abs(np.stack([y - g[f"{name}_r_lo"].to_numpy(), g[f"{name}_r_hi"].to_numpy() - y]))
@@ -273,7 +275,7 @@ def self_vs_outsiders(layers: pd.DataFrame, path: Path) -> Path | None:
 def gap_distributions(comp: pd.DataFrame, path: Path) -> Path | None:
     """Per head/freeze and layer, the distribution over neurons of the gaps self − cross-model and
     self − input-only in test r; a neuron whose gap survives the multiple-comparison control is a dot."""
-    gaps = [g for g in ("gap_cross_r", "gap_input_only_r") if g in comp and comp[g].notna().any()]
+    gaps = [g for g in gap_columns() if g in comp and comp[g].notna().any()]
     if comp.empty or not gaps:
         return None
     combos = _combos(comp)
@@ -295,8 +297,8 @@ def gap_distributions(comp: pd.DataFrame, path: Path) -> Path | None:
                 hit = sel[(sel[f"{gcol}_q"] <= 0.05)][gcol].dropna()
                 ax.scatter(np.full(len(hit), x), hit, s=6, color="k", alpha=0.5, zorder=3)
         for j, gcol in enumerate(gaps):
-            ax.plot([], [], color=f"C{j + 1}", lw=6, label={"gap_cross_r": "self − cross-model",
-                                                            "gap_input_only_r": "self − input-only"}[gcol])
+            ax.plot([], [], color=f"C{j + 1}", lw=6, label=dict(zip(gap_columns(), (f"self − {c.display}"
+                                                                                    for c in OUTSIDERS)))[gcol])
         ax.axhline(0, color="k", lw=0.6)
         ax.set_xticks(range(len(layers)), [f"L{L}" for L in layers])
         ax.set(title=c, ylabel="gap in test r, per neuron")
@@ -372,7 +374,7 @@ def prediction_scatter(probes: pd.DataFrame, preds: pd.DataFrame) -> bytes | Non
         lo, hi = (getattr(row, c, np.nan) for c in ("pearson_r_lo", "pearson_r_hi"))
         ax.set_title(f"{row.head}/{row.freeze}\nr = {_interval(row.pearson_r, lo, hi)}", fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.set_xlabel("permuted target" if row.role == "shuffled" else "actual activation", fontsize=7)
+        ax.set_xlabel("permuted target" if row.role == SHUFFLED.role else "actual activation", fontsize=7)
     axes[0].set_ylabel("prediction", fontsize=7)
     return _png(fig)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..core.controls import OUTSIDERS, REAL, Control
 from ..core.spec import CELL_COLUMNS
 from ..core.uncertainty import (bh_adjusted, effective_texts, gap_of, layer_mean_intervals, metric_interval_of,
                                 metric_jackknife)
@@ -26,15 +27,17 @@ from .store import open_store
 
 KEY = list(CELL_COLUMNS)
 METRICS = ("pearson_r", "skill")
-OTHERS = ("cross", "input_only")
+SELF = str(REAL.comparison)  # the source name of this model's own predictor: "self"
+OTHERS = tuple(str(c.comparison) for c in OUTSIDERS)
 SHORT = {"pearson_r": "r", "skill": "skill"}
 Q = 0.05
 """False discovery rate of the per-neuron gap tests (Benjamini–Hochberg, per layer × head × freeze)."""
 
 
-def _best(df: pd.DataFrame, control: str) -> pd.DataFrame:
-    ok = df[(df["status"] == "ok") & df["best"] & (df["control"] == control)]
-    return ok.set_index(KEY if control != "input_only" else ["layer", "neuron"])
+def _best(df: pd.DataFrame, control: Control) -> pd.DataFrame:
+    """The best ok trials of a control, by cell (by (layer, neuron) for a control that is one per neuron)."""
+    ok = df[(df["status"] == "ok") & df["best"] & (df["control"] == control.name)]
+    return ok.set_index(KEY if control.per_cell else KEY[:2])
 
 
 def _matrix(table: pd.DataFrame, ids: list, texts: np.ndarray) -> np.ndarray:
@@ -62,7 +65,7 @@ def neuron_intervals(preds: dict[str, np.ndarray], actual: np.ndarray, train_mea
         out[f"{name}_{SHORT[m]}"] = {"point": iv["point"], "lo": iv["lo"], "hi": iv["hi"]}
     for name in OTHERS:
         for m in METRICS:
-            t = gap_of(jk[("self", m)], jk[(name, m)], m)  # each predictor's jackknife, shared with its own interval
+            t = gap_of(jk[(SELF, m)], jk[(name, m)], m)  # each predictor's jackknife, shared with its own interval
             out[f"gap_{name}_{SHORT[m]}"] = {"point": t["gap"], "lo": t["gap_lo"], "hi": t["gap_hi"], "p": t["gap_p"]}
     return out
 
@@ -80,8 +83,8 @@ def compare(sweep_dir: Path, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFra
     if df.empty or "control" not in df:
         return pd.DataFrame(), pd.DataFrame()
     real = df[(df["status"] == "ok") & df["best"] & df["control"].isna()]
-    cross, text = _best(df, "cross_model"), _best(df, "input_only")
-    wanted = set(real["trial_id"]) | set(cross["trial_id"]) | set(text["trial_id"])
+    best = {c: _best(df, c) for c in OUTSIDERS}
+    wanted = set(real["trial_id"]).union(*(set(b["trial_id"]) for b in best.values()))
     preds = open_store(sweep_dir, trials=df).test_predictions(wanted)
     if real.empty or preds.empty:
         return pd.DataFrame(), pd.DataFrame()
@@ -91,10 +94,9 @@ def compare(sweep_dir: Path, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFra
     neurons, layers = [], []
     for (L, h, f), g in real.groupby(["layer", "head", "freeze"], sort=True):
         g = g.sort_values("neuron")
-        ids = {"self": list(g["trial_id"]),
-               "cross": [cross["trial_id"].get((L, n, h, f)) for n in g["neuron"]],
-               "input_only": [text["trial_id"].get((L, n)) for n in g["neuron"]]}
-        y = _matrix(actual, ids["self"], texts)
+        ids = {SELF: list(g["trial_id"]), **{str(c.comparison): [b["trial_id"].get((L, n, h, f) if c.per_cell else (L, n))
+                                                                for n in g["neuron"]] for c, b in best.items()}}
+        y = _matrix(actual, ids[SELF], texts)
         p = {k: _matrix(pred, v, texts) for k, v in ids.items()}
         train_mean = g["train_mean"].to_numpy(np.float64)
         kurt = {(k, m): _column(df, v, f"{m}_kurtosis") for k, v in ids.items() for m in METRICS}
@@ -115,11 +117,11 @@ def compare(sweep_dir: Path, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFra
                 by = bh_adjusted(iv["p"], dependence="any")
                 layer[f"n_{col}_positive_by"] = int(np.sum((by <= Q) & (iv["point"] > 0)))
         for name, x in p.items():
-            got = layer_mean_intervals(x, y, train_mean, others={o: p[o] for o in OTHERS} if name == "self" else None)
+            got = layer_mean_intervals(x, y, train_mean, others={o: p[o] for o in OTHERS} if name == SELF else None)
             for m in METRICS:
                 col = f"{name}_{SHORT[m]}"
                 layer[col], layer[f"{col}_lo"], layer[f"{col}_hi"] = got[m], got[f"{m}_lo"], got[f"{m}_hi"]
-                if name == "self":
+                if name == SELF:
                     for o in OTHERS:
                         k, gcol = f"gap_{o}_{m}", f"gap_{o}_{SHORT[m]}"
                         layer[gcol], layer[f"{gcol}_lo"], layer[f"{gcol}_hi"] = got[k], got[f"{k}_lo"], got[f"{k}_hi"]

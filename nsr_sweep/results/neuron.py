@@ -24,16 +24,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..core.controls import PREDICTORS, SHUFFLED
 from ..core.errors import NsrError
 from ..core.spec import SweepSpec
 from .layout import read_state, resolved_spec, run_state
 from .schema import ID_COLUMNS
 from .store import TrialStore, open_store
 
-ROLES = ("self", "shuffled", "cross_model", "input_only")
+ROLES = tuple(c.role for c in PREDICTORS if c.on_page)
 """The predictors every neuron page shows, in this order (other controls follow when a sweep ran them)."""
-ROLE_NAMES = {"self": "self", "shuffled": "shuffled", "cross_model": "cross-model", "input_only": "input-only",
-              "random_model": "random-model", "early_features": "early-features"}
+ROLE_NAMES = {c.role: c.display for c in PREDICTORS}
 
 
 @dataclass
@@ -214,7 +214,7 @@ def comparison_rows(sweep_dir: Path, layer: int, neuron: int, notes: list[str]) 
 def neuron_activations(predictions: pd.DataFrame) -> pd.Series:
     """The neuron's activation on each test text (text_id → value), as the sweep's cache holds it: any probe's
     `actual_orig` but a shuffled control's (that is its permuted target)."""
-    real = predictions[predictions["role"] != "shuffled"]
+    real = predictions[predictions["role"] != SHUFFLED.role]
     return real.drop_duplicates("text_id").set_index("text_id")["actual_orig"].sort_index()
 
 

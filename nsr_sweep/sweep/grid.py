@@ -14,30 +14,32 @@ import math
 from collections import Counter
 from typing import Any
 
-from ..core.spec import CROSS_FREEZES, GridPoint, NeuronSelect, SweepSpec, TrialBatch
+from ..core.controls import control_of
+from ..core.spec import GridPoint, NeuronSelect, SweepSpec, TrialBatch
 
 
 def expand(spec: SweepSpec, neurons: dict[int, list[int]]) -> list[GridPoint]:
     """One group per (layer, neuron, head, freeze), plus its controls; invalid combinations are left out.
 
-    `shuffled` accompanies every group; `random_model` and `early_features` swap the features a
-    frozen-base head reads, so they accompany the freeze-none groups; `cross_model` accompanies the
-    freeze none and all groups (the other model has no target layer); `input_only` is one ridge
-    regression on the text's tokens per (layer, neuron), the same comparator for every head.
+    Each control accompanies the groups of its freeze modes (`core.controls`: `shuffled` every group,
+    `random_model` and `early_features` — which swap a frozen-base head's features — the freeze-none groups,
+    `cross_model` the freeze none and all groups: the other model has no target layer), in the sweep file's order,
+    the other model's group last; `input_only` is one ridge regression on the text's tokens per (layer, neuron),
+    the same comparator for every head.
     """
-    controls = spec.control_names
+    chosen = [control_of(c) for c in spec.control_names]
+    per_cell = sorted((c for c in chosen if c.per_cell), key=lambda c: c.other_model)
     groups = []
     for L in spec.layers:
         for n in neurons[L]:
             for h, f in spec.combos():
                 base = GridPoint(layer=L, neuron=n, head=h, freeze=f)
                 groups.append(base)
-                groups += [base.model_copy(update={"control": c}) for c in controls
-                           if c == "shuffled" or (c in ("random_model", "early_features") and f == "none")]
-                if "cross_model" in controls and f in CROSS_FREEZES:
-                    groups.append(base.model_copy(update={"control": "cross_model", "cross_model": spec.cross_model}))
-            if "input_only" in controls:
-                groups.append(GridPoint(layer=L, neuron=n, head="regression", freeze="none", control="input_only"))
+                groups += [base.model_copy(update={"control": c.name,
+                                                   "cross_model": spec.cross_model if c.other_model else None})
+                           for c in per_cell if f in c.freezes]
+            groups += [GridPoint(layer=L, neuron=n, head="regression", freeze="none", control=c.name)
+                       for c in chosen if not c.per_cell]
     return groups
 
 

@@ -40,6 +40,9 @@ class ModelWorker:
         self.loads = 1
         self.other: LoadedModel | None = None  # the cross_model control's model, loaded on first use
         self.cache: ActivationCache | None = None
+        from ..core.reuse import Reuse
+
+        self.reuse = Reuse()  # patching engines and feature SVDs kept between units (bound to the cache and model)
         self.running = 0
         self.epochs: dict[str, list[dict]] = {}  # per running trial: its validation records so far
         self.stopping: set[str] = set()  # trials a scheduler stopped
@@ -126,7 +129,8 @@ class ModelWorker:
             return not cut
 
         assert self.cache is not None, "set_cache first"
-        result = run_trial(self.cache, self.model, spec, on_epoch=on_epoch, outsider=self._outsider(spec.cross_model))
+        result = run_trial(self.cache, self.model, spec, on_epoch=on_epoch, outsider=self._outsider(spec.cross_model),
+                           reuse=self.reuse)
         result.metrics["scheduler_stopped"] = bool(cut)  # training was cut short (a late stop changes nothing)
         self.stopping.discard(tid)
         from .transport import pack_trial
@@ -148,7 +152,7 @@ class ModelWorker:
         assert self.cache is not None, "set_cache first"
         self.running += 1
         try:
-            results = run_trials(self.cache, self.model, specs)
+            results = run_trials(self.cache, self.model, specs, reuse=self.reuse)
             for result in results:
                 result.metrics["scheduler_stopped"] = False
             bundle = pack_unit([(r, s.trial_id, s.sample) for s, r in zip(specs, results)], unit)
