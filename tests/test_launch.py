@@ -211,3 +211,19 @@ def test_tunes_own_log_of_a_full_disk_is_not_printed_but_stops_the_launch(tmp_pa
         ray_logger.removeHandler(handler)
     assert noted and {(e.errno, e.filename) for e in noted} == {(errno.ENOSPC, str(tmp_path / "tune"))}  # (per handler)
     assert out.getvalue() == "something else went wrong\nafter: printed again\n"
+
+
+def test_a_resume_into_a_disk_that_is_still_full_says_so_in_one_line(tmp_path, monkeypatch):
+    from nsr_sweep.results import layout
+
+    f = _sweep(tmp_path)
+
+    def no_room(path, write):
+        raise _full(path)
+
+    monkeypatch.setattr(layout, "atomic_write", no_room)  # sweep.yaml cannot be written
+    monkeypatch.setattr(disk, "check_room", lambda *a: None)  # (what the sweep dir already holds passed it)
+    r = CliRunner().invoke(main, ["launch", f, "--out", str(tmp_path / "res"), "--resume", "--ray-network", "host"])
+    assert r.exit_code == 2 and r.output.startswith(f"error: no space left on device: {tmp_path / 'res' / 't'} has ")
+    assert r.output.strip().endswith(f"`nsr-sweep launch {f} --out {tmp_path / 'res'} --ray-network host --resume`")
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "res" / "t" / "sweep.lock").exists()

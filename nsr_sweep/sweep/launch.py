@@ -68,7 +68,13 @@ class Launch:
 
     def run(self) -> Path:
         self.validate()
-        claim(self.sweep_dir, self.spec, self.options.resume)
+        try:
+            claim(self.sweep_dir, self.spec, self.options.resume)
+        except OSError as e:  # a resume into a directory whose disk is still full
+            release(self.sweep_dir)
+            if (cause := disk_full_error(e)) is None:
+                raise
+            raise DiskFull.of(cause, self.sweep_dir, self.options.resume_command()) from None
         try:
             self.open()
             self.plan(self.start_workers())
