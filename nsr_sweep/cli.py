@@ -196,7 +196,10 @@ def launch(dry_run, **options):
 
     opts = LaunchOptions(**options)  # the launch's options, built once: every later step reads these
     if dry_run:
-        click.echo(dry_run_text(preflight(opts)))
+        from .sweep.disk import room_line
+
+        spec = preflight(opts)
+        click.echo(dry_run_text(spec) + "\n" + room_line(spec, Path(opts.out) / spec.name, opts.storage))
         return
     if isolate_here(opts):  # a local cluster, closed: launched from a child process of its own
         from .sweep.localray import DashboardForward, spawn_isolated

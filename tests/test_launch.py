@@ -66,6 +66,9 @@ def test_validation_refuses_a_results_root_without_room_in_one_line_before_anyth
     assert r.exit_code == 2 and r.output.strip() == f"error: {e.value}"
     assert not (tmp_path / "res").exists()
     usage.free = need
+    r = CliRunner().invoke(main, ["launch", f, "--out", str(tmp_path / "res"), "--dry-run"])
+    assert r.exit_code == 0 and r.output.splitlines()[-1] == \
+        f"  results: about {disk.human(need)} to write into {tmp_path / 'res' / 't'} ({disk.human(need)} free there)"
     launch.validate()
     assert launch.sweep_dir == tmp_path / "res" / "t" and launch.network == "auto"
 

@@ -63,14 +63,23 @@ def _weight_bytes(spec: SweepSpec) -> int:
 def check_room(spec: SweepSpec, sweep_dir: Path, storage: str | None = None) -> None:
     """Refuse, in one line, a results root whose free space cannot hold what the sweep still has to write (a
     resumed sweep's directory already holds part of it). Saved weights that go to --storage are not counted."""
-    if storage and spec.training.save_weights:
-        spec = spec.model_copy(update={"training": spec.training.model_copy(update={"save_weights": False})})
-    need = max(0, estimate_bytes(spec) - _size(sweep_dir))
-    where = _existing(sweep_dir)
-    usage = shutil.disk_usage(where)
+    need, where, usage = _room(spec, sweep_dir, storage)
     if usage.free < need:
         raise NsrError(f"--out: {where} has {human(usage.free)} free (of {human(usage.total)}), and sweep "
                        f"{spec.name!r} will write about {human(need)}: free space there or choose another --out")
+
+
+def room_line(spec: SweepSpec, sweep_dir: Path, storage: str | None = None) -> str:
+    """What --dry-run says of the results directory."""
+    need, where, usage = _room(spec, sweep_dir, storage)
+    return f"  results: about {human(need)} to write into {sweep_dir} ({human(usage.free)} free there)"
+
+
+def _room(spec: SweepSpec, sweep_dir: Path, storage: str | None):
+    if storage and spec.training.save_weights:
+        spec = spec.model_copy(update={"training": spec.training.model_copy(update={"save_weights": False})})
+    where = _existing(sweep_dir)
+    return max(0, estimate_bytes(spec) - _size(sweep_dir)), where, shutil.disk_usage(where)
 
 
 def _existing(path: Path) -> Path:
