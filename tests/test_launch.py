@@ -230,3 +230,15 @@ def test_a_resume_into_a_disk_that_is_still_full_says_so_in_one_line(tmp_path, m
     assert r.exit_code == 2 and r.output.startswith(f"error: no space left on device: {tmp_path / 'res' / 't'} has ")
     assert r.output.strip().endswith(f"`nsr-sweep launch {f} --out {tmp_path / 'res'} --ray-network host --resume`")
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "res" / "t" / "sweep.lock").exists()
+
+
+def test_the_full_disk_behind_a_workers_error_names_the_workers_file(tmp_path):
+    import ray.exceptions
+
+    cache = tmp_path / "cache" / "ab12" / "acts.safetensors"
+    try:
+        raise _full(cache)
+    except OSError as e:
+        wrapped = ray.exceptions.RayTaskError("build_cache", "Traceback …", e).as_instanceof_cause()
+    assert disk.disk_full_error(wrapped).filename == str(cache)
+    assert disk.disk_full_error(RuntimeError("no")) is None

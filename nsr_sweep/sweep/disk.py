@@ -109,6 +109,10 @@ def disk_full_error(e: BaseException | None) -> OSError | None:
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
+        inner = getattr(e, "cause", None)  # Ray's RayTaskError: the exception the worker raised (a cache build's)
+        if isinstance(inner, BaseException) and id(inner) not in seen:
+            e = inner
+            continue
         if isinstance(e, OSError) and (e.errno in FULL or "No space left on device" in str(e)):
             return e
         e = e.__cause__ or e.__context__
