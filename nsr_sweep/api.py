@@ -71,6 +71,8 @@ def launch(sweep: str | Path | dict, out: str | Path = "results", *, resume: boo
     it — and open its results. `options` are the CLI's, in Python form: address, dashboard (bool),
     dashboard_host, cache_root, ray_network, storage, optuna_storage, tensorboard (bool), mlflow (URI or "").
     A launch that ends with missing trials or bad input raises NsrError with the CLI's message."""
+    from .sweep.options import LaunchOptions
+
     with tempfile.TemporaryDirectory(prefix="nsr-launch-") as tmp:
         if isinstance(sweep, dict):
             import yaml
@@ -79,9 +81,8 @@ def launch(sweep: str | Path | dict, out: str | Path = "results", *, resume: boo
             path.write_text(yaml.safe_dump(sweep, sort_keys=False))
         else:
             path = Path(sweep)
-        cmd = [sys.executable, "-m", "nsr_sweep.cli", "launch", str(path), "--out", str(out), *_flags(options)]
-        if resume:
-            cmd.append("--resume")
+        cmd = [sys.executable, "-m", "nsr_sweep.cli", "launch",
+               *LaunchOptions.of(sweep_file=str(path), out=str(out), resume=resume, **options).cli_args()]
         proc = subprocess.Popen(cmd, stdout=None if not quiet else subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True)
         _, err = proc.communicate()
@@ -91,27 +92,6 @@ def launch(sweep: str | Path | dict, out: str | Path = "results", *, resume: boo
                        f"{err.strip()[-2000:]}")
     name = load_sweep(sweep, check_model=False).name
     return open_results(Path(out) / name)
-
-
-LAUNCH_OPTIONS = ("address", "dashboard", "dashboard_host", "cache_root", "ray_network", "storage", "optuna_storage",
-                  "tensorboard", "mlflow")
-
-
-def _flags(options: dict) -> list[str]:
-    """Python keyword options → the CLI's flags (True turns a flag on; None or False leaves the default)."""
-    unknown = sorted(set(options) - set(LAUNCH_OPTIONS))
-    if unknown:
-        raise NsrError(f"launch: unknown option {unknown[0]!r}; allowed: {', '.join(LAUNCH_OPTIONS)}")
-    flags = []
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        if key == "dashboard":
-            flags.append("--dashboard" if value else "--no-dashboard")
-        elif value is True or (key == "mlflow" and value == ""):
-            flags.append(flag)
-        elif value is not None and value is not False:
-            flags += [flag, str(value)]
-    return flags
 
 
 def open_results(path: str | Path) -> Results:

@@ -168,14 +168,14 @@ def cache_build(sweep_file, root):
 
 @main.command()
 @click.argument("sweep_file")
-@click.option("--out", "out_root", default="results", show_default=True, help="Results root: writes OUT/<name>/.")
+@click.option("--out", default="results", show_default=True, help="Results root: writes OUT/<name>/.")
 @click.option("--address", default=None, help="Join a running Ray cluster (e.g. auto); default $RAY_ADDRESS or local.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted sweep; finished trials are never rerun.")
 @click.option("--dry-run", is_flag=True, help="Print the expanded trial grid and exit.")
 @click.option("--dashboard/--no-dashboard", default=True, show_default=True, help="Start the Ray dashboard (local Ray).")
 @click.option("--dashboard-host", default="127.0.0.1", show_default=True)
 @click.option("--cache-root", default=None, help="Activation cache root (default $NSR_CACHE_DIR).")
-@click.option("--ray-network", "network", type=click.Choice(["auto", "isolated", "host"]), default="auto",
+@click.option("--ray-network", type=click.Choice(["auto", "isolated", "host"]), default="auto",
               show_default=True, help="Local Ray in the launch's own network namespace (loopback only): "
               "isolated requires it, auto falls back to the host's network with a warning, host never isolates.")
 @click.option("--storage", default=None, help="Where saved weights go (training.save_weights): a path shared by "
@@ -186,29 +186,26 @@ def cache_build(sweep_file, root):
 @click.option("--mlflow", default=None, is_flag=False, flag_value="", metavar="[URI]",
               help="Log every trial to MLflow at URI (alone: OUT/<name>/mlruns). Needs mlflow-skinny.")
 @friendly
-def launch(sweep_file, out_root, address, resume, dry_run, dashboard, dashboard_host, cache_root, network, storage,
-           optuna_storage, tensorboard, mlflow):
+def launch(dry_run, **options):
     """Run a sweep: Ray model workers, Tune + Optuna trials, results/<name>/."""
     from .sweep.grid import dry_run_text
-    from .sweep.launch import Trackers, isolate_here
+    from .sweep.launch import isolate_here
     from .sweep.launch import launch as run_launch
+    from .sweep.options import LaunchOptions
     from .sweep.validate import preflight
 
+    opts = LaunchOptions(**options)  # the launch's options, built once: every later step reads these
     if dry_run:
-        click.echo(dry_run_text(preflight(sweep_file, address, cache_root, out_root)))
+        from .sweep.disk import room_line
+
+        spec = preflight(opts)
+        click.echo(dry_run_text(spec) + "\n" + room_line(spec, Path(opts.out) / spec.name, opts.storage))
         return
-    options = dict(sweep_file=sweep_file, out_root=out_root, address=address, resume=resume, dashboard=dashboard,
-                   dashboard_host=dashboard_host, cache_root=cache_root, network=network, storage=storage,
-                   optuna_storage=optuna_storage, tensorboard=tensorboard, mlflow=mlflow)
-    if isolate_here(options, echo=click.echo):  # a local cluster, closed: launched from a child process of its own
+    if isolate_here(opts):  # a local cluster, closed: launched from a child process of its own
         from .sweep.localray import DashboardForward, spawn_isolated
 
-        forward = DashboardForward(dashboard_host) if dashboard else None
-        sys.exit(spawn_isolated(options, forward))
-    sweep_dir = run_launch(sweep_file, out_root=out_root, address=address, resume=resume, dashboard=dashboard,
-                           dashboard_host=dashboard_host, cache_root=cache_root, network=network, storage=storage,
-                           optuna_storage=optuna_storage, trackers=Trackers(tensorboard, mlflow), echo=click.echo)
-    click.echo(f"results: {sweep_dir}")
+        sys.exit(spawn_isolated(opts, DashboardForward(opts.dashboard_host) if opts.dashboard else None))
+    click.echo(f"results: {run_launch(opts, echo=click.echo)}")
 
 
 @main.command()

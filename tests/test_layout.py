@@ -83,3 +83,33 @@ def test_the_modules_import_each_other_without_a_circle():
 
     for n in sorted(graph):
         visit(n, [])
+
+
+def test_no_function_in_sweep_runs_over_60_lines_no_launch_phase_over_40_and_no_sweep_module_over_500():
+    """The house rule for the launch's code (DEVELOPERS: short functions, one job a module), read from the source."""
+    long = []
+    for path in sorted((PACKAGE / "sweep").glob("*.py")):
+        source = path.read_text()
+        if len(source.splitlines()) > 500:
+            long.append(f"{path.name}: {len(source.splitlines())} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
+                long.append(f"{path.name}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
+            if isinstance(node, ast.ClassDef) and node.name == "Launch":  # its phases: 40 lines at most
+                long += [f"Launch.{f.name}: {f.end_lineno - f.lineno + 1} lines" for f in node.body
+                         if isinstance(f, ast.FunctionDef) and f.end_lineno - f.lineno + 1 > 40]
+    assert long == []
+
+
+def test_only_the_cli_and_the_api_spell_out_a_launchs_options():
+    """`LaunchOptions` is built by cli.py and api.py and nowhere else; every later step takes it whole."""
+    builders = set()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+                owner = f.value.id if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) else ""
+                if name == "LaunchOptions" or (owner == "LaunchOptions" and name == "of"):
+                    builders.add(path.relative_to(PACKAGE).as_posix())
+    assert builders == {"cli.py", "api.py"}

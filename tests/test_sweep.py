@@ -20,6 +20,7 @@ from nsr_sweep.core.errors import NsrError
 from nsr_sweep.core.spec import GridPoint, TrialBatch, TrialSettings, load_sweep, parse_sweep, parse_trial_id
 from nsr_sweep.results.schema import spec_columns, spec_json
 from nsr_sweep.sweep.grid import batch_of, dry_run_text, expand, n_samples, tracker_params, tune_config
+from nsr_sweep.sweep.options import LaunchOptions
 from nsr_sweep.sweep.search import GroupedSearch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -721,20 +722,19 @@ def test_a_launch_that_fails_after_it_started_is_recorded_failed_and_the_fixed_f
     f = tmp_path / "s.yaml"
     f.write_text(yaml.safe_dump(with_()))
 
-    def boom(*a, **k):
-        orchestrate.update_state(tmp_path / "res" / "t", status="running")
+    def boom(self):
         raise RuntimeError("the cluster went away")
 
-    monkeypatch.setattr(orchestrate, "init_ray", lambda *a: (None, None))
-    monkeypatch.setattr(orchestrate, "_run", boom)
+    monkeypatch.setattr(orchestrate.Launch, "start_workers", boom)
+    options = LaunchOptions(str(f), out=str(tmp_path / "res"))
     with pytest.raises(RuntimeError):
-        orchestrate.launch(str(f), out_root=str(tmp_path / "res"))
+        orchestrate.launch(options)
     d = tmp_path / "res" / BASE["name"]
     assert read_state(d)["status"] == "failed" and "the cluster went away" in read_state(d)["error"]
     assert run_state(d) == "failed"
     f.write_text(yaml.safe_dump(with_(layers=[2])))  # fixed: no trial ran, so a changed file is accepted
     with pytest.raises(RuntimeError):
-        orchestrate.launch(str(f), out_root=str(tmp_path / "res"))
+        orchestrate.launch(options)
 
 
 def _parquet_corpus(path: Path, kind: str) -> str:
@@ -853,5 +853,5 @@ def test_every_sweep_file_field_reaches_the_trialspec_a_worker_runs(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(with_(training={"lrr": 1e-3})))
     with pytest.raises(NsrError, match=r"training\.lrr: unknown key"):
-        launch(str(bad), out_root=str(tmp_path / "res"))
+        launch(LaunchOptions(str(bad), out=str(tmp_path / "res")))
     assert not ray.is_initialized() and not (tmp_path / "res").exists()

@@ -8,6 +8,7 @@ Neither Ray nor Optuna is imported here, so `nsr-sweep status` and `report` stay
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from ..core.errors import NsrError
-from ..core.files import atomic_write, write_json
+from ..core.files import atomic_write, json_bytes
 from ..core.spec import METHOD_VERSION, SweepSpec, dump_sweep, load_sweep
 
 STATE = "sweep_state.json"
@@ -165,6 +166,7 @@ def remove_partial_writes(sweep_dir: Path) -> list[Path]:
     if study_lock.is_symlink() or study_lock.exists():
         study_lock.unlink()
         gone.append(study_lock)
+    gone += [f for f in (sweep_dir / RUNS, sweep_dir / STUDIES) if _cut_partial_line(f)]
     for d in (sweep_dir, sweep_dir / "tables", sweep_dir / TRIALS, *sweep_dir.glob(f"{TRIALS}/*/"),
               *sweep_dir.glob(f"{PROBES}/*/")):
         for p in d.iterdir() if d.is_dir() else []:
@@ -172,6 +174,20 @@ def remove_partial_writes(sweep_dir: Path) -> list[Path]:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
                 gone.append(p)
     return gone
+
+
+def _cut_partial_line(log: Path) -> bool:
+    """An append-only log (runs.jsonl, the studies' journal) whose last line a full disk or a kill cut short: that
+    line removed (the next append would run into it and make both unreadable). Whether it had one."""
+    try:
+        with open(log, "r+b") as f:
+            if f.seek(0, os.SEEK_END) == 0 or (f.seek(-1, os.SEEK_END) >= 0 and f.read(1) == b"\n"):
+                return False
+            f.seek(0)
+            f.truncate(f.read().rfind(b"\n") + 1)  # rare: read whole only when the last line is cut
+            return True
+    except FileNotFoundError:
+        return False
 
 
 def _check_same_sweep(sweep_dir: Path, spec: SweepSpec, resume: bool) -> None:
@@ -222,7 +238,33 @@ def read_state(sweep_dir: Path) -> dict:
         return {"status": "damaged"}
 
 
+STATE_ROOM = 4096  # spare bytes (trailing spaces, which JSON ignores) that a full disk cannot take from the state
+
+
 def update_state(sweep_dir: Path, **kw) -> dict:
+    """sweep_state.json updated, written whole; on a full disk, rewritten in place within its spare room (so a
+    launch stopped by the disk can still record why)."""
     state = {**read_state(sweep_dir), **kw}
-    write_json(Path(sweep_dir) / STATE, state)
+    f, data = Path(sweep_dir) / STATE, json_bytes(state)
+    try:
+        atomic_write(f, lambda tmp: tmp.write_bytes(data + b" " * STATE_ROOM))
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not _rewrite_in_place(f, data):
+            raise
     return state
+
+
+def _rewrite_in_place(f: Path, data: bytes) -> bool:
+    """The state over the old file's own bytes, padded to its length (no new block is needed); False when it
+    does not fit."""
+    try:
+        size = f.stat().st_size
+    except OSError:
+        return False
+    if len(data) > size:
+        return False
+    with open(f, "r+b") as out:
+        out.write(data + b" " * (size - len(data)))
+        out.flush()
+        os.fsync(out.fileno())
+    return True

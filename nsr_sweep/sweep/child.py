@@ -8,15 +8,17 @@ import json
 import sys
 
 from .localray import enter_child
+from .options import LaunchOptions
 
 
 def main(args: dict) -> int:
-    entered = enter_child(args)
-    if entered is None:  # the parent died before the child could follow it
+    options = LaunchOptions.from_json(args["options"])  # as the CLI or the API built them
+    isolation = enter_child(args)
+    if isolation is None:  # the parent died before the child could follow it
         return 1
     from .launch import run_isolated_launch  # the heavy imports start threads: only now
 
-    return run_isolated_launch(args, *entered)
+    return run_isolated_launch(options, isolation)
 
 
 if __name__ == "__main__":

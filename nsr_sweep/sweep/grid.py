@@ -106,14 +106,19 @@ def tracker_params(config: dict) -> dict:
             "params": config["params"]}
 
 
-def dry_run_text(spec: SweepSpec) -> str:
-    """The grid `expand` would make (with ≤k neurons per selector), counted per (head, freeze) and control."""
+def most_neurons(spec: SweepSpec) -> int:
+    """Neurons per layer at most, before the cache resolves the selectors (a selector counts its k; `all`, d_mlp)."""
     from ..core.models import model_shape
 
     d_mlp = model_shape(spec.model.name).get("d_mlp") if any(isinstance(n, NeuronSelect) and n.k is None
                                                             for n in spec.neurons) else None
     per_layer = sum((n.k or d_mlp or 0) if isinstance(n, NeuronSelect) else 1 for n in spec.neurons)
-    per_layer = min(per_layer, d_mlp) if d_mlp else per_layer
+    return min(per_layer, d_mlp) if d_mlp else per_layer
+
+
+def dry_run_text(spec: SweepSpec) -> str:
+    """The grid `expand` would make (with ≤k neurons per selector), counted per (head, freeze) and control."""
+    per_layer = most_neurons(spec)
     skipped = spec.skipped_combos()
     groups = expand(spec, {L: list(range(per_layer)) for L in spec.layers})
     trials: Counter[tuple] = Counter()

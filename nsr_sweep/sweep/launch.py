@@ -17,7 +17,8 @@ import os
 import secrets
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -35,168 +36,318 @@ from ..results.layout import (
 )
 from ..results.records import finished_rows
 from ..results.tables import write_trials_table
+from .disk import DiskFull, disk_full_error, full_disk_logs_noted
+from .options import Isolation, LaunchOptions
+from .trackers import Trackers
 from .validate import _check_writable, preflight
 
-# -- Ray -------------------------------------------------------------------------------------
+# -- the launch ----------------------------------------------------------------------------------
 
 
-def init_ray(spec: SweepSpec, address: str | None, dashboard: bool, dashboard_host: str, network: str, echo,
-             isolation: Isolation | None = None):
-    """Join a cluster — (dashboard URL, None) — or start a local one, closed (see localray) —
-    (its dashboard URL, the LocalCluster that stops it). A cluster's workers get the driver's HF_*,
-    NSR_* and TRANSFORMERS_* settings (Ray's runtime_env); a local cluster's inherit them."""
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our own progress lines replace Tune's tables
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    import ray
-
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        from .workers import forwarded_env
-
-        ctx = ray.init(address=address, log_to_driver=False, configure_logging=True, logging_level=logging.ERROR,
-                       runtime_env={"env_vars": forwarded_env()})
-        return getattr(ctx, "dashboard_url", None), None
-    from .localray import start_local_ray
-    from .workers import cpu_count
-
-    iso = isolation or Isolation()
-    local = start_local_ray(cpu_count(), dashboard=dashboard, dashboard_host=dashboard_host, network=network,
-                            isolated=iso.isolated, not_isolated=iso.why, forward=iso.forward, echo=echo)
-    return local.url, local
+def launch(options: LaunchOptions, echo=print, isolation: Isolation | None = None) -> Path:
+    """Run a sweep into `OUT/<name>/`. Raises NsrError (after the report is built) when trials are missing."""
+    return Launch(options, echo, isolation).run()
 
 
-@dataclass
-class Isolation:
-    """Where a local launch's process stands (`localray.spawn_isolated` made it): in its own network namespace,
-    or why not; and the dashboard listener its parent bound on the host's network."""
-    isolated: bool = False
-    why: str | None = "the launch was not started in a process of its own"
-    forward: Any = None
+class Launch:
+    """One launch of a sweep, phase by phase:
 
+        validate (no Ray) ─▶ claim OUT/<name>/ ─▶ open (studies, trackers, state `running`)
+          ─▶ start_workers (Ray, the model workers, the cache) ─▶ plan (the grid, its search)
+          ─▶ run_trials (Tune) ─▶ finish (the table, the count, the state) ─▶ stop (Ray, once) ─▶ report
 
-def plan_workers(spec: SweepSpec) -> tuple[int, str, int]:
-    """(number of workers, device, torch threads per worker) from the cluster's resources: with
-    `gpus_per_worker`, one worker per share of `gpu_resource` (fractions put several on one GPU)."""
-    import ray
+    `run` runs them in order; whatever ends it early is recorded in sweep_state.json (`failed`, and why), and a
+    full disk ends in one line (`disk.DiskFull`)."""
 
-    res = ray.cluster_resources()
-    r = spec.resources
-    gpus = res.get(r.gpu_resource, 0)
-    use_gpu = r.gpu_resource == "GPU" and (r.device == "cuda" or (r.device == "auto" and gpus > 0 and r.gpus_per_worker > 0))
-    if r.device == "cuda" and res.get("GPU", 0) == 0:
-        raise NsrError("resources.device is cuda but the Ray cluster has no GPU")
-    if r.gpus_per_worker and r.gpu_resource != "GPU" and not gpus:
-        raise NsrError(f"resources.gpu_resource {r.gpu_resource!r}: no node of the Ray cluster has it "
-                       f"(it has {', '.join(sorted(k for k in res if not k.startswith('node:')))})")
-    threads = max(1, int(r.cpus_per_trial))
-    if r.workers != "auto":
-        n = r.workers
-    elif r.gpus_per_worker and (use_gpu or r.gpu_resource != "GPU"):
-        n = max(1, int(gpus / r.gpus_per_worker + 1e-9))
-    else:
-        n = max(1, int(res.get("CPU", 1) // threads))
-    return n, ("cuda" if use_gpu or r.device == "cuda" else "cpu"), threads
+    def __init__(self, options: LaunchOptions, echo=print, isolation: Isolation | None = None):
+        self.options, self.echo, self.isolation = options, echo, isolation or Isolation()
+        self.times: dict[str, float] = {"start": time.time()}
+        self.local: Any = None  # the LocalCluster this launch started
+        self.ray_started = False
+        self.missing: list[str] = []
 
+    def run(self) -> Path:
+        self.validate()
+        try:
+            claim(self.sweep_dir, self.spec, self.options.resume)
+        except OSError as e:  # a resume into a directory whose disk is still full
+            release(self.sweep_dir)
+            if (cause := disk_full_error(e)) is None:
+                raise
+            raise DiskFull.of(cause, self.sweep_dir, self.options.resume_command()) from None
+        try:
+            self.open()
+            self.plan(self.start_workers())
+            self.run_trials()
+            self.finish()
+            self.stop()  # leftovers killed, Ray's temp dir deleted, before the report is built
+            self.report()
+        except BaseException as e:  # recorded, so the directory never reads "running" after its launch is gone
+            full = self.record_failure(e)
+            if full is None:
+                raise
+            raise full from None
+        finally:
+            self.stop()
+            release(self.sweep_dir)
+        if self.missing:
+            raise NsrError(f"{len(self.missing)} of {len(self.expected)} trials missing from {self.sweep_dir}: "
+                           f"{self.lost}. `{self.options.resume_command()}` reruns them")
+        return self.sweep_dir
 
-# -- launch ----------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Everything checked before Ray starts (`validate.preflight`, shared with --dry-run: the sweep file, the
+        model's weights, the corpus, the directories, the device, the disk's room), then the trackers' packages and
+        the network the cluster will use."""
+        o = self.options
+        self.spec = preflight(o)
+        self.storage = absolute_storage(o.storage)
+        self.trackers = Trackers(o.tensorboard, o.mlflow)
+        self.trackers.check()
+        self.network = network_for(o.ray_network, [self.storage, o.mlflow], o.address, self.echo)
+        self.sweep_dir = Path(o.out).resolve() / self.spec.name
 
-
-@dataclass(frozen=True)
-class Trackers:
-    """Optional experiment trackers, fed every result Tune receives (a batch reports its summary)."""
-    tensorboard: bool = False
-    """Tune's TBX logger: event files under results/<name>/tune/ (`tensorboard --logdir results/<name>/tune`)."""
-    mlflow: str | None = None
-    """An MLflow tracking URI, or "" for results/<name>/mlruns/mlflow.db (SQLite: MLflow 3 refuses a plain
-    mlruns/ file store by default); one MLflow experiment named after the sweep."""
-
-    def check(self) -> None:
-        """The packages they need, before anything starts."""
-        import importlib.util
-
-        for on, module, package in ((self.tensorboard, "tensorboardX", "tensorboardX"),
-                                    (self.mlflow is not None, "mlflow", "mlflow-skinny")):
-            if on and importlib.util.find_spec(module) is None:
-                raise NsrError(f"--{'tensorboard' if module == 'tensorboardX' else 'mlflow'} needs {package}: "
-                               f"pip install {package}")
-
-    def mlflow_uri(self, sweep_dir: Path) -> str | None:
-        if self.mlflow is None:
-            return None
-        if self.mlflow:
-            return self.mlflow
-        (sweep_dir / "mlruns").mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{sweep_dir / 'mlruns' / 'mlflow.db'}"
-
-    def callbacks(self, sweep_dir: Path, name: str) -> list:
-        """Tune callbacks; an MLflow store that cannot be opened fails here, before Ray starts."""
-        out: list = []
-        if self.tensorboard:
-            from ray.tune.logger import TBXLoggerCallback
-
-            out.append(TBXLoggerCallback())
-        if (uri := self.mlflow_uri(sweep_dir)) is not None:
-            import mlflow
-            from ray.air.integrations.mlflow import MLflowLoggerCallback
-
-            try:
-                mlflow.MlflowClient(uri).search_experiments(max_results=1)
-            except Exception as e:
-                raise NsrError(redacted(f"--mlflow {uri}: cannot be opened ({type(e).__name__}: {str(e)[:300]})")) from None
-            out.append(_mlflow_callback(MLflowLoggerCallback)(tracking_uri=uri, experiment_name=name,
-                                                               save_artifact=False))
-        return out
-
-
-def _mlflow_callback(base):
-    """Ray's MLflow callback, logging `tracker_params` of a trial's config instead of the whole config."""
-    from .grid import tracker_params
-
-    class MLflowCallback(base):
-        def log_trial_start(self, trial):
-            if trial not in self._trial_runs:
-                run = self.mlflow_util.start_run(tags={**self.tags, "trial_name": str(trial)}, run_name=str(trial))
-                self._trial_runs[trial] = run.info.run_id
-                self.mlflow_util.log_params(run_id=run.info.run_id, params_to_log=tracker_params(trial.config))
-    return MLflowCallback
-
-
-def launch(sweep_file: str, *, out_root: str = "results", address: str | None = None, resume: bool = False,
-           dashboard: bool = True, dashboard_host: str = "127.0.0.1", cache_root: str | None = None,
-           network: str = "auto", storage: str | None = None, optuna_storage: str | None = None,
-           trackers: Trackers | None = None, echo=print, isolation: Isolation | None = None) -> Path:
-    """Run a sweep into `out_root/<name>/`. Raises NsrError (after the report is built) when trials are missing."""
-    t_start = time.time()
-    spec = preflight(sweep_file, address, cache_root, out_root)  # every input error surfaces here, before Ray starts
-    storage = absolute_storage(storage)
-    trackers = trackers or Trackers()
-    trackers.check()
-    network = _network_for(network, [storage, trackers.mlflow], address, echo)
-    sweep_dir = Path(out_root).resolve() / spec.name
-    claim(sweep_dir, spec, resume)
-    local = None
-    try:
+    def open(self) -> None:
+        """The studies' storage and the trackers (each fails here, before Ray starts), then the state `running`:
+        a resume keeps its start and its uid (study names carry it: never shared) and starts clean."""
         from .search import study_storage  # Optuna and Ray load only once a launch goes ahead
 
-        studies = study_storage(optuna_storage or str(sweep_dir / STUDIES))
-        callbacks = trackers.callbacks(sweep_dir, spec.name)
-        before = read_state(sweep_dir)  # a resume keeps its start and its uid (study names carry it: never shared)
-        state = update_state(sweep_dir, name=spec.name, status="running",
-                             uid=before.get("uid") or secrets.token_hex(4),
-                             started=before.get("started", t_start), resumed=(sweep_dir / TRIALS).is_dir(),
-                             optuna_storage=redacted(optuna_storage) or STUDIES, storage=storage,
-                             method_version=METHOD_VERSION,
-                             error=None, n_missing=None, missing=None, missing_reason=None)  # a resume starts clean
-        url, local = init_ray(spec, address, dashboard, dashboard_host, network, echo, isolation)
-        return _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start, storage, studies, callbacks)
-    except BaseException as e:  # recorded, so the directory never reads "running" after its launch is gone
-        if read_state(sweep_dir).get("status") == "running":
-            update_state(sweep_dir, status="failed", finished=time.time(), error=redacted(f"{type(e).__name__}: {e}"[:2000]))
-        raise
-    finally:
-        if local is not None:  # a local cluster: shut down and its leftovers reaped before the lock goes
+        o, spec = self.options, self.spec
+        self.studies = study_storage(o.optuna_storage or str(self.sweep_dir / STUDIES))
+        self.callbacks = self.trackers.callbacks(self.sweep_dir, spec.name)
+        before = read_state(self.sweep_dir)
+        self.state = update_state(self.sweep_dir, name=spec.name, status="running",
+                                  uid=before.get("uid") or secrets.token_hex(4),
+                                  started=before.get("started", self.times["start"]),
+                                  resumed=(self.sweep_dir / TRIALS).is_dir(),
+                                  optuna_storage=redacted(o.optuna_storage) or STUDIES, storage=self.storage,
+                                  method_version=METHOD_VERSION,
+                                  error=None, n_missing=None, missing=None, missing_reason=None)
+
+    def start_ray(self) -> str | None:
+        """Join a cluster, or start a local one, closed (see localray); returns the dashboard's URL. A cluster's
+        workers get the driver's HF_*, NSR_* and TRANSFORMERS_* settings (Ray's runtime_env); a local one's
+        inherit them."""
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our own progress lines replace Tune's tables
+        os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+        import ray
+
+        self.ray_started = True
+        if address := self.options.address or os.environ.get("RAY_ADDRESS"):
+            from .workers import forwarded_env
+
+            ctx = ray.init(address=address, log_to_driver=False, configure_logging=True,
+                           logging_level=logging.ERROR, runtime_env={"env_vars": forwarded_env()})
+            return getattr(ctx, "dashboard_url", None)
+        from .localray import start_local_ray
+        from .workers import cpu_count
+
+        o, iso = self.options, self.isolation
+        self.local = start_local_ray(cpu_count(), dashboard=o.dashboard, dashboard_host=o.dashboard_host,
+                                     network=self.network, isolated=iso.isolated, not_isolated=iso.why,
+                                     forward=iso.forward, echo=self.echo)
+        return self.local.url
+
+    def start_workers(self):
+        """Ray, the model workers (one model load each) and the inbox of their records; returns the cache."""
+        from .. import __version__
+        from .inputs import model_spec
+        from .transport import start_inbox
+        from .workers import WorkerLink, plan_workers, start_workers
+
+        spec, r = self.spec, self.spec.resources
+        self.url = self.start_ray()
+        self.times["ray"] = time.time()
+        if self.url:
+            self.echo(f"Ray dashboard: http://{self.url}  (token: `ray get-auth-token`)")
+        self.n_workers, device, threads = plan_workers(spec)
+        self.rows = finished_rows(self.sweep_dir)
+        backfill_runs(self.sweep_dir, [row["trial_id"] for row in self.rows if row.get("status") == "ok"])
+        self.inbox = start_inbox([row["trial_id"] for row in self.rows if row.get("status") != "damaged"])
+        link = WorkerLink(version=__version__, inbox=self.inbox, sweep=spec.name, storage=self.storage,
+                          gpu_share=r.gpus_per_worker if device == "cuda" or r.gpu_resource != "GPU" else 0.0,
+                          cuda=device == "cuda", trainable=any(f != "none" for _, f in spec.combos()), tf32=r.tf32)
+        self.echo(f"starting {self.n_workers} model worker(s) on {device}, {threads} thread(s) each …")
+        self.workers, info = start_workers(self.n_workers, asdict(model_spec(spec, device)), link, r.gpu_resource,
+                                           threads)
+        self.echo(f"{self.n_workers} model worker(s) on {len({i['node'] for i in info})} node(s); building or "
+                  "loading the cache …")
+        update_state(self.sweep_dir, workers=self.n_workers, worker_info=info, device=device, dashboard_url=self.url)
+        return self.load_cache()
+
+    def load_cache(self):
+        """Worker 0 builds or loads the cache; its arrays go to the object store once and every worker reads them
+        zero-copy. The cache's identity goes to cache_keys.json."""
+        import ray
+
+        from ..core.cache import ActivationCache
+
+        arrays_ref = self.workers[0].build_cache.remote(self.spec.model_dump(mode="json"), self.options.cache_root)
+        ray.get([w.set_cache.remote(arrays_ref) for w in self.workers])
+        cache = ActivationCache.from_arrays(ray.get(arrays_ref))
+        self.times["cache"] = time.time()
+        meta = cache.meta
+        write_json(self.sweep_dir / "cache_keys.json", [{"key": meta["key"], "layers": sorted(cache.acts),
+                                                         **{k: meta[k] for k in CACHE_KEYS}}])
+        _gauge("nsr_sweep_cache_tokens_per_second", self.spec.name, meta["tokens_per_second"])
+        return cache
+
+    def plan(self, cache) -> None:
+        """The grid of the resolved neurons, what it owes, and the search that hands out what is left."""
+        from .grid import expand, expected_trials, unit_size
+        from .inputs import resolve_neurons
+        from .search import GroupedSearch
+
+        spec = self.spec
+        neurons = resolve_neurons(spec, cache)
+        groups = expand(spec, neurons)
+        self.searcher = GroupedSearch(spec, groups, self.rows, storage=self.studies,
+                                      prefix=f"{spec.name}-{self.state['uid']}",
+                                      unit_neurons=unit_size(spec, neurons, self.n_workers))
+        self.expected = expected_trials(spec, groups)
+        skipped = len(spec.skipped_combos()) * sum(len(v) for v in neurons.values())
+        self.echo(f"{len(groups)} groups, {len(self.expected)} trials ({spec.search.num_samples} samples per searched "
+                  f"group, exact probes once; {len(self.rows)} already finished, {skipped} invalid head+freeze "
+                  "trials skipped)")
+        update_state(self.sweep_dir, n_expected=len(self.expected), n_groups=len(groups),
+                     neurons={str(k): v for k, v in neurons.items()}, cache_key=cache.meta["key"])
+
+    def run_trials(self) -> None:
+        """Tune runs what is left; the collector writes each record as it arrives. A disk that filled stops Tune
+        (what is left cannot be written) and ends the launch."""
+        import ray
+
+        from .progress import SweepProgress
+        from .transport import Collector
+        from .workers import start_pool
+
+        self.pool = start_pool(self.workers)
+        self.collector = Collector(self.sweep_dir, self.spec, self.rows, self.inbox, self.pool)
+        progress = SweepProgress(self.collector, self.spec.name, self.spec.search.metric,
+                                 len(self.rows) + self.searcher.n_remaining)
+        self.work_before = sum(_work(r) for r in self.rows)
+        if self.searcher.n_remaining:
+            with full_disk_logs_noted(self.collector.note_disk_full):
+                self.tuner(progress).fit()
+            if self.collector.disk_full is None:  # a trial a scheduler stopped may still be sending its record
+                ray.get(self.pool.each.remote("wait_idle", 600))
+        progress.show(self.collector.collect())
+        progress.close()
+        self.times["trials"] = time.time()
+        if self.collector.disk_full is not None:
+            raise self.collector.disk_full
+
+    def tuner(self, progress):
+        """One Tune run: the grouped search, ASHA when asked, our trial function on the model workers' pool."""
+        from ray import tune
+
+        from .trainable import trial_function
+
+        spec, s = self.spec, self.spec.search
+        trainable = tune.with_resources(tune.with_parameters(
+            trial_function, pool=self.pool, metric=s.metric, mode=s.mode, stream=s.scheduler == "asha"), {"cpu": 0.01})
+        return tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=self.searcher, scheduler=_asha(spec),
+                                        num_samples=self.searcher.n_remaining, reuse_actors=True,
+                                        trial_dirname_creator=_tune_dirname, metric=s.metric, mode=s.mode,
+                                        max_concurrent_trials=spec.resources.max_concurrent or 2 * self.n_workers),
+            run_config=tune.RunConfig(name="tune", storage_path=str(self.sweep_dir), verbose=0,
+                                      stop=_stop_on_full_disk(self.collector),
+                                      failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                                      callbacks=[progress.callback, *self.callbacks]))
+
+    def finish(self) -> None:
+        """The trial table written whole, what is missing and why, the timings: the state `finished` or
+        `incomplete`."""
+        import ray
+
+        loads = sum(ray.get(self.pool.each.remote("load_count")))
+        df = write_trials_table(self.sweep_dir, finished_rows(self.sweep_dir), self.spec.search.metric,
+                                self.spec.search.mode)
+        rows = df.to_dict("records")
+        counts = dict(Counter(r["status"] for r in rows))
+        self.missing = missing_trials(self.expected, rows)
+        self.lost = missing_reason(self.missing, self.collector.unwritten, self.collector.lost)
+        update_state(self.sweep_dir, status="incomplete" if self.missing else "finished", finished=time.time(),
+                     model_loads=loads, counts=counts, n_missing=len(self.missing), missing=self.missing[:100],
+                     missing_reason=self.lost, timings=self.timings(sum(_work(r) for r in rows) - self.work_before))
+        self.echo(f"done: {counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed, {len(self.missing)} missing; "
+                  f"base model loaded {loads}× ({self.n_workers} worker(s)); table "
+                  f"{self.sweep_dir / 'tables' / 'trials.parquet'}")
+
+    def timings(self, trial_seconds: float) -> dict:
+        """Where the launch's time went, from the phases' clocks and the workers' own seconds."""
+        t = self.times
+        return {"ray_init_s": round(t["ray"] - t["start"], 2), "cache_s": round(t["cache"] - t["ray"], 2),
+                "trials_wall_s": round(t["trials"] - t["cache"], 2), "trial_work_s": round(trial_seconds, 2),
+                "scheduling_overhead_s": round(t["trials"] - t["cache"] - trial_seconds / self.n_workers, 2),
+                "total_s": round(time.time() - self.state["started"], 2)}
+
+    def stop(self) -> None:
+        """Ray down, once: a local cluster's leftovers killed and its temp dir deleted; a joined cluster left."""
+        local, self.local, started, self.ray_started = self.local, None, self.ray_started, False
+        if local is not None:
             local.stop()
-        release(sweep_dir)
+        elif started:
+            import ray
+
+            ray.shutdown()
+
+    def report(self) -> None:
+        from ..report.build import build_report
+
+        t = time.time()
+        build_report(self.sweep_dir, echo=self.echo)  # a full disk here ends in `record_failure`'s one line
+        update_state(self.sweep_dir, report_s=round(time.time() - t, 2),
+                     total_with_report_s=round(time.time() - self.times["start"], 2))
+
+    def record_failure(self, e: BaseException) -> DiskFull | None:
+        """sweep_state.json says why the launch ended early: `failed`, with the error — for a full disk the one
+        line, which is returned (the state is rewritten in place when the disk has no room left for a new one)."""
+        cause = disk_full_error(e)
+        full = DiskFull.of(cause, self.sweep_dir, self.options.resume_command()) if cause is not None else None
+        if full is None and read_state(self.sweep_dir).get("status") != "running":
+            return None
+        try:
+            update_state(self.sweep_dir, status="failed", finished=time.time(),
+                         error=str(full) if full else redacted(f"{type(e).__name__}: {e}"[:2000]))
+        except OSError:
+            pass  # the state cannot be written at all: the line still says why
+        return full
+
+
+CACHE_KEYS = ("n_texts", "n_tokens", "tokens_per_second", "identity", "model", "corpus")  # cache_keys.json
+
+
+def missing_trials(expected: set[str], rows: list[dict]) -> list[str]:
+    """The trials the sweep owes that have no finished record (ok or failed)."""
+    return sorted(expected - {r["trial_id"] for r in rows if r.get("status") in ("ok", "failed")})
+
+
+def _asha(spec: SweepSpec):
+    """ASHA over epochs (search.scheduler asha), or None."""
+    if spec.search.scheduler != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    max_epochs = max([spec.training.epochs] + [int(d.int[1]) for k, d in spec.search.space.items()
+                                               if k == "epochs" and d.int])
+    return ASHAScheduler(time_attr="training_iteration", max_t=max_epochs + 1, grace_period=spec.search.grace_period,
+                         reduction_factor=spec.search.reduction_factor)
+
+
+def _stop_on_full_disk(collector):
+    """A Tune stopper that ends the whole run once the collector met a full disk."""
+    from ray.tune.stopper import Stopper
+
+    class StopOnFullDisk(Stopper):
+        def __call__(self, trial_id, result) -> bool:
+            return False
+
+        def stop_all(self) -> bool:
+            return collector.disk_full is not None
+    return StopOnFullDisk()
 
 
 def _tune_dirname(trial) -> str:
@@ -204,20 +355,17 @@ def _tune_dirname(trial) -> str:
     return f"{trial.config['trial_id']}-{trial.trial_id}"
 
 
-def isolate_here(options: dict, echo=print) -> bool:
+def isolate_here(options: LaunchOptions) -> bool:
     """Whether this `launch` starts a local cluster in a network namespace of its own (Linux, no cluster
     address, --ray-network not host, no remote URI to reach): then what needs the network (an `hf:` corpus) is
     fetched here, and the launch goes on in a child (`localray.spawn_isolated`). The whole validation pass runs
     here first, so a bad sweep file is refused by this process, before any child starts."""
-    import sys
-
-    if sys.platform != "linux" or options["address"] or os.environ.get("RAY_ADDRESS"):
+    if sys.platform != "linux" or options.address or os.environ.get("RAY_ADDRESS"):
         return False
-    spec = preflight(options["sweep_file"], None, options["cache_root"], options["out_root"])
-    network = _network_for(options["network"], [absolute_storage(options["storage"]), options["mlflow"]], None, echo)
-    if network == "host":
-        options["network"] = "host"
-        return False
+    spec = preflight(options)
+    storage = absolute_storage(options.storage)
+    if network_for(options.ray_network, [storage, options.mlflow], None, lambda _: None) == "host":
+        return False  # (the launch itself says why)
     from .localray import prefetch
 
     prefetch(spec)  # the child will have no network: what needs it is fetched here
@@ -233,7 +381,7 @@ def absolute_storage(storage: str | None) -> str | None:
     return str(path)
 
 
-def _network_for(network: str, uris: list[str | None], address: str | None, echo) -> str:
+def network_for(network: str, uris: list[str | None], address: str | None, echo) -> str:
     """A local cluster in its own network namespace cannot reach a remote --storage or --mlflow URI."""
     remote = [u for u in uris if u and "://" in u and not u.startswith(("file:", "sqlite:"))]
     if not remote or address or os.environ.get("RAY_ADDRESS") or network == "host":
@@ -242,122 +390,6 @@ def _network_for(network: str, uris: list[str | None], address: str | None, echo
         raise NsrError(f"--ray-network isolated cannot reach {remote[0]}: use --ray-network host (or auto)")
     echo(f"Ray's ports on the host's network: the workers must reach {remote[0]}")
     return "host"
-
-
-def _run(spec, sweep_dir, state, url, cache_root, local, echo, t_start, storage, studies, callbacks) -> Path:
-    import ray
-    from ray import tune
-
-    from .. import __version__
-    from ..core.cache import ActivationCache
-    from .grid import expand, expected_trials, unit_size
-    from .inputs import model_spec, resolve_neurons
-    from .progress import SweepProgress
-    from .trainable import trial_function
-    from .transport import Collector, start_inbox
-    from .workers import WorkerLink, start_pool, start_workers
-
-    t_ray = time.time()
-    if url:
-        echo(f"Ray dashboard: http://{url}  (token: `ray get-auth-token`)")
-    n_workers, device, threads = plan_workers(spec)
-    model_kw = asdict(model_spec(spec, device))
-    rows = finished_rows(sweep_dir)
-    backfill_runs(sweep_dir, [r["trial_id"] for r in rows if r.get("status") == "ok"])
-    inbox = start_inbox([r["trial_id"] for r in rows if r.get("status") != "damaged"])
-    link = WorkerLink(version=__version__, inbox=inbox, sweep=spec.name, storage=storage,
-                      gpu_share=spec.resources.gpus_per_worker if device == "cuda" or
-                      spec.resources.gpu_resource != "GPU" else 0.0, cuda=device == "cuda",
-                      trainable=any(f != "none" for _, f in spec.combos()), tf32=spec.resources.tf32)
-    echo(f"starting {n_workers} model worker(s) on {device}, {threads} thread(s) each …")
-    workers, info = start_workers(n_workers, model_kw, link, spec.resources.gpu_resource, threads)
-    echo(f"{n_workers} model worker(s) on {len({i['node'] for i in info})} node(s); building or loading the cache …")
-    arrays_ref = workers[0].build_cache.remote(spec.model_dump(mode="json"), cache_root)
-    ray.get([w.set_cache.remote(arrays_ref) for w in workers])  # each worker: zero-copy views of one copy
-    cache = ActivationCache.from_arrays(ray.get(arrays_ref))
-    t_cache = time.time()
-    meta = cache.meta
-    write_json(sweep_dir / "cache_keys.json", [{"key": meta["key"], "layers": sorted(cache.acts),
-                                                "n_texts": meta["n_texts"], "n_tokens": meta["n_tokens"],
-                                                "tokens_per_second": meta["tokens_per_second"],
-                                                "identity": meta["identity"], "model": meta["model"],
-                                                "corpus": meta["corpus"]}])
-    _gauge("nsr_sweep_cache_tokens_per_second", spec.name, meta["tokens_per_second"])
-    neurons = resolve_neurons(spec, cache)
-    groups = expand(spec, neurons)
-    from .search import GroupedSearch
-
-    searcher = GroupedSearch(spec, groups, rows, storage=studies, prefix=f"{spec.name}-{state['uid']}",
-                             unit_neurons=unit_size(spec, neurons, n_workers))
-    total = len(rows) + searcher.n_remaining
-    skipped = len(spec.skipped_combos()) * sum(len(v) for v in neurons.values())
-    expected = expected_trials(spec, groups)
-    echo(f"{len(groups)} groups, {len(expected)} trials ({spec.search.num_samples} samples per searched group, exact "
-         f"probes once; {len(rows)} already finished, {skipped} invalid head+freeze trials skipped)")
-    update_state(sweep_dir, n_expected=len(expected), n_groups=len(groups), workers=n_workers, worker_info=info,
-                 device=device, neurons={str(k): v for k, v in neurons.items()}, cache_key=meta["key"],
-                 dashboard_url=url)
-    pool = start_pool(workers)
-    collector = Collector(sweep_dir, spec, rows, inbox, pool)
-    progress = SweepProgress(collector, spec.name, spec.search.metric, total)
-    trial_seconds_before = sum(_work(r) for r in rows)
-    if searcher.n_remaining:
-        asha = spec.search.scheduler == "asha"
-        trainable = tune.with_resources(
-            tune.with_parameters(trial_function, pool=pool, metric=spec.search.metric,
-                                 mode=spec.search.mode, stream=asha), {"cpu": 0.01})
-        scheduler = None
-        if asha:
-            from ray.tune.schedulers import ASHAScheduler
-
-            max_epochs = max([spec.training.epochs] + [int(d.int[1]) for k, d in spec.search.space.items()
-                                                       if k == "epochs" and d.int])
-            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_epochs + 1,
-                                      grace_period=spec.search.grace_period,
-                                      reduction_factor=spec.search.reduction_factor)
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=searcher.n_remaining,
-                                        reuse_actors=True, trial_dirname_creator=_tune_dirname,
-                                        max_concurrent_trials=spec.resources.max_concurrent or 2 * n_workers,
-                                        metric=spec.search.metric, mode=spec.search.mode),
-            run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                                      callbacks=[progress.callback, *callbacks]),
-        )
-        tuner.fit()
-        ray.get(pool.each.remote("wait_idle", 600))  # a trial a scheduler stopped may still be sending its record
-    progress.show(collector.collect())
-    progress.close()
-    t_trials = time.time()
-    loads = sum(ray.get(pool.each.remote("load_count")))
-    df = write_trials_table(sweep_dir, finished_rows(sweep_dir), spec.search.metric, spec.search.mode)
-    trial_seconds = sum(_work(r) for r in df.to_dict("records")) - trial_seconds_before
-    counts = df["status"].value_counts().to_dict() if len(df) else {}
-    missing = sorted(expected - set(df.loc[df["status"].isin(["ok", "failed"]), "trial_id"] if len(df) else []))
-    lost = missing_reason(missing, collector.unwritten, collector.lost)
-    update_state(sweep_dir, status="incomplete" if missing else "finished", finished=time.time(), model_loads=loads,
-                 counts={k: int(v) for k, v in counts.items()}, n_missing=len(missing), missing=missing[:100],
-                 missing_reason=lost,
-                 timings={"ray_init_s": round(t_ray - t_start, 2), "cache_s": round(t_cache - t_ray, 2),
-                          "trials_wall_s": round(t_trials - t_cache, 2), "trial_work_s": round(trial_seconds, 2),
-                          "scheduling_overhead_s": round(t_trials - t_cache - trial_seconds / n_workers, 2),
-                          "total_s": round(time.time() - state["started"], 2)})
-    echo(f"done: {counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed, {len(missing)} missing; base model loaded "
-         f"{loads}× ({n_workers} worker(s)); table {sweep_dir / 'tables' / 'trials.parquet'}")
-    if local is not None:
-        local.stop()  # leftovers killed, Ray's temp dir deleted, before the report is built
-    else:
-        ray.shutdown()
-    from ..report.build import build_report
-
-    t_report = time.time()
-    build_report(sweep_dir, echo=echo)
-    update_state(sweep_dir, report_s=round(time.time() - t_report, 2), total_with_report_s=round(time.time() - t_start, 2))
-    if missing:
-        raise NsrError(f"{len(missing)} of {len(expected)} trials missing from {sweep_dir}: {lost}. "
-                       "`nsr-sweep launch <sweep file> --resume` reruns them")
-    return sweep_dir
 
 
 def missing_reason(missing: list[str], unwritten: dict[str, str], lost: dict[str, str]) -> str:
@@ -398,17 +430,12 @@ def _echo(text: str) -> None:
     print(text, flush=True)
 
 
-def run_isolated_launch(args: dict, isolated: bool, why: str | None, forward) -> int:
+def run_isolated_launch(options: LaunchOptions, isolation: Isolation) -> int:
     """The launch inside the child process `localray.spawn_isolated` started (after it entered its namespace)."""
-    if isolated:  # what needs the network was fetched by the parent: nothing here reaches it
+    if isolation.isolated:  # what needs the network was fetched by the parent: nothing here reaches it
         os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
     try:
-        sweep_dir = launch(args["sweep_file"], out_root=args["out_root"], address=None, resume=args["resume"],
-                               dashboard=args["dashboard"], dashboard_host=args["dashboard_host"],
-                               cache_root=args["cache_root"], network=args["network"], storage=args["storage"],
-                               optuna_storage=args["optuna_storage"],
-                               trackers=Trackers(args["tensorboard"], args["mlflow"]), echo=_echo,
-                               isolation=Isolation(isolated, why, forward))
+        sweep_dir = launch(options, echo=_echo, isolation=isolation)
     except NsrError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import NsrError
+from .options import Isolation, LaunchOptions
 
 NETWORK_MODES = ("auto", "isolated", "host")
 OWNER = "nsr-owner.json"  # in each launch's Ray temp dir: the driver's pid and start time, its namespace
@@ -362,13 +363,13 @@ NOT_ISOLATED = ("warning: Ray's ports are not isolated: this machine refuses the
                 "user.max_user_namespaces > 0); --ray-network host silences this")
 
 
-def spawn_isolated(options: dict, forward: DashboardForward | None) -> int:
+def spawn_isolated(options: LaunchOptions, forward: DashboardForward | None) -> int:
     """Run the launch in a child process that enters its own network namespace before it imports anything
     that starts threads (the kernel grants a user namespace only to a single-threaded process). The child
     dies with this process (PR_SET_PDEATHSIG); the dashboard listener, bound here on the host's network, is
     passed to it. Returns the child's exit code."""
     fds = (forward.sock.fileno(),) if forward is not None else ()
-    args = {**options, "parent": os.getpid(), "forward_fd": fds[0] if fds else None,
+    args = {"options": options.to_json(), "parent": os.getpid(), "forward_fd": fds[0] if fds else None,
             "forward_host": forward.host if forward is not None else None}
     child = subprocess.Popen([sys.executable, "-m", "nsr_sweep.sweep.child", json.dumps(args)], pass_fds=fds)
     while True:
@@ -378,10 +379,9 @@ def spawn_isolated(options: dict, forward: DashboardForward | None) -> int:
             continue
 
 
-def enter_child(args: dict) -> tuple[bool, str | None, DashboardForward | None] | None:
+def enter_child(args: dict) -> Isolation | None:
     """In the launch's own process (`sweep/child.py`), first thing: die with the parent, isolate the network
-    (or say why not), adopt the dashboard's listener. Returns (isolated, why not, forward), or None when the
-    parent is already gone."""
+    (or say why not), adopt the dashboard's listener. None when the parent is already gone."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != args["parent"]:  # the parent died before the line above
@@ -397,7 +397,7 @@ def enter_child(args: dict) -> tuple[bool, str | None, DashboardForward | None] 
         why = "network namespaces are Linux-only"
     forward = DashboardForward.adopt(args["forward_fd"], args["forward_host"]) if args["forward_fd"] is not None \
         else None
-    return isolated, None if isolated else str(why), forward
+    return Isolation(isolated, None if isolated else str(why), forward)
 
 
 # -- starting the cluster ----------------------------------------------------------------------

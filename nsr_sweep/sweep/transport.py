@@ -99,6 +99,7 @@ class Collector:
         self.unwritten: dict[str, str] = {}  # trial id → why its record could not be written here
         self.lost: dict[str, str] = {}  # trial id → how it was lost (its worker or node died on every rerun)
         self.by_id: dict[str, dict] = {}  # rows recorded by this launch
+        self.disk_full: OSError | None = None  # the ENOSPC that stopped a write here
 
     def collect(self) -> list[dict]:
         """Write every record that arrived in the inbox; returns their rows (never raises: a write that fails is
@@ -111,7 +112,14 @@ class Collector:
                 rows += write_bundle(self.sweep_dir, bundle)
             except OSError as e:
                 self.unwritten.update((t, f"{type(e).__name__}: {e}") for t in bundle["trial_ids"])
+                self.note_disk_full(e)
         return self._keep(rows)
+
+    def note_disk_full(self, error: OSError) -> None:
+        """A full disk ends the sweep (`Launch.run_trials` stops Tune): what is left cannot be written."""
+        from .disk import disk_full_error
+
+        self.disk_full = self.disk_full or disk_full_error(error)
 
     def _keep(self, rows: list[dict]) -> list[dict]:
         """Rows in memory at once; the table on disk at most every TABLE_EVERY_S (an every-neuron sweep has
@@ -123,8 +131,8 @@ class Collector:
         if rows and time.time() - self.written >= TABLE_EVERY_S:
             try:  # a snapshot for readers while the sweep runs; the final table is written at the end
                 write_trials_table(self.sweep_dir, self.rows, self.spec.search.metric, self.spec.search.mode)
-            except OSError:
-                pass
+            except OSError as e:
+                self.note_disk_full(e)
             self.written = time.time()
         return rows
 
@@ -151,6 +159,7 @@ class Collector:
             write_files(self.sweep_dir, failed_files(todo, reason, batch.unit)) if todo else None
         except OSError as e:
             self.unwritten.update((s.trial_id, f"{type(e).__name__}: {e}") for s in todo)
+            self.note_disk_full(e)
             return arrived
         return arrived + self._keep([trial_row(spec_json(s), "failed", {}, reason) for s in todo])
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core.errors import NsrError
 from ..core.spec import NeuronSelect, SweepSpec, load_sweep, parse_sweep
+
+if TYPE_CHECKING:
+    from .options import LaunchOptions
 
 
 def checked_sweep(sweep: str | Path | dict[str, Any]) -> SweepSpec:
@@ -28,11 +31,11 @@ def checked_sweep(sweep: str | Path | dict[str, Any]) -> SweepSpec:
 
 def check_model(spec: SweepSpec) -> dict:
     """Layers, neurons and feature-hook layer against the model's config.json (no weights loaded)."""
-    from ..core.models import check_loadable, model_shape
+    from ..core.models import model_shape
 
     shape = model_shape(spec.model.name)  # raises NsrError for an unknown model
     if spec.model.init == "pretrained":
-        check_loadable(spec.model.name)
+        check_weights(spec.model.name)
     if not shape:
         return shape
     n_layers, d_mlp = shape["n_layers"], shape["d_mlp"]
@@ -56,24 +59,40 @@ def check_model(spec: SweepSpec) -> dict:
     if spec.cross_model is not None:
         try:
             other = model_shape(spec.cross_model)
-            check_loadable(spec.cross_model)
+            check_weights(spec.cross_model)  # the other model is always loaded with its trained weights
             check_hook(spec.features.hook, other["family"], other["parallel"], other["n_layers"])
         except NsrError as e:
             raise NsrError(f"controls: cross_model: {e}") from None
     return shape
 
 
-def preflight(sweep_file: str, address: str | None = None, cache_root: str | None = None,
-              out_root: str = "results") -> SweepSpec:
-    """The whole validation pass (`launch` and `--dry-run`): the sweep file and model, the results root, and —
-    for a local cluster, whose disk and devices are this machine's — the cache root and the device."""
-    spec = checked_sweep(sweep_file)
-    _check_writable(Path(out_root) / spec.name, "--out")
-    if address or os.environ.get("RAY_ADDRESS"):
+def check_weights(name: str) -> None:
+    """The model's weights are here (bundled, a directory, the Hugging Face cache, or downloaded now when the hub
+    may be reached) in a format that loads: what a model worker will need, known before Ray starts."""
+    from ..core.models import check_weights_file, model_not_found, resolve_model_dir
+
+    path = resolve_model_dir(name)
+    if path is None:
+        raise model_not_found(name)
+    check_weights_file(path)
+
+
+def preflight(options: LaunchOptions) -> SweepSpec:
+    """The whole validation pass (`launch` and `--dry-run`): the sweep file, the model and its weights, the results
+    root and its room for what the sweep will write, and — for a local cluster, whose disk and devices are this
+    machine's — the cache root and the device."""
+    spec = checked_sweep(options.sweep_file)
+    sweep_dir = Path(options.out) / spec.name
+    _check_writable(sweep_dir, "--out")
+    from .disk import check_room
+
+    check_room(spec, sweep_dir, options.storage)
+    if options.address or os.environ.get("RAY_ADDRESS"):
         return spec  # a cluster's workers have their own disks and devices: they check them
     from ..core.cache import default_root
 
-    _check_writable(Path(cache_root) if cache_root else default_root(), "--cache-root (or $NSR_CACHE_DIR)")
+    root = options.cache_root
+    _check_writable(Path(root) if root else default_root(), "--cache-root (or $NSR_CACHE_DIR)")
     if spec.resources.device == "cuda":
         import torch
 

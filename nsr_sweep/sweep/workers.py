@@ -12,13 +12,16 @@ import asyncio
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
 
 from ..core.cache import ActivationCache
 from ..core.errors import NsrError
+
+if TYPE_CHECKING:
+    from ..core.spec import SweepSpec
 
 
 class ModelWorker:
@@ -371,6 +374,28 @@ def gpu_budget(weight_bytes: int, total_bytes: int, share: float, trainable: boo
                            f"{total_bytes / 2**30:.0f} GiB GPU: use bigger GPUs or device cpu")
         raise NsrError(f"resources.gpus_per_worker {share:g}: {what}, its share of a {total_bytes / 2**30:.0f} GiB "
                        f"GPU is {have / 2**30:.1f} GiB; allowed ≥ {need / total_bytes:.2f}")
+
+
+def plan_workers(spec: SweepSpec) -> tuple[int, str, int]:
+    """(number of workers, device, torch threads per worker) from the cluster's resources: with
+    `gpus_per_worker`, one worker per share of `gpu_resource` (fractions put several on one GPU)."""
+    res = ray.cluster_resources()
+    r = spec.resources
+    gpus = res.get(r.gpu_resource, 0)
+    use_gpu = r.gpu_resource == "GPU" and (r.device == "cuda" or (r.device == "auto" and gpus > 0 and r.gpus_per_worker > 0))
+    if r.device == "cuda" and res.get("GPU", 0) == 0:
+        raise NsrError("resources.device is cuda but the Ray cluster has no GPU")
+    if r.gpus_per_worker and r.gpu_resource != "GPU" and not gpus:
+        raise NsrError(f"resources.gpu_resource {r.gpu_resource!r}: no node of the Ray cluster has it "
+                       f"(it has {', '.join(sorted(k for k in res if not k.startswith('node:')))})")
+    threads = max(1, int(r.cpus_per_trial))
+    if r.workers != "auto":
+        n = r.workers
+    elif r.gpus_per_worker and (use_gpu or r.gpu_resource != "GPU"):
+        n = max(1, int(gpus / r.gpus_per_worker + 1e-9))
+    else:
+        n = max(1, int(res.get("CPU", 1) // threads))
+    return n, ("cuda" if use_gpu or r.device == "cuda" else "cpu"), threads
 
 
 def cpu_count() -> int:
