@@ -33,7 +33,6 @@ from ..core.files import atomic_write, json_bytes, write_json
 from ..core.spec import TrialSpec
 from .layout import PROBES, RECORD, TRIALS
 from .schema import PATCH_COLUMNS, PRED_COLUMNS, record, spec_json, trial_row
-from .store import open_store
 
 
 def write_record(d: Path, **fields) -> Path:
@@ -197,10 +196,3 @@ def save_unit(done: list[tuple], sweep_dir: Path, unit: str) -> Path:
     return write_files(sweep_dir, unit_files(done, unit))
 
 
-# -- reading: the store's ------------------------------------------------------------------------
-
-
-def finished_rows(sweep_dir: Path) -> list[dict]:
-    """The rows of every finished trial, both layouts: `open_store(sweep_dir).finished_rows()` (kept here for the
-    launch, which reads them before it plans)."""
-    return open_store(sweep_dir).finished_rows()

@@ -27,14 +27,13 @@ from ..core.files import write_json
 from ..core.spec import METHOD_VERSION, SweepSpec
 from ..results.layout import (
     STUDIES,
-    TRIALS,
     backfill_runs,
     claim,
     read_state,
     release,
     update_state,
 )
-from ..results.records import finished_rows
+from ..results.store import open_store
 from ..results.tables import write_trials_table
 from .disk import DiskFull, disk_full_error, full_disk_logs_noted
 from .options import Isolation, LaunchOptions
@@ -119,7 +118,7 @@ class Launch:
         self.state = update_state(self.sweep_dir, name=spec.name, status="running",
                                   uid=before.get("uid") or secrets.token_hex(4),
                                   started=before.get("started", self.times["start"]),
-                                  resumed=(self.sweep_dir / TRIALS).is_dir(),
+                                  resumed=bool(before),  # a state before this launch: a resume
                                   optuna_storage=redacted(o.optuna_storage) or STUDIES, storage=self.storage,
                                   method_version=METHOD_VERSION,
                                   error=None, n_missing=None, missing=None, missing_reason=None)
@@ -161,7 +160,7 @@ class Launch:
         if self.url:
             self.echo(f"Ray dashboard: http://{self.url}  (token: `ray get-auth-token`)")
         self.n_workers, device, threads = plan_workers(spec)
-        self.rows = finished_rows(self.sweep_dir)
+        self.rows = open_store(self.sweep_dir).finished_rows()
         backfill_runs(self.sweep_dir, [row["trial_id"] for row in self.rows if row.get("status") == "ok"])
         self.inbox = start_inbox([row["trial_id"] for row in self.rows if row.get("status") != "damaged"])
         link = WorkerLink(version=__version__, inbox=self.inbox, sweep=spec.name, storage=self.storage,
@@ -263,7 +262,7 @@ class Launch:
         import ray
 
         loads = sum(ray.get(self.pool.each.remote("load_count")))
-        df = write_trials_table(self.sweep_dir, finished_rows(self.sweep_dir), self.spec.search.metric,
+        df = write_trials_table(self.sweep_dir, open_store(self.sweep_dir).finished_rows(), self.spec.search.metric,
                                 self.spec.search.mode)
         rows = df.to_dict("records")
         counts = dict(Counter(r["status"] for r in rows))
