@@ -242,3 +242,22 @@ def test_the_full_disk_behind_a_workers_error_names_the_workers_file(tmp_path):
         wrapped = ray.exceptions.RayTaskError("build_cache", "Traceback …", e).as_instanceof_cause()
     assert disk.disk_full_error(wrapped).filename == str(cache)
     assert disk.disk_full_error(RuntimeError("no")) is None
+
+
+def test_tunes_saved_stopper_holds_no_rows():
+    """Tune pickles its stopper into tune/experiment_state-*.json at every checkpoint: the full-disk stopper reads the
+    live collector but saves nothing of it (it held every row, 40 MB of every-neuron's tune/, before)."""
+    import pickle
+    from types import SimpleNamespace
+
+    import cloudpickle  # what Tune saves its state with
+
+    from nsr_sweep.sweep.launch import _stop_on_full_disk
+
+    collector = SimpleNamespace(disk_full=None, rows=[{"x": float(i)} for i in range(100_000)])
+    stopper = _stop_on_full_disk(collector)
+    saved = cloudpickle.dumps(stopper)
+    assert len(saved) < 10_000 and not pickle.loads(saved).stop_all()
+    assert not stopper.stop_all()
+    collector.disk_full = "results: no space left"
+    assert stopper.stop_all() and stopper("t", {}) is False

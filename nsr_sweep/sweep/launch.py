@@ -341,12 +341,21 @@ def _stop_on_full_disk(collector):
     from ray.tune.stopper import Stopper
 
     class StopOnFullDisk(Stopper):
+        def __init__(self, collector):
+            self.collector = collector
+
+        def __getstate__(self):  # Tune saves its stopper in tune/: the live collector (every row so far) stays out
+            return {}
+
+        def __setstate__(self, state):
+            self.collector = None
+
         def __call__(self, trial_id, result) -> bool:
             return False
 
         def stop_all(self) -> bool:
-            return collector.disk_full is not None
-    return StopOnFullDisk()
+            return self.collector is not None and self.collector.disk_full is not None
+    return StopOnFullDisk(collector)
 
 
 def _tune_dirname(trial) -> str:
