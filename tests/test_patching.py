@@ -121,3 +121,23 @@ def _predict(result, features, w, b) -> float:
     if "mu" in result.head:
         return float(result.head["mu"]) + float(result.head["sigma"]) * float(out[0])
     return float(torch.softmax(out, -1) @ result.head["bin_values"].double())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("read_hook", ["ln_final.hook_out", "blocks.2.hook_resid_post"])
+def test_the_pushforward_of_a_few_neurons_is_their_column_of_the_resid_jacobian(families, family, read_hook):
+    """`feature_gradient` of a unit's few neurons (forward-mode, N directions) equals the einsum with the memoised
+    backward Jacobian (d_f directions) that it stands in for, and the engine switches to the Jacobian once pushing
+    forward would cost more than building it."""
+    model = families[family]
+    seqs, _ = tokenize(model, load_corpus(n_texts=60, seed=4).texts[:6], 40)
+    engine = LastPosition(model.surface, seqs, 1, "pre", read_hook, model.tokenizer.pad_token_id)
+    neurons = np.array([2, 30, 60])
+    pushed = engine.feature_gradient(neurons)
+    assert getattr(engine, "_jacobian", None) is None  # 3 neurons: three forward directions, no Jacobian
+    moved = engine.dpost(neurons).double()[..., None] * engine.w_out[torch.as_tensor(neurons)].double()[None]
+    want = torch.einsum("bfd,bnd->bnf", engine.resid_jacobian(), moved)
+    assert want.abs().max() > 1e-3
+    torch.testing.assert_close(pushed, want, atol=1e-5 * float(want.abs().max()), rtol=1e-4)
+    many = np.arange(engine.base[read_hook].shape[-1] + 1)  # more directions than the Jacobian has rows
+    torch.testing.assert_close(engine.feature_gradient(many)[:, neurons], want)

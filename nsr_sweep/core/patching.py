@@ -242,7 +242,26 @@ class LastPosition:
                 out[:, torch.arange(N), n] = g  # its own coordinate only
             return out
         moved = self.dpost(neurons).double()[..., None] * self.w_out[n].double().cpu()[None]  # B × N × d_model
+        if getattr(self, "_jacobian", None) is None and getattr(self, "_pushed", 0) + N <= d_f:
+            self._pushed = getattr(self, "_pushed", 0) + N  # ski rental: the Jacobian once pushes would cost more
+            return self.pushforward(moved)
         return torch.einsum("bfd,bnd->bnf", self.resid_jacobian(), moved)
+
+    def pushforward(self, moved: torch.Tensor) -> torch.Tensor:
+        """B × N × d_f: d (read hook's value) / d (residual after block L) applied to `moved[:, n]` (B × N × d_model),
+        by forward-mode autodiff through the one-position suffix: the N directions ride as alternatives, as in
+        `features` (a unit's few neurons cost N forward passes, not the d_f backward ones of `resid_jacobian`)."""
+        import torch.autograd.forward_ad as fwAD
+
+        resid = self.base[f"blocks.{self.layer}.hook_resid_post"].detach()
+        B, N, _ = moved.shape
+        step, out = self.neurons_per_step(2), []
+        for lo in range(0, N, step):
+            tangent = moved[:, lo : lo + step].to(resid.device, resid.dtype)
+            with fwAD.dual_level(), torch.no_grad():
+                x = fwAD.make_dual(resid[:, None].expand_as(tangent).contiguous(), tangent)
+                out.append(fwAD.unpack_dual(self._suffix(x)).tangent.double().cpu())
+        return torch.cat(out, 1)
 
     def resid_jacobian(self) -> torch.Tensor:
         """B × d_f × d_model: d (read hook's value) / d (residual after block L) at the last position, through
