@@ -134,7 +134,7 @@ def test_the_pushforward_of_a_few_neurons_is_their_column_of_the_resid_jacobian(
     engine = LastPosition(model.surface, seqs, 1, "pre", read_hook, model.tokenizer.pad_token_id)
     neurons = np.array([2, 30, 60])
     pushed = engine.feature_gradient(neurons)
-    assert getattr(engine, "_jacobian", None) is None  # 3 neurons: three forward directions, no Jacobian
+    assert engine._jacobian is None  # 3 neurons: three forward directions, no Jacobian
     moved = engine.dpost(neurons).double()[..., None] * engine.w_out[torch.as_tensor(neurons)].double()[None]
     want = torch.einsum("bfd,bnd->bnf", engine.resid_jacobian(), moved)
     assert want.abs().max() > 1e-3

@@ -7,7 +7,8 @@ Every function here takes a finished trial's context and returns columns for the
   (`identity_r`, exactly 1 for `hook: pre`) and with the final residual on W_out[n, :];
 - `patch`: set the neuron at the target position to each value of a grid in the trial's *final*
   model, one batched forward per grid value, and fit Δprediction = slope·Δactivation + b;
-  `patch_slope_estimate`: for probes, the same slope to first order, from the layer's Jacobian;
+  `patch_slope_estimate`: for probes, the same slope to first order, from the layer's Jacobian (a unit's
+  few neurons: pushed forward along each one's output direction, `LastPosition.feature_gradient`);
 - `residual_change`: for unfrozen trials, what fine-tuning did to the final residual.
 """
 

@@ -115,6 +115,8 @@ class LastPosition:
         self.rec.mode = "alternatives"
         self.rec.earlier = torch.arange(T, device=surface.device)[None, :] < self.pos[:, None]
         self.w_out = _matrix(surface.part(layer, surface.arch.mlp_out)).detach()  # d_mlp × d_model
+        self._jacobian: torch.Tensor | None = None  # `resid_jacobian`, once built
+        self._pushed = 0  # directions `feature_gradient` has pushed forward instead
 
     @property
     def reachable(self) -> bool:
@@ -242,8 +244,8 @@ class LastPosition:
                 out[:, torch.arange(N), n] = g  # its own coordinate only
             return out
         moved = self.dpost(neurons).double()[..., None] * self.w_out[n].double().cpu()[None]  # B × N × d_model
-        if getattr(self, "_jacobian", None) is None and getattr(self, "_pushed", 0) + N <= d_f:
-            self._pushed = getattr(self, "_pushed", 0) + N  # ski rental: the Jacobian once pushes would cost more
+        if self._jacobian is None and self._pushed + N <= d_f:  # ski rental: pushes until they would cost more
+            self._pushed += N  # than the Jacobian's d_f rows (every later unit of the worker's layer reads it)
             return self.pushforward(moved)
         return torch.einsum("bfd,bnd->bnf", self.resid_jacobian(), moved)
 
@@ -266,7 +268,7 @@ class LastPosition:
     def resid_jacobian(self) -> torch.Tensor:
         """B × d_f × d_model: d (read hook's value) / d (residual after block L) at the last position, through
         the same one-position suffix (one backward per feature dimension, computed once)."""
-        if getattr(self, "_jacobian", None) is None:
+        if self._jacobian is None:
             x = self.base[f"blocks.{self.layer}.hook_resid_post"].detach()[:, None].clone().requires_grad_()
             with torch.enable_grad():
                 f = self._suffix(x)[:, 0]  # B × d_f
