@@ -1,12 +1,12 @@
 """A real model's layer: the probes' worker time against the cache build (issue 29, deliverable 6).
 
-    python benchmarks/real_layer.py [--neurons 96] [--texts 1000] [--unit 48] [--layer 8]
+    python benchmarks/real_layer.py [--neurons 96] [--texts 1000] [--unit 48] [--workers 2] [--layer 8]
 
 GPT-2 small's shapes with random weights (`{name: openai-community/gpt2, init: random}`, offline), the
 bundled python-docs corpus at 64 tokens, `every-neuron-gpt2.yaml`'s probes (regression and classification
 beside their shuffled controls, the cross-model `nsr-tiny-seed1` and input-only), every probe patched
 exactly, on the first `--neurons` neurons of `--layer`, in units of `--unit` neurons as a model worker runs
-them (`run_trials`). Prints the cache build's seconds (a fresh cache root; the cross-model's features
+them (`run_trials`), dealt in turn to `--workers` workers' memos, one after another in this process. Prints the cache build's seconds (a fresh cache root; the cross-model's features
 included), the probes' worker seconds split into fit / patch / finish, and their ratio to the cache build.
 """
 
@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--texts", type=int, default=1000)
     ap.add_argument("--unit", type=int, default=48, help="neurons per unit of work")
     ap.add_argument("--layer", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=2, help="model workers the units are dealt to in turn (each "
+                    "keeps its own patching engine, as `sweep.workers.ModelWorker` does)")
     args = ap.parse_args()
     spec = sweep(args.layer, args.texts)
     model = load_model(model_spec(spec))
@@ -71,16 +73,16 @@ def main() -> None:
     points = expand(spec, {args.layer: list(range(args.neurons))})
     seconds: dict[str, float] = defaultdict(float)
     timed(seconds)
-    reuse, failed, t0 = Reuse(), 0, time.perf_counter()
-    for lo in range(0, args.neurons, args.unit):
+    reuses, failed, t0 = [Reuse() for _ in range(args.workers)], 0, time.perf_counter()
+    for k, lo in enumerate(range(0, args.neurons, args.unit)):
         unit = [p for p in points if lo <= p.neuron < lo + args.unit]
         results = trial.run_trials(cache, model, [TrialSpec.in_sweep(spec, **p.model_dump()) for p in unit],
-                                   reuse=reuse)
+                                   reuse=reuses[k % args.workers])
         failed += sum(r.status != "ok" for r in results)
     probes = time.perf_counter() - t0
     seconds["finish"] = probes - seconds["fit"] - seconds["patch"]
     print(f"GPT-2-small shape (random), layer {args.layer}, {args.neurons} neurons × {len(points) // args.neurons} "
-          f"probes = {len(points)} probes ({failed} failed), {cache.n_texts} texts, units of {args.unit} neurons, "
+          f"probes = {len(points)} probes ({failed} failed), {cache.n_texts} texts, units of {args.unit} neurons on {args.workers} workers, "
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"cache build {build:.1f} s; probes {probes:.1f} s = {probes / build:.2f}× the build "
           f"({probes / len(points):.3f} s a probe)")
