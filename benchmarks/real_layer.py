@@ -21,6 +21,7 @@ from collections import defaultdict
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import yaml
+from gpu import RANDOM_GPT2, REPO
 
 from nsr_sweep.core import trial
 from nsr_sweep.core.identity import TrialSpec
@@ -28,8 +29,6 @@ from nsr_sweep.core.reuse import Reuse
 from nsr_sweep.core.sweepfile import parse_sweep
 from nsr_sweep.sweep.grid import expand
 from nsr_sweep.sweep.inputs import build_cache, load_model, model_spec
-
-from gpu import REPO, RANDOM_GPT2  # noqa: I001 - benchmarks/ sits on sys.path when run as a script
 
 PHASES = {"fit": "probe_fits", "patch": "_patch_probes"}
 
