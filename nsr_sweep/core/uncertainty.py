@@ -137,12 +137,7 @@ def tail_kurtosis(metric: str, pred, actual, train_mean) -> np.ndarray:
     jackknife (`kurtosis=`), whose degrees of freedom it lowers when the wider set shows a heavier tail than the
     test texts alone — most test sets of a heavy-tailed neuron miss the rare texts that carry its variance, and
     their own κ then promises a variance estimate steadier than it is (docs/science.md, Uncertainty)."""
-    _, loo = _loo(metric, pred, actual, train_mean)
-    g = _SCALES[SCALE_OF[metric]][0]
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        gl = g(np.asarray(loo, np.float64))
-    kappa = _kurtosis(gl - gl.mean(-1, keepdims=True))
-    return np.where(np.isfinite(gl).all(-1) & np.isfinite(kappa), kappa, np.nan)
+    return metric_jackknife(metric, pred, actual, train_mean).kappa
 
 
 class Jackknife:
@@ -151,7 +146,8 @@ class Jackknife:
     the standard error `se = sqrt((n − 1)/n · Σ dᵢ²)` and the Satterthwaite degrees of freedom `df`; `bounds(q)` is
     the interval c ± q·se mapped back, for a t quantile q. Arrays over the leading axes. `kurtosis`, where given
     (per leading index; NaN: none), is the tail shape of the same statistic measured on more held-out texts
-    (`tail_kurtosis`); df is then the smaller of the two Satterthwaite degrees of freedom."""
+    (`tail_kurtosis`); df is then the smaller of the two Satterthwaite degrees of freedom. `kappa`: the texts' own κ
+    (NaN where a leave-one-out value is undefined)."""
 
     def __init__(self, point, loo, scale: str = "raw", bias_correct: bool = False, kurtosis=None):
         g, self.ginv = _SCALES[scale]
@@ -166,7 +162,9 @@ class Jackknife:
             d = gl - gm[..., None]
             ss = (d * d).sum(-1)
             self.se = np.sqrt((n - 1) / n * ss)
-            df = np.where(ss > 0, _satterthwaite(_kurtosis(d), n), max(n - 1, 1))
+            kappa = _kurtosis(d)
+            self.kappa = np.where(np.isfinite(gl).all(-1) & np.isfinite(kappa), kappa, np.nan)  # `tail_kurtosis`
+            df = np.where(ss > 0, _satterthwaite(kappa, n), max(n - 1, 1))
             self.df = np.where(np.isfinite(df), df, 1.0)
             if kurtosis is not None:  # the tail shape seen on more texts: never more df than the test texts show
                 wide = _satterthwaite(np.asarray(kurtosis, np.float64), n)

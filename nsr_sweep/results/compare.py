@@ -70,11 +70,12 @@ def neuron_intervals(preds: dict[str, np.ndarray], actual: np.ndarray, train_mea
     return out
 
 
-def _column(df: pd.DataFrame, ids: list, col: str) -> np.ndarray:
-    """A trial-table column for trial ids (NaN for None, an unknown trial, or a table without the column)."""
-    if col not in df:
+def _column(by_id: pd.DataFrame, ids: list, col: str) -> np.ndarray:
+    """A trial-table column (`by_id`: the table indexed by trial_id) for trial ids (NaN for None, an unknown trial,
+    or a table without the column)."""
+    if col not in by_id:
         return np.full(len(ids), np.nan)
-    values = df.drop_duplicates("trial_id").set_index("trial_id")[col]
+    values = by_id[col]
     return np.array([values.get(t, np.nan) if t is not None else np.nan for t in ids], np.float64)
 
 
@@ -91,6 +92,7 @@ def compare(sweep_dir: Path, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFra
     pred = preds.pivot(index="trial_id", columns="text_id", values="pred")  # every trial: the same test texts
     actual = preds.pivot(index="trial_id", columns="text_id", values="actual_orig")
     texts = np.asarray(sorted(pred.columns))
+    by_id = df.drop_duplicates("trial_id").set_index("trial_id")  # each trial's stored tail shape, looked up by id
     neurons, layers = [], []
     for (L, h, f), g in real.groupby(["layer", "head", "freeze"], sort=True):
         g = g.sort_values("neuron")
@@ -99,7 +101,7 @@ def compare(sweep_dir: Path, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFra
         y = _matrix(actual, ids[SELF], texts)
         p = {k: _matrix(pred, v, texts) for k, v in ids.items()}
         train_mean = g["train_mean"].to_numpy(np.float64)
-        kurt = {(k, m): _column(df, v, f"{m}_kurtosis") for k, v in ids.items() for m in METRICS}
+        kurt = {(k, m): _column(by_id, v, f"{m}_kurtosis") for k, v in ids.items() for m in METRICS}
         rows = pd.DataFrame({"layer": L, "neuron": g["neuron"].to_numpy(), "head": h, "freeze": f,
                              **{f"{k}_trial": v for k, v in ids.items()}})
         rows["n_test_eff"] = [effective_texts(row) for row in y]  # how many texts each neuron's numbers rest on
