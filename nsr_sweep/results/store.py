@@ -227,6 +227,12 @@ class TrialDirs(TrialStore):
 # -- a unit of probes: rows of Parquet datasets ----------------------------------------------------
 
 
+def _table_rows(records: pd.DataFrame) -> list[dict]:
+    """Trial-table rows from unit records: plain Python values, without the record-only JSON columns."""
+    rows = records.drop(columns=["spec_json", "history_json"], errors="ignore")
+    return [{k: plain(v) for k, v in r.items()} for r in rows.to_dict("records")]
+
+
 class ProbeUnits(TrialStore):
     """probes/records/<unit>.parquet (one row per probe, written last: present = the unit finished) beside its
     preds/, patch/ and heads/ files. A probe is found by its unit: `index` reads each unit's trial ids once (or the
@@ -279,16 +285,12 @@ class ProbeUnits(TrialStore):
             frames += [rows] if rows is not None else []
         if not frames:
             return []
-        units = pd.concat(frames, ignore_index=True).drop(columns=["spec_json", "history_json"], errors="ignore")
-        return [{k: plain(v) for k, v in r.items()} for r in units.to_dict("records")]
+        return _table_rows(pd.concat(frames, ignore_index=True))  # one frame: every row has every unit's columns
 
     def unit_rows(self, unit: str) -> list[dict]:
         """The rows of one unit's records (none while it is unfinished or unreadable)."""
         rows = self._records(unit)
-        if rows is None:
-            return []
-        rows = rows.drop(columns=["spec_json", "history_json"], errors="ignore")
-        return [{k: plain(v) for k, v in r.items()} for r in rows.to_dict("records")]
+        return [] if rows is None else _table_rows(rows)
 
     def holds(self, trial_id: str) -> bool:
         return self.unit_of(trial_id) is not None
