@@ -123,10 +123,10 @@ class Results:
 
     def _trials_from_records(self) -> pd.DataFrame:
         from .results.layout import resolved_spec
-        from .results.tables import trials_frame
+        from .results.tables import trial_table
 
         spec = resolved_spec(self.path)
-        return trials_frame(self.store.finished_rows(), spec.search.metric, spec.search.mode)
+        return trial_table(self.store, spec.search.metric, spec.search.mode)
 
     @cached_property
     def store(self) -> TrialStore:

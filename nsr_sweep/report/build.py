@@ -113,11 +113,10 @@ def _write_table(df: pd.DataFrame, base: Path) -> None:
 
 def load_trials(sweep_dir: Path):
     from ..results.layout import resolved_spec
-    from ..results.store import open_store
     from ..results.tables import write_trials_table
 
     spec = resolved_spec(sweep_dir)
-    df = write_trials_table(sweep_dir, open_store(sweep_dir).finished_rows(), spec.search.metric, spec.search.mode)
+    df = write_trials_table(sweep_dir, spec.search.metric, spec.search.mode)
     return spec, df
 
 

@@ -93,11 +93,11 @@ def _trials(sweep_dir: Path, spec: SweepSpec, notes: list[str]) -> pd.DataFrame:
     f = sweep_dir / "tables" / "trials.parquet"
     if f.is_file():
         return pd.read_parquet(f)
-    from .tables import trials_frame
+    from .tables import trial_table
 
     notes.append(f"tables/trials.parquet does not exist yet (`nsr-sweep report {sweep_dir}` builds it): the trials "
                  "are read from their records.")
-    return trials_frame(open_store(sweep_dir).finished_rows(), spec.search.metric, spec.search.mode)
+    return trial_table(open_store(sweep_dir), spec.search.metric, spec.search.mode)
 
 
 def sweep_neurons(sweep_dir: Path, spec: SweepSpec, trials: pd.DataFrame) -> dict[int, list[int]]:

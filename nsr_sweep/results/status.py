@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .layout import read_state, run_state
 from .store import open_store
-from .tables import trials_frame
+from .tables import trial_table
 
 
 def sweep_status(sweep_dir: Path) -> dict:
@@ -16,7 +16,7 @@ def sweep_status(sweep_dir: Path) -> dict:
     spec = resolved_spec(sweep_dir)
     state = read_state(sweep_dir)
     store = open_store(sweep_dir)
-    df = trials_frame(store.finished_rows(), spec.search.metric, spec.search.mode)
+    df = trial_table(store, spec.search.metric, spec.search.mode)
     damage = store.damage()  # every finished trial's and unit's files, read through
     counts = df["status"].value_counts().to_dict() if len(df) else {}
     expected = state.get("n_expected")

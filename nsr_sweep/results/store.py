@@ -53,6 +53,10 @@ class TrialStore(ABC):
     def finished_rows(self) -> list[dict]:
         """The trial-table row of every finished trial, ok or failed (a trial whose record is damaged: `damaged`)."""
 
+    def finished_frame(self) -> pd.DataFrame:
+        """`finished_rows` as one frame (the trial table's input): a store of many rows builds it by columns."""
+        return pd.DataFrame(self.finished_rows())
+
     @abstractmethod
     def holds(self, trial_id: str) -> bool:
         """Whether the trial is kept here."""
@@ -108,6 +112,10 @@ class SweepStore(TrialStore):
 
     def finished_rows(self) -> list[dict]:
         return [r for p in self.parts for r in p.finished_rows()]
+
+    def finished_frame(self) -> pd.DataFrame:
+        frames = [f for f in (p.finished_frame() for p in self.parts) if len(f)]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
     def holds(self, trial_id: str) -> bool:
         return self._holder(trial_id) is not None
@@ -227,10 +235,26 @@ class TrialDirs(TrialStore):
 # -- a unit of probes: rows of Parquet datasets ----------------------------------------------------
 
 
-def _table_rows(records: pd.DataFrame) -> list[dict]:
-    """Trial-table rows from unit records: plain Python values, without the record-only JSON columns."""
-    rows = records.drop(columns=["spec_json", "history_json"], errors="ignore")
-    return [{k: plain(v) for k, v in r.items()} for r in rows.to_dict("records")]
+def _plain_rows(frame: pd.DataFrame) -> list[dict]:
+    """Trial-table rows (`_table_frame`'s) as plain Python values."""
+    return [{k: plain(v) for k, v in r.items()} for r in frame.to_dict("records")]
+
+
+def _table_frame(records: pd.DataFrame) -> pd.DataFrame:
+    """Unit records as trial-table rows, by columns: without the record-only JSON columns, each column of strings
+    typed as a frame of the rows' Python values types it (the trial table's columns whatever the layout)."""
+    rows = records.drop(columns=[c for c in RECORD_ONLY if c in records])
+    for c in rows.columns:
+        col = rows[c]
+        if isinstance(col.dtype, pd.StringDtype) and col.notna().any():
+            rows[c] = col.astype("str")  # strings beside missing values: NaN for missing, as a frame of rows infers
+        elif isinstance(col.dtype, pd.StringDtype) or col.dtype == object:  # none at all, or mixed: as Python values
+            rows[c] = pd.Series([plain(v) for v in col.tolist()], index=rows.index, dtype=object if
+                                col.isna().all() else None)
+    return rows
+
+
+RECORD_ONLY = ("spec_json", "history_json")  # a unit record's columns that are not the trial table's
 
 
 class ProbeUnits(TrialStore):
@@ -278,19 +302,36 @@ class ProbeUnits(TrialStore):
         return self.known.get(trial_id) or self._index.get(trial_id) or self.index().get(trial_id)
 
     def finished_rows(self) -> list[dict]:
-        frames = []
-        for unit in self.units():
-            rows = self._records(unit)
-            self._learn(unit, rows)
-            frames += [rows] if rows is not None else []
-        if not frames:
-            return []
-        return _table_rows(pd.concat(frames, ignore_index=True))  # one frame: every row has every unit's columns
+        return _plain_rows(self.finished_frame())
+
+    def finished_frame(self) -> pd.DataFrame:
+        """Every unit's records (without the JSON columns, read only for a record) in one frame, read as Arrow
+        tables and converted once: at a layer's scale (hundreds of thousands of probes) no row becomes Python
+        objects, and the frame is held about once."""
+        import pyarrow as pa
+
+        tables = [t for t in map(self._table, self.units()) if t is not None]
+        if not tables:
+            return pd.DataFrame()
+        table = pa.concat_tables(tables, promote_options="default")  # a unit lacks the columns none of its probes has
+        del tables
+        return _table_frame(table.to_pandas(self_destruct=True, split_blocks=True))
+
+    def _table(self, unit: str):
+        """A unit's records as an Arrow table of the trial table's columns (None when unreadable)."""
+        import pyarrow.parquet as pq
+
+        try:
+            f = pq.ParquetFile(self.path("records", unit))
+            return f.read(columns=[c for c in f.schema_arrow.names if c not in RECORD_ONLY and
+                                   not c.startswith("__index_level")])
+        except Exception:  # noqa: BLE001 - a damaged file must not stop a reader (its probes count as missing)
+            return None
 
     def unit_rows(self, unit: str) -> list[dict]:
         """The rows of one unit's records (none while it is unfinished or unreadable)."""
         rows = self._records(unit)
-        return [] if rows is None else _table_rows(rows)
+        return [] if rows is None else _plain_rows(_table_frame(rows))
 
     def holds(self, trial_id: str) -> bool:
         return self.unit_of(trial_id) is not None
