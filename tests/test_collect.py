@@ -119,8 +119,8 @@ def test_the_inbox_keeps_each_trial_once_and_hands_it_over_once():
     assert inbox.put([one("b", {"r": 2})]) == 0  # b's retry arrives too: dropped
     unit = {"unit": "u", "trial_ids": ["c", "d"], "rows": [{"trial_id": "c"}, {"trial_id": "d"}]}
     assert inbox.put([unit]) == 1 and inbox.put([unit]) == 0
-    assert inbox.rows(["a", "b", "c", "x"]) == {"a": {"trial_id": "a", "status": "ok"}, "b": {"trial_id": "b", "r": 1},
-                                                "c": {"trial_id": "c"}}
+    assert inbox.rows(["a", "b", "c", "x"]) == {"a": {"trial_id": "a", "status": "ok"}, "b": {"trial_id": "b", "r": 1}}
+    assert inbox.has_unit("u") and not inbox.has_unit("c")  # a unit is known by its id, not its probes one by one
     assert [b["trial_ids"] for b in inbox.take()] == [["b"], ["c", "d"]] and inbox.take() == []
 
 

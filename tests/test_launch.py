@@ -7,6 +7,7 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -16,7 +17,7 @@ from nsr_sweep.core.errors import NsrError
 from nsr_sweep.core.spec import parse_sweep
 from nsr_sweep.results.layout import STATE, read_state, update_state
 from nsr_sweep.sweep import disk
-from nsr_sweep.sweep.launch import Launch, missing_trials
+from nsr_sweep.sweep.launch import Launch, missing_trials, work_seconds
 from nsr_sweep.sweep.options import LaunchOptions
 
 BASE = {"name": "t", "model": "nsr-tiny", "layers": [1], "neurons": [3, 5], "heads": ["regression"],
@@ -116,7 +117,11 @@ def test_a_model_whose_weights_are_not_here_is_refused_by_dry_run_and_launch_bef
 def test_the_count_and_the_timings_come_from_the_rows_and_the_phases_clocks():
     rows = [{"trial_id": "a", "status": "ok"}, {"trial_id": "b", "status": "failed"},
             {"trial_id": "c", "status": "damaged"}]
-    assert missing_trials({"a", "b", "c", "d"}, rows) == ["c", "d"]
+    assert missing_trials({"a", "b", "c", "d"}, pd.DataFrame(rows)) == ["c", "d"]
+    assert missing_trials({"a"}, pd.DataFrame()) == ["a"]
+    work = pd.DataFrame([{"seconds": 2.0, "artefact_seconds": 1.0}, {"seconds": float("nan")},
+                         {"seconds": float("inf"), "artefact_seconds": 0.5}])
+    assert work_seconds(work) == 3.5 and work_seconds(pd.DataFrame()) == 0.0
     launch = Launch(LaunchOptions("s.yaml"))
     launch.times = {"start": 100.0, "ray": 104.0, "cache": 110.0, "trials": 130.0}
     launch.n_workers, launch.state = 2, {"started": 100.0}

@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import Counter
-from typing import Any
+from typing import Any, Iterator, Sequence, overload
 
 from ..core.controls import control_of
 from ..core.spec import GridPoint, NeuronSelect, SweepSpec, TrialBatch
 
 
-def expand(spec: SweepSpec, neurons: dict[int, list[int]]) -> list[GridPoint]:
+def expand(spec: SweepSpec, neurons: dict[int, list[int]]) -> Grid:
     """One group per (layer, neuron, head, freeze), plus its controls; invalid combinations are left out.
 
     Each control accompanies the groups of its freeze modes (`core.controls`: `shuffled` every group,
@@ -29,18 +29,54 @@ def expand(spec: SweepSpec, neurons: dict[int, list[int]]) -> list[GridPoint]:
     """
     chosen = [control_of(c) for c in spec.control_names]
     per_cell = sorted((c for c in chosen if c.per_cell), key=lambda c: c.other_model)
-    groups = []
-    for L in spec.layers:
-        for n in neurons[L]:
-            for h, f in spec.combos():
-                base = GridPoint(layer=L, neuron=n, head=h, freeze=f)
-                groups.append(base)
-                groups += [base.model_copy(update={"control": c.name,
-                                                   "cross_model": spec.cross_model if c.other_model else None})
-                           for c in per_cell if f in c.freezes]
-            groups += [GridPoint(layer=L, neuron=n, head="regression", freeze="none", control=c.name)
-                       for c in chosen if not c.per_cell]
-    return groups
+    templates = []
+    for h, f in spec.combos():
+        base = GridPoint(layer=0, neuron=0, head=h, freeze=f)
+        templates.append(base)
+        templates += [base.model_copy(update={"control": c.name, "cross_model": spec.cross_model if c.other_model else None})
+                      for c in per_cell if f in c.freezes]
+    templates += [GridPoint(layer=0, neuron=0, head="regression", freeze="none", control=c.name)
+                  for c in chosen if not c.per_cell]
+    return Grid({L: neurons[L] for L in spec.layers}, templates)
+
+
+class Grid(Sequence[GridPoint]):
+    """The groups of a sweep in their order — per layer, per neuron, its groups — without an object per group until
+    one is read: every neuron has the same groups (`templates`, each at layer 0, neuron 0), so a layer of
+    hundreds of thousands of probes costs its list of neurons (a launch plans every neuron of a model)."""
+
+    def __init__(self, neurons: dict[int, list[int]], templates: list[GridPoint]):
+        self.neurons, self.templates = {L: list(ns) for L, ns in neurons.items()}, templates
+
+    def __len__(self) -> int:
+        return sum(map(len, self.neurons.values())) * len(self.templates)
+
+    @overload
+    def __getitem__(self, i: int) -> GridPoint: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[GridPoint]: ...
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = i + len(self) if i < 0 else i
+        per_neuron = len(self.templates)
+        for L, ns in self.neurons.items():
+            if i < len(ns) * per_neuron:
+                return placed(self.templates[i % per_neuron], L, ns[i // per_neuron])
+            i -= len(ns) * per_neuron
+        raise IndexError("grid index out of range")
+
+    def __iter__(self) -> Iterator[GridPoint]:
+        for L, ns in self.neurons.items():
+            for n in ns:
+                yield from (placed(t, L, n) for t in self.templates)
+
+
+def placed(template: GridPoint, layer: int, neuron: int) -> GridPoint:
+    """A group's template at a layer and neuron."""
+    return template.model_copy(update={"layer": layer, "neuron": neuron})
 
 
 def n_samples(spec: SweepSpec, group: GridPoint) -> int:
@@ -52,9 +88,19 @@ def n_samples(spec: SweepSpec, group: GridPoint) -> int:
     return 1 if exact and not searched else spec.search.num_samples
 
 
-def expected_trials(spec: SweepSpec, groups: list[GridPoint]) -> set[str]:
-    """Every trial id the sweep owes: each group's samples."""
-    return {g.at(s).trial_id for g in groups for s in range(n_samples(spec, g))}
+def expected_trials(spec: SweepSpec, grid: Grid) -> Iterator[str]:
+    """Every trial id the sweep owes, each group's samples in the grid's order (`GridPoint.trial_id`, spelled out
+    here without a GridPoint per trial)."""
+    suffixes = [(f"-{t.group_id.split('-', 2)[2]}-s", n_samples(spec, t)) for t in grid.templates]
+    for L, ns in grid.neurons.items():
+        for n in ns:
+            for suffix, k in suffixes:
+                yield from (f"L{L}-N{n}{suffix}{s}" for s in range(k))
+
+
+def n_expected(spec: SweepSpec, grid: Grid) -> int:
+    """How many trials the sweep owes."""
+    return sum(map(len, grid.neurons.values())) * sum(n_samples(spec, t) for t in grid.templates)
 
 
 def batch_key(spec: SweepSpec, g: GridPoint) -> tuple | None:

@@ -12,15 +12,16 @@ that finished, whatever Tune's state says.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import secrets
 import sys
 import time
-from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
 
 from ..core.errors import NsrError, redacted
 from ..core.files import write_json
@@ -90,7 +91,7 @@ class Launch:
             self.stop()
             release(self.sweep_dir)
         if self.missing:
-            raise NsrError(f"{len(self.missing)} of {len(self.expected)} trials missing from {self.sweep_dir}: "
+            raise NsrError(f"{len(self.missing)} of {self.n_expected} trials missing from {self.sweep_dir}: "
                            f"{self.lost}. `{self.options.resume_command()}` reruns them")
         return self.sweep_dir
 
@@ -162,7 +163,8 @@ class Launch:
         self.n_workers, device, threads = plan_workers(spec)
         self.rows = open_store(self.sweep_dir).finished_rows()
         backfill_runs(self.sweep_dir, [row["trial_id"] for row in self.rows if row.get("status") == "ok"])
-        self.inbox = start_inbox([row["trial_id"] for row in self.rows if row.get("status") != "damaged"])
+        self.inbox = start_inbox([row["trial_id"] for row in self.rows if row.get("status") != "damaged"
+                                  and not row.get("unit")])  # trials run alone (the inbox knows units by their id)
         link = WorkerLink(version=__version__, inbox=self.inbox, sweep=spec.name, storage=self.storage,
                           gpu_share=r.gpus_per_worker if device == "cuda" or r.gpu_resource != "GPU" else 0.0,
                           cuda=device == "cuda", trainable=any(f != "none" for _, f in spec.combos()), tf32=r.tf32)
@@ -193,22 +195,22 @@ class Launch:
 
     def plan(self, cache) -> None:
         """The grid of the resolved neurons, what it owes, and the search that hands out what is left."""
-        from .grid import expand, expected_trials, unit_size
+        from .grid import expand, n_expected, unit_size
         from .inputs import resolve_neurons
         from .search import GroupedSearch
 
         spec = self.spec
         neurons = resolve_neurons(spec, cache)
-        groups = expand(spec, neurons)
+        self.grid = groups = expand(spec, neurons)
         self.searcher = GroupedSearch(spec, groups, self.rows, storage=self.studies,
                                       prefix=f"{spec.name}-{self.state['uid']}",
                                       unit_neurons=unit_size(spec, neurons, self.n_workers))
-        self.expected = expected_trials(spec, groups)
+        self.n_expected = n_expected(spec, groups)
         skipped = len(spec.skipped_combos()) * sum(len(v) for v in neurons.values())
-        self.echo(f"{len(groups)} groups, {len(self.expected)} trials ({spec.search.num_samples} samples per searched "
+        self.echo(f"{len(groups)} groups, {self.n_expected} trials ({spec.search.num_samples} samples per searched "
                   f"group, exact probes once; {len(self.rows)} already finished, {skipped} invalid head+freeze "
                   "trials skipped)")
-        update_state(self.sweep_dir, n_expected=len(self.expected), n_groups=len(groups),
+        update_state(self.sweep_dir, n_expected=self.n_expected, n_groups=len(groups),
                      neurons={str(k): v for k, v in neurons.items()}, cache_key=cache.meta["key"])
 
     def run_trials(self) -> None:
@@ -224,7 +226,7 @@ class Launch:
         self.collector = Collector(self.sweep_dir, self.spec, self.rows, self.inbox, self.pool)
         progress = SweepProgress(self.collector, self.spec.name, self.spec.search.metric,
                                  len(self.rows) + self.searcher.n_remaining)
-        self.work_before = sum(_work(r) for r in self.rows)
+        self.work_before = work_seconds(pd.DataFrame(self.rows))
         if self.searcher.n_remaining:
             with full_disk_logs_noted(self.collector.note_disk_full):
                 self.tuner(progress).fit()
@@ -261,16 +263,16 @@ class Launch:
         `incomplete`."""
         import ray
 
+        from .grid import expected_trials
+
         loads = sum(ray.get(self.pool.each.remote("load_count")))
-        df = write_trials_table(self.sweep_dir, open_store(self.sweep_dir).finished_rows(), self.spec.search.metric,
-                                self.spec.search.mode)
-        rows = df.to_dict("records")
-        counts = dict(Counter(r["status"] for r in rows))
-        self.missing = missing_trials(self.expected, rows)
+        df = write_trials_table(self.sweep_dir, self.spec.search.metric, self.spec.search.mode)
+        counts = {k: int(v) for k, v in df["status"].value_counts().items()} if len(df) else {}
+        self.missing = missing_trials(expected_trials(self.spec, self.grid), df)
         self.lost = missing_reason(self.missing, self.collector.unwritten, self.collector.lost)
         update_state(self.sweep_dir, status="incomplete" if self.missing else "finished", finished=time.time(),
                      model_loads=loads, counts=counts, n_missing=len(self.missing), missing=self.missing[:100],
-                     missing_reason=self.lost, timings=self.timings(sum(_work(r) for r in rows) - self.work_before))
+                     missing_reason=self.lost, timings=self.timings(work_seconds(df) - self.work_before))
         self.echo(f"done: {counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed, {len(self.missing)} missing; "
                   f"base model loaded {loads}× ({self.n_workers} worker(s)); table "
                   f"{self.sweep_dir / 'tables' / 'trials.parquet'}")
@@ -319,9 +321,10 @@ class Launch:
 CACHE_KEYS = ("n_texts", "n_tokens", "tokens_per_second", "identity", "model", "corpus")  # cache_keys.json
 
 
-def missing_trials(expected: set[str], rows: list[dict]) -> list[str]:
-    """The trials the sweep owes that have no finished record (ok or failed)."""
-    return sorted(expected - {r["trial_id"] for r in rows if r.get("status") in ("ok", "failed")})
+def missing_trials(expected: Iterable[str], table: pd.DataFrame) -> list[str]:
+    """The trials the sweep owes that have no finished record (ok or failed) in the trial table."""
+    finished = set(table.loc[table["status"].isin(["ok", "failed"]), "trial_id"]) if len(table) else set()
+    return sorted(t for t in expected if t not in finished)
 
 
 def _asha(spec: SweepSpec):
@@ -416,12 +419,10 @@ def missing_reason(missing: list[str], unwritten: dict[str, str], lost: dict[str
     return "; ".join(parts)
 
 
-def _work(row: dict) -> float:
-    """Seconds a worker spent on a trial: training and evaluation, then its artefacts."""
-    total = 0.0
-    for v in (row.get("seconds"), row.get("artefact_seconds")):
-        total += v if isinstance(v, (int, float)) and math.isfinite(v) else 0.0
-    return total
+def work_seconds(table: pd.DataFrame) -> float:
+    """Seconds workers spent on these trials: training and evaluation, then their artefacts."""
+    cols = [c for c in ("seconds", "artefact_seconds") if c in table]
+    return float(sum(pd.to_numeric(table[c], errors="coerce").where(lambda v: np.isfinite(v)).sum() for c in cols))
 
 
 def _gauge(name: str, sweep: str, value: float) -> None:

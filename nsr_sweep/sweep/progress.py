@@ -4,9 +4,6 @@ which writes its records."""
 
 from __future__ import annotations
 
-import math
-from collections import Counter
-
 import numpy as np
 
 from .grid import batch_of
@@ -21,7 +18,7 @@ class SweepProgress:
         from tqdm.auto import tqdm
 
         self.collector, self.metric = collector, metric
-        self.bar = tqdm(total=total, initial=len(collector.rows), unit="trial", desc=name, dynamic_ncols=True)
+        self.bar = tqdm(total=total, initial=collector.tally.total, unit="trial", desc=name, dynamic_ncols=True)
         self.running = 0
         self.counters = _counters(name)
         outer = self
@@ -51,9 +48,7 @@ class SweepProgress:
         """A trial (or a unit) is complete, also when a scheduler stopped it (its record may come later)."""
         self.running -= 1
         self.show(self.collector.collect())
-        by_id = self.collector.by_id
-        rows = [by_id[s.trial_id] for s in batch_of(config).points if s.trial_id in by_id]
-        if rows:
+        if rows := self.collector.shown([s.trial_id for s in batch_of(config).points]):
             self._line(rows, config)
 
     def errored(self, trial) -> None:
@@ -61,15 +56,11 @@ class SweepProgress:
         self.running -= 1
         rows = self.collector.gave_up(batch_of(trial.config), str(getattr(trial, "error_msg", None) or ""))
         self.show(rows)
-        mine = {p.trial_id for p in batch_of(trial.config).points}
-        if any(r["trial_id"] in mine for r in rows):
-            self._line([r for r in rows if r["trial_id"] in mine], trial.config)
+        if mine := self.collector.shown([p.trial_id for p in batch_of(trial.config).points]):
+            self._line(mine, trial.config)
 
     def _line(self, rows: list[dict], config: dict) -> None:
-        done = self.collector.rows
-        counts = Counter(r.get("status") for r in done)
-        ok = [r for r in done if r.get("status") == "ok" and _finite(r.get("pearson_r"))]
-        best = max(ok, key=lambda r: r["pearson_r"], default=None)
+        counts, best = self.collector.tally.counts, self.collector.tally.best
         if batch_of(config).unit is not None:  # a unit: how many, and the median over them
             good = [r for r in rows if r.get("status") == "ok"]
             r_med = float(np.median([r["pearson_r"] for r in good])) if good else float("nan")
@@ -80,16 +71,12 @@ class SweepProgress:
                     f"test r {row.get('pearson_r', float('nan')):+.3f}")
         else:
             what = f"FAILED: {str(rows[0].get('error'))[:80]}"
-        best_s = f"  best r {best['pearson_r']:+.3f} ({best['trial_id']})" if best else ""
+        best_s = f"  best r {best[0]:+.3f} ({best[1]})" if best else ""
         self.bar.write(f"{config['trial_id']:<42} {what}  | done {counts['ok']} failed {counts['failed']} "
                        f"running {max(self.running, 0)}{best_s}")
 
     def close(self):
         self.bar.close()
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def _counters(sweep: str) -> dict:

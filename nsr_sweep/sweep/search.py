@@ -14,13 +14,14 @@ database URL) that `optuna-dashboard` opens while the sweep runs; a resumed laun
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections import deque
+from typing import Iterator, Literal, NamedTuple
 
 import optuna
 from ray.tune.search import Searcher
 
 from ..core.spec import Dist, GridPoint, SweepSpec, TrialBatch, TrialSettings, group_of, stable_seed
-from .grid import batch_key, n_samples, tune_config, unit_id
+from .grid import Grid, batch_key, n_samples, placed, tune_config, unit_id
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 FAILED = optuna.trial.TrialState.FAIL
@@ -50,40 +51,77 @@ def study_storage(location: str) -> optuna.storages.BaseStorage:
         raise NsrError(redacted(f"--optuna-storage {location!r} cannot be opened: {type(e).__name__}: {e}"[:500])) from None
 
 
+class Unit(NamedTuple):
+    """A queued unit of work: a chunk of one layer's neurons, every batched group of each (`GroupedSearch.suggest`
+    places them when it hands the unit out)."""
+
+    layer: int
+    neurons: list[int]
+
+
 class GroupedSearch(Searcher):
-    def __init__(self, spec: SweepSpec, groups: list[GridPoint], finished: list[dict],
+    def __init__(self, spec: SweepSpec, groups: Grid, finished: list[dict],
                  storage: optuna.storages.BaseStorage | None = None, prefix: str | None = None,
                  unit_neurons: int | None = None):
         super().__init__(metric=spec.search.metric, mode=spec.search.mode)
         self.unit_neurons = unit_neurons or spec.resources.batch_neurons
-        order: dict[int, dict[int, None]] = {}  # per layer, its neurons in the grid's order
-        for g in groups:
-            order.setdefault(g.layer, {})[g.neuron] = None
-        self.chunk = {(L, n): i // self.unit_neurons for L, ns in order.items() for i, n in enumerate(ns)}
-        self.spec, self.groups, self.storage = spec, groups, storage
+        self.spec, self.storage = spec, storage
         self.prefix = prefix or spec.name  # studies are named <prefix>/<group id>
         self.dists = {k: distribution(v) for k, v in spec.search.space.items()}
         self.direction: Literal["minimize", "maximize"] = "minimize" if spec.search.mode == "min" else "maximize"
         self.studies: dict[tuple, optuna.Study] = {}  # opened on first use: batched groups search nothing
-        self.group_of = {g.group: g for g in groups}
+        self.batched = [t for t in groups.templates if batch_key(spec, t) is not None]
+        searched = [t for t in groups.templates if batch_key(spec, t) is None]
+        self.group_of = {g.group: g for L, ns in groups.neurons.items() for n in ns for g in
+                         (placed(t, L, n) for t in searched)}  # searched groups only: a unit's are placed when it goes
         self.taken: dict[tuple, set[int]] = {k: set() for k in self.group_of}
-        batched = {g.group for g in groups if batch_key(spec, g) is not None}
+        self.done: set[str] = set()  # batched probes that finished (a resume runs them no more)
         told: dict[tuple, list[dict]] = {}
         for row in finished:  # resume: what already ran informs the search and is never rerun
+            if row.get("status") == "damaged":  # a damaged record is run again
+                continue
             k = group_of(row)
-            if k not in self.taken or row.get("status") == "damaged":  # a damaged record is run again
+            if k not in self.taken:
+                self.done.add(row["trial_id"])
                 continue
             self.taken[k].add(int(row["sample"]))
-            if k not in batched:  # nothing searched in a batch: no study to inform
-                told.setdefault(k, []).append(row)
+            told.setdefault(k, []).append(row)
         stored = set(optuna.get_all_study_names(storage)) if storage is not None else set()
         for k in self.group_of:  # every study this sweep stored, also one whose only trial was left running
             if k in told or self._name(k) in stored:
                 self._reconcile(self._study(k), told.get(k, []))
-        self.queue = [(s, g) for s in range(spec.search.num_samples) for g in groups
-                      if s < n_samples(spec, g) and s not in self.taken[g.group]]
+        self.queue: deque[Unit | tuple[int, GridPoint]] = deque(self._first_round(groups, searched))
+        self.queue += [(s, g) for s in range(1, spec.search.num_samples) for g in self.group_of.values()
+                       if s < n_samples(spec, g) and s not in self.taken[g.group]]
+        self.n_remaining = sum(len(self._members(q)) if isinstance(q, Unit) else 1 for q in self.queue) \
+            if self.done else sum(len(q.neurons) * len(self.batched) if isinstance(q, Unit) else 1 for q in self.queue)
         self.live: dict[str, tuple] = {}
         self.settings = TrialSettings.of(spec)
+
+    def _first_round(self, groups: Grid, searched: list[GridPoint]) -> Iterator[Unit | tuple[int, GridPoint]]:
+        """Every group's first sample in the grid's order, a unit in the place of its first group (each chunk of
+        `unit_neurons` neurons of a layer is one unit, its batched groups every head and control of each)."""
+        for L, ns in groups.neurons.items():
+            for lo in range(0, len(ns), self.unit_neurons):
+                chunk = ns[lo : lo + self.unit_neurons]
+                if not searched:  # probes only: the chunk is its unit
+                    yield Unit(L, chunk)
+                    continue
+                unit_due = bool(self.batched)
+                for n in chunk:
+                    for t in groups.templates:
+                        if t in searched:
+                            g = self.group_of[placed(t, L, n).group]
+                            if 0 not in self.taken[g.group]:
+                                yield 0, g
+                        elif unit_due:
+                            yield Unit(L, chunk)
+                            unit_due = False
+
+    def _members(self, unit: Unit) -> list[GridPoint]:
+        """A unit's probes that have not finished."""
+        points = [placed(t, unit.layer, n) for n in unit.neurons for t in self.batched]
+        return [p for p in points if p.trial_id not in self.done] if self.done else points
 
     def _study(self, k: tuple) -> optuna.Study:
         if k not in self.studies:
@@ -121,34 +159,27 @@ class GroupedSearch(Searcher):
         ok = (row or {}).get("status") == "ok" and isinstance(value, (int, float)) and math.isfinite(value)
         return float(value) if ok else None  # type: ignore[arg-type]
 
-    @property
-    def n_remaining(self) -> int:
-        return len(self.queue)
-
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True  # metric and mode come from the sweep file
 
     def suggest(self, tune_trial_id: str):
-        if not self.queue:
-            return Searcher.FINISHED
-        sample, group = self.queue.pop(0)
-        key = self._unit(group)
-        if key is not None:  # it and the queued groups of its unit (every head and control of a chunk of neurons)
-            idx = [i for i, (_, g) in enumerate(self.queue) if self._unit(g) == key]
-            mates, taken = [self.queue[i] for i in idx], set(idx)
-            self.queue = [q for i, q in enumerate(self.queue) if i not in taken]
-            points = [g.at(s) for s, g in [(sample, group), *mates]]
-            return tune_config(TrialBatch(unit=unit_id(points), settings=self.settings, points=points))
-        study = self._study(group.group)
-        ot = study.ask(self.dists)
-        point = group.at(sample)
-        ot.set_user_attr("trial_id", point.trial_id)  # a resumed launch matches studies to records by it
-        self.live[tune_trial_id] = (study, ot)
-        return tune_config(TrialBatch(settings=TrialSettings.of(self.spec, ot.params), points=[point]), ot.params)
-
-    def _unit(self, group: GridPoint) -> tuple | None:
-        key = batch_key(self.spec, group)
-        return None if key is None else (*key, self.chunk[(group.layer, group.neuron)])
+        while self.queue:
+            entry = self.queue.popleft()
+            if isinstance(entry, Unit):  # every head and control of a chunk of neurons, minus what finished
+                points = self._members(entry)
+                self.n_remaining -= len(points)
+                if points:
+                    return tune_config(TrialBatch(unit=unit_id(points), settings=self.settings, points=points))
+                continue
+            sample, group = entry
+            self.n_remaining -= 1
+            study = self._study(group.group)
+            ot = study.ask(self.dists)
+            point = group.at(sample)
+            ot.set_user_attr("trial_id", point.trial_id)  # a resumed launch matches studies to records by it
+            self.live[tune_trial_id] = (study, ot)
+            return tune_config(TrialBatch(settings=TrialSettings.of(self.spec, ot.params), points=[point]), ot.params)
+        return Searcher.FINISHED
 
     def on_trial_complete(self, tune_trial_id: str, result=None, error: bool = False):
         study, ot = self.live.pop(tune_trial_id, (None, None))

@@ -13,14 +13,16 @@ without it they travel to the driver like everything else.
 from __future__ import annotations
 
 import io
+import math
 import os
 import tempfile
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
 from ..core.spec import TrialBatch
-from ..results.layout import PROBES, RECORD, TRIALS, log_run, trial_dir
+from ..results.layout import PROBES, TRIALS, log_run
 from ..results.records import write_files
 
 
@@ -86,19 +88,43 @@ def write_bundle(sweep_dir: Path, bundle: dict) -> list[dict]:
 
 
 TABLE_EVERY_S = 10.0
+TABLE_SHARE = 0.05  # most of the driver's time the trial table's snapshots may take, however many rows it has
+
+
+class Tally:
+    """What the progress lines count: trials by status, and the best test r so far (its trial id)."""
+
+    def __init__(self, rows: list[dict]):
+        self.counts: Counter = Counter()
+        self.best: tuple[float, str] | None = None
+        self.add(rows)
+
+    def add(self, rows: list[dict]) -> None:
+        self.counts.update(r.get("status") for r in rows)
+        for r in rows:
+            v = r.get("pearson_r")
+            if r.get("status") == "ok" and isinstance(v, (int, float)) and math.isfinite(v) \
+                    and (self.best is None or v > self.best[0]):
+                self.best = (float(v), r["trial_id"])
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
 
 
 class Collector:
     """The driver's end of the transport: writes what arrived in the inbox under the results directory (the
     results code's writers, records last), the records of trials that failed, and a snapshot of the trial table
-    at most every TABLE_EVERY_S; remembers what could not be written here or was lost with its worker."""
+    (built from the records); remembers what could not be written here or was lost with its worker. It keeps no
+    row once it is shown: the driver's memory stays flat however many probes a sweep has."""
 
     def __init__(self, sweep_dir: Path, spec, rows: list[dict], inbox, pool):
-        self.sweep_dir, self.spec, self.rows, self.inbox, self.pool = sweep_dir, spec, rows, inbox, pool
-        self.written = 0.0  # when tables/trials.parquet was last written
+        self.sweep_dir, self.spec, self.inbox, self.pool = sweep_dir, spec, inbox, pool
+        self.tally = Tally(rows)  # rows: what a resumed launch found finished
+        self.next_table = 0.0  # when tables/trials.parquet may be written again
         self.unwritten: dict[str, str] = {}  # trial id → why its record could not be written here
         self.lost: dict[str, str] = {}  # trial id → how it was lost (its worker or node died on every rerun)
-        self.by_id: dict[str, dict] = {}  # rows recorded by this launch
+        self.unshown: dict[str, dict] = {}  # rows recorded by this launch, until a progress line shows them
         self.disk_full: OSError | None = None  # the ENOSPC that stopped a write here
 
     def collect(self) -> list[dict]:
@@ -115,6 +141,10 @@ class Collector:
                 self.note_disk_full(e)
         return self._keep(rows)
 
+    def shown(self, trial_ids: list[str]) -> list[dict]:
+        """The rows of these trials recorded by this launch and not shown yet (then forgotten)."""
+        return [row for t in trial_ids if (row := self.unshown.pop(t, None)) is not None]
+
     def note_disk_full(self, error: OSError) -> None:
         """A full disk ends the sweep (`Launch.run_trials` stops Tune): what is left cannot be written."""
         from .disk import disk_full_error
@@ -122,18 +152,19 @@ class Collector:
         self.disk_full = self.disk_full or disk_full_error(error)
 
     def _keep(self, rows: list[dict]) -> list[dict]:
-        """Rows in memory at once; the table on disk at most every TABLE_EVERY_S (an every-neuron sweep has
-        thousands of rows: one rewrite per trial would cost quadratic time), and whole at the end."""
+        """Rows counted and held until shown; the table on disk now and then (at most every TABLE_EVERY_S, and
+        at most TABLE_SHARE of the time: it is rebuilt from the records, whose count grows), and whole at the end."""
         from ..results.tables import write_trials_table
 
-        self.rows += rows
-        self.by_id.update((r["trial_id"], r) for r in rows)
-        if rows and time.time() - self.written >= TABLE_EVERY_S:
+        self.tally.add(rows)
+        self.unshown.update((r["trial_id"], r) for r in rows)
+        if rows and time.time() >= self.next_table:
+            t0 = time.time()
             try:  # a snapshot for readers while the sweep runs; the final table is written at the end
-                write_trials_table(self.sweep_dir, self.rows, self.spec.search.metric, self.spec.search.mode)
+                write_trials_table(self.sweep_dir, self.spec.search.metric, self.spec.search.mode)
             except OSError as e:
                 self.note_disk_full(e)
-            self.written = time.time()
+            self.next_table = time.time() + max(TABLE_EVERY_S, (time.time() - t0) / TABLE_SHARE)
         return rows
 
     def gave_up(self, batch: TrialBatch, tune_error: str) -> list[dict]:
@@ -148,8 +179,11 @@ class Collector:
         how, reason = ray.get(self.pool.outcome.remote(batch.id))
         if how == "running":
             return arrived
-        todo = [s for s in batch.specs() if s.trial_id not in self.by_id
-                and not (trial_dir(self.sweep_dir, s.trial_id) / RECORD).is_file()]
+        from ..results.store import bundle_rows
+
+        recorded = {r["trial_id"] for r in bundle_rows(self.sweep_dir, batch.unit, [s.trial_id for s in batch.specs()])
+                    if r["status"] in ("ok", "failed")}
+        todo = [s for s in batch.specs() if s.trial_id not in recorded]
         if how != "failed":
             self.lost.update((s.trial_id, reason or tune_error) for s in todo)
             return arrived
@@ -166,23 +200,36 @@ class Collector:
 
 class Inbox:
     """Trial records on their way to the driver. It lives on the driver's node (a worker's node may die),
-    and remembers every trial that arrived, so a retried trial is neither written nor run twice."""
+    and remembers every trial run alone (its row) and every unit that arrived, so a retry is neither written nor
+    run twice (a unit's probes are not kept one by one: a layer has hundreds of thousands)."""
 
     def __init__(self, finished: list[str]):
         self.waiting: dict[str, dict] = {}
         self.arrived: dict[str, dict] = {t: {"trial_id": t, "status": "ok"} for t in finished}  # id → its row
+        self.units: set[str] = set()
 
     def put(self, bundles: list[dict]) -> int:
-        """Keep the bundles whose trials have not all arrived yet; returns how many were new."""
-        new = [b for b in bundles if not all(t in self.arrived for t in b["trial_ids"])]
+        """Keep the bundles that have not arrived yet; returns how many were new."""
+        new = [b for b in bundles if not self._has(b)]
         for b in new:
-            self.arrived.update((r["trial_id"], r) for r in b["rows"])
+            if b["unit"] is None:
+                self.arrived.update((r["trial_id"], r) for r in b["rows"])
+            else:
+                self.units.add(b["unit"])
             self.waiting[b["unit"] or b["trial_ids"][0]] = b
         return len(new)
 
+    def _has(self, bundle: dict) -> bool:
+        return bundle["unit"] in self.units if bundle["unit"] is not None else \
+            all(t in self.arrived for t in bundle["trial_ids"])
+
     def rows(self, trial_ids: list[str]) -> dict[str, dict]:
-        """The rows of those trials that already arrived."""
+        """The rows of those trials (run alone) that already arrived."""
         return {t: self.arrived[t] for t in trial_ids if t in self.arrived}
+
+    def has_unit(self, unit: str) -> bool:
+        """Whether that unit's records already arrived."""
+        return unit in self.units
 
     def take(self) -> list[dict]:
         """Everything that arrived since the last take (the driver writes it)."""

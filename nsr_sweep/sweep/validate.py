@@ -47,7 +47,7 @@ def check_model(spec: SweepSpec) -> dict:
             raise NsrError(f"neurons: {n} is out of range for {spec.model.name}: allowed 0..{d_mlp - 1} (d_mlp)")
         if isinstance(n, NeuronSelect) and n.k is not None and n.k > d_mlp:
             raise NsrError(f"neurons: select k={n.k} exceeds d_mlp={d_mlp} of {spec.model.name}")
-    from ..core.surface import check_hook
+    from ..core.families import check_hook
 
     check_hook(spec.features.hook, shape["family"], shape["parallel"], n_layers)
     if shape.get("n_ctx") and spec.corpus.max_tokens > shape["n_ctx"]:

@@ -149,8 +149,7 @@ class ModelWorker:
         from ..core.trial import run_trials
         from .transport import pack_unit
 
-        arrived = ray.get(self.link.inbox.rows.remote([s.trial_id for s in specs]))
-        if len(arrived) == len(specs):  # a retried unit whose records already arrived
+        if ray.get(self.link.inbox.has_unit.remote(unit)):  # a retried unit whose records already arrived
             return {"trial_id": unit, "status": "ok", "n_members": 0, "worker": os.getpid()}
         assert self.cache is not None, "set_cache first"
         self.running += 1
