@@ -21,6 +21,7 @@ depend on, so a second build is a load.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -28,19 +29,20 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from .corpus import Corpus
 from .errors import NsrError
 from .files import atomic_dir
 from .models import LoadedModel
 from .spec import Position, TargetHook, is_feature_hook
-from .surface import norm_eps
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 3
 HOOKS = get_args(TargetHook)
@@ -112,6 +114,8 @@ def encode(tok, texts: list[str], max_tokens: int) -> tuple[list[list[int]], int
 
 def pad_batch(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids and attention mask (causal attention: real positions never see the padding)."""
+    import torch
+
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
@@ -129,14 +133,28 @@ def mlp_input_hook(layer: int) -> str:
     return f"blocks.{layer}.ln2.hook_out"
 
 
-@torch.no_grad()
+def _no_grad(fn):
+    """torch.no_grad, imported when the function runs: the driver reads caches without torch."""
+    @functools.wraps(fn)
+    def inner(*a, **k):
+        import torch
+
+        with torch.no_grad():
+            return fn(*a, **k)
+    return inner
+
+
+@_no_grad
 def check_identity(model: LoadedModel, seqs: list[list[int]], layer: int) -> dict:
     """The neuron's definition recomputed by hand from the norm's input and the weights (docs/science.md).
 
     hook_pre == norm2(x)·W_pre[:, n] + b_pre[n] with norm2 written out (LayerNorm or RMSNorm, with its
     affine) and x what the MLP reads (resid_mid, or resid_pre in parallel blocks); hook_post ==
     act(hook_pre), times hook_pre_linear = norm2(x)·W_in[:, n] + b_in[n] in gated MLPs."""
+    import torch
     from transformers.activations import ACT2FN
+
+    from .surface import norm_eps
 
     s = model.surface
     norm = s.ln2(layer)
@@ -251,6 +269,7 @@ class ActivationCache:
         batch_size: int = 64, progress: bool = True, identity_sample: int = 16,
     ) -> "ActivationCache":
         """Run the corpus through the model once (no disk): the numbers every stage reads."""
+        import torch
         from tqdm.auto import tqdm
 
         t0 = time.perf_counter()

@@ -171,7 +171,7 @@ class LoadedModel:
         else:
             self.path = resolve_model_dir(spec.name)
             check_weights_file(self.path)
-            from .surface import check_architecture
+            from .families import check_architecture
 
             check_architecture(_config_architecture(self.path), spec.name)
             self.hf = AutoModelForCausalLM.from_pretrained(self.path, attn_implementation="eager")
@@ -279,7 +279,7 @@ def model_shape(name: str) -> dict:
                     "parallel": False, "n_ctx": 1024}
         raise model_not_found(name)
     c = json.loads((path / "config.json").read_text())
-    from .surface import check_architecture
+    from .families import check_architecture
 
     family = check_architecture((c.get("architectures") or [None])[0], name)
     d_model = c.get("n_embd") or c.get("hidden_size")
