@@ -19,9 +19,22 @@ from nsr_sweep.cli import main
 from nsr_sweep.core.errors import NsrError
 from nsr_sweep.core.spec import GridPoint, TrialBatch, TrialSettings, load_sweep, parse_sweep, parse_trial_id
 from nsr_sweep.results.schema import spec_columns, spec_json
-from nsr_sweep.sweep.grid import batch_of, dry_run_text, expand, n_samples, tracker_params, tune_config
+from nsr_sweep.sweep.grid import (
+    PROBE_TEXT_BYTES,
+    UNIT_SHARE,
+    batch_of,
+    dry_run_text,
+    expand,
+    expected_trials,
+    n_expected,
+    n_samples,
+    tracker_params,
+    tune_config,
+    unit_size,
+)
 from nsr_sweep.sweep.options import LaunchOptions
 from nsr_sweep.sweep.search import GroupedSearch
+from nsr_sweep.sweep.workers import worker_memory
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {"name": "t", "model": "nsr-tiny", "layers": [1], "neurons": [3], "heads": ["regression"], "freeze": ["none"]}
@@ -227,6 +240,36 @@ def test_a_trial_left_running_without_a_record_is_told_failed(tmp_path):
     assert states == {c0["trial_id"]: "COMPLETE", c1["trial_id"]: "FAIL", c2["trial_id"]: "FAIL"}
     with pytest.raises(NsrError, match="--optuna-storage 'nosuchdb://x' cannot be opened"):
         study_storage("nosuchdb://x")
+
+
+def test_a_units_size_keeps_every_worker_busy_and_its_arrays_within_a_share_of_a_workers_memory():
+    spec = parse_sweep(with_(neurons=[3], heads=["regression", "classification"], controls=["shuffled", "input_only"],
+                             corpus={"n_texts": 1000}, resources={"batch_neurons": 1024}))
+    per_neuron = 5 * 1000 * PROBE_TEXT_BYTES  # 2 heads × (real, shuffled) + input-only, per text
+    layer = {1: list(range(8192))}
+    assert unit_size(spec, layer, workers=2) == 1024  # the setting's cap (8 units for 2 workers would be 1,024 too)
+    assert unit_size(spec, {1: list(range(100))}, workers=2) == 13  # ≥ 4 units a worker
+    assert unit_size(spec, layer, workers=2, memory=1e9) == int(1e9 * UNIT_SHARE // per_neuron) == 130
+    assert unit_size(spec, layer, workers=2, memory=64e9) == 1024 and unit_size(spec, layer, 2, memory=1.0) == 1
+
+
+def test_a_workers_memory_is_its_nodes_over_the_workers_there():
+    nodes = [{"NodeID": "a", "Alive": True, "Resources": {"memory": 16e9}},
+             {"NodeID": "b", "Alive": True, "Resources": {"memory": 12e9}}, {"NodeID": "c", "Alive": False}]
+    assert worker_memory([{"node": "a"}, {"node": "a"}, {"node": "b"}], nodes) == 8e9  # a's two share 16 GB
+    assert worker_memory([{"node": "b"}], nodes) == 12e9 and worker_memory([{"node": "c"}], nodes) is None
+
+
+def test_the_grid_places_each_group_when_read_and_counts_what_the_sweep_owes():
+    spec = parse_sweep(with_(layers=[1, 2], neurons=[3, 4], freeze=["none", "all"], controls=["shuffled", "input_only"],
+                             search={"num_samples": 2, "space": {"lr": {"loguniform": [1e-4, 1e-2]}}}))
+    grid = expand(spec, {1: [3, 4], 2: [7]})
+    points = list(grid)
+    assert len(points) == len(grid) and [grid[i] for i in range(len(grid))] == points == grid[:]
+    assert grid[-1] == points[-1] and [p.neuron for p in points[:: len(grid.templates)]] == [3, 4, 7]
+    ids = list(expected_trials(spec, grid))
+    assert ids == [p.at(s).trial_id for p in points for s in range(n_samples(spec, p))]  # spelled as GridPoint does
+    assert len(ids) == len(set(ids)) == n_expected(spec, grid)
 
 
 def test_exact_probe_groups_are_handed_out_as_units_of_neuron_chunks():

@@ -241,7 +241,8 @@ class ResourcesCfg(Strict):
     batch_neurons: int = Field(1024, ge=1, le=100000)
     """Most neurons in one unit of work: the exact frozen-base probes of a chunk of one layer's neurons, every
     head and control, fitted and patched together (units are sized smaller when that keeps every worker
-    busy); 1 runs a unit per neuron (for comparison)."""
+    busy, and so that a unit's own arrays take at most a quarter of a worker's memory: its node's over the workers
+    there); 1 runs a unit per neuron (for comparison)."""
 
     @field_validator("workers")
     @classmethod

@@ -112,12 +112,27 @@ def batch_key(spec: SweepSpec, g: GridPoint) -> tuple | None:
     return (g.layer,)
 
 
-def unit_size(spec: SweepSpec, neurons: dict[int, list[int]], workers: int, per_worker: int = 4) -> int:
+def unit_size(spec: SweepSpec, neurons: dict[int, list[int]], workers: int, per_worker: int = 4,
+              memory: float | None = None) -> int:
     """Neurons per unit of work: enough units that every worker stays busy (≥ `per_worker` units each, the
-    layers split evenly), at most `resources.batch_neurons`."""
+    layers split evenly), at most `resources.batch_neurons`, and — given a worker's `memory` (bytes) — small
+    enough that a unit's own arrays take at most UNIT_SHARE of it (`unit_bytes_per_neuron`)."""
     most = max((len(v) for v in neurons.values()), default=1)
     chunks = max(1, math.ceil(per_worker * workers / max(1, len(neurons))))
-    return max(1, min(spec.resources.batch_neurons, math.ceil(most / chunks)))
+    fits = spec.resources.batch_neurons if memory is None else int(memory * UNIT_SHARE // unit_bytes_per_neuron(spec))
+    return max(1, min(spec.resources.batch_neurons, fits, math.ceil(most / chunks)))
+
+
+UNIT_SHARE = 0.25  # of a worker's memory, a unit's own arrays (its model, cache and patching engine beside them)
+PROBE_TEXT_BYTES = 384  # a probe's arrays per text in a unit (targets, fits, predictions, metrics, records): 48 float64
+"""Measured on a wide random model (600 texts, 4 probes a neuron): 0.71 MB a neuron, 296 bytes a probe per text
+(`benchmarks/scale.py` records each worker's peak against it)."""
+
+
+def unit_bytes_per_neuron(spec: SweepSpec) -> int:
+    """What one neuron adds to a unit's memory: its batched probes (every head and control) × texts × bytes."""
+    probes = sum(1 for t in expand(spec, {L: [0] for L in spec.layers[:1]}).templates if batch_key(spec, t) is not None)
+    return max(1, probes) * spec.corpus.n_texts * PROBE_TEXT_BYTES
 
 
 def unit_id(points: list[GridPoint]) -> str:

@@ -63,6 +63,7 @@ class Launch:
         self.options, self.echo, self.isolation = options, echo, isolation or Isolation()
         self.times: dict[str, float] = {"start": time.time()}
         self.local: Any = None  # the LocalCluster this launch started
+        self.worker_memory: float | None = None  # bytes each model worker can count on (`workers.worker_memory`)
         self.ray_started = False
         self.missing: list[str] = []
 
@@ -150,10 +151,12 @@ class Launch:
 
     def start_workers(self):
         """Ray, the model workers (one model load each) and the inbox of their records; returns the cache."""
+        import ray
+
         from .. import __version__
         from .inputs import model_spec
         from .transport import start_inbox
-        from .workers import WorkerLink, plan_workers, start_workers
+        from .workers import WorkerLink, plan_workers, start_workers, worker_memory
 
         spec, r = self.spec, self.spec.resources
         self.url = self.start_ray()
@@ -171,6 +174,7 @@ class Launch:
         self.echo(f"starting {self.n_workers} model worker(s) on {device}, {threads} thread(s) each …")
         self.workers, info = start_workers(self.n_workers, asdict(model_spec(spec, device)), link, r.gpu_resource,
                                            threads)
+        self.worker_memory = worker_memory(info, ray.nodes())
         self.echo(f"{self.n_workers} model worker(s) on {len({i['node'] for i in info})} node(s); building or "
                   "loading the cache …")
         update_state(self.sweep_dir, workers=self.n_workers, worker_info=info, device=device, dashboard_url=self.url)
@@ -202,15 +206,17 @@ class Launch:
         spec = self.spec
         neurons = resolve_neurons(spec, cache)
         self.grid = groups = expand(spec, neurons)
+        unit = unit_size(spec, neurons, self.n_workers, memory=self.worker_memory)
         self.searcher = GroupedSearch(spec, groups, self.rows, storage=self.studies,
-                                      prefix=f"{spec.name}-{self.state['uid']}",
-                                      unit_neurons=unit_size(spec, neurons, self.n_workers))
+                                      prefix=f"{spec.name}-{self.state['uid']}", unit_neurons=unit)
         self.n_expected = n_expected(spec, groups)
         skipped = len(spec.skipped_combos()) * sum(len(v) for v in neurons.values())
         self.echo(f"{len(groups)} groups, {self.n_expected} trials ({spec.search.num_samples} samples per searched "
                   f"group, exact probes once; {len(self.rows)} already finished, {skipped} invalid head+freeze "
-                  "trials skipped)")
-        update_state(self.sweep_dir, n_expected=self.n_expected, n_groups=len(groups),
+                  f"trials skipped); units of ≤ {unit} neurons"
+                  + (f" (a worker's memory {self.worker_memory / 1e9:.1f} GB)" if self.worker_memory else ""))
+        update_state(self.sweep_dir, n_expected=self.n_expected, n_groups=len(groups), unit_neurons=unit,
+                     worker_memory_gb=self.worker_memory and round(self.worker_memory / 1e9, 2),
                      neurons={str(k): v for k, v in neurons.items()}, cache_key=cache.meta["key"])
 
     def run_trials(self) -> None:

@@ -397,5 +397,17 @@ def plan_workers(spec: SweepSpec) -> tuple[int, str, int]:
     return n, ("cuda" if use_gpu or r.device == "cuda" else "cpu"), threads
 
 
+def worker_memory(info: list[dict], nodes: list[dict]) -> float | None:
+    """The memory (bytes) each model worker can count on: its node's Ray `memory` resource (what Ray leaves to
+    tasks and actors, within a container's limit) over the workers on that node; the least of them (None: unknown).
+    `info`: the workers' `describe()`; `nodes`: `ray.nodes()`."""
+    per_node = {n.get("NodeID"): (n.get("Resources") or {}).get("memory") for n in nodes if n.get("Alive", True)}
+    counts: dict[str, int] = {}
+    for i in info:
+        counts[i["node"]] = counts.get(i["node"], 0) + 1
+    shares = [per_node[node] / k for node, k in counts.items() if per_node.get(node)]
+    return min(shares) if shares else None
+
+
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
