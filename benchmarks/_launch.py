@@ -72,7 +72,7 @@ def trial_table(trials: Path) -> dict:
     df = pd.read_parquet(trials)
     r: dict = {"status": df["status"].value_counts().to_dict() if "status" in df else {}}
     probes = df[df["freeze"] == "none"] if "freeze" in df else df.iloc[:0]
-    if len(probes):
+    if len(probes) and "patch_slope" in probes:  # (analysis off: none)
         r["finite_patch_slope"] = int(probes["patch_slope"].notna().sum())
         r["probe_rows"] = len(probes)
     bad = df[df["status"] != "ok"] if "status" in df else df.iloc[:0]
