@@ -70,6 +70,14 @@ def neuron_intervals(preds: dict[str, np.ndarray], actual: np.ndarray, train_mea
     return out
 
 
+def _trials_at(trial_ids: pd.Series, keys: list[tuple]) -> list[str | None]:
+    """The trial ids (a control's best, indexed by cell or by (layer, neuron)) at these keys; None where none is."""
+    if trial_ids.empty:
+        return [None] * len(keys)
+    got = trial_ids.reindex(pd.MultiIndex.from_tuples(keys, names=trial_ids.index.names))
+    return [t if isinstance(t, str) else None for t in got.tolist()]
+
+
 def _column(by_id: pd.DataFrame, ids: list, col: str) -> np.ndarray:
     """A trial-table column (`by_id`: the table indexed by trial_id) for trial ids (NaN for None, an unknown trial,
     or a table without the column)."""
@@ -79,6 +87,19 @@ def _column(by_id: pd.DataFrame, ids: list, col: str) -> np.ndarray:
     return np.array([values.get(t, np.nan) if t is not None else np.nan for t in ids], np.float64)
 
 
+def test_matrices(sweep_dir: Path, df: pd.DataFrame, wanted: set[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The test predictions and actual activations of these trials, trial × test text (every trial: the same
+    texts), pivoted one stored file at a time: a layer's probes never stand in one long table."""
+    preds, actual = [], []
+    for frame in open_store(sweep_dir, trials=df).pred_frames(wanted):
+        if len(frame):
+            preds.append(frame.pivot(index="trial_id", columns="text_id", values="pred"))
+            actual.append(frame.pivot(index="trial_id", columns="text_id", values="actual_orig"))
+    if not preds:
+        return pd.DataFrame(), pd.DataFrame()
+    return pd.concat(preds), pd.concat(actual)
+
+
 def compare(sweep_dir: Path, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per neuron, per layer) self-vs-outsider tables from the best trials and their stored test predictions."""
     if df.empty or "control" not in df:
@@ -86,18 +107,18 @@ def compare(sweep_dir: Path, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFra
     real = df[(df["status"] == "ok") & df["best"] & df["control"].isna()]
     best = {c: _best(df, c) for c in OUTSIDERS}
     wanted = set(real["trial_id"]).union(*(set(b["trial_id"]) for b in best.values()))
-    preds = open_store(sweep_dir, trials=df).test_predictions(wanted)
-    if real.empty or preds.empty:
+    pred, actual = test_matrices(sweep_dir, df, wanted)
+    if real.empty or pred.empty:
         return pd.DataFrame(), pd.DataFrame()
-    pred = preds.pivot(index="trial_id", columns="text_id", values="pred")  # every trial: the same test texts
-    actual = preds.pivot(index="trial_id", columns="text_id", values="actual_orig")
     texts = np.asarray(sorted(pred.columns))
-    by_id = df.drop_duplicates("trial_id").set_index("trial_id")  # each trial's stored tail shape, looked up by id
+    kurtosis = [c for c in (f"{m}_kurtosis" for m in METRICS) if c in df]  # each trial's stored tail shape, by id
+    by_id = df[["trial_id", *kurtosis]].drop_duplicates("trial_id").set_index("trial_id")
     neurons, layers = [], []
     for (L, h, f), g in real.groupby(["layer", "head", "freeze"], sort=True):
         g = g.sort_values("neuron")
-        ids = {SELF: list(g["trial_id"]), **{str(c.comparison): [b["trial_id"].get((L, n, h, f) if c.per_cell else (L, n))
-                                                                for n in g["neuron"]] for c, b in best.items()}}
+        cells = [(L, n, h, f) for n in g["neuron"]]
+        ids = {SELF: list(g["trial_id"]), **{str(c.comparison): _trials_at(b["trial_id"], cells if c.per_cell else
+                                                                           [k[:2] for k in cells]) for c, b in best.items()}}
         y = _matrix(actual, ids[SELF], texts)
         p = {k: _matrix(pred, v, texts) for k, v in ids.items()}
         train_mean = g["train_mean"].to_numpy(np.float64)

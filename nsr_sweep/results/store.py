@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import pandas as pd
 
@@ -62,8 +62,9 @@ class TrialStore(ABC):
         """Whether the trial is kept here."""
 
     @abstractmethod
-    def pred_frames(self, trial_ids: set[str] | None) -> list[pd.DataFrame]:
-        """Test predictions (trial_id and PRED_COLUMNS) of these trials (all when None), as frames to concatenate."""
+    def pred_frames(self, trial_ids: set[str] | None) -> Iterator[pd.DataFrame]:
+        """Test predictions (trial_id and PRED_COLUMNS) of these trials (all when None), a frame per stored file, read
+        as they are asked for (a reader of a layer's probes holds one file at a time)."""
 
     @abstractmethod
     def patch_points(self, trial_id: str) -> pd.DataFrame | None:
@@ -84,7 +85,7 @@ class TrialStore(ABC):
     def test_predictions(self, trial_ids: Iterable[str] | None = None) -> pd.DataFrame:
         """The test-split predictions of trials (all when `trial_ids` is None): trial_id, text_id, actual_orig,
         actual_ft, pred, readout — a trial's rows together, trials in no promised order."""
-        frames = self.pred_frames(None if trial_ids is None else {str(t) for t in trial_ids})
+        frames = list(self.pred_frames(None if trial_ids is None else {str(t) for t in trial_ids}))
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["trial_id", *PRED_COLUMNS])
 
     def predictions(self, trial_id: str) -> pd.DataFrame:
@@ -120,15 +121,15 @@ class SweepStore(TrialStore):
     def holds(self, trial_id: str) -> bool:
         return self._holder(trial_id) is not None
 
-    def pred_frames(self, trial_ids: set[str] | None) -> list[pd.DataFrame]:
+    def pred_frames(self, trial_ids: set[str] | None) -> Iterator[pd.DataFrame]:
         if trial_ids is None:
-            return [f for p in self.parts for f in p.pred_frames(None)]
-        frames, left = [], set(trial_ids)
+            yield from (f for p in self.parts for f in p.pred_frames(None))
+            return
+        left = set(trial_ids)
         for p in self.parts:  # each asked only for its own trials (a probe's unit is looked up only if it is one)
             mine = {t for t in left if p.holds(t)}
             left -= mine
-            frames += p.pred_frames(mine) if mine else []
-        return frames
+            yield from p.pred_frames(mine) if mine else ()
 
     def _ask(self, trial_id: str, what: str):
         p = self._holder(trial_id)
@@ -192,15 +193,13 @@ class TrialDirs(TrialStore):
     def holds(self, trial_id: str) -> bool:
         return (self.base / trial_id).is_dir()
 
-    def pred_frames(self, trial_ids: set[str] | None) -> list[pd.DataFrame]:
+    def pred_frames(self, trial_ids: set[str] | None) -> Iterator[pd.DataFrame]:
         dirs = self._dirs() if trial_ids is None else [self.base / t for t in sorted(trial_ids)]
-        frames = []
         for d in dirs:
             if (d / "preds.parquet").is_file():
                 p = pd.read_parquet(d / "preds.parquet")
                 p = p[p["split"] == "test"]
-                frames.append(pd.DataFrame({"trial_id": d.name, **{c: p[c].to_numpy() for c in PRED_COLUMNS}}))
-        return frames
+                yield pd.DataFrame({"trial_id": d.name, **{c: p[c].to_numpy() for c in PRED_COLUMNS}})
 
     def predictions(self, trial_id: str) -> pd.DataFrame:
         f = self.base / trial_id / "preds.parquet"
@@ -336,17 +335,15 @@ class ProbeUnits(TrialStore):
     def holds(self, trial_id: str) -> bool:
         return self.unit_of(trial_id) is not None
 
-    def pred_frames(self, trial_ids: set[str] | None) -> list[pd.DataFrame]:
+    def pred_frames(self, trial_ids: set[str] | None) -> Iterator[pd.DataFrame]:
         units = self.units() if trial_ids is None else sorted({u for u in map(self.unit_of, trial_ids) if u})
-        frames = []
         for unit in units:
             try:
                 df = pd.read_parquet(self.path("preds", unit))
             except Exception:  # noqa: BLE001 - a damaged file must not stop a reader (`damage` names it)
                 continue
             df["trial_id"] = df["trial_id"].astype(str)
-            frames.append(df if trial_ids is None else df[df["trial_id"].isin(trial_ids)])
-        return frames
+            yield df if trial_ids is None else df[df["trial_id"].isin(trial_ids)]
 
     def patch_points(self, trial_id: str) -> pd.DataFrame | None:
         unit = self.unit_of(trial_id)
