@@ -12,7 +12,7 @@ report. While each runs, the memory of the launch's own process, of each model w
 actor on the driver's node) is sampled every second (RSS, psutil). Prints, per run: probes, probes/s over the
 trials phase, the launch process's RSS at the start of the trials, its peak during them and during the
 finish and report, the workers' and inbox's peaks, the unit size, the results' files and size — then what
-every neuron of GPT-2 small and XL would write (from the measured bytes a probe) and hold.
+every neuron of GPT-2 small and XL would write and hold (`footprints`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from _launch import launch
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "nsr_sweep" / "models" / "nsr-tiny"
 PROBES_PER_NEURON = 4  # regression and classification, each beside its shuffled control
-GPT2 = {"GPT-2 small": (12, 3072, 7), "GPT-2 XL": (48, 6400, 7)}  # layers, neurons a layer, every-neuron-gpt2's probes
+GPT2 = {"GPT-2 small": (12, 768, 3072, 124e6), "GPT-2 XL": (48, 1600, 6400, 1.56e9)}  # layers, d_model, d_mlp, params
 
 
 def wide_model(width: int, out: Path) -> Path:
@@ -119,6 +119,31 @@ def run(name: str, model: Path, neurons, args, out: Path) -> dict:
             "inbox_peak_mb": w.peak("inbox"), "units": len(units), "state": state, "role": role, "torch": w.torch}
 
 
+def footprints(launch_mb: float, texts: int = 4000, probes: int = 7, worker_gb: float = 16.0) -> None:
+    """What every neuron of GPT-2 small and XL would write and hold under every-neuron-gpt2.yaml (4,000 texts;
+    regression and classification beside their shuffled controls, the cross-model and input-only: 7 probes a
+    neuron): the results by the launch's own disk estimate (`sweep.disk`), the cache (float32: each layer's
+    neurons, the features and the residuals the cache keeps per layer), a worker's model and unit."""
+    from nsr_sweep.core.spec import split_sizes
+    from nsr_sweep.sweep import disk
+    from nsr_sweep.sweep.grid import PROBE_TEXT_BYTES, UNIT_SHARE
+
+    n_test = split_sizes(texts, (0.7, 0.15, 0.15))[2]
+    print(f"\nevery neuron, as sweeps/every-neuron-gpt2.yaml ({texts:,} texts, {probes} probes a neuron); a worker "
+          f"of {worker_gb:.0f} GB; the launch's own process measured above at {launch_mb:,.0f} MB whatever the count:")
+    print(f"{'model':<12} {'probes':>10} {'results GB':>11} {'cache GB':>9} {'weights GB':>11} "
+          f"{'unit of 1,024 GB':>17} {'unit from memory':>17}")
+    for name, (layers, d_model, d_mlp, params) in GPT2.items():
+        n = layers * d_mlp * probes
+        results = disk.SWEEP_BYTES + n * (disk.PROBE_BYTES + disk.PROBE_TEST_TEXT_BYTES * n_test) + \
+            disk.UNIT_BYTES * layers * max(4, -(-d_mlp // 1024))
+        cache = 4 * texts * (layers * d_mlp + (2 + 2 * layers) * d_model)
+        per_neuron = probes * texts * PROBE_TEXT_BYTES
+        fits = min(1024, int(worker_gb * 1e9 * UNIT_SHARE // per_neuron))
+        print(f"{name:<12} {n:>10,} {results / 1e9:>11.1f} {cache / 1e9:>9.2f} {4 * params / 1e9:>11.2f} "
+              f"{1024 * per_neuron / 1e9:>17.1f} {f'{fits} neurons':>17}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--width", type=int, default=73728, help="MLP neurons a layer of the wide model")
@@ -128,11 +153,13 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--workers", default="auto")
     ap.add_argument("--analysis", action="store_true", help="patch every probe (analysis enabled)")
-    ap.add_argument("--only", choices=["small", "large"])
+    ap.add_argument("--only", choices=["small", "large", "none"], help="none: only the GPT-2 footprints")
     ap.add_argument("--out")
     args = ap.parse_args()
     args.workers = args.workers if args.workers == "auto" else int(args.workers)
     out = Path(args.out or tempfile.mkdtemp(prefix="nsr-scale-"))
+    if args.only == "none":
+        return footprints(float("nan"))
     model = wide_model(args.width, out)
     runs = {}
     if args.only != "large":
@@ -152,11 +179,7 @@ def main() -> None:
         print(f"\nprobes/s large / small: {big['probes_per_s'] / s['probes_per_s']:.2f} (target ≥ 0.80); launch "
               f"process peak at {big['probes']} probes: {max(big['launch_trials_peak_mb'], big['launch_after_peak_mb']):.0f} MB "
               "(target ≤ 1,000)")
-    per_probe = max(r["mb"] / r["probes"] for r in runs.values())
-    print("\nevery neuron of (every-neuron-gpt2.yaml's 7 probes a neuron), at the measured MB a probe:")
-    for name, (layers, width, k) in GPT2.items():
-        n = layers * width * k
-        print(f"  {name}: {n:,} probes, {n * per_probe / 1e3:,.1f} GB of results")
+    footprints(launch_mb=max(r["launch_trials_peak_mb"] for r in runs.values()))
     first = runs[next(iter(runs))]
     print(f"\nresults under {out} (launch process: `{first['role']}`, torch loaded in it: "
           f"{any(r['torch'] for r in runs.values())})")

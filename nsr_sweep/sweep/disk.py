@@ -40,9 +40,9 @@ def estimate_bytes(spec: SweepSpec) -> int:
     n_test = split_sizes(spec.corpus.n_texts, (spec.splits.train, spec.splits.val, spec.splits.test))[2]
     total = SWEEP_BYTES
     weights = _weight_bytes(spec) if spec.training.save_weights else 0
-    batched = False
-    for g in expand(spec, {L: list(range(per_layer)) for L in spec.layers}):
-        n = n_samples(spec, g)
+    batched, cells = False, per_layer * len(spec.layers)
+    for g in expand(spec, {L: [0] for L in spec.layers}).templates:  # every (layer, neuron) has the same groups
+        n = n_samples(spec, g) * cells
         if batch_key(spec, g) is not None:
             total, batched = total + n * (PROBE_BYTES + PROBE_TEST_TEXT_BYTES * n_test), True
         else:
