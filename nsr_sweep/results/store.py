@@ -253,6 +253,25 @@ def _table_frame(records: pd.DataFrame) -> pd.DataFrame:
     return rows
 
 
+def _by_trial_id(tables: list):
+    """Arrow tables (emptied: they are let go here) as one, its rows in trial-id order (stable), column by column:
+    each column is let go once its sorted copy is made, so the table is held about once, without a pandas copy."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = pa.concat_tables(tables, promote_options="default")  # a unit lacks the columns none of its probes has
+    tables.clear()
+    order, pool, metadata = pc.sort_indices(table["trial_id"]), pa.default_memory_pool(), table.schema.metadata
+    columns = {}
+    for i, name in enumerate(table.column_names):
+        columns[name] = table[name].take(order).combine_chunks()
+        table = table.drop_columns([name])
+        if i % 8 == 7:
+            pool.release_unused()  # the allocator keeps what was let go unless told (it would hold the table twice)
+    pool.release_unused()
+    return pa.table(columns, metadata=metadata)  # pandas' own (the columns' dtypes, as the units were written)
+
+
 RECORD_ONLY = ("spec_json", "history_json")  # a unit record's columns that are not the trial table's
 
 
@@ -307,14 +326,10 @@ class ProbeUnits(TrialStore):
         """Every unit's records (without the JSON columns, read only for a record) in one frame, read as Arrow
         tables and converted once: at a layer's scale (hundreds of thousands of probes) no row becomes Python
         objects, and the frame is held about once."""
-        import pyarrow as pa
-
         tables = [t for t in map(self._table, self.units()) if t is not None]
         if not tables:
             return pd.DataFrame()
-        table = pa.concat_tables(tables, promote_options="default")  # a unit lacks the columns none of its probes has
-        del tables
-        return _table_frame(table.to_pandas(self_destruct=True, split_blocks=True))
+        return _table_frame(_by_trial_id(tables).to_pandas(self_destruct=True, split_blocks=True))
 
     def _table(self, unit: str):
         """A unit's records as an Arrow table of the trial table's columns (None when unreadable)."""

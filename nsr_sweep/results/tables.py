@@ -54,7 +54,9 @@ def trials_frame(rows: list[dict] | pd.DataFrame, metric: str, mode: str) -> pd.
     df["best"] = False
     first = [c for c in ID_COLUMNS + HP_COLUMNS + STATUS_COLUMNS if c in df]
     df = df[first + [c for c in df.columns if c not in first]]
-    df = df.take(np.argsort(df["trial_id"].to_numpy(), kind="stable")).reset_index(drop=True)
+    if not df["trial_id"].is_monotonic_increasing:  # (a store's units are read in trial-id order already)
+        df = df.take(np.argsort(df["trial_id"].to_numpy(), kind="stable"))
+    df = df.reset_index(drop=True)
     return mark_best(df, metric, mode)
 
 

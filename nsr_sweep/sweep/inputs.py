@@ -78,13 +78,13 @@ def check_cross_positions(other_seqs: list[list[int]], limit: int, name: str) ->
 def check_cross_model(spec: SweepSpec) -> None:
     """Before Ray starts: the corpus, re-encoded by the cross_model's tokenizer, fits its positions (tokenizers
     and configs only; a hub model not cached locally is checked where it is loaded)."""
+    if spec.cross_model is None:  # (before the imports: transformers' auto classes import torch)
+        return
     from transformers import AutoConfig
 
     from ..core.cache import encode
     from ..core.models import load_tokenizer, resolve_model_dir
 
-    if spec.cross_model is None:
-        return
     tok, other = load_tokenizer(spec.model.name), load_tokenizer(spec.cross_model)
     path = resolve_model_dir(spec.cross_model, need_weights=False)
     if tok is None or other is None or path is None:

@@ -68,6 +68,9 @@ class Launch:
         self.missing: list[str] = []
 
     def run(self) -> Path:
+        import pyarrow as pa
+
+        pa.set_memory_pool(pa.system_memory_pool())  # tables built once and let go: returned (mimalloc keeps them)
         self.validate()
         try:
             claim(self.sweep_dir, self.spec, self.options.resume)

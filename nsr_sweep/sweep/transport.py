@@ -89,6 +89,9 @@ def write_bundle(sweep_dir: Path, bundle: dict) -> list[dict]:
 
 TABLE_EVERY_S = 10.0
 TABLE_SHARE = 0.05  # most of the driver's time the trial table's snapshots may take, however many rows it has
+SNAPSHOT_ROWS = 50_000
+"""Past this many trials, no snapshot of the table while the sweep runs (building one holds the whole table: the
+driver would grow with the sweep); readers rebuild it from the records, and the launch writes it at the end."""
 
 
 class Tally:
@@ -152,13 +155,13 @@ class Collector:
         self.disk_full = self.disk_full or disk_full_error(error)
 
     def _keep(self, rows: list[dict]) -> list[dict]:
-        """Rows counted and held until shown; the table on disk now and then (at most every TABLE_EVERY_S, and
-        at most TABLE_SHARE of the time: it is rebuilt from the records, whose count grows), and whole at the end."""
+        """Rows counted and held until shown; the table on disk now and then (at most every TABLE_EVERY_S, at most
+        TABLE_SHARE of the time: it is rebuilt from the records; not past SNAPSHOT_ROWS), and whole at the end."""
         from ..results.tables import write_trials_table
 
         self.tally.add(rows)
         self.unshown.update((r["trial_id"], r) for r in rows)
-        if rows and time.time() >= self.next_table:
+        if rows and time.time() >= self.next_table and self.tally.total <= SNAPSHOT_ROWS:
             t0 = time.time()
             try:  # a snapshot for readers while the sweep runs; the final table is written at the end
                 write_trials_table(self.sweep_dir, self.spec.search.metric, self.spec.search.mode)
