@@ -401,7 +401,8 @@ def worker_memory(info: list[dict], nodes: list[dict]) -> float | None:
     """The memory (bytes) each model worker can count on: its node's Ray `memory` resource (what Ray leaves to
     tasks and actors, within a container's limit) over the workers on that node; the least of them (None: unknown).
     `info`: the workers' `describe()`; `nodes`: `ray.nodes()`."""
-    per_node = {n.get("NodeID"): (n.get("Resources") or {}).get("memory") for n in nodes if n.get("Alive", True)}
+    per_node = {n.get("NodeID"): float((n.get("Resources") or {}).get("memory") or 0) for n in nodes
+                if n.get("Alive", True)}
     counts: dict[str, int] = {}
     for i in info:
         counts[i["node"]] = counts.get(i["node"], 0) + 1
