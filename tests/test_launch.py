@@ -4,6 +4,7 @@ full disk leaves behind (the state rewritten in place, logs cut back to whole li
 
 import errno
 import json
+import os
 from dataclasses import fields
 from pathlib import Path
 
@@ -266,3 +267,22 @@ def test_tunes_saved_stopper_holds_no_rows():
     assert not stopper.stop_all()
     collector.disk_full = "results: no space left"
     assert stopper.stop_all() and stopper("t", {}) is False
+
+
+def test_the_launchs_own_process_never_imports_torch(tmp_path):
+    """The driver holds nothing of the model: its modules, the validation of a sweep without a cross-model and the
+    report import no torch (190 MB of a process whose memory must stay flat at a layer's scale)."""
+    import subprocess
+    import sys
+
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({**BASE, "name": "no-torch"}))
+    code = (f"import sys\nfrom nsr_sweep.sweep.launch import Launch\nfrom nsr_sweep.sweep.options import LaunchOptions\n"
+            "from nsr_sweep.sweep import grid, inputs, progress, search, trainable, transport, workers\n"
+            "from nsr_sweep.report import build\nfrom nsr_sweep.core import cache\n"
+            f"Launch(LaunchOptions({str(sweep)!r}, out={str(tmp_path / 'out')!r})).validate()\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ,
+                                                                                            "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
