@@ -201,3 +201,29 @@ def test_the_pool_tells_a_failed_trial_from_a_lost_one_by_the_exceptions_type():
         (how, why), raised, alive = outcome([Worker(unreachable), Worker(None)])
         assert how == "lost" and why.startswith(type(unreachable).__name__) and alive == {0, 1}  # kept, not rerun
     assert outcome([Worker(None)], "other")[0] == ("ok", "") and WorkerPool([]).outcome("never") == ("unseen", "")
+
+
+def test_the_collector_counts_what_finished_keeps_no_row_once_shown_and_snapshots_only_a_small_table(tmp_path,
+                                                                                                    monkeypatch):
+    """The driver's memory is flat in the number of trials: rows are counted (Tally), held only until a progress line
+    shows them, and the table's snapshot — which holds the whole table — stops past SNAPSHOT_ROWS, and is removed
+    then (a stale one would be read as the table)."""
+    from types import SimpleNamespace
+
+    import nsr_sweep.results.tables as tables
+    import nsr_sweep.sweep.transport as transport
+
+    written = []
+    monkeypatch.setattr(tables, "write_trials_table", lambda d, *a: written.append(len(written)) or
+                        (d / "tables").mkdir(exist_ok=True) or (d / "tables" / "trials.parquet").write_text("x"))
+    monkeypatch.setattr(transport, "SNAPSHOT_ROWS", 3)
+    monkeypatch.setattr(transport, "TABLE_EVERY_S", 0.0)
+    spec = SimpleNamespace(search=SimpleNamespace(metric="val_mse", mode="min"))
+    c = transport.Collector(tmp_path, spec, [{"trial_id": "old", "status": "ok", "pearson_r": 0.9}], None, None)
+    row = lambda t, s="ok", r=0.5: {"trial_id": t, "status": s, "pearson_r": r}  # noqa: E731
+    c._keep([row("a"), row("b", "failed", float("nan"))])
+    assert written == [0] and c.tally.counts == {"ok": 2, "failed": 1} and c.tally.best == (0.9, "old")
+    assert c.shown(["a", "x"]) == [row("a")] and c.shown(["a"]) == [] and list(c.unshown) == ["b"]
+    c._keep([row("c", r=0.95)])
+    assert len(written) == 1 and c.tally.best == (0.95, "c") and c.tally.total == 4  # past 3: no snapshot …
+    assert not (tmp_path / "tables" / "trials.parquet").exists()  # … and none left stale

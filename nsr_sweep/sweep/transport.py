@@ -91,7 +91,8 @@ TABLE_EVERY_S = 10.0
 TABLE_SHARE = 0.05  # most of the driver's time the trial table's snapshots may take, however many rows it has
 SNAPSHOT_ROWS = 50_000
 """Past this many trials, no snapshot of the table while the sweep runs (building one holds the whole table: the
-driver would grow with the sweep); readers rebuild it from the records, and the launch writes it at the end."""
+driver would grow with the sweep) and none left stale: readers rebuild it from the records, and the launch writes it
+at the end."""
 
 
 class Tally:
@@ -161,7 +162,9 @@ class Collector:
 
         self.tally.add(rows)
         self.unshown.update((r["trial_id"], r) for r in rows)
-        if rows and time.time() >= self.next_table and self.tally.total <= SNAPSHOT_ROWS:
+        if self.tally.total > SNAPSHOT_ROWS:  # a stale snapshot would be read as the table: readers rebuild it
+            (self.sweep_dir / "tables" / "trials.parquet").unlink(missing_ok=True)
+        elif rows and time.time() >= self.next_table:
             t0 = time.time()
             try:  # a snapshot for readers while the sweep runs; the final table is written at the end
                 write_trials_table(self.sweep_dir, self.spec.search.metric, self.spec.search.mode)
