@@ -260,6 +260,20 @@ def test_a_workers_memory_is_its_nodes_over_the_workers_there():
     assert worker_memory([{"node": "b"}], nodes) == 12e9 and worker_memory([{"node": "c"}], nodes) is None
 
 
+def test_tune_holds_a_unit_as_its_neurons_and_their_groups_and_any_other_batch_spelled_out():
+    """Tune saves every trial's config in its experiment state, again and again: a unit of 1,024 neurons × 4 probes
+    is a few kilobytes there (its points spelled out were 3.5 MB of the state per unit)."""
+    spec = parse_sweep(with_(heads=["regression", "classification"], controls=["shuffled"]))
+    grid = expand(spec, {1: list(range(1024))})
+    unit = TrialBatch(unit="u", settings=TrialSettings.of(spec), points=list(grid))
+    config = tune_config(unit)
+    assert batch_of(config) == unit and len(config["batch"]) < 12_000 and len(unit.model_dump_json()) > 400_000
+    points = list(grid)
+    points[0], points[1] = points[1], points[0]  # the first neuron's groups in another order than the others'
+    shuffled = TrialBatch(unit="u", settings=unit.settings, points=points)
+    assert batch_of(tune_config(shuffled)) == shuffled and "points" in json.loads(tune_config(shuffled)["batch"])
+
+
 def test_the_grid_places_each_group_when_read_and_counts_what_the_sweep_owes():
     spec = parse_sweep(with_(layers=[1, 2], neurons=[3, 4], freeze=["none", "all"], controls=["shuffled", "input_only"],
                              search={"num_samples": 2, "space": {"lr": {"loguniform": [1e-4, 1e-2]}}}))
@@ -297,9 +311,11 @@ def test_exact_probe_groups_are_handed_out_as_units_of_neuron_chunks():
     alone = [c["trial_id"] for c in configs if batch_of(c).unit is None]
     assert len(alone) == 3 * 2 * 2 and all("-all-" in t for t in alone)  # (neuron, control) × 2 samples
     assert all(m.training == spec.training and m.seed == spec.seed for b in batches for m in batch_of(b).specs())
-    held = [json.loads(b["batch"]) for b in batches]  # the settings once, each member its place in the grid
-    assert all(set(h) == {"unit", "settings", "points"} and all(set(p) == set(GridPoint.model_fields) for p in h["points"])
-               for h in held)
+    held = [json.loads(b["batch"]) for b in batches]  # the settings once, the unit as its neurons × their groups
+    assert all(set(h) == {"unit", "settings", "layer", "neurons", "groups", "skip"} and
+               all(set(g) == set(GridPoint.model_fields) - {"layer", "neuron"} for g in h["groups"]) for h in held)
+    assert sorted(h["skip"] for h in held) == [[], ["L1-N3-regression-none-s0"]]  # what finished is left out
+    assert all(batch_of(tune_config(batch_of(b))) == batch_of(b) for b in configs)  # the JSON round trip
     # what MLflow logs: the place in the grid, never the batch's JSON (a unit's passes MLflow's 6,000 characters)
     first = next(b for b in batches if b["trial_id"].startswith("L1-N3..4"))
     assert tracker_params(first) == {"trial_id": first["trial_id"], "layer": "1", "neuron": "3..4 (2)",
