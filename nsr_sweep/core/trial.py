@@ -289,25 +289,30 @@ def _finish(cache, model, specs: list[TrialSpec], fits: list, reals: list, ys: l
                                 [f.hmap.readout(f.out).numpy() for f in fitted])
     rows = trial_metrics(preds, [f.hmap.train_mean for f in fitted], np.stack([reals[i] for i in done]),
                          [specs[i].control == "shuffled" for i in done], [f.hmap for f in fitted])
+    projecting = None
+    if weights is not None:  # the layer's weights and the cache's test texts, read once for the unit's projections
+        from .analyses import test_reads
+
+        projecting = (weights, test_reads(cache, specs[0].layer, splits["test"]))
     for col, i in enumerate(done):
         results[i] = _member(batched, specs[i], partial(_finish_one, cache, model, specs[i], fits[i], reals[i],
-                                                        fit_seconds[i], preds, col, rows[col], splits, t0, weights,
+                                                        fit_seconds[i], preds, col, rows[col], splits, t0, projecting,
                                                         seqs, answer_pos))
     return results
 
 
 def _finish_one(cache, model, spec: TrialSpec, fit: Fit, real, fit_seconds: float, preds: Predictions, col: int,
-                metrics: dict, splits, t0: float, weights, seqs, answer_pos) -> TrialResult:
+                metrics: dict, splits, t0: float, projecting, seqs, answer_pos) -> TrialResult:
     """A trial after its metrics (`metrics`; its predictions: row `col` of `preds`): how it fitted, and its analyses.
-    A probe (`fit.trained` False) gets its projections here (`weights`: its layer's, once per unit); its cosines and
-    patching come for the whole unit (`_cosine_probes`, `_patch_probes`). An unfrozen trial is analysed in its
-    final model (`seqs`, `answer_pos`)."""
+    A probe (`fit.trained` False) gets its projections here (`projecting`: its layer's weights and the cache's
+    test-text reads, once per unit); its cosines and patching come for the whole unit (`_cosine_probes`,
+    `_patch_probes`). An unfrozen trial is analysed in its final model (`seqs`, `answer_pos`)."""
     best = int(np.argmin([h["val_mse"] for h in fit.history]))
     train_seconds = fit_seconds + (time.perf_counter() - t0 if fit.trained else 0.0)  # the re-read counts as training
     metrics = {**metrics, "epochs_run": len(fit.history), "best_epoch": best, "val_mse": fit.history[best]["val_mse"],
                "val_loss": fit.history[best]["val_loss"], "train_seconds": train_seconds,
                "train_mean": fit.hmap.train_mean, **fit.solver}
-    columns, points = _analyses(cache, model, spec, fit, preds, col, splits, real, weights, seqs, answer_pos)
+    columns, points = _analyses(cache, model, spec, fit, preds, col, splits, real, projecting, seqs, answer_pos)
     metrics.update(columns)
     if fit.trained:  # a unit's probes get their share of the unit's time (`run_probes`)
         metrics["seconds"] = fit_seconds + time.perf_counter() - t0
@@ -326,7 +331,7 @@ def final_activations(cache, model, spec: TrialSpec, fit: Fit, real: np.ndarray)
                        model.tokenizer.pad_token_id)[neuron_hook(spec.layer, hook)][:, spec.neuron]
 
 
-def _analyses(cache, model, spec: TrialSpec, fit: Fit, preds: Predictions, col: int, splits, real, weights, seqs,
+def _analyses(cache, model, spec: TrialSpec, fit: Fit, preds: Predictions, col: int, splits, real, projecting, seqs,
               answer_pos):
     """(analysis columns, patching points or None): a predictor that reads this model's neuron is analysed (a probe:
     its projections; an unfrozen trial: `analyses.analyse` in its final model); any other gets the patch columns
@@ -339,7 +344,8 @@ def _analyses(cache, model, spec: TrialSpec, fit: Fit, preds: Predictions, col: 
         return unreachable_patch(probe=not fit.trained), None  # another model's features, or the text's
     if not fit.trained:
         test = splits["test"]
-        return projection_columns(cache, weights, spec.neuron, preds.readout[col][test], test, real), None
+        weights, reads = projecting
+        return projection_columns(reads, weights, spec.neuron, preds.readout[col][test], real[test]), None
     assert fit.surface is not None
     final = TrialModel(fit.surface, fit.head, spec.read_hook, seqs, answer_pos, cache.positions, spec.layer,
                        cache.meta["spec"]["hook"], spec.neuron, model.tokenizer.pad_token_id)
