@@ -277,28 +277,27 @@ def _finish(cache, model, specs: list[TrialSpec], fits: list, reals: list, ys: l
     (`Predictions`), their metrics in one pass (`trial_metrics`), then each one's own columns (`_finish_one`). A
     failed fit fails its trial alone; in a batch (`batched`), so does an error in a trial's own columns."""
     t0 = time.perf_counter()
-    results = [TrialResult(s, "failed", reason=str(f), metrics={"seconds": sec})
-               for s, f, sec in zip(specs, fits, fit_seconds)]
     done = [i for i, f in enumerate(fits) if isinstance(f, Fit)]
-    if not done:
-        return results
-    fitted = [fits[i] for i in done]
-    preds = Predictions.stacked(splits, [ys[i] for i in done],
-                                [final_activations(cache, model, specs[i], fits[i], reals[i]) for i in done],
-                                [f.hmap.predict(f.out).numpy() for f in fitted],
-                                [f.hmap.readout(f.out).numpy() for f in fitted])
-    rows = trial_metrics(preds, [f.hmap.train_mean for f in fitted], np.stack([reals[i] for i in done]),
-                         [specs[i].control == "shuffled" for i in done], [f.hmap for f in fitted])
-    projecting = None
-    if weights is not None:  # the layer's weights and the cache's test texts, read once for the unit's projections
-        from .analyses import test_reads
+    finished: dict[int, TrialResult] = {}
+    if done:
+        fitted = [fits[i] for i in done]
+        preds = Predictions.stacked(splits, [ys[i] for i in done],
+                                    [final_activations(cache, model, specs[i], fits[i], reals[i]) for i in done],
+                                    [f.hmap.predict(f.out).numpy() for f in fitted],
+                                    [f.hmap.readout(f.out).numpy() for f in fitted])
+        rows = trial_metrics(preds, [f.hmap.train_mean for f in fitted], np.stack([reals[i] for i in done]),
+                             [specs[i].control == "shuffled" for i in done], [f.hmap for f in fitted])
+        projecting = None
+        if weights is not None:  # the layer's weights and the cache's test texts, read once for the unit's projections
+            from .analyses import test_reads
 
-        projecting = (weights, test_reads(cache, specs[0].layer, splits["test"]))
-    for col, i in enumerate(done):
-        results[i] = _member(batched, specs[i], partial(_finish_one, cache, model, specs[i], fits[i], reals[i],
-                                                        fit_seconds[i], preds, col, rows[col], splits, t0, projecting,
-                                                        seqs, answer_pos))
-    return results
+            projecting = (weights, test_reads(cache, specs[0].layer, splits["test"]))
+        for col, i in enumerate(done):
+            finished[i] = _member(batched, specs[i], partial(_finish_one, cache, model, specs[i], fits[i], reals[i],
+                                                             fit_seconds[i], preds, col, rows[col], splits, t0,
+                                                             projecting, seqs, answer_pos))
+    return [finished[i] if i in finished else TrialResult(s, "failed", reason=str(f), metrics={"seconds": sec})
+            for i, (s, f, sec) in enumerate(zip(specs, fits, fit_seconds))]
 
 
 def _finish_one(cache, model, spec: TrialSpec, fit: Fit, real, fit_seconds: float, preds: Predictions, col: int,
