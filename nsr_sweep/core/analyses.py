@@ -284,14 +284,20 @@ def residual_change(delta: np.ndarray, head_dir: torch.Tensor, act: np.ndarray, 
     }
 
 
-def projection_columns(cache, weights: LayerWeights, neuron: int, readout: np.ndarray, test: np.ndarray,
-                       real: np.ndarray) -> dict:
-    """The original neuron in the original model, on the test split at the target position: its correlations
-    with the head's readout in the original model (`readout`, test texts), with its own input projection and
-    with the final residual on its write vector (both from the cache)."""
-    L, n, w = weights.layer, neuron, weights.w
-    return projections(real[test], readout, np.asarray(cache.extra[f"mlp_in_L{L}"])[test], w["W_pre"][:, n],
-                       w["b_pre"][n], np.asarray(cache.extra["resid_final"])[test], w["W_out"][n])
+def test_reads(cache, layer: int, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What the projections read from the cache on the test texts: the layer's MLP input and the final residual
+    (float64; once for all the probes of a unit)."""
+    return tuple(np.asarray(np.asarray(cache.extra[k])[test], np.float64)  # type: ignore[return-value]
+                 for k in (f"mlp_in_L{layer}", "resid_final"))
+
+
+def projection_columns(reads: tuple[np.ndarray, np.ndarray], weights: LayerWeights, neuron: int, readout: np.ndarray,
+                       act: np.ndarray) -> dict:
+    """The original neuron in the original model (`act`), on the test split at the target position: its
+    correlations with the head's readout in the original model (`readout`, test texts), with its own input
+    projection and with the final residual on its write vector (both from the cache: `test_reads`)."""
+    n, w = neuron, weights.w
+    return projections(act, readout, reads[0], w["W_pre"][:, n], w["b_pre"][n], reads[1], w["W_out"][n])
 
 
 def analyse(cache, base, final, spec, hmap, preds: pd.DataFrame, splits: dict, real: np.ndarray
@@ -314,7 +320,7 @@ def analyse(cache, base, final, spec, hmap, preds: pd.DataFrame, splits: dict, r
     readout = hmap.readout(original.batched(test)[0]).numpy()
     base_w, ft_w = LayerWeights(base, L), LayerWeights(final.surface, L)
     out = direction_cosines(base_w, spec.read_hook, direction, n)[0] | \
-        projection_columns(cache, base_w, n, readout, test, real)
+        projection_columns(test_reads(cache, L, test), base_w, n, readout, real[test])
     out.update(direction_cosines(ft_w, spec.read_hook, direction, n, suffix="_ft")[0])
     act, mlp_in = neuron_hook(L, final.hook), mlp_input_hook(L)
     _, got = final.batched(test, reads=(act, mlp_in, "ln_final.hook_in"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -23,17 +24,14 @@ import torch
 from .cache import ActivationCache, neuron_hook
 from .controls import control_of
 from .errors import NsrError
+from .finish import Predictions, trial_metrics
 from .fit import Recipe, fit_probes, train_model
 from .forward import TrialModel, read_points, resid_after
 from .heads import HeadMap, LinearHead, digit_token_ids, frozen_head
-from .metrics import prediction_metrics
 from .models import LoadedModel
 from .reuse import Reuse
 from .spec import TrialSpec, split_sizes
 from .surface import Surface
-from .uncertainty import METRICS, effective_texts, metric_intervals, tail_kurtosis
-
-SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -42,11 +40,17 @@ class TrialResult:
     status: str  # ok | failed
     metrics: dict = field(default_factory=dict)
     reason: str | None = None
-    preds: pd.DataFrame | None = None
+    predictions: Predictions | None = None  # every text's values: row `column` of its unit's stacked predictions
+    column: int = 0
     head: dict[str, torch.Tensor] = field(default_factory=dict)
     save_model: Callable | None = None  # writes the final model as an HF-format directory (save_weights)
     history: list[dict] = field(default_factory=list)
     patch: pd.DataFrame | None = None  # raw activation-patching points
+
+    @property
+    def preds(self) -> pd.DataFrame | None:
+        """Every text: text_id, split, actual_orig, actual_ft, pred, readout (a table built on each call)."""
+        return None if self.predictions is None else self.predictions.frame(self.column)
 
 
 @dataclass
@@ -107,8 +111,8 @@ def run_trials(cache: ActivationCache, model: LoadedModel | None, specs: list[Tr
         fit: Fit | FloatingPointError = fit_head(cache, model, spec, y, splits, seqs, answer_pos, digit_ids, on_epoch)
     except FloatingPointError as e:
         fit = e
-    return [_finish(cache, model, spec, fit, real, y, splits, time.perf_counter() - t0, seqs=seqs,
-                    answer_pos=answer_pos)]
+    return _finish(cache, model, [spec], [fit], [real], [y], splits, [time.perf_counter() - t0], seqs=seqs,
+                   answer_pos=answer_pos)
 
 
 UNIT_KEYS = ("layer", "freeze", "seed", "features", "splits", "analysis")
@@ -194,8 +198,7 @@ def run_probes(cache: ActivationCache, model: LoadedModel | None, specs: list[Tr
         from .analyses import LayerWeights
 
         weights = LayerWeights(model.surface, spec.layer)  # once per unit: every probe's cosines read it
-    results = [_member(len(specs) > 1, s, lambda: _finish(cache, model, s, f, r, y, splits, sec, weights=weights))
-               for s, f, r, y, sec in zip(specs, fits, reals, ys, fit_seconds)]
+    results = _finish(cache, model, specs, fits, reals, ys, splits, fit_seconds, batched=len(specs) > 1, weights=weights)
     _cosine_probes(specs, fits, results, weights)
     _patch_probes(cache, model, specs, fits, results, reals, splits, len(specs) > 1, reuse)
     share = (time.perf_counter() - t0) / len(specs)  # the unit's wall time, shared out
@@ -268,26 +271,51 @@ def last_position(model: LoadedModel, cache: ActivationCache, sample: np.ndarray
                                                   read_hook, model.tokenizer.pad_token_id))
 
 
-def _finish(cache, model, spec: TrialSpec, fit, real, y, splits, fit_seconds: float, *, weights=None, seqs=None,
-            answer_pos=None) -> TrialResult:
-    """A trial after its fit, probe or unfrozen: predictions, metrics, analyses. A probe (`fit.trained` False) gets
-    its projections here (`weights`: its layer's, once per unit); its cosines and patching come for the whole unit
-    (`_cosine_probes`, `_patch_probes`). An unfrozen trial is analysed in its final model (`seqs`, `answer_pos`)."""
+def _finish(cache, model, specs: list[TrialSpec], fits: list, reals: list, ys: list, splits, fit_seconds: list[float], *,
+            batched: bool = False, weights=None, seqs=None, answer_pos=None) -> list[TrialResult]:
+    """Trials after their fits — a unit's probes, or one unfrozen trial: every fitted trial's predictions stacked
+    (`Predictions`), their metrics in one pass (`trial_metrics`), then each one's own columns (`_finish_one`). A
+    failed fit fails its trial alone; in a batch (`batched`), so does an error in a trial's own columns."""
     t0 = time.perf_counter()
-    if isinstance(fit, FloatingPointError):
-        return TrialResult(spec, "failed", reason=str(fit), metrics={"seconds": fit_seconds})
-    preds = predictions(cache.n_texts, splits, y, final_activations(cache, model, spec, fit, real), fit)
-    metrics = trial_metrics(preds, fit.hmap.train_mean, real, shuffled=spec.control == "shuffled", hmap=fit.hmap)
+    done = [i for i, f in enumerate(fits) if isinstance(f, Fit)]
+    finished: dict[int, TrialResult] = {}
+    if done:
+        fitted = [fits[i] for i in done]
+        preds = Predictions.stacked(splits, [ys[i] for i in done],
+                                    [final_activations(cache, model, specs[i], fits[i], reals[i]) for i in done],
+                                    [f.hmap.predict(f.out).numpy() for f in fitted],
+                                    [f.hmap.readout(f.out).numpy() for f in fitted])
+        rows = trial_metrics(preds, [f.hmap.train_mean for f in fitted], np.stack([reals[i] for i in done]),
+                             [specs[i].control == "shuffled" for i in done], [f.hmap for f in fitted])
+        projecting = None
+        if weights is not None:  # the layer's weights and the cache's test texts, read once for the unit's projections
+            from .analyses import test_reads
+
+            projecting = (weights, test_reads(cache, specs[0].layer, splits["test"]))
+        for col, i in enumerate(done):
+            finished[i] = _member(batched, specs[i], partial(_finish_one, cache, model, specs[i], fits[i], reals[i],
+                                                             fit_seconds[i], preds, col, rows[col], splits, t0,
+                                                             projecting, seqs, answer_pos))
+    return [finished[i] if i in finished else TrialResult(s, "failed", reason=str(f), metrics={"seconds": sec})
+            for i, (s, f, sec) in enumerate(zip(specs, fits, fit_seconds))]
+
+
+def _finish_one(cache, model, spec: TrialSpec, fit: Fit, real, fit_seconds: float, preds: Predictions, col: int,
+                metrics: dict, splits, t0: float, projecting, seqs, answer_pos) -> TrialResult:
+    """A trial after its metrics (`metrics`; its predictions: row `col` of `preds`): how it fitted, and its analyses.
+    A probe (`fit.trained` False) gets its projections here (`projecting`: its layer's weights and the cache's
+    test-text reads, once per unit); its cosines and patching come for the whole unit (`_cosine_probes`,
+    `_patch_probes`). An unfrozen trial is analysed in its final model (`seqs`, `answer_pos`)."""
     best = int(np.argmin([h["val_mse"] for h in fit.history]))
     train_seconds = fit_seconds + (time.perf_counter() - t0 if fit.trained else 0.0)  # the re-read counts as training
-    metrics.update({"epochs_run": len(fit.history), "best_epoch": best, "val_mse": fit.history[best]["val_mse"],
-                    "val_loss": fit.history[best]["val_loss"], "train_seconds": train_seconds,
-                    "train_mean": fit.hmap.train_mean, **fit.solver})
-    columns, points = _analyses(cache, model, spec, fit, preds, splits, real, weights, seqs, answer_pos)
+    metrics = {**metrics, "epochs_run": len(fit.history), "best_epoch": best, "val_mse": fit.history[best]["val_mse"],
+               "val_loss": fit.history[best]["val_loss"], "train_seconds": train_seconds,
+               "train_mean": fit.hmap.train_mean, **fit.solver}
+    columns, points = _analyses(cache, model, spec, fit, preds, col, splits, real, projecting, seqs, answer_pos)
     metrics.update(columns)
     if fit.trained:  # a unit's probes get their share of the unit's time (`run_probes`)
         metrics["seconds"] = fit_seconds + time.perf_counter() - t0
-    return TrialResult(spec, "ok", metrics, preds=preds, head={**fit.head.state(), **fit.hmap.state()},
+    return TrialResult(spec, "ok", metrics, predictions=preds, column=col, head={**fit.head.state(), **fit.hmap.state()},
                        save_model=_saver(model, spec, fit), history=fit.history, patch=points)
 
 
@@ -302,7 +330,8 @@ def final_activations(cache, model, spec: TrialSpec, fit: Fit, real: np.ndarray)
                        model.tokenizer.pad_token_id)[neuron_hook(spec.layer, hook)][:, spec.neuron]
 
 
-def _analyses(cache, model, spec: TrialSpec, fit: Fit, preds, splits, real, weights, seqs, answer_pos):
+def _analyses(cache, model, spec: TrialSpec, fit: Fit, preds: Predictions, col: int, splits, real, projecting, seqs,
+              answer_pos):
     """(analysis columns, patching points or None): a predictor that reads this model's neuron is analysed (a probe:
     its projections; an unfrozen trial: `analyses.analyse` in its final model); any other gets the patch columns
     of a predictor the neuron cannot move."""
@@ -314,11 +343,12 @@ def _analyses(cache, model, spec: TrialSpec, fit: Fit, preds, splits, real, weig
         return unreachable_patch(probe=not fit.trained), None  # another model's features, or the text's
     if not fit.trained:
         test = splits["test"]
-        return projection_columns(cache, weights, spec.neuron, preds["readout"].to_numpy()[test], test, real), None
+        weights, reads = projecting
+        return projection_columns(reads, weights, spec.neuron, preds.readout[col][test], real[test]), None
     assert fit.surface is not None
     final = TrialModel(fit.surface, fit.head, spec.read_hook, seqs, answer_pos, cache.positions, spec.layer,
                        cache.meta["spec"]["hook"], spec.neuron, model.tokenizer.pad_token_id)
-    return analyse(cache, model.surface, final, spec, fit.hmap, preds, splits, real)
+    return analyse(cache, model.surface, final, spec, fit.hmap, preds.frame(col), splits, real)
 
 
 def _saver(model, spec: TrialSpec, fit: Fit) -> Callable | None:
@@ -441,54 +471,3 @@ def cross_view(cache: ActivationCache) -> ActivationCache:
     seqs = [row[row >= 0].tolist() for row in padded]
     return replace(cache, tokens=seqs, positions=np.array([len(q) - 1 for q in seqs], np.int64),
                    features=cache.extra["cross_model_features"], resid={})
-
-
-def predictions(n: int, splits: dict, y: np.ndarray, actual_ft: np.ndarray, fit: Fit) -> pd.DataFrame:
-    split = np.zeros(n, np.int8)
-    for code, name in enumerate(SPLITS):
-        split[splits[name]] = code
-    return pd.DataFrame({
-        "text_id": np.arange(n, dtype=np.int64),
-        "split": pd.Categorical.from_codes(split, categories=list(SPLITS)),
-        "actual_orig": y, "actual_ft": np.asarray(actual_ft, np.float64),
-        "pred": fit.hmap.predict(fit.out).numpy(), "readout": fit.hmap.readout(fit.out).numpy(),
-    })
-
-
-def trial_metrics(preds: pd.DataFrame, train_mean: float, real: np.ndarray | None = None,
-                  shuffled: bool = False, hmap: HeadMap | None = None) -> dict[str, float]:
-    """Test-split metrics against actual_orig (with intervals for r and skill), and against actual_ft (suffix
-    `_ft`), plus drift, and — for a binned head (`hmap`) — its hard-bin ceiling on the test split, `bin_ceiling_r`
-    (the r of always picking the true bin of actual_orig: what the head can reach; NaN for regression).
-    `pearson_r_kurtosis`, `skill_kurtosis`: each metric's `tail_kurtosis` over test ∪ val, which sets its interval's
-    degrees of freedom (and the comparison's, which rebuilds the intervals from the stored test predictions).
-
-    `drift` = mean(actual_ft − the real neuron): for the shuffled control the real neuron, not the permuted
-    target, so it is 0 whenever the neuron cannot change; its `_ft` metrics would mix the two and are null."""
-    split = preds["split"].cat.codes.to_numpy()
-    test_mask = split == SPLITS.index("test")
-    pred, orig, ft_actual = (preds[c].to_numpy() for c in ("pred", "actual_orig", "actual_ft"))
-    m = prediction_metrics(pred[test_mask], orig[test_mask], train_mean)
-    same = np.array_equal(ft_actual[test_mask], orig[test_mask])  # the neuron did not move: the same numbers
-    ft = m if same or shuffled else prediction_metrics(pred[test_mask], ft_actual[test_mask], train_mean)
-    held = split != SPLITS.index("train")  # test ∪ val: texts the weights never saw, for the interval's tail shape
-    kurt = {k: float(tail_kurtosis(k, pred[held], orig[held], train_mean)) for k in METRICS}
-    m.update(metric_intervals(pred[test_mask], orig[test_mask], train_mean, kurtosis=kurt))
-    m.update({f"{k}_ft": (float("nan") if shuffled else v) for k, v in list(ft.items()) if not k.endswith(("_lo", "_hi"))})
-    m.update({f"{k}_kurtosis": v for k, v in kurt.items()})  # the comparison's intervals read it again
-    real_test = orig[test_mask] if real is None else np.asarray(real)[test_mask]
-    m["drift"] = float(np.mean(ft_actual[test_mask] - real_test))
-    m["bin_ceiling_r"] = hmap.bin_ceiling(orig[test_mask]) if hmap is not None else float("nan")
-    val = split == SPLITS.index("val")
-    m["val_pearson_r"], m["val_skill"] = validation_scores(pred[val], orig[val], train_mean)
-    m["n_train"], m["n_val"], m["n_test"] = (int((split == i).sum()) for i in range(len(SPLITS)))
-    m["n_test_eff"] = effective_texts(orig[test_mask])
-    return m
-
-
-def validation_scores(pred: np.ndarray, actual: np.ndarray, train_mean: float) -> tuple[float, float]:
-    """Validation r and skill (what a search ranks by), as `prediction_metrics` defines them."""
-    sd = np.std(pred) * np.std(actual)
-    r = float(np.corrcoef(pred, actual)[0, 1]) if sd > 0 else float("nan")
-    baseline = float(np.mean((train_mean - actual) ** 2))
-    return r, (1 - float(np.mean((pred - actual) ** 2)) / baseline if baseline > 0 else float("nan"))

@@ -239,20 +239,20 @@ def metric_interval_of(jk: Jackknife, metric: str, level: float = LEVEL) -> dict
     return {"point": jk.point, **_interval(jk, level, BOUNDS.get(metric), hold_point=True)}
 
 
-def effective_texts(actual: np.ndarray) -> float:
+def effective_texts(actual):
     """How many texts the target's variance rests on: (Σd²)² / Σd⁴, d = actual − its mean. n when every text
     deviates equally, about n/3 for a normal target, at most about k when k texts of a sparse neuron are active
     and the rest sit at one value (k when the active values are alike); 0 for a constant target. A description,
     not a correction: when it is a handful, so is the evidence behind the trial's r and skill and their
-    intervals (docs/science.md, Uncertainty)."""
+    intervals (docs/science.md, Uncertainty). Over the last axis: a float for one target, an array for many."""
     a = np.asarray(actual, np.float64)
-    if not np.isfinite(a).all():
-        return float("nan")
-    if np.ptp(a) == 0:  # a constant: its float mean may be an ulp off, which would read as n equal deviations
-        return 0.0
-    d = a - a.mean()
-    s2, s4 = float((d**2).sum()), float((d**4).sum())
-    return s2 * s2 / s4 if s4 > 0 else 0.0
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # a non-finite target: NaN below
+        d = a - a.mean(-1, keepdims=True)
+        s2, s4 = (d**2).sum(-1), (d**4).sum(-1)
+        n = np.where(s4 > 0, s2 * s2 / s4, 0.0)
+    n = np.where(np.ptp(a, -1) == 0, 0.0, n)  # a constant: its float mean may be an ulp off (n equal deviations)
+    n = np.where(np.isfinite(a).all(-1), n, np.nan)
+    return float(n) if a.ndim == 1 else n
 
 
 def metric_intervals(pred: np.ndarray, actual: np.ndarray, train_mean: float, seed: int = 0,

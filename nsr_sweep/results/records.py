@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+from itertools import groupby
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -103,15 +104,10 @@ def unit_files(done: list[tuple], unit: str) -> dict[str, bytes]:
     from safetensors.torch import save
 
     t0 = time.perf_counter()
-    preds, patch, heads = [], [], {}
-    for result, tid, _ in done:
-        if result.status != "ok":
-            continue
-        p = result.preds
-        test = p[p["split"] == "test"]
-        preds.append(pd.DataFrame({"trial_id": tid, **{c: test[c].to_numpy() for c in PRED_COLUMNS}}))
-        if result.patch is not None:
-            patch.append(pd.DataFrame({"trial_id": tid, **{c: result.patch[c].to_numpy() for c in PATCH_COLUMNS}}))
+    finished = [(r, tid) for r, tid, _ in done if r.status == "ok"]
+    preds, patch = _test_predictions(finished), _patch_points([(r.patch, tid) for r, tid in finished if r.patch is not None])
+    heads = {}
+    for result, tid in finished:
         if result.spec.control != "input_only":
             heads.update({f"{tid}/{k}": v.detach().cpu().contiguous() for k, v in result.head.items()})
     seconds = (time.perf_counter() - t0) / max(len(done), 1)
@@ -124,12 +120,38 @@ def unit_files(done: list[tuple], unit: str) -> dict[str, bytes]:
     empty_preds = pd.DataFrame({"trial_id": pd.Series(dtype=str), **{c: pd.Series(dtype=np.float64) for c in PRED_COLUMNS}})
     empty_patch = pd.DataFrame({"trial_id": pd.Series(dtype=str), **{c: pd.Series(dtype=np.float64) for c in PATCH_COLUMNS}})
     files = {
-        f"{PROBES}/preds/{unit}.parquet": _parquet(_typed(pd.concat(preds, ignore_index=True) if preds else empty_preds)),
-        f"{PROBES}/patch/{unit}.parquet": _parquet(_typed(pd.concat(patch, ignore_index=True) if patch else empty_patch)),
+        f"{PROBES}/preds/{unit}.parquet": _parquet(_typed(preds if len(preds) else empty_preds)),
+        f"{PROBES}/patch/{unit}.parquet": _parquet(_typed(patch if len(patch) else empty_patch)),
         f"{PROBES}/heads/{unit}.safetensors": save(heads),
         f"{PROBES}/records/{unit}.parquet": _parquet(_typed_records(rows)),
     }
     return files
+
+
+def _test_predictions(finished: list[tuple]) -> pd.DataFrame:
+    """The test predictions of a unit's finished probes — (result, trial id) — one probe after another, each in text
+    order: sliced from their unit's stacked predictions (`core.finish.Predictions.test_rows`), once per run of
+    probes that share them."""
+    import numpy as np
+
+    parts = []
+    for _, same in groupby(finished, key=lambda f: id(f[0].predictions)):
+        run = list(same)
+        rows = run[0][0].predictions.test_rows([r.column for r, _ in run])
+        ids = np.repeat(np.array([tid for _, tid in run], dtype=object), len(rows["text_id"]) // len(run))
+        parts.append(pd.DataFrame({"trial_id": ids, **{c: rows[c] for c in PRED_COLUMNS}}))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def _patch_points(patched: list[tuple]) -> pd.DataFrame:
+    """The patching points of a unit's patched probes — (points, trial id) — one probe after another."""
+    import numpy as np
+
+    if not patched:
+        return pd.DataFrame()
+    ids = np.repeat(np.array([tid for _, tid in patched], dtype=object), [len(p) for p, _ in patched])
+    return pd.DataFrame({"trial_id": ids, **{c: np.concatenate([p[c].to_numpy() for p, _ in patched])
+                                             for c in PATCH_COLUMNS}})
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
