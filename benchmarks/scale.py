@@ -107,6 +107,7 @@ def run(name: str, model: Path, neurons, args, out: Path) -> dict:
              "analysis": {"enabled": args.analysis}}
     with Watch() as w:
         r = launch(sweep, out)
+    (out / f"{name}-memory.json").write_text(json.dumps(w.samples))  # (time, {role: [RSS, …]}) every second
     state = json.loads((r["dir"] / "sweep_state.json").read_text())
     t = state["timings"]
     start = r["t0"] + t["ray_init_s"] + t["cache_s"]  # the trials phase, on the launch's clock
