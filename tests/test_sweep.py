@@ -251,6 +251,8 @@ def test_a_units_size_keeps_every_worker_busy_and_its_arrays_within_a_share_of_a
     assert unit_size(spec, {1: list(range(100))}, workers=2) == 13  # ≥ 4 units a worker
     assert unit_size(spec, layer, workers=2, memory=1e9) == int(1e9 * UNIT_SHARE // per_neuron) == 130
     assert unit_size(spec, layer, workers=2, memory=64e9) == 1024 and unit_size(spec, layer, 2, memory=1.0) == 1
+    two = parse_sweep({**spec.model_dump(mode="json", exclude_defaults=True), "layers": [1, 2]})  # every layer's groups
+    assert unit_size(two, {1: layer[1], 2: layer[1]}, workers=2, memory=1e9) == 130
 
 
 def test_a_workers_memory_is_its_nodes_over_the_workers_there():

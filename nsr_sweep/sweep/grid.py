@@ -132,7 +132,7 @@ PROBE_TEXT_BYTES = 384  # a probe's arrays per text in a unit (targets, fits, pr
 
 def unit_bytes_per_neuron(spec: SweepSpec) -> int:
     """What one neuron adds to a unit's memory: its batched probes (every head and control) × texts × bytes."""
-    probes = sum(1 for t in expand(spec, {L: [0] for L in spec.layers[:1]}).templates if batch_key(spec, t) is not None)
+    probes = sum(1 for t in expand(spec, {L: [0] for L in spec.layers}).templates if batch_key(spec, t) is not None)
     return max(1, probes) * spec.corpus.n_texts * PROBE_TEXT_BYTES
 
 
