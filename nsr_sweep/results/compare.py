@@ -125,7 +125,7 @@ def compare(sweep_dir: Path, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFra
         kurt = {(k, m): _column(by_id, v, f"{m}_kurtosis") for k, v in ids.items() for m in METRICS}
         rows = pd.DataFrame({"layer": L, "neuron": g["neuron"].to_numpy(), "head": h, "freeze": f,
                              **{f"{k}_trial": v for k, v in ids.items()}})
-        rows["n_test_eff"] = [effective_texts(row) for row in y]  # how many texts each neuron's numbers rest on
+        rows["n_test_eff"] = effective_texts(y)  # how many texts each neuron's numbers rest on
         layer = {"layer": L, "head": h, "freeze": f, "n_neurons": len(g)}
         for col, iv in neuron_intervals(p, y, train_mean, kurt).items():
             rows[col], rows[f"{col}_lo"], rows[f"{col}_hi"] = iv["point"], iv["lo"], iv["hi"]

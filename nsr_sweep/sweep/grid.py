@@ -74,6 +74,10 @@ class Grid(Sequence[GridPoint]):
             for n in ns:
                 yield from (placed(t, L, n) for t in self.templates)
 
+    def batched(self, spec: SweepSpec) -> list[GridPoint]:
+        """The groups of each neuron that run in units (`batch_key`), in their order."""
+        return [t for t in self.templates if batch_key(spec, t) is not None]
+
 
 def placed(template: GridPoint, layer: int, neuron: int) -> GridPoint:
     """A group's template at a layer and neuron."""
@@ -132,7 +136,7 @@ PROBE_TEXT_BYTES = 384  # a probe's arrays per text in a unit (targets, fits, pr
 
 def unit_bytes_per_neuron(spec: SweepSpec) -> int:
     """What one neuron adds to a unit's memory: its batched probes (every head and control) × texts × bytes."""
-    probes = sum(1 for t in expand(spec, {L: [0] for L in spec.layers}).templates if batch_key(spec, t) is not None)
+    probes = len(expand(spec, {L: [0] for L in spec.layers}).batched(spec))
     return max(1, probes) * spec.corpus.n_texts * PROBE_TEXT_BYTES
 
 

@@ -431,7 +431,7 @@ def missing_reason(missing: list[str], unwritten: dict[str, str], lost: dict[str
 def work_seconds(table: pd.DataFrame) -> float:
     """Seconds workers spent on these trials: training and evaluation, then their artefacts."""
     cols = [c for c in ("seconds", "artefact_seconds") if c in table]
-    return float(sum(pd.to_numeric(table[c], errors="coerce").where(lambda v: np.isfinite(v)).sum() for c in cols))
+    return float(sum(pd.to_numeric(table[c], errors="coerce").where(np.isfinite).sum() for c in cols))
 
 
 def _gauge(name: str, sweep: str, value: float) -> None:

@@ -21,7 +21,7 @@ import optuna
 from ray.tune.search import Searcher
 
 from ..core.spec import Dist, GridPoint, SweepSpec, TrialBatch, TrialSettings, group_of, stable_seed
-from .grid import Grid, batch_key, n_samples, placed, tune_config, unit_id
+from .grid import Grid, n_samples, placed, tune_config, unit_id
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 FAILED = optuna.trial.TrialState.FAIL
@@ -70,8 +70,8 @@ class GroupedSearch(Searcher):
         self.dists = {k: distribution(v) for k, v in spec.search.space.items()}
         self.direction: Literal["minimize", "maximize"] = "minimize" if spec.search.mode == "min" else "maximize"
         self.studies: dict[tuple, optuna.Study] = {}  # opened on first use: batched groups search nothing
-        self.batched = [t for t in groups.templates if batch_key(spec, t) is not None]
-        searched = [t for t in groups.templates if batch_key(spec, t) is None]
+        self.batched = groups.batched(spec)
+        searched = [t for t in groups.templates if t not in self.batched]
         self.group_of = {g.group: g for L, ns in groups.neurons.items() for n in ns for g in
                          (placed(t, L, n) for t in searched)}  # searched groups only: a unit's are placed when it goes
         self.taken: dict[tuple, set[int]] = {k: set() for k in self.group_of}

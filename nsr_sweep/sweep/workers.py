@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -403,9 +404,7 @@ def worker_memory(info: list[dict], nodes: list[dict]) -> float | None:
     `info`: the workers' `describe()`; `nodes`: `ray.nodes()`."""
     per_node = {n.get("NodeID"): float((n.get("Resources") or {}).get("memory") or 0) for n in nodes
                 if n.get("Alive", True)}
-    counts: dict[str, int] = {}
-    for i in info:
-        counts[i["node"]] = counts.get(i["node"], 0) + 1
+    counts = Counter(i["node"] for i in info)
     shares = [per_node[node] / k for node, k in counts.items() if per_node.get(node)]
     return min(shares) if shares else None
 
