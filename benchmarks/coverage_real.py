@@ -189,7 +189,7 @@ def count_table(rows: pd.DataFrame, q: float = 0.05) -> pd.DataFrame:
     5–95% range, the sweep's own split's k and its percentile among the draws, and the false calls — a call whose
     population gap has the other sign (or is 0) — as a mean count and as the false discovery rate (the mean over
     draws of false calls / calls)."""
-    from nsr_sweep.core.uncertainty import bh_adjusted
+    from nsr_sweep.core.multiple import bh_adjusted
 
     gaps = rows[rows["stat"].str.startswith("gap_")]
     per = []

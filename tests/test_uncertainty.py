@@ -60,12 +60,10 @@ import numpy as np
 import pytest
 from scipy import special, stats
 
+from nsr_sweep.core.multiple import bh_adjusted, bh_reject, gap_pvalues
 from nsr_sweep.core.uncertainty import (
-    bh_adjusted,
-    bh_reject,
     effective_texts,
     gap_interval,
-    gap_pvalues,
     gap_tests,
     layer_mean_intervals,
     loo_pearson,

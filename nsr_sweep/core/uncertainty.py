@@ -1,5 +1,5 @@
-"""Uncertainty over test texts: intervals for r, skill, the patching slope and paired gaps; per-layer means;
-p-values and Benjamini–Hochberg.
+"""Uncertainty over test texts: intervals for r, skill, the patching slope and paired gaps, with their p-values;
+per-layer means (`multiple`: many neurons' p-values and Benjamini–Hochberg).
 
 Method (chosen by a coverage study, `tests/test_uncertainty.py`): a **bias-corrected, studentized jackknife
 interval on a variance-stabilising scale with Satterthwaite degrees of freedom** ("jackknife-t"):
@@ -400,29 +400,59 @@ def layer_mean_intervals(preds: np.ndarray, actual: np.ndarray, train_mean: np.n
     statistic and leave-one-out values are all finite). The mean of r is intervalled on Fisher z, of skill on
     log(1 − skill), gaps on the raw scale (a mean over many neurons is close to normal; one neuron's gap is skewed,
     which `gap_tests`' MOVER interval follows) — with one neuron, r and skill are that neuron's own intervals
-    exactly. `seed` is unused (kept for symmetry with the per-neuron functions)."""
+    exactly. Neurons are taken LAYER_CHUNK at a time (a layer's leave-one-out arrays are never held whole; the
+    result is the same to the bit). `seed` is unused (kept for symmetry with the per-neuron functions)."""
     preds, actual = np.atleast_2d(np.asarray(preds, np.float64)), np.atleast_2d(np.asarray(actual, np.float64))
     train_mean = np.atleast_1d(np.asarray(train_mean, np.float64))
     if preds.shape != actual.shape or train_mean.shape != preds.shape[:1]:
         raise ValueError(f"preds {preds.shape}, actual {actual.shape} and train_mean {train_mean.shape} disagree")
-    own = {m: _loo(m, preds, actual, train_mean) for m in METRICS}
-    out: dict[str, float] = {}
-    for m, (point, loo) in own.items():
-        ok = np.isfinite(point) & np.isfinite(loo).all(-1)
-        _put(out, m, ok, point, lambda k: jackknife_t(point[k].mean(), loo[k].mean(0), SCALE_OF[m], level,
-                                                      BOUNDS.get(m), bias_correct=True, hold_point=True))
-    for name, other in (others or {}).items():
-        other = np.atleast_2d(np.asarray(other, np.float64))
+    others = {k: np.atleast_2d(np.asarray(v, np.float64)) for k, v in (others or {}).items()}
+    for name, other in others.items():
         if other.shape != preds.shape:
             raise ValueError(f"others[{name!r}] {other.shape} != preds {preds.shape}")
-        for m in METRICS:
-            (pa, la), (pb, lb) = own[m], _loo(m, other, actual, train_mean)
-            ok = np.isfinite(pa - pb) & np.isfinite(la - lb).all(-1)
-
-            def raw(k, gap=pa - pb, loo=la - lb, m=m):  # a mean over many neurons: raw-scale jackknife-t (see above)
-                return jackknife_t(gap[k].mean(), loo[k].mean(0), "raw", level, BOUNDS.get(f"gap_{m}"), bias_correct=True)
-            _put(out, f"gap_{name}_{m}", ok, pa - pb, raw)
+    means: dict[str, _LayerMean] = {}
+    for s in range(0, len(preds), LAYER_CHUNK):
+        at = slice(s, s + LAYER_CHUNK)
+        own = {m: _loo(m, preds[at], actual[at], train_mean[at]) for m in METRICS}
+        for m, (point, loo) in own.items():
+            means.setdefault(m, _LayerMean(SCALE_OF[m], BOUNDS.get(m), hold_point=True)).add(point, loo)
+        for name, other in others.items():
+            for m in METRICS:  # a mean over many neurons: raw-scale jackknife-t (see above)
+                (pa, la), (pb, lb) = own[m], _loo(m, other[at], actual[at], train_mean[at])
+                means.setdefault(f"gap_{name}_{m}", _LayerMean("raw", BOUNDS.get(f"gap_{m}"))).add(pa - pb, la - lb)
+    out: dict[str, float] = {}
+    for key, mean in means.items():
+        mean.put(out, key, level)
     return out
+
+
+LAYER_CHUNK = 4096
+"""Neurons whose leave-one-out arrays `layer_mean_intervals` holds at once."""
+
+
+class _LayerMean:
+    """A layer mean's running parts, neurons a chunk at a time: each neuron's statistic and whether it counts
+    (finite, with every leave-one-out value finite), and the sum of the counted neurons' leave-one-out values,
+    added row after row as `mean(axis=0)` adds them (so the chunked mean is the whole one to the bit)."""
+
+    def __init__(self, scale: str, bounds: tuple[float, float] | None, hold_point: bool = False):
+        self.scale, self.bounds, self.hold_point = scale, bounds, hold_point
+        self.points: list[np.ndarray] = []
+        self.oks: list[np.ndarray] = []
+        self.loo_sum: np.ndarray | None = None
+
+    def add(self, point: np.ndarray, loo: np.ndarray) -> None:
+        ok = np.isfinite(point) & np.isfinite(loo).all(-1)
+        self.points.append(point)
+        self.oks.append(ok)
+        rows = loo[ok] if self.loo_sum is None else np.concatenate([self.loo_sum[None], loo[ok]])
+        self.loo_sum = rows.sum(0) if len(rows) else self.loo_sum
+
+    def put(self, out: dict, key: str, level: float) -> None:
+        point, ok = np.concatenate(self.points), np.concatenate(self.oks)
+        _put(out, key, ok, point, lambda k: jackknife_t(point[k].mean(), self.loo_sum / int(k.sum()), self.scale,
+                                                        level, self.bounds, bias_correct=True,
+                                                        hold_point=self.hold_point))
 
 
 def _put(out: dict, key: str, ok: np.ndarray, point: np.ndarray, interval) -> None:
@@ -433,63 +463,3 @@ def _put(out: dict, key: str, ok: np.ndarray, point: np.ndarray, interval) -> No
         return
     iv = interval(ok)
     out[key], out[f"{key}_lo"], out[f"{key}_hi"] = float(point[ok].mean()), _f(iv["lo"]), _f(iv["hi"])
-
-
-# -- many neurons: p-values and Benjamini–Hochberg ------------------------------------------------------------------
-
-
-def gap_pvalues(self_preds, other_preds, actual, metric: str, train_mean, alternative: str = "two-sided"):
-    """p-value per neuron (rows of N × n arrays; train_mean (N,)) for the paired gap metric(self) − metric(other):
-    `gap_tests(...)["gap_p"]`. NaN where the gap is undefined (pass those to `bh_reject`: they are never rejected)."""
-    return gap_tests(np.atleast_2d(self_preds), np.atleast_2d(other_preds), np.atleast_2d(actual), metric,
-                     np.atleast_1d(train_mean), alternative)["gap_p"]
-
-
-def bh_reject(pvalues, q: float = 0.05, dependence: str = "prds") -> np.ndarray:
-    """Benjamini–Hochberg at false discovery rate q: a bool per p-value (True = rejected = a discovery).
-
-    Apply it to the neurons of one layer (one family). Those neurons share their test texts, so their gap statistics
-    are dependent. BH controls the FDR under positive regression dependence (PRDS, Benjamini & Yekutieli 2001); that
-    two-sided gap tests on shared texts satisfy it is not proven, so it is measured on the bundled model's real
-    neurons (`benchmarks/coverage_real.py`: the directional FDR of the layer's "gap > 0" calls over fresh test
-    draws; docs/science.md, Uncertainty). `dependence="any"` is Benjamini–Yekutieli, q / Σ₁ᵐ 1/k: valid under any
-    dependence, at a loss of power. NaN p-values are not rejected and do not count towards the number of tests m."""
-    return bh_adjusted(pvalues, dependence) <= q  # step-up BH rejects exactly the p-values whose adjusted value is ≤ q
-
-
-def bh_adjusted(pvalues, dependence: str = "prds") -> np.ndarray:
-    """Benjamini–Hochberg adjusted p-values (q-values; NaN stays NaN): rejected at q ⇔ adjusted ≤ q. With
-    `dependence="any"`, Benjamini–Yekutieli's (BH's times Σ₁ᵐ 1/k, capped at 1)."""
-    if dependence not in ("prds", "any"):
-        raise ValueError(f"dependence {dependence!r}: allowed prds (Benjamini–Hochberg), any (Benjamini–Yekutieli)")
-    p = np.asarray(pvalues, np.float64)
-    out = np.full(p.shape, np.nan)
-    ok = np.isfinite(p)
-    m = int(ok.sum())
-    if m == 0:
-        return out
-    pv = p[ok]
-    order = np.argsort(pv, kind="stable")
-    scale = m * (np.sum(1.0 / np.arange(1, m + 1)) if dependence == "any" else 1.0)
-    adj = np.minimum.accumulate((pv[order] * scale / np.arange(1, m + 1))[::-1])[::-1]
-    res = np.empty(m)
-    res[order] = np.minimum(adj, 1.0)
-    out[ok] = res
-    return out
-
-
-# -- over neurons (the old per-layer interval) ----------------------------------------------------------------------
-
-
-def mean_interval(values, level: float = LEVEL) -> tuple[float, float, float]:
-    """Mean over neurons with its t interval (NaN bounds for fewer than two finite values). It treats neurons as
-    independent and leaves out the sampling of the test texts they share: `layer_mean_intervals` includes it."""
-    v = np.asarray(values, np.float64)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return float("nan"), float("nan"), float("nan")
-    m = float(v.mean())
-    if v.size < 2:
-        return m, float("nan"), float("nan")
-    half = float(stats.t.ppf((1 + level) / 2, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
-    return m, m - half, m + half

@@ -31,9 +31,10 @@ import pandas as pd
 
 from ..core.controls import OUTSIDERS, gap_columns, names
 from ..core.files import atomic_write
+from ..core.memory import give_back
 from ..core.spec import CELL_COLUMNS
 from ..results.compare import Q, compare
-from .markup import html_table, png_img, template
+from .markup import MAX_HTML_ROWS, extremes, html_table, png_img, template
 
 PIVOT_METRICS = ["pearson_r", "mse", "offset", "patch_slope", "drift", "skill"]
 LAYER_METRICS = ["pearson_r", "spearman_rho", "r2", "mse", "offset", "skill", "std_ratio", "patch_slope",
@@ -51,8 +52,13 @@ def real_trials(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def best_trials(df: pd.DataFrame) -> pd.DataFrame:
-    ok = real_trials(df)
-    return ok[ok["best"]].sort_values(GROUP).reset_index(drop=True)
+    """The best real trial of each group, in group order: taken from the table once (half a layer's table, copied
+    once, not three times)."""
+    mine = df["best"].to_numpy(bool) & (df["control"].isna().to_numpy() if "control" in df else True)
+    at = np.flatnonzero(mine)
+    keys = df[GROUP].iloc[at]
+    order = np.lexsort([keys[c].to_numpy() for c in reversed(GROUP)])  # as sort_values(GROUP): stable, by each key
+    return df.take(at[order]).reset_index(drop=True)
 
 
 def pivot(best: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -96,9 +102,14 @@ def patch_agreement(df: pd.DataFrame) -> pd.DataFrame:
     return both.groupby(["layer", "head", "control"]).apply(agree, include_groups=False).reset_index()
 
 
-def _md(df: pd.DataFrame) -> str:
+def _md(df: pd.DataFrame, rank: str | None = None) -> str:
+    """A table as Markdown: over MAX_HTML_ROWS rows, its extremes by `rank` (as the HTML shows them)."""
     if df.empty:
         return "_(no finished trials yet)_\n"
+    shown, note = extremes(df, MAX_HTML_ROWS, rank)
+    if note:
+        return (f"_{len(df)} rows: {note} are shown; the whole table is in tables/ (Parquet and CSV)._\n\n"
+                + _md(shown))
     cols = list(df.columns)
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -111,27 +122,33 @@ def _write_table(df: pd.DataFrame, base: Path) -> None:
     atomic_write(base.with_suffix(".csv"), lambda tmp: df.to_csv(tmp, index=False))
 
 
-def load_trials(sweep_dir: Path):
+def load_trials(sweep_dir: Path, rebuild: bool = True):
+    """The sweep's spec and trial table: rebuilt from the records (and written), or — `rebuild=False`, right after
+    a launch wrote it — read back from tables/trials.parquet."""
     from ..results.layout import resolved_spec
     from ..results.tables import write_trials_table
 
     spec = resolved_spec(sweep_dir)
-    df = write_trials_table(sweep_dir, spec.search.metric, spec.search.mode)
-    return spec, df
+    table = sweep_dir / "tables" / "trials.parquet"
+    if not rebuild and table.is_file():
+        return spec, pd.read_parquet(table)
+    return spec, write_trials_table(sweep_dir, spec.search.metric, spec.search.mode)
 
 
-def build_report(sweep_dir: Path | str, echo=print) -> Path:
-    """Tables, figures and report.html for a sweep directory (running, partial or finished)."""
+def build_report(sweep_dir: Path | str, echo=print, rebuild: bool = True) -> Path:
+    """Tables, figures and report.html for a sweep directory (running, partial or finished). `rebuild=False`: the
+    trial table just written is read, not rebuilt from the records (a launch's last step)."""
     from ..results.layout import read_state, run_state
     from . import plots
 
     t0 = time.perf_counter()
     sweep_dir = Path(sweep_dir).resolve()
-    spec, df = load_trials(sweep_dir)
+    spec, df = load_trials(sweep_dir, rebuild)
     state = read_state(sweep_dir)
     tables = sweep_dir / "tables"
     best = best_trials(df) if len(df) else pd.DataFrame()
     atomic_write(tables / "best.parquet", lambda tmp: best.to_parquet(tmp, index=False))
+    give_back()  # what reading the table and writing best.parquet let go: a layer's table is hundreds of MB
     pivots = {m: pivot(best, m) for m in PIVOT_METRICS}
     for m, p in pivots.items():
         _write_table(p, tables / f"pivot_{m}")
@@ -146,7 +163,7 @@ def build_report(sweep_dir: Path | str, echo=print) -> Path:
     _write_table(agreement, tables / "patch_estimate")
     summary = [f"# {spec.name}: summary\n", f"Best trial per group by `{spec.search.metric}` ({spec.search.mode}).\n"]
     for m, p in pivots.items():
-        summary += [f"\n## {m} (neuron × head/freeze)\n\n", _md(p)]
+        summary += [f"\n## {m} (neuron × head/freeze)\n\n", _md(p, rank=p.columns[2] if p.shape[1] > 2 else None)]
     summary += ["\n## Self vs cross-model vs input-only, per layer (mean over neurons, 95% CI over the shared test "
                 "texts)\n\n", _md(comp_layers),
                 "\n## Per layer (best trials)\n\n", _md(layers),
@@ -343,10 +360,11 @@ def render_html(r: Report) -> str:
         missing_reason=r.state.get("missing_reason") or "",
         answer_table=static(answer_table(r.comp_layers), left=3), answer_figures=fig(r.answer),
         survivors=html_(ia.table_block("survivors-table", with_page(hit), order=[(rank, "desc")] if rank else None,
+                                       rank=rank,
                                        html_cols=frozenset({"page"})) if len(hit) else
                         "<p class='muted'>None: no neuron's gap survives the control (or no outsider ran).</p>"),
         per_neuron=html_(ia.table_block("comparison-table", comp_shown, visible=comp_visible,
-                                        html_cols=frozenset({"page"}))),
+                                        html_cols=frozenset({"page"}), rank=rank or "self_r")),
         cards=ia.cards(r.sweep_dir, comp, df, carded), max_cards=ia.MAX_CARDS, n_survivors=len(set(zip(
             hit["layer"], hit["neuron"]))) if len(hit) else 0,
         sweep_arg=ia.dir_arg(r.sweep_dir), scatter=Markup(scatter) if scatter else None,
@@ -363,6 +381,6 @@ def render_html(r: Report) -> str:
         pivots=[(m, static(p, left=2, rank=p.columns[2] if p.shape[1] > 2 else None)) for m, p in r.pivots.items()],
         failures=static(cols(failed, ["trial_id", "status", "layer", "neuron", "head", "freeze", "error"]), left=6)
         if len(failed) else html_("<p class='muted'>None.</p>"),
-        trials=html_(ia.table_block("trials-table", trials, html_cols=frozenset({"trial_id"}))),
+        trials=html_(ia.table_block("trials-table", trials, html_cols=frozenset({"trial_id"}), rank=spec.search.metric)),
         generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), sweep_dir=str(r.sweep_dir),
     )

@@ -24,6 +24,7 @@ import pandas as pd
 
 from ..core.controls import PREDICTORS
 from ..results.neuron import RANK
+from .markup import extremes, shown_note
 
 VENDOR_JS = ("dataTables.min.js", "dataTables.columnControl.min.js", "dataTables.searchBuilder.min.js",
              "plotly-basic.min.js")
@@ -133,10 +134,19 @@ def table_config(df: pd.DataFrame, *, visible: list[str] | None = None, order: l
     return _script_json(head[:-1] + ', "data": ' + rows_json(df) + "}")
 
 
-def table_block(table_id: str, df: pd.DataFrame, note: str = "", **kw) -> str:
-    """An interactive table: the element DataTables fills, and its options (rows included) as JSON beside it."""
+MAX_TABLE_ROWS = 20_000
+"""Rows an interactive table embeds: a longer one (an every-neuron sweep's comparison or trials) shows its extremes
+by the column that ranks it, and says so; tables/ holds every row (a report stays a page a browser opens)."""
+
+
+def table_block(table_id: str, df: pd.DataFrame, note: str = "", rank: str | None = None, **kw) -> str:
+    """An interactive table: the element DataTables fills, and its options (rows included) as JSON beside it; over
+    MAX_TABLE_ROWS rows, the highest and lowest by `rank`."""
     if df.empty:
         return "<p class='muted'>No rows yet.</p>"
+    n_rows = len(df)
+    df, cut = extremes(df, MAX_TABLE_ROWS, rank)
+    note = (shown_note(n_rows, cut) if cut else "") + note
     return (f"<div class='itable' id='{table_id}-box'>{note}<table id='{table_id}' class='display compact'></table>"
             f"<noscript><p class='muted'>This table needs JavaScript; every row is in <code>tables/</code>.</p></noscript>"
             f"<script type='application/json' class='nsr-table' data-table='{table_id}'>{table_config(df, **kw)}</script>"
@@ -224,6 +234,10 @@ SCATTER_ROLES = tuple(c.name for c in PREDICTORS if c.patched)
 neuron: their slope is 0 by construction)."""
 
 
+MAX_POINTS = 20_000
+"""Points the scatter draws at most (a seeded random sample beyond: an every-neuron sweep's best trials)."""
+
+
 def _round(v) -> list:
     a = np.asarray(v, dtype=float)
     return [float(f"{x:.4g}") if np.isfinite(x) else None for x in a]
@@ -240,6 +254,9 @@ def r_vs_patch_figure(df: pd.DataFrame) -> str | None:
     ok = ok[ok["control"].isna() | ok["control"].isin([r for r in SCATTER_ROLES if r])]
     if ok.empty:
         return None
+    n_best = len(ok)
+    if n_best > MAX_POINTS:  # a sample a browser draws: the same one every time
+        ok = ok.sample(MAX_POINTS, random_state=0).sort_index()
     traces = []
     combos = sorted({(h, f) for h, f in zip(ok["head"], ok["freeze"])}, key=lambda p: (RANK[p[0]], RANK[p[1]]))
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
@@ -273,6 +290,9 @@ def r_vs_patch_figure(df: pd.DataFrame) -> str | None:
                         {**note, "x": 0.01, "y": 0.5, "xanchor": "left", "text": "fails"}],
         "legend": {"title": {"text": "click to hide / show"}},
     }
+    if n_best > MAX_POINTS:
+        layout["title"] = {"text": f"a random {MAX_POINTS:,} of the {n_best:,} best trials (tables/best.parquet: all)",
+                           "font": {"size": 12, "color": "#666"}}
     config = {"displaylogo": False, "responsive": True, "modeBarButtonsToRemove": ["lasso2d", "select2d"]}
     return _script_json(json.dumps({"data": traces, "layout": layout, "config": config}, ensure_ascii=False,
                                    allow_nan=False))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 
 import numpy as np
 import pandas as pd
@@ -23,25 +24,38 @@ MAX_HTML_ROWS = 200
 """A longer table shows its top and bottom rows by the numeric column that ranks it; the Parquet tables hold all."""
 
 
+def extremes(df: pd.DataFrame, limit: int, rank: str | None = None) -> tuple[pd.DataFrame, str]:
+    """At most `limit` rows of a table: the highest and lowest half by `rank` (a numeric column; else the first and
+    last by layer and neuron), and the words that say so (empty when every row is kept). An every-neuron sweep's
+    tables are shown by their extremes; tables/ holds every row."""
+    if len(df) <= limit:
+        return df, ""
+    k = limit // 2
+    if rank is not None and rank in df:
+        ranked = df.sort_values(rank, ascending=False, na_position="last", kind="stable")
+        shown = pd.concat([ranked.head(k), ranked.dropna(subset=[rank]).tail(k)])
+        shown = shown[~shown.index.duplicated()]
+        return shown, f"the {k} highest and {k} lowest by `{rank}`"
+    keys = [c for c in ("layer", "neuron") if c in df]
+    ranked = df.sort_values(keys, kind="stable") if keys else df
+    return pd.concat([ranked.head(k), ranked.tail(k)]), f"the first and last {k} by {' and '.join(keys) or 'row'}"
+
+
+def shown_note(n_rows: int, note: str) -> str:
+    """The line above a table cut to its extremes (HTML)."""
+    words = re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(note))
+    return f"<p class='muted'>{n_rows} rows: {words} are shown; the whole table is in <code>tables/</code> (Parquet and CSV).</p>"
+
+
 def html_table(df: pd.DataFrame, cls: str = "", left: int = 1, charts: frozenset[str] = frozenset(),
                rank: str | None = None) -> str:
     """An HTML table; a trial id with a diagnostics chart (in `charts`) links to it. Over MAX_HTML_ROWS rows,
     the highest and lowest by `rank` (a numeric column; else by layer and neuron) are shown."""
     if df.empty:
         return "<p class='muted'>No finished trials yet.</p>"
-    if len(df) > MAX_HTML_ROWS:  # an every-neuron sweep: the extremes here, everything in tables/
-        k = MAX_HTML_ROWS // 2
-        if rank is not None and rank in df:
-            ranked = df.sort_values(rank, ascending=False, na_position="last", kind="stable")
-            note = f"the {k} highest and {k} lowest by <code>{html.escape(rank)}</code>"
-            shown = pd.concat([ranked.head(k), ranked.dropna(subset=[rank]).tail(k)]).drop_duplicates()
-        else:
-            keys = [c for c in ("layer", "neuron") if c in df]
-            ranked = df.sort_values(keys, kind="stable") if keys else df
-            note = f"the first and last {k} by {' and '.join(keys) or 'row'}"
-            shown = pd.concat([ranked.head(k), ranked.tail(k)])
-        return (f"<p class='muted'>{len(df)} rows: {note} are shown; the whole table is in <code>tables/</code> "
-                "(Parquet and CSV).</p>" + html_table(shown, cls, left, charts))
+    shown, note = extremes(df, MAX_HTML_ROWS, rank)
+    if note:  # an every-neuron sweep: the extremes here, everything in tables/
+        return shown_note(len(df), note) + html_table(shown, cls, left, charts)
     head = "".join(f"<th class='{'l' if i < left else ''}'>{html.escape(str(c))}</th>" for i, c in enumerate(df.columns))
     rows = []
     for rec in df.itertuples(index=False):

@@ -14,6 +14,7 @@ after the multiple-comparison control. Intervals and p-values: `uncertainty` (ja
 
 from __future__ import annotations
 
+from functools import reduce
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,11 @@ import pandas as pd
 
 from ..core.controls import OUTSIDERS, REAL, Control
 from ..core.spec import CELL_COLUMNS
-from ..core.uncertainty import (bh_adjusted, effective_texts, gap_of, layer_mean_intervals, metric_interval_of,
+from ..core.memory import give_back
+from ..core.multiple import bh_adjusted
+from ..core.uncertainty import (LAYER_CHUNK, effective_texts, gap_of, layer_mean_intervals, metric_interval_of,
                                 metric_jackknife)
-from .store import open_store
+from .store import TrialStore, open_store
 
 KEY = list(CELL_COLUMNS)
 METRICS = ("pearson_r", "skill")
@@ -36,17 +39,8 @@ Q = 0.05
 
 def _best(df: pd.DataFrame, control: Control) -> pd.DataFrame:
     """The best ok trials of a control, by cell (by (layer, neuron) for a control that is one per neuron)."""
-    ok = df[(df["status"] == "ok") & df["best"] & (df["control"] == control.name)]
+    ok = df.loc[(df["status"] == "ok") & df["best"] & (df["control"] == control.name), KEY + ["trial_id"]]
     return ok.set_index(KEY if control.per_cell else KEY[:2])
-
-
-def _matrix(table: pd.DataFrame, ids: list, texts: np.ndarray) -> np.ndarray:
-    """Rows of `table` (trial × text) for trial ids (NaN rows for None or a trial without predictions)."""
-    out = np.full((len(ids), len(texts)), np.nan)
-    have = [i for i, t in enumerate(ids) if t is not None and t in table.index]
-    if have:
-        out[have] = table.loc[[ids[i] for i in have], texts].to_numpy(np.float64)
-    return out
 
 
 def neuron_intervals(preds: dict[str, np.ndarray], actual: np.ndarray, train_mean: np.ndarray,
@@ -55,19 +49,40 @@ def neuron_intervals(preds: dict[str, np.ndarray], actual: np.ndarray, train_mea
     and the gaps self − cross and self − input-only, as {column: {point, lo, hi[, p]}} — the numbers (and the code
     path) behind the comparison table's columns `<source>_r`, `gap_<other>_skill`, … (`benchmarks/coverage_real.py`
     measures their coverage on real neurons). `kurtosis[(source, metric)]`: per neuron, the predictor's
-    `tail_kurtosis` over test ∪ validation texts (the trial's `<metric>_kurtosis`; NaN or absent: the test texts')."""
+    `tail_kurtosis` over test ∪ validation texts (the trial's `<metric>_kurtosis`; NaN or absent: the test texts').
+    A source without a single prediction (no such trial ran) has NaN columns, as its jackknife would give."""
     kurt = kurtosis or {}
     jk = {(name, m): metric_jackknife(m, x, actual, train_mean, kurt.get((name, m)))
-          for name, x in preds.items() for m in METRICS}
+          for name, x in preds.items() if not np.isnan(x).all() for m in METRICS}
+    nan = np.full(len(actual), np.nan)
     out: dict[str, dict[str, np.ndarray]] = {}
-    for (name, m), j in jk.items():
-        iv = metric_interval_of(j, m)
-        out[f"{name}_{SHORT[m]}"] = {"point": iv["point"], "lo": iv["lo"], "hi": iv["hi"]}
+    for name in preds:
+        for m in METRICS:
+            iv = metric_interval_of(jk[(name, m)], m) if (name, m) in jk else {"point": nan, "lo": nan, "hi": nan}
+            out[f"{name}_{SHORT[m]}"] = {"point": iv["point"], "lo": iv["lo"], "hi": iv["hi"]}
     for name in OTHERS:
         for m in METRICS:
-            t = gap_of(jk[(SELF, m)], jk[(name, m)], m)  # each predictor's jackknife, shared with its own interval
+            t = gap_of(jk[(SELF, m)], jk[(name, m)], m) if (SELF, m) in jk and (name, m) in jk else \
+                {"gap": nan, "gap_lo": nan, "gap_hi": nan, "gap_p": nan}  # each predictor's jackknife, shared
             out[f"gap_{name}_{SHORT[m]}"] = {"point": t["gap"], "lo": t["gap_lo"], "hi": t["gap_hi"], "p": t["gap_p"]}
     return out
+
+
+def chunked_intervals(preds: dict[str, np.ndarray], actual: np.ndarray, train_mean: np.ndarray,
+                      kurtosis: dict[tuple[str, str], np.ndarray]) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
+    """`neuron_intervals` and `effective_texts` of a layer's neurons, LAYER_CHUNK rows at a time (row by row, the
+    same numbers: a layer's leave-one-out arrays are never held whole)."""
+    parts: dict[str, list[dict[str, np.ndarray]]] = {}
+    n_eff = []
+    for s in range(0, len(actual), LAYER_CHUNK):
+        at = slice(s, s + LAYER_CHUNK)
+        got = neuron_intervals({k: x[at] for k, x in preds.items()}, actual[at], train_mean[at],
+                               {k: v[at] for k, v in kurtosis.items()})
+        for col, iv in got.items():
+            parts.setdefault(col, []).append(iv)
+        n_eff.append(effective_texts(actual[at]))
+    return ({col: {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} for col, chunks in parts.items()},
+            np.concatenate(n_eff))
 
 
 def _trials_at(trial_ids: pd.Series, keys: list[tuple]) -> list[str | None]:
@@ -87,67 +102,96 @@ def _column(by_id: pd.DataFrame, ids: list, col: str) -> np.ndarray:
     return np.array([values.get(t, np.nan) if t is not None else np.nan for t in ids], np.float64)
 
 
-def test_matrices(sweep_dir: Path, df: pd.DataFrame, wanted: set[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The test predictions and actual activations of these trials, trial × test text (every trial: the same
-    texts), pivoted one stored file at a time: a layer's probes never stand in one long table."""
-    preds, actual = [], []
-    for frame in open_store(sweep_dir, trials=df).pred_frames(wanted):
-        if len(frame):
-            preds.append(frame.pivot(index="trial_id", columns="text_id", values="pred"))
-            actual.append(frame.pivot(index="trial_id", columns="text_id", values="actual_orig"))
-    if not preds:
-        return pd.DataFrame(), pd.DataFrame()
-    return pd.concat(preds), pd.concat(actual)
+def test_texts(store: TrialStore, wanted: set[str]) -> np.ndarray:
+    """The test texts of these trials (every trial's: the same), sorted; empty when none has predictions."""
+    texts = [np.unique(f["text_id"].to_numpy()) for f in store.pred_frames(wanted, columns=["text_id"]) if len(f)]
+    return reduce(np.union1d, texts) if texts else np.array([], np.int64)
+
+
+def test_matrices(store: TrialStore, ids: dict[str, list], texts: np.ndarray) -> tuple[np.ndarray, dict]:
+    """(actual, {source: predictions}) of one layer × head × freeze, neuron × test text: row i of a source the test
+    predictions of `ids[source][i]` (NaN for None or a trial without them; a source with no trial here: a read-only
+    view of NaN), `actual` the self trials' targets — filled
+    a stored file at a time (a layer's probes never stand in one long table; ids are matched once per file)."""
+    shape = (len(ids[SELF]), len(texts))
+    ran = {name: v for name, v in ids.items() if any(t is not None for t in v)}
+    preds = {name: np.full(shape, np.nan) if name in ran else np.broadcast_to(np.nan, shape) for name in ids}
+    actual = np.full(shape, np.nan)
+    rows = {name: pd.Series(np.arange(len(v)))[[t is not None for t in v]].set_axis([t for t in v if t is not None])
+            for name, v in ran.items()}
+    wanted = {t for v in ids.values() for t in v if t is not None}
+    for frame in store.pred_frames(wanted, columns=["text_id", "pred", "actual_orig"]):
+        codes, uniq = pd.factorize(frame["trial_id"])
+        col = np.searchsorted(texts, frame["text_id"].to_numpy())
+        for name, at in rows.items():
+            row = at.reindex(np.asarray(uniq, object)).fillna(-1).to_numpy(np.int64)[codes]
+            keep = row >= 0
+            preds[name][row[keep], col[keep]] = frame["pred"].to_numpy(np.float64)[keep]
+            if name == SELF:
+                actual[row[keep], col[keep]] = frame["actual_orig"].to_numpy(np.float64)[keep]
+    return actual, preds
 
 
 def compare(sweep_dir: Path, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(per neuron, per layer) self-vs-outsider tables from the best trials and their stored test predictions."""
+    """(per neuron, per layer) self-vs-outsider tables from the best trials and their stored test predictions,
+    one layer × head × freeze at a time."""
     if df.empty or "control" not in df:
         return pd.DataFrame(), pd.DataFrame()
-    real = df[(df["status"] == "ok") & df["best"] & df["control"].isna()]
+    real = df.loc[(df["status"] == "ok") & df["best"] & df["control"].isna(), KEY + ["trial_id", "train_mean"]]
     best = {c: _best(df, c) for c in OUTSIDERS}
-    wanted = set(real["trial_id"]).union(*(set(b["trial_id"]) for b in best.values()))
-    pred, actual = test_matrices(sweep_dir, df, wanted)
-    if real.empty or pred.empty:
+    groups = [(key, g.sort_values("neuron")) for key, g in real.groupby(["layer", "head", "freeze"], sort=True)]
+    cells = {key: [(*key[:1], n, *key[1:]) for n in g["neuron"]] for key, g in groups}
+    ids = {key: {SELF: list(g["trial_id"]), **{str(c.comparison): _trials_at(b["trial_id"], cells[key] if c.per_cell
+                                                                             else [k[:2] for k in cells[key]])
+                                              for c, b in best.items()}} for key, g in groups}
+    wanted = {t for group in ids.values() for v in group.values() for t in v if t is not None}
+    store = open_store(sweep_dir, trials=df.loc[df["trial_id"].isin(wanted), ["trial_id", "unit"] if "unit" in df
+                                                else ["trial_id"]])  # where each is: of these trials only
+    texts = test_texts(store, wanted)
+    if real.empty or not len(texts):
         return pd.DataFrame(), pd.DataFrame()
-    texts = np.asarray(sorted(pred.columns))
     kurtosis = [c for c in (f"{m}_kurtosis" for m in METRICS) if c in df]  # each trial's stored tail shape, by id
     by_id = df[["trial_id", *kurtosis]].drop_duplicates("trial_id").set_index("trial_id")
     neurons, layers = [], []
-    for (L, h, f), g in real.groupby(["layer", "head", "freeze"], sort=True):
-        g = g.sort_values("neuron")
-        cells = [(L, n, h, f) for n in g["neuron"]]
-        ids = {SELF: list(g["trial_id"]), **{str(c.comparison): _trials_at(b["trial_id"], cells if c.per_cell else
-                                                                           [k[:2] for k in cells]) for c, b in best.items()}}
-        y = _matrix(actual, ids[SELF], texts)
-        p = {k: _matrix(pred, v, texts) for k, v in ids.items()}
+    for (L, h, f), g in groups:
+        y, p = test_matrices(store, ids[(L, h, f)], texts)
         train_mean = g["train_mean"].to_numpy(np.float64)
-        kurt = {(k, m): _column(by_id, v, f"{m}_kurtosis") for k, v in ids.items() for m in METRICS}
+        kurt = {(k, m): _column(by_id, v, f"{m}_kurtosis") for k, v in ids[(L, h, f)].items() for m in METRICS}
         rows = pd.DataFrame({"layer": L, "neuron": g["neuron"].to_numpy(), "head": h, "freeze": f,
-                             **{f"{k}_trial": v for k, v in ids.items()}})
-        rows["n_test_eff"] = effective_texts(y)  # how many texts each neuron's numbers rest on
+                             **{f"{k}_trial": v for k, v in ids[(L, h, f)].items()}})
+        intervals, rows["n_test_eff"] = chunked_intervals(p, y, train_mean, kurt)  # n_test_eff: texts each rests on
         layer = {"layer": L, "head": h, "freeze": f, "n_neurons": len(g)}
-        for col, iv in neuron_intervals(p, y, train_mean, kurt).items():
+        for col, iv in intervals.items():
             rows[col], rows[f"{col}_lo"], rows[f"{col}_hi"] = iv["point"], iv["lo"], iv["hi"]
             if col.startswith("gap_"):
-                q = bh_adjusted(iv["p"])
-                rows[f"{col}_p"], rows[f"{col}_q"] = iv["p"], q
-                layer[f"n_{col}_positive"] = int(np.sum((q <= Q) & (iv["point"] > 0)))
-                layer[f"n_{col}_negative"] = int(np.sum((q <= Q) & (iv["point"] < 0)))
-                layer[f"n_{col}_tested"] = int(np.isfinite(iv["p"]).sum())
-                calls = layer[f"n_{col}_positive"] + layer[f"n_{col}_negative"]
-                layer[f"n_{col}_false_expected"] = Q * calls  # BH: on average at most a fraction q of the calls
-                by = bh_adjusted(iv["p"], dependence="any")
-                layer[f"n_{col}_positive_by"] = int(np.sum((by <= Q) & (iv["point"] > 0)))
+                layer.update(_calls(rows, col, iv))
+        ran = {name: x for name, x in p.items() if not np.isnan(x).all()}  # a source that never ran: NaN means
         for name, x in p.items():
-            got = layer_mean_intervals(x, y, train_mean, others={o: p[o] for o in OTHERS} if name == SELF else None)
+            got = layer_mean_intervals(x, y, train_mean, others={o: ran[o] for o in OTHERS if o in ran}
+                                       if name == SELF else None) if name in ran else {}
             for m in METRICS:
                 col = f"{name}_{SHORT[m]}"
-                layer[col], layer[f"{col}_lo"], layer[f"{col}_hi"] = got[m], got[f"{m}_lo"], got[f"{m}_hi"]
+                layer[col], layer[f"{col}_lo"], layer[f"{col}_hi"] = (got.get(k, np.nan) for k in
+                                                                      (m, f"{m}_lo", f"{m}_hi"))
                 if name == SELF:
                     for o in OTHERS:
                         k, gcol = f"gap_{o}_{m}", f"gap_{o}_{SHORT[m]}"
-                        layer[gcol], layer[f"{gcol}_lo"], layer[f"{gcol}_hi"] = got[k], got[f"{k}_lo"], got[f"{k}_hi"]
+                        layer[gcol], layer[f"{gcol}_lo"], layer[f"{gcol}_hi"] = (got.get(x, np.nan) for x in
+                                                                                 (k, f"{k}_lo", f"{k}_hi"))
+        del y, p
+        give_back()  # a layer's matrices: returned before the next one's
         neurons.append(rows)
         layers.append(layer)
     return pd.concat(neurons, ignore_index=True), pd.DataFrame(layers)
+
+
+def _calls(rows: pd.DataFrame, col: str, iv: dict[str, np.ndarray]) -> dict[str, float]:
+    """A gap column's p- and q-values (into `rows`) and the layer's counts of significant calls."""
+    q = bh_adjusted(iv["p"])
+    rows[f"{col}_p"], rows[f"{col}_q"] = iv["p"], q
+    positive, negative = int(np.sum((q <= Q) & (iv["point"] > 0))), int(np.sum((q <= Q) & (iv["point"] < 0)))
+    by = bh_adjusted(iv["p"], dependence="any")
+    return {f"n_{col}_positive": positive, f"n_{col}_negative": negative,
+            f"n_{col}_tested": int(np.isfinite(iv["p"]).sum()),
+            f"n_{col}_false_expected": Q * (positive + negative),  # BH: on average at most a fraction q of the calls
+            f"n_{col}_positive_by": int(np.sum((by <= Q) & (iv["point"] > 0)))}

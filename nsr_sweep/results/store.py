@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import pandas as pd
 
@@ -62,9 +62,10 @@ class TrialStore(ABC):
         """Whether the trial is kept here."""
 
     @abstractmethod
-    def pred_frames(self, trial_ids: set[str] | None) -> Iterator[pd.DataFrame]:
-        """Test predictions (trial_id and PRED_COLUMNS) of these trials (all when None), a frame per stored file, read
-        as they are asked for (a reader of a layer's probes holds one file at a time)."""
+    def pred_frames(self, trial_ids: set[str] | None, columns: Sequence[str] = PRED_COLUMNS) -> Iterator[pd.DataFrame]:
+        """Test predictions (trial_id and `columns`, of PRED_COLUMNS) of these trials (all when None), a frame per
+        stored file, read as they are asked for (a reader of a layer's probes holds one file at a time). trial_id may
+        be categorical (a unit's ids are read once each, not once per text)."""
 
     @abstractmethod
     def patch_points(self, trial_id: str) -> pd.DataFrame | None:
@@ -86,7 +87,11 @@ class TrialStore(ABC):
         """The test-split predictions of trials (all when `trial_ids` is None): trial_id, text_id, actual_orig,
         actual_ft, pred, readout — a trial's rows together, trials in no promised order."""
         frames = list(self.pred_frames(None if trial_ids is None else {str(t) for t in trial_ids}))
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["trial_id", *PRED_COLUMNS])
+        if not frames:
+            return pd.DataFrame(columns=["trial_id", *PRED_COLUMNS])
+        out = pd.concat(frames, ignore_index=True)
+        out["trial_id"] = out["trial_id"].astype(str)
+        return out
 
     def predictions(self, trial_id: str) -> pd.DataFrame:
         """A trial's predictions as stored, with `split`: a batched probe keeps its test split (the one its metrics
@@ -121,15 +126,15 @@ class SweepStore(TrialStore):
     def holds(self, trial_id: str) -> bool:
         return self._holder(trial_id) is not None
 
-    def pred_frames(self, trial_ids: set[str] | None) -> Iterator[pd.DataFrame]:
+    def pred_frames(self, trial_ids: set[str] | None, columns: Sequence[str] = PRED_COLUMNS) -> Iterator[pd.DataFrame]:
         if trial_ids is None:
-            yield from (f for p in self.parts for f in p.pred_frames(None))
+            yield from (f for p in self.parts for f in p.pred_frames(None, columns))
             return
         left = set(trial_ids)
         for p in self.parts:  # each asked only for its own trials (a probe's unit is looked up only if it is one)
             mine = {t for t in left if p.holds(t)}
             left -= mine
-            yield from p.pred_frames(mine) if mine else ()
+            yield from p.pred_frames(mine, columns) if mine else ()
 
     def _ask(self, trial_id: str, what: str):
         p = self._holder(trial_id)
@@ -193,13 +198,13 @@ class TrialDirs(TrialStore):
     def holds(self, trial_id: str) -> bool:
         return (self.base / trial_id).is_dir()
 
-    def pred_frames(self, trial_ids: set[str] | None) -> Iterator[pd.DataFrame]:
+    def pred_frames(self, trial_ids: set[str] | None, columns: Sequence[str] = PRED_COLUMNS) -> Iterator[pd.DataFrame]:
         dirs = self._dirs() if trial_ids is None else [self.base / t for t in sorted(trial_ids)]
         for d in dirs:
             if (d / "preds.parquet").is_file():
-                p = pd.read_parquet(d / "preds.parquet")
+                p = pd.read_parquet(d / "preds.parquet", columns=["split", *columns])
                 p = p[p["split"] == "test"]
-                yield pd.DataFrame({"trial_id": d.name, **{c: p[c].to_numpy() for c in PRED_COLUMNS}})
+                yield pd.DataFrame({"trial_id": d.name, **{c: p[c].to_numpy() for c in columns}})
 
     def predictions(self, trial_id: str) -> pd.DataFrame:
         f = self.base / trial_id / "preds.parquet"
@@ -350,14 +355,16 @@ class ProbeUnits(TrialStore):
     def holds(self, trial_id: str) -> bool:
         return self.unit_of(trial_id) is not None
 
-    def pred_frames(self, trial_ids: set[str] | None) -> Iterator[pd.DataFrame]:
+    def pred_frames(self, trial_ids: set[str] | None, columns: Sequence[str] = PRED_COLUMNS) -> Iterator[pd.DataFrame]:
+        import pyarrow.parquet as pq
+
         units = self.units() if trial_ids is None else sorted({u for u in map(self.unit_of, trial_ids) if u})
         for unit in units:
-            try:
-                df = pd.read_parquet(self.path("preds", unit))
+            try:  # trial_id as a dictionary: each probe's id once, not once per text
+                df = pq.read_table(self.path("preds", unit), columns=["trial_id", *columns],
+                                   read_dictionary=["trial_id"]).to_pandas()
             except Exception:  # noqa: BLE001 - a damaged file must not stop a reader (`damage` names it)
                 continue
-            df["trial_id"] = df["trial_id"].astype(str)
             yield df if trial_ids is None else df[df["trial_id"].isin(trial_ids)]
 
     def patch_points(self, trial_id: str) -> pd.DataFrame | None:

@@ -305,10 +305,12 @@ class Launch:
             ray.shutdown()
 
     def report(self) -> None:
+        from ..core.memory import give_back
         from ..report.build import build_report
 
+        give_back()  # what the trials and the table let go, before the report reads the table again
         t = time.time()
-        build_report(self.sweep_dir, echo=self.echo)  # a full disk here ends in `record_failure`'s one line
+        build_report(self.sweep_dir, echo=self.echo, rebuild=False)  # finish wrote the table; a full disk: one line
         update_state(self.sweep_dir, report_s=round(time.time() - t, 2),
                      total_with_report_s=round(time.time() - self.times["start"], 2))
 
