@@ -449,10 +449,10 @@ class _LayerMean:
         self.loo_sum = rows.sum(0) if len(rows) else self.loo_sum
 
     def put(self, out: dict, key: str, level: float) -> None:
-        point, ok = np.concatenate(self.points), np.concatenate(self.oks)
-        _put(out, key, ok, point, lambda k: jackknife_t(point[k].mean(), self.loo_sum / int(k.sum()), self.scale,
-                                                        level, self.bounds, bias_correct=True,
-                                                        hold_point=self.hold_point))
+        point, ok, loo_sum = np.concatenate(self.points), np.concatenate(self.oks), self.loo_sum
+        _put(out, key, ok, point, lambda k: jackknife_t(point[k].mean(), np.asarray(loo_sum) / int(k.sum()),
+                                                        self.scale, level, self.bounds, bias_correct=True,
+                                                        hold_point=self.hold_point))  # (called only when k has one)
 
 
 def _put(out: dict, key: str, ok: np.ndarray, point: np.ndarray, interval) -> None:
