@@ -10,9 +10,9 @@ shuffled controls (4 probes a neuron; `--analysis` patches every probe too — t
 then every neuron of the layer (294,912 at 73,728). Two real launches on local Ray, offline, with the
 report. While each runs, the memory of the launch's own process, of each model worker and of the inbox (an
 actor on the driver's node) is sampled every second (RSS, psutil). Prints, per run: probes, probes/s over the
-trials phase, the launch process's RSS at the start of the trials, its peak during them and during the
-finish and report, the workers' and inbox's peaks, the unit size, the results' files and size — then what
-every neuron of GPT-2 small and XL would write and hold (`footprints`).
+trials phase, the launch process's RSS at the start of the trials, its peak during them, during the finish and
+during the report (and the report's seconds), the workers' and inbox's peaks, the unit size, the results' files and
+size — then what every neuron of GPT-2 small and XL would write and hold (`footprints`).
 """
 
 from __future__ import annotations
@@ -113,10 +113,14 @@ def run(name: str, model: Path, neurons, args, out: Path) -> dict:
     start = r["t0"] + t["ray_init_s"] + t["cache_s"]  # the trials phase, on the launch's clock
     end = start + t["trials_wall_s"]
     role = w.launch_role()
+    report = time.time() if "report_s" not in state else state["started"] + state["total_with_report_s"] - \
+        state["report_s"]  # the report's start, on the launch's clock
     units = sorted((r["dir"] / "probes" / "records").glob("*.parquet"))
     return {**r, "probes": r["trials"], "probes_per_s": r["trials"] / t["trials_wall_s"],
             "launch_at_trials_mb": w.at(role, start), "launch_trials_peak_mb": w.peak(role, start, end),
-            "launch_after_peak_mb": w.peak(role, end), "worker_peak_mb": w.peak("worker"),
+            "launch_after_peak_mb": w.peak(role, end), "launch_finish_peak_mb": w.peak(role, end, report),
+            "launch_report_peak_mb": w.peak(role, report), "report_s": state.get("report_s", float("nan")),
+            "worker_peak_mb": w.peak("worker"),
             "inbox_peak_mb": w.peak("inbox"), "units": len(units), "state": state, "role": role, "torch": w.torch}
 
 
@@ -168,12 +172,14 @@ def main() -> None:
     if args.only != "small":
         runs["large"] = run("scale-large", model, "all", args, out)
     print(f"\n{'run':<6} {'probes':>8} {'units':>6} {'wall s':>7} {'cache s':>8} {'trials s':>9} {'probes/s':>9} "
-          f"{'launch MB: trials start':>24} {'trials peak':>12} {'finish+report peak':>19} {'worker peak MB':>15} "
+          f"{'launch MB: trials start':>24} {'trials peak':>12} {'finish peak':>12} {'report peak':>12} "
+          f"{'report s':>9} {'worker peak MB':>15} "
           f"{'inbox MB':>9} {'files':>6} {'MB':>7} {'kB/probe':>9}")
     for name, r in runs.items():
         print(f"{name:<6} {r['probes']:>8} {r['units']:>6} {r['wall_s']:>7.0f} {r['cache_s']:>8.1f} "
               f"{r['trials_s']:>9.1f} {r['probes_per_s']:>9.1f} {r['launch_at_trials_mb']:>24.0f} "
-              f"{r['launch_trials_peak_mb']:>12.0f} {r['launch_after_peak_mb']:>19.0f} {r['worker_peak_mb']:>15.0f} "
+              f"{r['launch_trials_peak_mb']:>12.0f} {r['launch_finish_peak_mb']:>12.0f} {r['launch_report_peak_mb']:>12.0f} "
+              f"{r['report_s']:>9.1f} {r['worker_peak_mb']:>15.0f} "
               f"{r['inbox_peak_mb']:>9.0f} {r['files']:>6} {r['mb']:>7.1f} {1e3 * r['mb'] / r['probes']:>9.2f}")
     if len(runs) == 2:
         s, big = runs["small"], runs["large"]
