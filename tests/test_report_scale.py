@@ -10,7 +10,13 @@ import pandas as pd
 import pytest
 
 from nsr_sweep.core import uncertainty
-from nsr_sweep.core.uncertainty import gap_of, layer_mean_intervals, metric_interval_of, metric_jackknife
+from nsr_sweep.core.uncertainty import (
+    effective_texts,
+    gap_of,
+    layer_mean_intervals,
+    metric_interval_of,
+    metric_jackknife,
+)
 from nsr_sweep.report import build
 from nsr_sweep.report import interactive as ia
 from nsr_sweep.results import compare
@@ -38,21 +44,28 @@ def test_a_layer_mean_taken_in_chunks_is_the_whole_one_to_the_bit(monkeypatch):
     assert whole["gap_cross_pearson_r_n"] == 300 - 28 - 1  # the rows without a cross-model, and the constant one
 
 
-def test_per_neuron_intervals_in_chunks_are_the_whole_layers(monkeypatch):
+def test_a_layer_taken_block_by_block_gives_the_whole_layers_numbers():
+    """The comparison's path: per-neuron intervals and effective texts of each block, the layer means fed block by
+    block (`LayerMeans`), the same as the whole layer at once."""
     y, p, m = _layer()
     kurt = {("self", "pearson_r"): np.full(len(y), 6.0)}
     whole = compare.neuron_intervals(p, y, m, kurt)
-    monkeypatch.setattr(compare, "LAYER_CHUNK", 64)
-    chunked, n_eff = compare.chunked_intervals(p, y, m, kurt)
-    assert whole.keys() == chunked.keys()
+    means, parts, n_eff = uncertainty.LayerMeans(), [], []
+    for s in range(0, len(y), 64):
+        at = slice(s, s + 64)
+        parts.append(compare.neuron_intervals({k: x[at] for k, x in p.items()}, y[at], m[at],
+                                              {k: v[at] for k, v in kurt.items()}))
+        n_eff.append(effective_texts(y[at]))
+        means.add(p["self"][at], y[at], m[at], {"cross": p["cross"][at]})
     for col, iv in whole.items():
         for k, v in iv.items():
-            np.testing.assert_array_equal(v, chunked[col][k], err_msg=f"{col} {k}")
+            np.testing.assert_array_equal(v, np.concatenate([part[col][k] for part in parts]), err_msg=f"{col} {k}")
+    assert means.result() == layer_mean_intervals(p["self"], y, m, {"cross": p["cross"]})  # (no NaN: the means)
     d = y - y.mean(1, keepdims=True)  # effective texts, recomputed: (Σd²)² / Σd⁴, 0 for a constant target
     with np.errstate(invalid="ignore", divide="ignore"):
         want = np.where((d**4).sum(1) > 0, (d**2).sum(1) ** 2 / (d**4).sum(1), 0.0)
-    np.testing.assert_allclose(n_eff, want, rtol=1e-12)
-    assert n_eff[5] == 0
+    np.testing.assert_allclose(np.concatenate(n_eff), want, rtol=1e-12)
+    assert np.concatenate(n_eff)[5] == 0
 
 
 def test_a_predictor_that_never_ran_has_the_columns_its_jackknife_gives():

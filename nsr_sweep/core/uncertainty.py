@@ -410,24 +410,40 @@ def layer_mean_intervals(preds: np.ndarray, actual: np.ndarray, train_mean: np.n
     for name, other in others.items():
         if other.shape != preds.shape:
             raise ValueError(f"others[{name!r}] {other.shape} != preds {preds.shape}")
-    means: dict[str, _LayerMean] = {}
+    means = LayerMeans()
     for s in range(0, len(preds), LAYER_CHUNK):
         at = slice(s, s + LAYER_CHUNK)
-        own = {m: _loo(m, preds[at], actual[at], train_mean[at]) for m in METRICS}
-        for m, (point, loo) in own.items():
-            means.setdefault(m, _LayerMean(SCALE_OF[m], BOUNDS.get(m), hold_point=True)).add(point, loo)
-        for name, other in others.items():
-            for m in METRICS:  # a mean over many neurons: raw-scale jackknife-t (see above)
-                (pa, la), (pb, lb) = own[m], _loo(m, other[at], actual[at], train_mean[at])
-                means.setdefault(f"gap_{name}_{m}", _LayerMean("raw", BOUNDS.get(f"gap_{m}"))).add(pa - pb, la - lb)
-    out: dict[str, float] = {}
-    for key, mean in means.items():
-        mean.put(out, key, level)
-    return out
+        means.add(preds[at], actual[at], train_mean[at], {k: v[at] for k, v in others.items()})
+    return means.result(level)
 
 
 LAYER_CHUNK = 4096
-"""Neurons whose leave-one-out arrays `layer_mean_intervals` holds at once."""
+"""Neurons whose leave-one-out arrays `layer_mean_intervals` (and the comparison) hold at once."""
+
+
+class LayerMeans:
+    """`layer_mean_intervals` fed a block of a layer's neurons at a time (the same numbers to the bit, whatever the
+    blocks): `add` each block's rows (preds, actual, train_mean and the `others`, the same names every time), then
+    `result`."""
+
+    def __init__(self) -> None:
+        self.means: dict[str, _LayerMean] = {}
+
+    def add(self, preds: np.ndarray, actual: np.ndarray, train_mean: np.ndarray,
+            others: dict[str, np.ndarray] | None = None) -> None:
+        own = {m: _loo(m, preds, actual, train_mean) for m in METRICS}
+        for m, (point, loo) in own.items():
+            self.means.setdefault(m, _LayerMean(SCALE_OF[m], BOUNDS.get(m), hold_point=True)).add(point, loo)
+        for name, other in (others or {}).items():
+            for m in METRICS:  # a mean over many neurons: raw-scale jackknife-t (see `layer_mean_intervals`)
+                (pa, la), (pb, lb) = own[m], _loo(m, other, actual, train_mean)
+                self.means.setdefault(f"gap_{name}_{m}", _LayerMean("raw", BOUNDS.get(f"gap_{m}"))).add(pa - pb, la - lb)
+
+    def result(self, level: float = LEVEL) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for key, mean in self.means.items():
+            mean.put(out, key, level)
+        return out
 
 
 class _LayerMean:

@@ -122,28 +122,24 @@ def _write_table(df: pd.DataFrame, base: Path) -> None:
     atomic_write(base.with_suffix(".csv"), lambda tmp: df.to_csv(tmp, index=False))
 
 
-def load_trials(sweep_dir: Path, rebuild: bool = True):
-    """The sweep's spec and trial table: rebuilt from the records (and written), or — `rebuild=False`, right after
-    a launch wrote it — read back from tables/trials.parquet."""
+def load_trials(sweep_dir: Path):
     from ..results.layout import resolved_spec
     from ..results.tables import write_trials_table
 
     spec = resolved_spec(sweep_dir)
-    table = sweep_dir / "tables" / "trials.parquet"
-    if not rebuild and table.is_file():
-        return spec, pd.read_parquet(table)
     return spec, write_trials_table(sweep_dir, spec.search.metric, spec.search.mode)
 
 
-def build_report(sweep_dir: Path | str, echo=print, rebuild: bool = True) -> Path:
-    """Tables, figures and report.html for a sweep directory (running, partial or finished). `rebuild=False`: the
-    trial table just written is read, not rebuilt from the records (a launch's last step)."""
-    from ..results.layout import read_state, run_state
+def build_report(sweep_dir: Path | str, echo=print, table: pd.DataFrame | None = None) -> Path:
+    """Tables, figures and report.html for a sweep directory (running, partial or finished). `table`: the trial table
+    tables/trials.parquet holds, just written (a launch's last step); without it, it is rebuilt from the records."""
+    from ..results.layout import read_state, resolved_spec, run_state
     from . import plots
 
     t0 = time.perf_counter()
     sweep_dir = Path(sweep_dir).resolve()
-    spec, df = load_trials(sweep_dir, rebuild)
+    spec, df = (resolved_spec(sweep_dir), table) if table is not None else load_trials(sweep_dir)
+    del table
     state = read_state(sweep_dir)
     tables = sweep_dir / "tables"
     best = best_trials(df) if len(df) else pd.DataFrame()

@@ -24,7 +24,7 @@ from ..core.controls import OUTSIDERS, REAL, Control
 from ..core.spec import CELL_COLUMNS
 from ..core.memory import give_back
 from ..core.multiple import bh_adjusted
-from ..core.uncertainty import (LAYER_CHUNK, effective_texts, gap_of, layer_mean_intervals, metric_interval_of,
+from ..core.uncertainty import (LAYER_CHUNK, LayerMeans, effective_texts, gap_of, metric_interval_of,
                                 metric_jackknife)
 from .store import TrialStore, open_store
 
@@ -68,32 +68,16 @@ def neuron_intervals(preds: dict[str, np.ndarray], actual: np.ndarray, train_mea
     return out
 
 
-def chunked_intervals(preds: dict[str, np.ndarray], actual: np.ndarray, train_mean: np.ndarray,
-                      kurtosis: dict[tuple[str, str], np.ndarray]) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
-    """`neuron_intervals` and `effective_texts` of a layer's neurons, LAYER_CHUNK rows at a time (row by row, the
-    same numbers: a layer's leave-one-out arrays are never held whole)."""
-    parts: dict[str, list[dict[str, np.ndarray]]] = {}
-    n_eff = []
-    for s in range(0, len(actual), LAYER_CHUNK):
-        at = slice(s, s + LAYER_CHUNK)
-        got = neuron_intervals({k: x[at] for k, x in preds.items()}, actual[at], train_mean[at],
-                               {k: v[at] for k, v in kurtosis.items()})
-        for col, iv in got.items():
-            parts.setdefault(col, []).append(iv)
-        n_eff.append(effective_texts(actual[at]))
-    return ({col: {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} for col, chunks in parts.items()},
-            np.concatenate(n_eff))
-
-
-def _trials_at(trial_ids: pd.Series, keys: list[tuple]) -> list[str | None]:
-    """The trial ids (a control's best, indexed by cell or by (layer, neuron)) at these keys; None where none is."""
+def _trials_at(trial_ids: pd.Series, keys: pd.DataFrame) -> np.ndarray:
+    """The trial ids (a control's best, indexed by cell or by (layer, neuron)) at these keys' rows; None where none
+    is."""
     if trial_ids.empty:
-        return [None] * len(keys)
-    got = trial_ids.reindex(pd.MultiIndex.from_tuples(keys, names=trial_ids.index.names))
-    return [t if isinstance(t, str) else None for t in got.tolist()]
+        return np.full(len(keys), None, object)
+    got = trial_ids.reindex(pd.MultiIndex.from_frame(keys[list(trial_ids.index.names)]))
+    return np.array([t if isinstance(t, str) else None for t in got.tolist()], object)
 
 
-def _column(by_id: pd.DataFrame, ids: list, col: str) -> np.ndarray:
+def _column(by_id: pd.DataFrame, ids, col: str) -> np.ndarray:
     """A trial-table column (`by_id`: the table indexed by trial_id) for trial ids (NaN for None, an unknown trial,
     or a table without the column)."""
     if col not in by_id:
@@ -108,11 +92,11 @@ def test_texts(store: TrialStore, wanted: set[str]) -> np.ndarray:
     return reduce(np.union1d, texts) if texts else np.array([], np.int64)
 
 
-def test_matrices(store: TrialStore, ids: dict[str, list], texts: np.ndarray) -> tuple[np.ndarray, dict]:
-    """(actual, {source: predictions}) of one layer × head × freeze, neuron × test text: row i of a source the test
-    predictions of `ids[source][i]` (NaN for None or a trial without them; a source with no trial here: a read-only
-    view of NaN), `actual` the self trials' targets — filled
-    a stored file at a time (a layer's probes never stand in one long table; ids are matched once per file)."""
+def test_matrices(store: TrialStore, ids: dict[str, np.ndarray], texts: np.ndarray) -> tuple[np.ndarray, dict]:
+    """(actual, {source: predictions}) of a block of one layer × head × freeze's neurons, neuron × test text: row i of
+    a source the test predictions of `ids[source][i]` (NaN for None or a trial without them; a source with no trial
+    here: a read-only view of NaN), `actual` the self trials' targets — filled a stored file at a time from the
+    files that hold these trials (ids are matched once per file)."""
     shape = (len(ids[SELF]), len(texts))
     ran = {name: v for name, v in ids.items() if any(t is not None for t in v)}
     preds = {name: np.full(shape, np.nan) if name in ran else np.broadcast_to(np.nan, shape) for name in ids}
@@ -133,17 +117,16 @@ def test_matrices(store: TrialStore, ids: dict[str, list], texts: np.ndarray) ->
 
 
 def compare(sweep_dir: Path, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(per neuron, per layer) self-vs-outsider tables from the best trials and their stored test predictions,
-    one layer × head × freeze at a time."""
+    """(per neuron, per layer) self-vs-outsider tables from the best trials and their stored test predictions, one
+    layer × head × freeze at a time and LAYER_CHUNK neurons at a time (what is held is a block's matrices)."""
     if df.empty or "control" not in df:
         return pd.DataFrame(), pd.DataFrame()
     real = df.loc[(df["status"] == "ok") & df["best"] & df["control"].isna(), KEY + ["trial_id", "train_mean"]]
     best = {c: _best(df, c) for c in OUTSIDERS}
-    groups = [(key, g.sort_values("neuron")) for key, g in real.groupby(["layer", "head", "freeze"], sort=True)]
-    cells = {key: [(*key[:1], n, *key[1:]) for n in g["neuron"]] for key, g in groups}
-    ids = {key: {SELF: list(g["trial_id"]), **{str(c.comparison): _trials_at(b["trial_id"], cells[key] if c.per_cell
-                                                                             else [k[:2] for k in cells[key]])
-                                              for c, b in best.items()}} for key, g in groups}
+    groups = [(key, g.sort_values("neuron").reset_index(drop=True)) for key, g in
+              real.groupby(["layer", "head", "freeze"], sort=True)]
+    ids = {key: {SELF: g["trial_id"].to_numpy(object), **{str(c.comparison): _trials_at(b["trial_id"], g)
+                                                         for c, b in best.items()}} for key, g in groups}
     wanted = {t for group in ids.values() for v in group.values() for t in v if t is not None}
     store = open_store(sweep_dir, trials=df.loc[df["trial_id"].isin(wanted), ["trial_id", "unit"] if "unit" in df
                                                 else ["trial_id"]])  # where each is: of these trials only
@@ -151,38 +134,53 @@ def compare(sweep_dir: Path, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFra
     if real.empty or not len(texts):
         return pd.DataFrame(), pd.DataFrame()
     kurtosis = [c for c in (f"{m}_kurtosis" for m in METRICS) if c in df]  # each trial's stored tail shape, by id
-    by_id = df[["trial_id", *kurtosis]].drop_duplicates("trial_id").set_index("trial_id")
+    by_id = df.loc[df["trial_id"].isin(wanted), ["trial_id", *kurtosis]].drop_duplicates("trial_id").set_index(
+        "trial_id")
     neurons, layers = [], []
     for (L, h, f), g in groups:
-        y, p = test_matrices(store, ids[(L, h, f)], texts)
-        train_mean = g["train_mean"].to_numpy(np.float64)
-        kurt = {(k, m): _column(by_id, v, f"{m}_kurtosis") for k, v in ids[(L, h, f)].items() for m in METRICS}
-        rows = pd.DataFrame({"layer": L, "neuron": g["neuron"].to_numpy(), "head": h, "freeze": f,
-                             **{f"{k}_trial": v for k, v in ids[(L, h, f)].items()}})
-        intervals, rows["n_test_eff"] = chunked_intervals(p, y, train_mean, kurt)  # n_test_eff: texts each rests on
-        layer = {"layer": L, "head": h, "freeze": f, "n_neurons": len(g)}
-        for col, iv in intervals.items():
-            rows[col], rows[f"{col}_lo"], rows[f"{col}_hi"] = iv["point"], iv["lo"], iv["hi"]
-            if col.startswith("gap_"):
-                layer.update(_calls(rows, col, iv))
-        ran = {name: x for name, x in p.items() if not np.isnan(x).all()}  # a source that never ran: NaN means
-        for name, x in p.items():
-            got = layer_mean_intervals(x, y, train_mean, others={o: ran[o] for o in OTHERS if o in ran}
-                                       if name == SELF else None) if name in ran else {}
-            for m in METRICS:
-                col = f"{name}_{SHORT[m]}"
-                layer[col], layer[f"{col}_lo"], layer[f"{col}_hi"] = (got.get(k, np.nan) for k in
-                                                                      (m, f"{m}_lo", f"{m}_hi"))
-                if name == SELF:
-                    for o in OTHERS:
-                        k, gcol = f"gap_{o}_{m}", f"gap_{o}_{SHORT[m]}"
-                        layer[gcol], layer[f"{gcol}_lo"], layer[f"{gcol}_hi"] = (got.get(x, np.nan) for x in
-                                                                                 (k, f"{k}_lo", f"{k}_hi"))
-        del y, p
-        give_back()  # a layer's matrices: returned before the next one's
+        rows, layer = _compare_cell(store, (L, h, f), g, ids[(L, h, f)], texts, by_id)
         neurons.append(rows)
         layers.append(layer)
     return pd.concat(neurons, ignore_index=True), pd.DataFrame(layers)
+
+
+def _compare_cell(store: TrialStore, key: tuple, g: pd.DataFrame, ids: dict[str, np.ndarray], texts: np.ndarray,
+                  by_id: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """One layer × head × freeze (`g`: its best real trials, by neuron): the per-neuron rows and the layer's means and
+    counts, its neurons LAYER_CHUNK at a time (each block's test predictions read from the files that hold them)."""
+    ran = [name for name, v in ids.items() if any(t is not None for t in v)]  # a source that never ran: NaN means
+    means = {name: LayerMeans() for name in ran}
+    parts: list[dict[str, dict[str, np.ndarray]]] = []
+    n_eff = []
+    for s in range(0, len(g), LAYER_CHUNK):
+        block = {k: v[s : s + LAYER_CHUNK] for k, v in ids.items()}
+        y, p = test_matrices(store, block, texts)
+        train_mean = g["train_mean"].to_numpy(np.float64)[s : s + LAYER_CHUNK]
+        kurt = {(k, m): _column(by_id, v, f"{m}_kurtosis") for k, v in block.items() for m in METRICS}
+        parts.append(neuron_intervals(p, y, train_mean, kurt))
+        n_eff.append(effective_texts(y))  # how many texts each neuron's numbers rest on
+        for name in ran:
+            means[name].add(p[name], y, train_mean, {o: p[o] for o in OTHERS if o in ran} if name == SELF else None)
+        del y, p
+    give_back()  # the blocks' matrices: returned before the next cell's
+    L, h, f = key
+    rows = pd.DataFrame({"layer": L, "neuron": g["neuron"].to_numpy(), "head": h, "freeze": f,
+                         **{f"{k}_trial": v for k, v in ids.items()}, "n_test_eff": np.concatenate(n_eff)})
+    layer: dict = {"layer": L, "head": h, "freeze": f, "n_neurons": len(g)}
+    for col in parts[0]:
+        iv = {k: np.concatenate([part[col][k] for part in parts]) for k in parts[0][col]}
+        rows[col], rows[f"{col}_lo"], rows[f"{col}_hi"] = iv["point"], iv["lo"], iv["hi"]
+        if col.startswith("gap_"):
+            layer.update(_calls(rows, col, iv))
+    got = {name: m.result() for name, m in means.items()}
+    for name in ids:
+        for m in METRICS:
+            stats = [(f"{name}_{SHORT[m]}", m)] + ([(f"gap_{o}_{SHORT[m]}", f"gap_{o}_{m}") for o in OTHERS]
+                                                   if name == SELF else [])
+            for col, k in stats:  # a mean that was not computed (no trial ran): NaN
+                layer[col], layer[f"{col}_lo"], layer[f"{col}_hi"] = (got.get(name, {}).get(x, np.nan) for x in
+                                                                      (k, f"{k}_lo", f"{k}_hi"))
+    return rows, layer
 
 
 def _calls(rows: pd.DataFrame, col: str, iv: dict[str, np.ndarray]) -> dict[str, float]:

@@ -66,6 +66,7 @@ class Launch:
         self.worker_memory: float | None = None  # bytes each model worker can count on (`workers.worker_memory`)
         self.ray_started = False
         self.missing: list[str] = []
+        self.table: Any = None  # the trial table finish wrote, until the report takes it
 
     def run(self) -> Path:
         import pyarrow as pa
@@ -275,7 +276,7 @@ class Launch:
         from .grid import expected_trials
 
         loads = sum(ray.get(self.pool.each.remote("load_count")))
-        df = write_trials_table(self.sweep_dir, self.spec.search.metric, self.spec.search.mode)
+        self.table = df = write_trials_table(self.sweep_dir, self.spec.search.metric, self.spec.search.mode)
         counts = {k: int(v) for k, v in df["status"].value_counts().items()} if len(df) else {}
         self.missing = missing_trials(expected_trials(self.spec, self.grid), df)
         self.lost = missing_reason(self.missing, self.collector.unwritten, self.collector.lost)
@@ -308,9 +309,11 @@ class Launch:
         from ..core.memory import give_back
         from ..report.build import build_report
 
-        give_back()  # what the trials and the table let go, before the report reads the table again
+        table, self.table = self.table, None
+        del self.searcher, self.collector, self.grid, self.rows  # the trials' state: let go, and handed back
+        give_back()
         t = time.time()
-        build_report(self.sweep_dir, echo=self.echo, rebuild=False)  # finish wrote the table; a full disk: one line
+        build_report(self.sweep_dir, echo=self.echo, table=table)  # finish's table; a full disk here: one line
         update_state(self.sweep_dir, report_s=round(time.time() - t, 2),
                      total_with_report_s=round(time.time() - self.times["start"], 2))
 
