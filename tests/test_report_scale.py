@@ -97,11 +97,12 @@ def _extreme_neurons(df: pd.DataFrame, k: int) -> set[int]:
 def test_an_interactive_table_longer_than_a_page_embeds_its_extremes(monkeypatch):
     df = _ranked()
     monkeypatch.setattr(ia, "MAX_TABLE_ROWS", 10)
-    block = ia.table_block("t", df, rank="pearson_r")
+    rows, note = ia.cut(df, "pearson_r")
+    block = ia.table_block("t", rows, note)
     data = json.loads(re.search(r"class='nsr-table' data-table='t'>(.*)</script>", block).group(1))["data"]
     assert {row[1] for row in data} == _extreme_neurons(df, 5) and len(data) == 10
     assert "50 rows: the 5 highest and 5 lowest by <code>pearson_r</code> are shown" in block
-    whole = ia.table_block("t", df.head(10), rank="pearson_r")
+    whole = ia.table_block("t", *ia.cut(df.head(10), "pearson_r"))
     assert "rows:" not in whole and len(json.loads(re.search(r"'t'>(.*)</script>", whole).group(1))["data"]) == 10
 
 

@@ -151,6 +151,7 @@ def build_report(sweep_dir: Path | str, echo=print, table: pd.DataFrame | None =
     layers = per_layer(best)
     _write_table(layers, tables / "per_layer")
     comp, comp_layers = compare(sweep_dir, df)
+    give_back()  # what the comparison held: its predictions a block at a time, its trials' ids
     _write_table(comp, tables / "comparison")
     _write_table(comp_layers, tables / "comparison_by_layer")
     agreement = patch_agreement(df)
@@ -175,6 +176,7 @@ def build_report(sweep_dir: Path | str, echo=print, table: pd.DataFrame | None =
          "Per layer, the distribution over neurons of the gaps self − outsider in test r (box: quartiles; dots: "
          f"neurons whose gap survives Benjamini–Hochberg at q = {Q}).")) if p]
     running = run_state(sweep_dir) == "running"
+    give_back()
     page = render_html(Report(spec, df, best, pivots, layers, figures, state, running, sweep_dir, comp_layers, comp,
                               answer, agreement))
     out = sweep_dir / "report.html"
@@ -312,6 +314,23 @@ def _neurons_text(v: list) -> str:
     return f"{len(v)} neurons ({v[0]}…{v[-1]})" if len(v) > 12 else str(v)
 
 
+TRIAL_COLUMNS = ["trial_id", "layer", "neuron", "head", "freeze", "control", "status", "best", "solver", "lr", "epochs",
+                 "pearson_r", "skill", "mse", "patch_slope", "drift", "seconds"]
+"""The columns of the interactive trial table (every column is in tables/trials.parquet)."""
+
+
+def trial_cells(trials: pd.DataFrame, charts: frozenset[str]) -> pd.DataFrame:
+    """The trial table's rows as shown: a real trial's control `-`, a trial id linked to its chart where it has one."""
+    if trials.empty:
+        return trials
+    from .interactive import REAL
+
+    control = trials["control"] if "control" in trials else pd.Series(None, index=trials.index, dtype=object)
+    return trials.assign(control=control.astype(object).where(control.notna(), REAL),
+                         trial_id=[f"<a href='trials/{html.escape(t)}/diagnostics.png'>{html.escape(t)}</a>"
+                                   if t in charts else html.escape(t) for t in trials["trial_id"]])
+
+
 def render_html(r: Report) -> str:
     """report.html from its template (`templates/report.html.j2`), one self-contained file: static tables sortable,
     the per-neuron comparison, survivors and trial tables interactive, with neuron cards (interactive.py)."""
@@ -338,16 +357,10 @@ def render_html(r: Report) -> str:
         out.insert(min(4, len(out.columns)), "page", ia.page_cells(r.sweep_dir, out["layer"], out["neuron"], with_card))
         return out
 
-    comp_shown = with_page(comp)
+    (hit_rows, hit_note), (comp_rows, comp_note) = ia.cut(hit, rank), ia.cut(comp, rank or "self_r")
     comp_visible = ["layer", "neuron", "head", "freeze", "page", "n_test_eff", "self_r", "cross_r", "input_only_r",
                     "gap_cross_r", "gap_cross_r_q", "gap_input_only_r", "gap_input_only_r_q"]
-    trials = cols(df, ["trial_id", "layer", "neuron", "head", "freeze", "control", "status", "best", "solver", "lr",
-                       "epochs", "pearson_r", "skill", "mse", "patch_slope", "drift", "seconds"])
-    if len(trials):
-        control = trials["control"] if "control" in trials else pd.Series(None, index=trials.index, dtype=object)
-        trials = trials.assign(control=control.astype(object).where(control.notna(), ia.REAL),
-                               trial_id=[f"<a href='trials/{html.escape(t)}/diagnostics.png'>{html.escape(t)}</a>"
-                                         if t in charts else html.escape(t) for t in trials["trial_id"]])
+    trials, trials_note = ia.cut(cols(df, TRIAL_COLUMNS), spec.search.metric)
     scatter = ia.r_vs_patch_figure(df)
     vendor_css, vendor_js = ia.vendor_assets()
     return template("report.html.j2").render(
@@ -355,12 +368,12 @@ def render_html(r: Report) -> str:
         running=r.running, missing=r.state.get("n_missing"), expected=r.state.get("n_expected", "?"),
         missing_reason=r.state.get("missing_reason") or "",
         answer_table=static(answer_table(r.comp_layers), left=3), answer_figures=fig(r.answer),
-        survivors=html_(ia.table_block("survivors-table", with_page(hit), order=[(rank, "desc")] if rank else None,
-                                       rank=rank,
-                                       html_cols=frozenset({"page"})) if len(hit) else
+        survivors=html_(ia.table_block("survivors-table", with_page(hit_rows), hit_note,
+                                       order=[(rank, "desc")] if rank else None, html_cols=frozenset({"page"}))
+                        if len(hit) else
                         "<p class='muted'>None: no neuron's gap survives the control (or no outsider ran).</p>"),
-        per_neuron=html_(ia.table_block("comparison-table", comp_shown, visible=comp_visible,
-                                        html_cols=frozenset({"page"}), rank=rank or "self_r")),
+        per_neuron=html_(ia.table_block("comparison-table", with_page(comp_rows), comp_note, visible=comp_visible,
+                                        html_cols=frozenset({"page"}))),
         cards=ia.cards(r.sweep_dir, comp, df, carded), max_cards=ia.MAX_CARDS, n_survivors=len(set(zip(
             hit["layer"], hit["neuron"]))) if len(hit) else 0,
         sweep_arg=ia.dir_arg(r.sweep_dir), scatter=Markup(scatter) if scatter else None,
@@ -377,6 +390,7 @@ def render_html(r: Report) -> str:
         pivots=[(m, static(p, left=2, rank=p.columns[2] if p.shape[1] > 2 else None)) for m, p in r.pivots.items()],
         failures=static(cols(failed, ["trial_id", "status", "layer", "neuron", "head", "freeze", "error"]), left=6)
         if len(failed) else html_("<p class='muted'>None.</p>"),
-        trials=html_(ia.table_block("trials-table", trials, html_cols=frozenset({"trial_id"}), rank=spec.search.metric)),
+        trials=html_(ia.table_block("trials-table", trial_cells(trials, charts), trials_note,
+                                    html_cols=frozenset({"trial_id"}))),
         generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), sweep_dir=str(r.sweep_dir),
     )

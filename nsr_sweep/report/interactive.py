@@ -139,14 +139,17 @@ MAX_TABLE_ROWS = 20_000
 by the column that ranks it, and says so; tables/ holds every row (a report stays a page a browser opens)."""
 
 
-def table_block(table_id: str, df: pd.DataFrame, note: str = "", rank: str | None = None, **kw) -> str:
-    """An interactive table: the element DataTables fills, and its options (rows included) as JSON beside it; over
-    MAX_TABLE_ROWS rows, the highest and lowest by `rank`."""
+def cut(df: pd.DataFrame, rank: str | None) -> tuple[pd.DataFrame, str]:
+    """At most MAX_TABLE_ROWS of a table's rows — its highest and lowest by `rank` — and the line that says so above
+    it (empty when every row is kept): cut before a table's cells are written, so a layer's rows never are."""
+    shown, words = extremes(df, MAX_TABLE_ROWS, rank)
+    return shown, shown_note(len(df), words) if words else ""
+
+
+def table_block(table_id: str, df: pd.DataFrame, note: str = "", **kw) -> str:
+    """An interactive table: the element DataTables fills, and its options (rows included) as JSON beside it."""
     if df.empty:
         return "<p class='muted'>No rows yet.</p>"
-    n_rows = len(df)
-    df, cut = extremes(df, MAX_TABLE_ROWS, rank)
-    note = (shown_note(n_rows, cut) if cut else "") + note
     return (f"<div class='itable' id='{table_id}-box'>{note}<table id='{table_id}' class='display compact'></table>"
             f"<noscript><p class='muted'>This table needs JavaScript; every row is in <code>tables/</code>.</p></noscript>"
             f"<script type='application/json' class='nsr-table' data-table='{table_id}'>{table_config(df, **kw)}</script>"

@@ -128,14 +128,14 @@ def compare(sweep_dir: Path, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFra
     ids = {key: {SELF: g["trial_id"].to_numpy(object), **{str(c.comparison): _trials_at(b["trial_id"], g)
                                                          for c, b in best.items()}} for key, g in groups}
     wanted = {t for group in ids.values() for v in group.values() for t in v if t is not None}
-    store = open_store(sweep_dir, trials=df.loc[df["trial_id"].isin(wanted), ["trial_id", "unit"] if "unit" in df
-                                                else ["trial_id"]])  # where each is: of these trials only
+    kurtosis = [c for c in (f"{m}_kurtosis" for m in METRICS) if c in df]  # each trial's stored tail shape, by id
+    chosen = df.loc[(df["status"] == "ok") & df["best"], ["trial_id", *kurtosis, *(["unit"] if "unit" in df else [])]]
+    chosen = chosen[chosen["trial_id"].isin(wanted)].drop_duplicates("trial_id")
+    store = open_store(sweep_dir, trials=chosen)  # where each trial is: of these trials only
     texts = test_texts(store, wanted)
     if real.empty or not len(texts):
         return pd.DataFrame(), pd.DataFrame()
-    kurtosis = [c for c in (f"{m}_kurtosis" for m in METRICS) if c in df]  # each trial's stored tail shape, by id
-    by_id = df.loc[df["trial_id"].isin(wanted), ["trial_id", *kurtosis]].drop_duplicates("trial_id").set_index(
-        "trial_id")
+    by_id = chosen.set_index("trial_id")
     neurons, layers = [], []
     for (L, h, f), g in groups:
         rows, layer = _compare_cell(store, (L, h, f), g, ids[(L, h, f)], texts, by_id)
@@ -162,7 +162,7 @@ def _compare_cell(store: TrialStore, key: tuple, g: pd.DataFrame, ids: dict[str,
         for name in ran:
             means[name].add(p[name], y, train_mean, {o: p[o] for o in OTHERS if o in ran} if name == SELF else None)
         del y, p
-    give_back()  # the blocks' matrices: returned before the next cell's
+        give_back()  # a block's matrices: returned before the next block's (else the heap keeps them in pieces)
     L, h, f = key
     rows = pd.DataFrame({"layer": L, "neuron": g["neuron"].to_numpy(), "head": h, "freeze": f,
                          **{f"{k}_trial": v for k, v in ids.items()}, "n_test_eff": np.concatenate(n_eff)})

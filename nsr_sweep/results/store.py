@@ -359,13 +359,17 @@ class ProbeUnits(TrialStore):
         import pyarrow.parquet as pq
 
         units = self.units() if trial_ids is None else sorted({u for u in map(self.unit_of, trial_ids) if u})
+        wanted = None if trial_ids is None else pd.Index(list(trial_ids))  # looked up by each file's ids: built once
         for unit in units:
             try:  # trial_id as a dictionary: each probe's id once, not once per text
                 df = pq.read_table(self.path("preds", unit), columns=["trial_id", *columns],
                                    read_dictionary=["trial_id"]).to_pandas()
             except Exception:  # noqa: BLE001 - a damaged file must not stop a reader (`damage` names it)
                 continue
-            yield df if trial_ids is None else df[df["trial_id"].isin(trial_ids)]
+            if wanted is not None:
+                ids = df["trial_id"].cat
+                df = df[(wanted.get_indexer(ids.categories) >= 0)[ids.codes] & (ids.codes >= 0)]
+            yield df
 
     def patch_points(self, trial_id: str) -> pd.DataFrame | None:
         unit = self.unit_of(trial_id)
