@@ -348,15 +348,7 @@ def render_html(r: Report) -> str:
     static = lambda frame, **kw: html_(html_table(frame, **{"cls": "sortable compact", **kw}))  # noqa: E731
 
     carded = ia.card_neurons(spec, comp, hit, rank)
-    with_card = set(carded)
-
-    def with_page(frame: pd.DataFrame) -> pd.DataFrame:
-        if frame.empty:
-            return frame
-        out = frame.copy()
-        out.insert(min(4, len(out.columns)), "page", ia.page_cells(r.sweep_dir, out["layer"], out["neuron"], with_card))
-        return out
-
+    with_page = lambda frame: ia.with_page(frame, r.sweep_dir, set(carded))  # noqa: E731
     (hit_rows, hit_note), (comp_rows, comp_note) = ia.cut(hit, rank), ia.cut(comp, rank or "self_r")
     comp_visible = ["layer", "neuron", "head", "freeze", "page", "n_test_eff", "self_r", "cross_r", "input_only_r",
                     "gap_cross_r", "gap_cross_r_q", "gap_input_only_r", "gap_input_only_r_q"]

@@ -218,6 +218,15 @@ def cards(sweep_dir: Path, comp: pd.DataFrame, trials: pd.DataFrame, chosen: lis
     return out
 
 
+def with_page(frame: pd.DataFrame, sweep_dir: Path, with_card: set[tuple[int, int]]) -> pd.DataFrame:
+    """The rows with a `page` column after head/freeze: each neuron's card button, or the command for its page."""
+    if frame.empty:
+        return frame
+    out = frame.copy()
+    out.insert(min(4, len(out.columns)), "page", page_cells(sweep_dir, out["layer"], out["neuron"], with_card))
+    return out
+
+
 def page_cells(sweep_dir: Path, layers, neurons, with_card: set[tuple[int, int]]) -> list[str]:
     """Per row: a button that opens the neuron's card, or the command that writes its page."""
     out = []
