@@ -108,7 +108,7 @@ def _md(df: pd.DataFrame, rank: str | None = None) -> str:
         return "_(no finished trials yet)_\n"
     shown, note = extremes(df, MAX_HTML_ROWS, rank)
     if note:
-        return (f"_{len(df)} rows: {note} are shown; the whole table is in tables/ (Parquet and CSV)._\n\n"
+        return (f"_{len(df):,} rows: {note} are shown; the whole table is in tables/ (Parquet and CSV)._\n\n"
                 + _md(shown))
     cols = list(df.columns)
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731

@@ -35,16 +35,16 @@ def extremes(df: pd.DataFrame, limit: int, rank: str | None = None) -> tuple[pd.
         ranked = df.sort_values(rank, ascending=False, na_position="last", kind="stable")
         shown = pd.concat([ranked.head(k), ranked.dropna(subset=[rank]).tail(k)])
         shown = shown[~shown.index.duplicated()]
-        return shown, f"the {k} highest and {k} lowest by `{rank}`"
+        return shown, f"the {k:,} highest and {k:,} lowest by `{rank}`"
     keys = [c for c in ("layer", "neuron") if c in df]
     ranked = df.sort_values(keys, kind="stable") if keys else df
-    return pd.concat([ranked.head(k), ranked.tail(k)]), f"the first and last {k} by {' and '.join(keys) or 'row'}"
+    return pd.concat([ranked.head(k), ranked.tail(k)]), f"the first and last {k:,} by {' and '.join(keys) or 'row'}"
 
 
 def shown_note(n_rows: int, note: str) -> str:
     """The line above a table cut to its extremes (HTML)."""
     words = re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(note))
-    return f"<p class='muted'>{n_rows} rows: {words} are shown; the whole table is in <code>tables/</code> (Parquet and CSV).</p>"
+    return f"<p class='muted'>{n_rows:,} rows: {words} are shown; the whole table is in <code>tables/</code> (Parquet and CSV).</p>"
 
 
 def html_table(df: pd.DataFrame, cls: str = "", left: int = 1, charts: frozenset[str] = frozenset(),
