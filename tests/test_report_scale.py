@@ -129,3 +129,20 @@ def test_the_scatter_draws_a_seeded_sample_of_many_best_trials(monkeypatch, n_be
     assert fig == json.loads(ia.r_vs_patch_figure(df))  # the same sample every time
     title = fig["layout"].get("title", {}).get("text", "")
     assert (title == f"a random 7 of the {n_best} best trials (tables/best.parquet: all)") == (n_best > 7)
+
+
+def test_the_trial_table_is_cut_by_the_sweeps_metric(monkeypatch):
+    df = _ranked().rename(columns={"pearson_r": "val_mse"}).assign(trial_id=lambda d: [f"t{n}" for n in d["neuron"]],
+                                                                  pearson_r=0.5)
+    monkeypatch.setattr(ia, "MAX_TABLE_ROWS", 10)
+    rows, note = build.trial_rows(df, "val_mse")
+    assert "val_mse" in rows and "5 highest and 5 lowest by <code>val_mse</code>" in note
+    assert set(rows["neuron"]) == _extreme_neurons(df[["neuron", "val_mse"]].rename(columns={"val_mse": "pearson_r"}), 5)
+
+
+def test_a_table_of_failures_alone_compares_nothing(tmp_path):
+    failed = pd.DataFrame({"trial_id": ["a", "b"], "layer": 0, "neuron": [1, 2], "head": "regression",
+                           "freeze": "none", "control": pd.array([None, None], dtype="string"), "status": "failed",
+                           "best": False, "error": "boom"})  # no metric columns: none finished
+    per_neuron, per_layer = compare.compare(tmp_path, failed)
+    assert per_neuron.empty and per_layer.empty

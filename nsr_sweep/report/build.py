@@ -319,6 +319,16 @@ TRIAL_COLUMNS = ["trial_id", "layer", "neuron", "head", "freeze", "control", "st
 """The columns of the interactive trial table (every column is in tables/trials.parquet)."""
 
 
+def trial_rows(df: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, str]:
+    """The interactive trial table's rows — TRIAL_COLUMNS and the sweep's metric — cut to the extremes by that metric
+    (`interactive.cut`), and the line that says so."""
+    from .interactive import cut
+
+    if df.empty:
+        return df, ""
+    return cut(df[[c for c in dict.fromkeys(TRIAL_COLUMNS + [metric]) if c in df]], metric)
+
+
 def trial_cells(trials: pd.DataFrame, charts: frozenset[str]) -> pd.DataFrame:
     """The trial table's rows as shown: a real trial's control `-`, a trial id linked to its chart where it has one."""
     if trials.empty:
@@ -352,7 +362,7 @@ def render_html(r: Report) -> str:
     (hit_rows, hit_note), (comp_rows, comp_note) = ia.cut(hit, rank), ia.cut(comp, rank or "self_r")
     comp_visible = ["layer", "neuron", "head", "freeze", "page", "n_test_eff", "self_r", "cross_r", "input_only_r",
                     "gap_cross_r", "gap_cross_r_q", "gap_input_only_r", "gap_input_only_r_q"]
-    trials, trials_note = ia.cut(cols(df, TRIAL_COLUMNS), spec.search.metric)
+    trials, trials_note = trial_rows(df, spec.search.metric)
     scatter = ia.r_vs_patch_figure(df)
     vendor_css, vendor_js = ia.vendor_assets()
     return template("report.html.j2").render(

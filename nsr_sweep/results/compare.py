@@ -121,7 +121,10 @@ def compare(sweep_dir: Path, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFra
     layer × head × freeze at a time and LAYER_CHUNK neurons at a time (what is held is a block's matrices)."""
     if df.empty or "control" not in df:
         return pd.DataFrame(), pd.DataFrame()
-    real = df.loc[(df["status"] == "ok") & df["best"] & df["control"].isna(), KEY + ["trial_id", "train_mean"]]
+    mine = (df["status"] == "ok") & df["best"] & df["control"].isna()
+    if not mine.any():  # nothing finished well yet (a table of failures has no metric columns at all)
+        return pd.DataFrame(), pd.DataFrame()
+    real = df.loc[mine, KEY + ["trial_id", "train_mean"]]
     best = {c: _best(df, c) for c in OUTSIDERS}
     groups = [(key, g.sort_values("neuron").reset_index(drop=True)) for key, g in
               real.groupby(["layer", "head", "freeze"], sort=True)]
