@@ -146,3 +146,15 @@ def test_a_table_of_failures_alone_compares_nothing(tmp_path):
                            "best": False, "error": "boom"})  # no metric columns: none finished
     per_neuron, per_layer = compare.compare(tmp_path, failed)
     assert per_neuron.empty and per_layer.empty
+
+
+def test_a_cut_table_with_few_ranked_rows_says_so():
+    from nsr_sweep.report.markup import extremes
+
+    df = _ranked()
+    df.loc[df.index[6:], "pearson_r"] = np.nan  # 5 rows with a value (neuron 3's is NaN already), 45 without
+    shown, words = extremes(df, 10, "pearson_r")
+    assert len(shown) == 10 and shown["pearson_r"].notna().sum() == 5
+    assert words == "the 5 with a `pearson_r` and 5 without one"
+    assert list(shown["neuron"][:5]) == [4, 1, 5, 0, 2]  # highest first (recomputed: argsort of the five values)
+    assert list(shown["neuron"][5:]) == [3, 6, 7, 8, 9]  # then the first rows without one, in order

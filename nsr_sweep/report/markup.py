@@ -33,9 +33,11 @@ def extremes(df: pd.DataFrame, limit: int, rank: str | None = None) -> tuple[pd.
     k = limit // 2
     if rank is not None and rank in df:
         ranked = df.sort_values(rank, ascending=False, na_position="last", kind="stable")
-        shown = pd.concat([ranked.head(k), ranked.dropna(subset=[rank]).tail(k)])
-        shown = shown[~shown.index.duplicated()]
-        return shown, f"the {k:,} highest and {k:,} lowest by `{rank}`"
+        valued = ranked.dropna(subset=[rank])
+        if len(valued) > limit:
+            return pd.concat([valued.head(k), valued.tail(k)]), f"the {k:,} highest and {k:,} lowest by `{rank}`"
+        without = ranked[ranked[rank].isna()].head(limit - len(valued))  # the rest: rows without a value, in order
+        return pd.concat([valued, without]), f"the {len(valued):,} with a `{rank}` and {len(without):,} without one"
     keys = [c for c in ("layer", "neuron") if c in df]
     ranked = df.sort_values(keys, kind="stable") if keys else df
     return pd.concat([ranked.head(k), ranked.tail(k)]), f"the first and last {k:,} by {' and '.join(keys) or 'row'}"
