@@ -34,7 +34,7 @@ from ..core.files import atomic_write
 from ..core.memory import give_back
 from ..core.spec import CELL_COLUMNS
 from ..results.compare import Q, compare
-from .markup import MAX_HTML_ROWS, extremes, html_table, png_img, template
+from .markup import MAX_HTML_ROWS, cut_line, extremes, html_table, png_img, template
 
 PIVOT_METRICS = ["pearson_r", "mse", "offset", "patch_slope", "drift", "skill"]
 LAYER_METRICS = ["pearson_r", "spearman_rho", "r2", "mse", "offset", "skill", "std_ratio", "patch_slope",
@@ -108,8 +108,7 @@ def _md(df: pd.DataFrame, rank: str | None = None) -> str:
         return "_(no finished trials yet)_\n"
     shown, note = extremes(df, MAX_HTML_ROWS, rank)
     if note:
-        return (f"_{len(df):,} rows: {note} are shown; the whole table is in tables/ (Parquet and CSV)._\n\n"
-                + _md(shown))
+        return f"_{cut_line(len(df), note)}_\n\n" + _md(shown)
     cols = list(df.columns)
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -43,10 +43,15 @@ def extremes(df: pd.DataFrame, limit: int, rank: str | None = None) -> tuple[pd.
     return pd.concat([ranked.head(k), ranked.tail(k)]), f"the first and last {k:,} by {' and '.join(keys) or 'row'}"
 
 
+def cut_line(n_rows: int, note: str) -> str:
+    """The line above a table cut to its extremes (`extremes`' words), as Markdown (code in backticks)."""
+    return f"{n_rows:,} rows: {note} are shown; the whole table is in `tables/` (Parquet and CSV)."
+
+
 def shown_note(n_rows: int, note: str) -> str:
-    """The line above a table cut to its extremes (HTML)."""
-    words = re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(note))
-    return f"<p class='muted'>{n_rows:,} rows: {words} are shown; the whole table is in <code>tables/</code> (Parquet and CSV).</p>"
+    """`cut_line` as HTML."""
+    words = re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(cut_line(n_rows, note)))
+    return f"<p class='muted'>{words}</p>"
 
 
 def html_table(df: pd.DataFrame, cls: str = "", left: int = 1, charts: frozenset[str] = frozenset(),

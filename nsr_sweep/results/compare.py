@@ -37,9 +37,10 @@ Q = 0.05
 """False discovery rate of the per-neuron gap tests (Benjamini–Hochberg, per layer × head × freeze)."""
 
 
-def _best(df: pd.DataFrame, control: Control) -> pd.DataFrame:
-    """The best ok trials of a control, by cell (by (layer, neuron) for a control that is one per neuron)."""
-    ok = df.loc[(df["status"] == "ok") & df["best"] & (df["control"] == control.name), KEY + ["trial_id"]]
+def _best(df: pd.DataFrame, finished: pd.Series, control: Control) -> pd.DataFrame:
+    """The best ok trials of a control (`finished`: the table's best ok trials), by cell (by (layer, neuron) for a
+    control that is one per neuron)."""
+    ok = df.loc[finished & (df["control"] == control.name), KEY + ["trial_id"]]
     return ok.set_index(KEY if control.per_cell else KEY[:2])
 
 
@@ -107,12 +108,13 @@ def test_matrices(store: TrialStore, ids: dict[str, np.ndarray], texts: np.ndarr
     for frame in store.pred_frames(wanted, columns=["text_id", "pred", "actual_orig"]):
         codes, uniq = pd.factorize(frame["trial_id"])
         col = np.searchsorted(texts, frame["text_id"].to_numpy())
+        pred, target = frame["pred"].to_numpy(np.float64), frame["actual_orig"].to_numpy(np.float64)
         for name, at in rows.items():
             row = at.reindex(np.asarray(uniq, object)).fillna(-1).to_numpy(np.int64)[codes]
             keep = row >= 0
-            preds[name][row[keep], col[keep]] = frame["pred"].to_numpy(np.float64)[keep]
+            preds[name][row[keep], col[keep]] = pred[keep]
             if name == SELF:
-                actual[row[keep], col[keep]] = frame["actual_orig"].to_numpy(np.float64)[keep]
+                actual[row[keep], col[keep]] = target[keep]
     return actual, preds
 
 
@@ -121,22 +123,23 @@ def compare(sweep_dir: Path, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFra
     layer × head × freeze at a time and LAYER_CHUNK neurons at a time (what is held is a block's matrices)."""
     if df.empty or "control" not in df:
         return pd.DataFrame(), pd.DataFrame()
-    mine = (df["status"] == "ok") & df["best"] & df["control"].isna()
+    finished = (df["status"] == "ok") & df["best"]
+    mine = finished & df["control"].isna()
     if not mine.any():  # nothing finished well yet (a table of failures has no metric columns at all)
         return pd.DataFrame(), pd.DataFrame()
     real = df.loc[mine, KEY + ["trial_id", "train_mean"]]
-    best = {c: _best(df, c) for c in OUTSIDERS}
+    best = {c: _best(df, finished, c) for c in OUTSIDERS}
     groups = [(key, g.sort_values("neuron").reset_index(drop=True)) for key, g in
               real.groupby(["layer", "head", "freeze"], sort=True)]
     ids = {key: {SELF: g["trial_id"].to_numpy(object), **{str(c.comparison): _trials_at(b["trial_id"], g)
                                                          for c, b in best.items()}} for key, g in groups}
     wanted = {t for group in ids.values() for v in group.values() for t in v if t is not None}
     kurtosis = [c for c in (f"{m}_kurtosis" for m in METRICS) if c in df]  # each trial's stored tail shape, by id
-    chosen = df.loc[(df["status"] == "ok") & df["best"], ["trial_id", *kurtosis, *(["unit"] if "unit" in df else [])]]
+    chosen = df.loc[finished, ["trial_id", *kurtosis, *(["unit"] if "unit" in df else [])]]
     chosen = chosen[chosen["trial_id"].isin(wanted)].drop_duplicates("trial_id")
     store = open_store(sweep_dir, trials=chosen)  # where each trial is: of these trials only
     texts = test_texts(store, wanted)
-    if real.empty or not len(texts):
+    if not len(texts):  # no trial's predictions could be read
         return pd.DataFrame(), pd.DataFrame()
     by_id = chosen.set_index("trial_id")
     neurons, layers = [], []
