@@ -193,6 +193,17 @@ def check_identity(model: LoadedModel, seqs: list[list[int]], layer: int) -> dic
 # -- the cache -----------------------------------------------------------------------------
 
 
+def _hooks(spec: CacheSpec) -> tuple[list[str], dict[str, str], list[str]]:
+    """The hooks one pass of the cache reads: every one (deduplicated), the extra arrays' by their key (each layer's
+    MLP input and residual stream before it, the final residual), and the residual streams kept whole."""
+    extra = {f"mlp_in_L{L}": mlp_input_hook(L) for L in spec.layers}
+    extra.update({f"resid_pre_L{L}": f"blocks.{L}.hook_resid_pre" for L in spec.layers})
+    extra["resid_final"] = "ln_final.hook_in"
+    resid = [f"blocks.{L}.hook_resid_post" for L in spec.layers] if spec.store_resid else []
+    names = [neuron_hook(L, spec.hook) for L in spec.layers] + [spec.features] + list(extra.values()) + resid
+    return list(dict.fromkeys(names)), extra, resid
+
+
 @dataclass
 class ActivationCache:
     texts: list[str]
@@ -275,13 +286,7 @@ class ActivationCache:
         t0 = time.perf_counter()
         seqs, n_trunc = tokenize(model, corpus.texts, spec.max_tokens)
         positions = np.array([len(s) - 1 for s in seqs], dtype=np.int64)
-        names = [neuron_hook(L, spec.hook) for L in spec.layers] + [spec.features]
-        extra_names = {f"mlp_in_L{L}": mlp_input_hook(L) for L in spec.layers}
-        extra_names.update({f"resid_pre_L{L}": f"blocks.{L}.hook_resid_pre" for L in spec.layers})
-        extra_names["resid_final"] = "ln_final.hook_in"
-        names += list(extra_names.values())
-        resid_names = [f"blocks.{L}.hook_resid_post" for L in spec.layers] if spec.store_resid else []
-        names = list(dict.fromkeys(names + resid_names))
+        names, extra_names, resid_names = _hooks(spec)
         n, max_len = len(seqs), max(len(s) for s in seqs)
         acts = {L: np.empty((n, model.d_mlp), np.float32) for L in spec.layers}
         features: np.ndarray | None = None  # its width is the feature hook's (d_model for the residual, d_mlp for an MLP hook)
